@@ -1,0 +1,112 @@
+"""Bindings of the torch.ops.xma2_ops operators, their fake (meta) implementations, and the
+backend table.  Every backend implements the same crossbar-GEMM contract:
+
+    tile_sums(x_codes [M,K] int32, w_codes [K,N] int32, params) -> int64 [Tr, M, N]
+    mvm(x_codes, wb_codes, wt_codes|None, coef_b [Tr,N], coef_t|None, params) -> [M, N] (coef dtype)
+
+``params`` is :class:`config.GemmParams`; the conv lowering, checks and autograd live in functional.py.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from . import reference
+from .config import GemmParams
+
+try:
+    from . import _C  # noqa: F401  (registers TORCH_LIBRARY(xma2_ops) and its CPU/CUDA kernels)
+    _HAS_C = True
+except ImportError as _err:  # a source checkout without a build: only the reference backend
+    _HAS_C = False
+    _C_ERROR = _err
+
+
+# ------------------------------------------------------------------ fake impls (torch.compile / opcheck)
+if _HAS_C:
+    @torch.library.register_fake("xma2_ops::xbar_tile_sums")
+    def _tile_sums_fake(x_codes, w_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
+                        cell_bits, adc_levels, adc_clip):
+        torch._check(x_codes.dim() == 2 and w_codes.dim() == 2)
+        torch._check(x_codes.shape[1] == w_codes.shape[0])
+        tr = (x_codes.shape[1] + rows - 1) // rows
+        return x_codes.new_empty((tr, x_codes.shape[0], w_codes.shape[1]), dtype=torch.int64)
+
+    @torch.library.register_fake("xma2_ops::xbar_mvm")
+    def _mvm_fake(x_codes, wb_codes, wt_codes, coef_b, coef_t, rows, cols, input_bits, input_signed, dac_bits,
+                  weight_bits, cell_bits, adc_levels, adc_clip):
+        torch._check(x_codes.dim() == 2 and wb_codes.dim() == 2)
+        torch._check(x_codes.shape[1] == wb_codes.shape[0])
+        return coef_b.new_empty((x_codes.shape[0], wb_codes.shape[1]))
+
+
+# ------------------------------------------------------------------ backends
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    tile_sums: Callable[..., torch.Tensor]
+    mvm: Callable[..., torch.Tensor]
+    devices: tuple  # device types it runs on
+
+
+def _reference_tile_sums(x_codes, w_codes, p: GemmParams) -> torch.Tensor:
+    return reference.tile_sums(x_codes, w_codes, p).to(x_codes.device)
+
+
+def _reference_mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, p: GemmParams) -> torch.Tensor:
+    y = (coef_b.double().unsqueeze(1) * reference.tile_sums(x_codes, wb_codes, p).double()).sum(0)
+    if wt_codes is not None:
+        y = y + (coef_t.double().unsqueeze(1) * reference.tile_sums(x_codes, wt_codes, p).double()).sum(0)
+    return y.to(coef_b.dtype).to(x_codes.device)
+
+
+def _torch_op_backend(name: str, devices: tuple) -> Backend:
+    def tile_sums(x_codes, w_codes, p: GemmParams):
+        return torch.ops.xma2_ops.xbar_tile_sums(x_codes, w_codes, *p.as_args())
+
+    def mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, p: GemmParams):
+        return torch.ops.xma2_ops.xbar_mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, *p.as_args())
+
+    return Backend(name, tile_sums, mvm, devices)
+
+
+_BACKENDS: Dict[str, Backend] = {"reference": Backend("reference", _reference_tile_sums, _reference_mvm, ("cpu", "cuda"))}
+if _HAS_C:
+    _BACKENDS["cpu"] = _torch_op_backend("cpu", ("cpu",))
+    if torch._C._dispatch_has_kernel_for_dispatch_key("xma2_ops::xbar_mvm", "CUDA"):
+        _BACKENDS["cuda"] = _torch_op_backend("cuda", ("cuda",))
+
+
+def _load_triton() -> Optional[Backend]:
+    try:
+        mod = importlib.import_module("xma2_ops.triton_kernels")
+    except ImportError:
+        return None
+    return Backend("triton", mod.tile_sums, mod.mvm, mod.DEVICES)
+
+
+_TRITON = _load_triton()
+if _TRITON is not None:
+    _BACKENDS["triton"] = _TRITON
+
+
+def available_backends() -> List[str]:
+    """Names of the backends this install can run (on some device)."""
+    return list(_BACKENDS)
+
+
+def get_backend(name: Optional[str], device: torch.device) -> Backend:
+    """The named backend, or the best one for ``device`` when name is None."""
+    if name is None:
+        order = ["cuda", "triton", "reference"] if device.type == "cuda" else ["cpu", "reference"]
+        name = next(n for n in order if n in _BACKENDS)
+    if not isinstance(name, str) or name not in _BACKENDS:
+        hint = "" if _HAS_C or name != "cpu" else f" (the C++ extension did not load: {_C_ERROR})"
+        raise ValueError(f"backend: expected one of {available_backends()} or None, got {name!r}{hint}")
+    be = _BACKENDS[name]
+    if device.type not in be.devices:
+        raise ValueError(f"backend: {name!r} runs on {list(be.devices)} tensors, got tensors on {device}")
+    return be

@@ -1,0 +1,200 @@
+"""XbarConfig: every hardware parameter of the simulated crossbar, validated once.
+
+Units: ``rows``/``cols`` are crossbar cells, every ``*_bits`` is bits, ``adc_clip`` is
+the partial-sum value (in units of one input-chunk x weight-slice product) that maps to
+the ADC's full scale.  See docs/SPEC.md for the semantics.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+# T_int (the digital shift-and-add of one row tile) is computed in int64 and handed to
+# float64; above 2**53 it would stop being exact, so configs that could get there are refused.
+_MAX_EXACT = 2 ** 53
+_MAX_DIM = 1 << 16
+
+
+def _check_int(name: str, value, lo: int, hi: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        expected = "an int or None" if allow_none else "an int"
+        raise TypeError(f"XbarConfig.{name}: expected {expected}, got {type(value).__name__} ({value!r})")
+    if not lo <= value <= hi:
+        raise ValueError(f"XbarConfig.{name}: expected an int in [{lo}, {hi}], got {value}")
+
+
+@dataclass(frozen=True)
+class XbarConfig:
+    """Crossbar hardware configuration (frozen; validated on creation).
+
+    rows, cols      crossbar (PE) size in cells: K rows (inputs) x N columns (outputs).
+    weight_bits     signed weight precision in bits (magnitude ``weight_bits-1`` bits,
+                    stored on a differential pair); None = float weights.
+    cell_bits       bits stored per ReRAM cell (one weight slice per cell column).
+    input_bits      input (activation) precision in bits; None = float inputs.
+    dac_bits        bits driven per input cycle (1 = bit-serial).
+    adc_bits        ADC resolution in bits; None = ideal ADC (exact partial sums).
+    adc_clip        partial sum mapped to the ADC full scale; None = Pmax (no clipping).
+    input_signed    True/False fix the input encoding; None = signed when a negative value
+                    is seen (the op: in this call; modules: during calibration).
+    """
+
+    rows: int = 128
+    cols: int = 128
+    weight_bits: Optional[int] = 8
+    cell_bits: int = 2
+    input_bits: Optional[int] = 8
+    dac_bits: int = 1
+    adc_bits: Optional[int] = 8
+    adc_clip: Optional[int] = None
+    input_signed: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        _check_int("rows", self.rows, 1, _MAX_DIM)
+        _check_int("cols", self.cols, 1, _MAX_DIM)
+        _check_int("weight_bits", self.weight_bits, 2, 16, allow_none=True)
+        _check_int("cell_bits", self.cell_bits, 1, 8)
+        _check_int("input_bits", self.input_bits, 1, 16, allow_none=True)
+        _check_int("dac_bits", self.dac_bits, 1, 8)
+        _check_int("adc_bits", self.adc_bits, 1, 24, allow_none=True)
+        if self.adc_clip is not None:
+            if isinstance(self.adc_clip, bool) or not isinstance(self.adc_clip, int):
+                raise TypeError(f"XbarConfig.adc_clip: expected a positive int or None, got {self.adc_clip!r}")
+            if self.adc_clip < 1:
+                raise ValueError(f"XbarConfig.adc_clip: expected a positive int or None, got {self.adc_clip}")
+        if self.input_signed is not None and not isinstance(self.input_signed, bool):
+            raise TypeError(f"XbarConfig.input_signed: expected True, False or None, got {self.input_signed!r}")
+        if self.adc_bits is not None and (self.input_bits is None or self.weight_bits is None):
+            raise ValueError(
+                "XbarConfig.adc_bits: an ADC needs integer partial sums, so adc_bits must be None "
+                f"when input_bits ({self.input_bits}) or weight_bits ({self.weight_bits}) is None")
+        if self.input_signed is True and self.input_bits == 1:
+            raise ValueError("XbarConfig.input_bits: signed inputs need input_bits >= 2 (one sign bit), got 1")
+        if self.quantized:
+            for signed in (False, True):
+                if signed and self.input_bits == 1:
+                    continue
+                bound = self.tile_sum_bound(signed)
+                if bound >= _MAX_EXACT:
+                    raise ValueError(
+                        f"XbarConfig: this config can give digital tile sums up to {bound}, beyond 2**53 "
+                        "where int64->float64 stays exact; reduce rows, input_bits, weight_bits or adc_bits")
+
+    # ---- derived numbers (SPEC sections 2 and 3) ----
+    @property
+    def ideal(self) -> bool:
+        """No quantisation at all: y = conv2d(x, W_eff)."""
+        return self.weight_bits is None and self.input_bits is None
+
+    @property
+    def quantized(self) -> bool:
+        """Integer inputs and weights: the bit-sliced crossbar path."""
+        return self.weight_bits is not None and self.input_bits is not None
+
+    @property
+    def weight_qmax(self) -> int:
+        """Qw = 2^(wb-1) - 1."""
+        assert self.weight_bits is not None
+        return 2 ** (self.weight_bits - 1) - 1
+
+    @property
+    def weight_slices(self) -> int:
+        """S = ceil((wb-1)/cb): cell columns per weight polarity."""
+        assert self.weight_bits is not None
+        return math.ceil((self.weight_bits - 1) / self.cell_bits)
+
+    def input_qmax(self, signed: bool) -> int:
+        """Qx: 2^ab - 1 unsigned, 2^(ab-1) - 1 signed."""
+        assert self.input_bits is not None
+        return 2 ** (self.input_bits - 1) - 1 if signed else 2 ** self.input_bits - 1
+
+    def input_magnitude_bits(self, signed: bool) -> int:
+        assert self.input_bits is not None
+        return self.input_bits - 1 if signed else self.input_bits
+
+    def input_chunks(self, signed: bool) -> int:
+        """I = ceil(bits/db): DAC cycles per input polarity."""
+        return math.ceil(self.input_magnitude_bits(signed) / self.dac_bits)
+
+    @property
+    def pmax(self) -> int:
+        """Largest analog partial sum: R (2^db - 1)(2^cb - 1)."""
+        return self.rows * (2 ** self.dac_bits - 1) * (2 ** self.cell_bits - 1)
+
+    @property
+    def clip(self) -> int:
+        """ADC full-scale partial sum (adc_clip, default Pmax)."""
+        return self.pmax if self.adc_clip is None else self.adc_clip
+
+    @property
+    def adc_levels(self) -> int:
+        """n = min(2^ba - 1, clip); 0 for the ideal ADC."""
+        if self.adc_bits is None:
+            return 0
+        return min(2 ** self.adc_bits - 1, self.clip)
+
+    @property
+    def adc_step(self) -> float:
+        """P_hat = code * adc_step (clip / n); 1 for the ideal ADC."""
+        return 1.0 if self.adc_bits is None else self.clip / self.adc_levels
+
+    @property
+    def adc_lossless(self) -> bool:
+        """True when every possible partial sum is reproduced exactly (n >= clip >= Pmax)."""
+        return self.adc_bits is None or (self.adc_levels >= self.clip and self.clip >= self.pmax)
+
+    def tile_sum_bound(self, signed: bool) -> int:
+        """Upper bound of |T_int| of one row tile (codes times shifts, before any float)."""
+        per_sum = self.adc_levels if self.adc_bits is not None else self.pmax
+        chunks = self.input_chunks(signed)
+        shifts = sum(2 ** (i * self.dac_bits + j * self.cell_bits)
+                     for i in range(chunks) for j in range(self.weight_slices))
+        return 2 * per_sum * shifts  # at most one positive and one negative product sign survive per pair
+
+    def tiles(self, k: int, n: int) -> tuple[int, int]:
+        """(Tr, Tc) for a [K, N] weight matrix."""
+        return math.ceil(k / self.rows), math.ceil(n / self.cols)
+
+    def resolve_signed(self, has_negative: bool) -> bool:
+        return has_negative if self.input_signed is None else self.input_signed
+
+
+@dataclass(frozen=True)
+class GemmParams:
+    """Integer parameters of one crossbar GEMM (a resolved XbarConfig plus the input sign)."""
+
+    rows: int
+    cols: int
+    input_bits: int
+    input_signed: bool
+    dac_bits: int
+    weight_bits: int
+    cell_bits: int
+    adc_levels: int  # n of SPEC 3; 0 = ideal ADC
+    adc_clip: int
+
+    @classmethod
+    def from_config(cls, config: "XbarConfig", input_signed: bool) -> "GemmParams":
+        assert config.quantized
+        return cls(config.rows, config.cols, config.input_bits, input_signed, config.dac_bits,
+                   config.weight_bits, config.cell_bits, config.adc_levels, config.clip)
+
+    def as_args(self) -> tuple:
+        return (self.rows, self.cols, self.input_bits, self.input_signed, self.dac_bits, self.weight_bits,
+                self.cell_bits, self.adc_levels, self.adc_clip)
+
+    @property
+    def x_bits(self) -> int:
+        """Magnitude bits per input polarity."""
+        return self.input_bits - 1 if self.input_signed else self.input_bits
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.x_bits // self.dac_bits)
+
+    @property
+    def slices(self) -> int:
+        return -(-(self.weight_bits - 1) // self.cell_bits)
