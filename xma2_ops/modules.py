@@ -66,7 +66,7 @@ class _XbarMixin:
             with torch.no_grad():
                 self.input_range.copy_(torch.maximum(self.input_range, x.detach().abs().amax().float()))
                 if self.config.input_signed is None:
-                    self.input_signed.logical_or_(bool((x < 0).any()))
+                    self.input_signed.logical_or_((x < 0).any())
 
     def _call_kwargs(self, x: torch.Tensor) -> dict:
         """Everything the functional op needs besides x, weight and bias."""
