@@ -1,0 +1,84 @@
+"""Random cases shared by the tests."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from xma2_ops import XbarConfig
+
+
+@dataclass
+class ConvCase:
+    config: XbarConfig
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    task_weight: Optional[torch.Tensor]
+    pe_mask: Optional[torch.Tensor]
+    col_scale: Optional[torch.Tensor]
+    stride: int
+    padding: int
+    dilation: int
+    weight_scale: Optional[torch.Tensor]
+
+    def kwargs(self) -> dict:
+        return dict(bias=self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                    config=self.config, task_weight=self.task_weight, pe_mask=self.pe_mask,
+                    col_scale=self.col_scale, weight_scale=self.weight_scale)
+
+
+def random_config(rng: random.Random, quantized: bool = True) -> XbarConfig:
+    if not quantized:
+        return XbarConfig(rows=rng.randint(1, 40), cols=rng.randint(1, 12), weight_bits=None, input_bits=None,
+                          adc_bits=None)
+    rows = rng.choice([1, 3, 7, 16, 27, 33, 64, 70])
+    cell_bits, dac_bits = rng.randint(1, 4), rng.randint(1, 4)
+    pmax = rows * (2 ** dac_bits - 1) * (2 ** cell_bits - 1)
+    adc_bits = rng.choice([None, 1, 2, 3, 4, 5, 6, 8, 10])
+    clip = rng.choice([None, None, max(1, pmax // 3), pmax, pmax * 2, rng.randint(1, pmax + 5)])
+    return XbarConfig(rows=rows, cols=rng.choice([1, 2, 5, 8, 13]), weight_bits=rng.randint(2, 8),
+                      cell_bits=cell_bits, input_bits=rng.randint(2, 8), dac_bits=dac_bits, adc_bits=adc_bits,
+                      adc_clip=clip, input_signed=rng.choice([None, True, False]))
+
+
+def random_mask(rng: random.Random, gen: torch.Generator, shape, dtype) -> Optional[torch.Tensor]:
+    kind = rng.choice(["none", "zeros", "ones", "binary", "soft"])
+    if kind == "none":
+        return None
+    if kind == "zeros":
+        return torch.zeros(shape, dtype=dtype)
+    if kind == "ones":
+        return torch.ones(shape, dtype=dtype)
+    if kind == "binary":
+        return (torch.rand(shape, generator=gen) < 0.5).to(dtype)
+    return torch.rand(shape, generator=gen, dtype=dtype)
+
+
+def random_conv_case(seed: int, quantized: bool = True, dtype=torch.float64) -> ConvCase:
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    cfg = random_config(rng, quantized)
+    b, cin, cout = rng.randint(1, 3), rng.randint(1, 5), rng.randint(1, 9)
+    kh, kw = rng.randint(1, 3), rng.randint(1, 3)
+    stride, padding, dilation = rng.randint(1, 2), rng.randint(0, 2), rng.randint(1, 2)
+    h = rng.randint(dilation * (kh - 1) + 1, 9)
+    w = rng.randint(dilation * (kw - 1) + 1, 9)
+    x = torch.randn(b, cin, h, w, generator=gen, dtype=dtype)
+    if cfg.input_signed is False or rng.random() < 0.3:
+        x = x.abs()  # non-negative inputs (post-ReLU)
+    weight = torch.randn(cout, cin, kh, kw, generator=gen, dtype=dtype)
+    tr, tc = cfg.tiles(cin * kh * kw, cout)
+    pe_mask = random_mask(rng, gen, (tr, tc), dtype)
+    task_weight = torch.randn(cout, cin, kh, kw, generator=gen, dtype=dtype) if (
+        pe_mask is not None or rng.random() < 0.3) else None
+    if task_weight is None:
+        pe_mask = None
+    col_scale = None if rng.random() < 0.3 else torch.randn(tr, cout, generator=gen, dtype=dtype)
+    bias = None if rng.random() < 0.4 else torch.randn(cout, generator=gen, dtype=dtype)
+    weight_scale = None
+    if quantized and rng.random() < 0.3:  # a per-output-column scale that clips some weights
+        weight_scale = weight.abs().reshape(cout, -1).amax(1) / (2 ** (cfg.weight_bits - 1) - 1) * 0.7
+    return ConvCase(cfg, x, weight, bias, task_weight, pe_mask, col_scale, stride, padding, dilation, weight_scale)
