@@ -12,7 +12,7 @@ def _extension():
     from torch.utils import cpp_extension
 
     cxx = ["-O2", "-g0", "-std=c++17"]
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/pymodule.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     forced = os.environ.get("XMA2_CUDA")
     with_cuda = forced == "1" or (forced != "0" and torch.version.cuda is not None
                                   and cpp_extension.CUDA_HOME is not None)
@@ -29,12 +29,8 @@ def _cmdclass():
     return {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-setup(
-    name="xma2_ops",
-    version="0.1.0",
+setup(  # metadata lives in pyproject.toml
     packages=find_packages(include=["xma2_ops", "xma2_ops.*"]),
     ext_modules=[_extension()],
     cmdclass=_cmdclass(),
-    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm"],
-    python_requires=">=3.9",
 )

@@ -1,13 +1,6 @@
 // Schemas of the xma2_ops operators: declared once here, implemented per device in
 // cpu/xbar_cpu.cpp and cuda/xbar_cuda.cpp, faked (for torch.compile/opcheck) in xma2_ops/_ops.py.
-#include <Python.h>
 #include <torch/library.h>
-
-// A tiny Python module so that `import xma2_ops._C` loads this library and its registrations.
-extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "xma2_ops C++ operators", -1, nullptr};
-  return PyModule_Create(&def);
-}
 
 TORCH_LIBRARY(xma2_ops, m) {
   // Per row tile r, the digital shift-and-add of ADC codes T_int[r, m, n] (int64, exact).
