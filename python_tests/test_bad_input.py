@@ -88,6 +88,8 @@ OP_CASES = [
     (dict(dilation=(1, 2, 3)), ValueError, "dilation"),
     (dict(x=torch.randn(2, 3, 2, 2)), ValueError, "too small"),
     (dict(backend="fpga"), ValueError, "backend"),
+    (dict(x=torch.full((2, 3, 5, 5), float("nan"))), ValueError, "x"),
+    (dict(weight=torch.full((4, 3, 3, 3), float("inf"))), ValueError, "weight"),
     (dict(weight=torch.randn(4, 3, 3, 3, device="meta")), RuntimeError, "weight"),
     (dict(bias=torch.randn(4, device="meta")), RuntimeError, "bias"),
     (dict(config=XbarConfig(rows=8, cols=2, input_bits=1)), ValueError, "input_bits"),

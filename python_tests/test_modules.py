@@ -154,7 +154,7 @@ def test_quantised_train_step_reduces_loss():
         loss = F.cross_entropy(model(x), target)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0], losses
 
 

@@ -296,6 +296,10 @@ def _xbar(x, weight, bias, lowering, config: XbarConfig, task_weight, pe_mask, c
         y = lowering.float_forward(x, w_eff)
     else:
         be = get_backend(backend, x.device)
+        # NaN/inf have no integer code: refuse them rather than feed garbage codes to a kernel.
+        for name, t in (("x", x), ("weight", weight), ("task_weight", task_weight)):
+            if t is not None:
+                _check_finite(name, t)
         signed = config.resolve_signed(bool((x < 0).any()))
         if signed and config.input_bits < 2:
             raise ValueError("config.input_bits: signed inputs need input_bits >= 2, got 1")
