@@ -124,3 +124,16 @@ def test_wrong_single_code_is_detected():
     bumped.view(-1)[0] += float(s_x * s_w * case.config.adc_step)  # one code more, shift 2^0
     with pytest.raises(AssertionError):
         torch.testing.assert_close(bumped, y_ref, rtol=0, atol=min(tol, 1e-9))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_quantise_in_float32(dtype):
+    """Half-precision tensors are quantised (scales too) in float32: the result is the float32
+    reference of the same values, rounded once to the half dtype."""
+    case = random_conv_case(11, dtype=torch.float32)
+    x, w = case.x.to(dtype), case.weight.to(dtype)
+    y = xma2_ops.xbar_conv2d(x, w, config=case.config, backend="cpu")
+    y_ref = ref.xbar_conv2d_reference(x.float(), w.float(), config=case.config)
+    assert y.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(y.float(), y_ref, rtol=eps, atol=eps * float(y_ref.abs().max()) * 1e-2)

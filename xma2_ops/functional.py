@@ -218,21 +218,25 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
 
 
 def _scale_tensor(name: str, given: ScaleArg, like: torch.Tensor, qmax: int, n_cols: Optional[int]) -> torch.Tensor:
-    """A given scale (float or tensor: scalar, or [N] when n_cols is set) checked, or the derived one."""
+    """A given scale (float or tensor: scalar, or [N] when n_cols is set) checked, or the derived one;
+    in the compute dtype of ``like`` (float32 for half precisions, like the quantisers)."""
+    cd = _compute_dtype(like)
     if given is None:
-        return ref.derived_scale(like, qmax)
+        return ref.derived_scale(like.to(cd), qmax)
     if isinstance(given, bool) or not isinstance(given, (int, float, torch.Tensor)):
         raise TypeError(f"{name}: expected None, a float or a tensor, got {type(given).__name__}")
-    s = torch.as_tensor(given, dtype=like.dtype, device=like.device) if not isinstance(given, torch.Tensor) else given
     if isinstance(given, torch.Tensor):
-        _check_tensor(name, s, like)
+        _check_tensor(name, given, like)
+        s = given.detach()
+    else:
+        s = torch.tensor(float(given), dtype=cd, device=like.device)
     allowed = {()} | ({(n_cols,), (1,)} if n_cols is not None else {(1,)})
     if tuple(s.shape) not in allowed:
         what = f"a scalar or shape ({n_cols},)" if n_cols is not None else "a scalar"
         raise ValueError(f"{name}: expected {what}, got shape {tuple(s.shape)}")
     if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
-        raise ValueError(f"{name}: expected positive finite values, got {s.detach().cpu().tolist()}")
-    return s.detach().to(like.dtype)
+        raise ValueError(f"{name}: expected positive finite values, got {s.cpu().tolist()}")
+    return s.to(cd)
 
 
 def _pair(name: str, v, minimum: int) -> Tuple[int, int]:
