@@ -485,7 +485,7 @@ at::ScalarType exact_float(const Plan& pl) {
   return bound < 16777216.0 ? at::kFloat : at::kDouble;
 }
 
-constexpr int64_t kGemmRowBlock = 4096;  // input rows converted to float at a time
+constexpr int64_t kGemmRowBlock = 1024;  // input rows converted to float at a time (stay in L2)
 
 // ------------------------------------------------------------------ the ops
 at::Tensor xbar_tile_sums_cpu(const at::Tensor& x_codes, const at::Tensor& w_codes, int64_t rows, int64_t cols,
@@ -541,27 +541,23 @@ void mvm_quantized(const at::Tensor& x, const std::vector<at::Tensor>& w, const 
   });
 }
 
-// The same sum through one exact float GEMM per tile, input rows in blocks.
-template <typename scalar_t>
-void mvm_lossless(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& coef,
-                  const Plan& pl, at::Tensor& acc) {
-  const auto ft = exact_float(pl);
-  const int64_t M = pl.p.M, N = pl.p.N, Tr = pl.p.Tr();
-  std::vector<at::Tensor> wf;
-  for (const auto& wi : w) wf.push_back(wi.to(ft));
+// Lossless: y = sum_s sum_r coef_s[r, n] sum_{k in r} x[m, k] w_s[k, n] = X @ W' with
+// W'[k, n] = sum_s coef_s[r(k), n] w_s[k, n]: one GEMM in the coefficients' dtype (float32 or
+// float64, the accumulation precision the spec asks for), input rows converted in blocks.
+at::Tensor mvm_lossless(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& coef,
+                        const Plan& pl) {
+  const int64_t M = pl.p.M, K = pl.p.K, N = pl.p.N;
+  const auto dt = coef[0].scalar_type();
+  at::Tensor wf = at::zeros({K, N}, coef[0].options());
+  for (size_t s = 0; s < w.size(); ++s)
+    wf.addcmul_(w[s].to(dt), coef[s].repeat_interleave(pl.p.rows, 0).narrow(0, 0, K));
+  at::Tensor y = at::empty({M, N}, coef[0].options());
   for (int64_t m0 = 0; m0 < M; m0 += kGemmRowBlock) {
     const int64_t nm = std::min(kGemmRowBlock, M - m0);
-    const at::Tensor xb = x.narrow(0, m0, nm).to(ft);
-    at::Tensor ab = acc.narrow(0, m0, nm);
-    for (size_t s = 0; s < w.size(); ++s) {
-      const at::Tensor cd = coef[s].to(at::kDouble);
-      for (int64_t r = 0; r < Tr; ++r) {
-        if (!cd[r].ne(0).any().item<bool>()) continue;  // every PE of this tile row is skipped
-        const int64_t k0 = r * pl.p.rows, kr = std::min<int64_t>(pl.p.rows, pl.p.K - k0);
-        ab.addcmul_(at::mm(xb.narrow(1, k0, kr), wf[s].narrow(0, k0, kr)).to(at::kDouble), cd[r]);
-      }
-    }
+    at::Tensor yb = y.narrow(0, m0, nm);
+    at::mm_out(yb, x.narrow(0, m0, nm).to(dt), wf);
   }
+  return y;
 }
 
 at::Tensor xbar_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& wb_codes, const std::optional<at::Tensor>& wt_codes,
@@ -584,15 +580,13 @@ at::Tensor xbar_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& wb_codes, c
     w.push_back(*wt_codes);
     coef.push_back(coef_t->contiguous());
   }
+  if (pl.lossless) {
+    for (const auto& wi : w) check_codes(x_codes, wi, pl);
+    return mvm_lossless(x_codes, w, coef, pl);
+  }
   at::Tensor acc = at::zeros({pl.p.M, pl.p.N}, coef_b.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(coef_b.scalar_type(), "xbar_mvm_cpu", [&] {
-    if (pl.lossless) {
-      for (const auto& wi : w) check_codes(x_codes, wi, pl);
-      mvm_lossless<scalar_t>(x_codes, w, coef, pl, acc);
-    } else {
-      mvm_quantized<scalar_t>(x_codes, w, coef, pl, acc);
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES(coef_b.scalar_type(), "xbar_mvm_cpu",
+                             [&] { mvm_quantized<scalar_t>(x_codes, w, coef, pl, acc); });
   return acc.to(coef_b.scalar_type());
 }
 

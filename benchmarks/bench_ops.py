@@ -1,0 +1,199 @@
+"""Speed of xbar_conv2d against the float convolution of the same shape.
+
+    python benchmarks/bench_ops.py                 # CPU, all shapes
+    python benchmarks/bench_ops.py --quick         # two small shapes, fewer repeats (a smoke test)
+    python benchmarks/bench_ops.py --device cuda   # the cuda / triton backends vs cuDNN fp32 and bf16
+    python benchmarks/bench_ops.py --threads 2
+
+Shapes: the 3x3 (stride 1, padding 1) convolutions of ResNet-18 on CIFAR (batch 32) and one
+ImageNet-style layer (batch 8, 64 channels, 56x56).  Modes: ideal (no quantisation), the default
+XbarConfig(), a 4-bit ADC, and a lossless ADC (adc_bits=None: every partial sum exact).
+Times are the median of --repeats calls after a warm-up call, in milliseconds; "x conv" is the
+ratio to nn.Conv2d (fp32) of the same shape, forward or forward+backward.  fwd+bwd takes
+gradients for x and the weight; "+mask" also for pe_mask and col_scale (the exact gradients of
+the XMA2 masks, one more pass of the crossbar kernel).  The reference backend is far too slow
+for the full batch: it is timed once on a single image and scaled by the batch size (it is
+linear in the batch), as the output says.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from typing import Callable, List, Optional
+
+import torch
+
+import xma2_ops
+from xma2_ops import XbarConfig
+
+SHAPES = [  # (batch, channels, height = width)
+    (32, 64, 32),
+    (32, 128, 16),
+    (32, 256, 8),
+    (8, 64, 56),
+]
+QUICK_SHAPES = [(8, 64, 16), (8, 128, 8)]
+MODES = {
+    "ideal": XbarConfig(weight_bits=None, input_bits=None, adc_bits=None),
+    "default": XbarConfig(),
+    "adc4": XbarConfig(adc_bits=4),
+    "lossless": XbarConfig(adc_bits=None),
+}
+
+
+def _timer(device: str) -> Callable[[Callable[[], object], int], float]:
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def run(fn, repeats):
+        fn()  # warm-up: caches, weight packing, autotuning
+        sync()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+
+    return run
+
+
+def _inputs(batch, ch, hw, device, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, ch, hw, hw, generator=gen).relu().to(device, dtype)  # post-ReLU activations
+    w = (torch.randn(ch, ch, 3, 3, generator=gen) * (2.0 / (9 * ch)) ** 0.5).to(device, dtype)
+    return x, w
+
+
+def _xbar_fns(x, w, cfg: XbarConfig, backend: str):
+    tr, tc = cfg.tiles(w[0].numel(), w.shape[0])
+    mask = torch.zeros(tr, tc, device=x.device)
+    scale = torch.ones(tr, w.shape[0], device=x.device)
+    gy = torch.randn(x.shape, device=x.device)
+
+    def fwd():
+        with torch.no_grad():
+            return xma2_ops.xbar_conv2d(x, w, None, 1, 1, config=cfg, backend=backend)
+
+    def fwd_bwd(with_masks: bool):
+        xs, ws = x.detach().requires_grad_(), w.detach().requires_grad_()
+        m, a = (mask.detach().requires_grad_(), scale.detach().requires_grad_()) if with_masks else (mask, scale)
+        y = xma2_ops.xbar_conv2d(xs, ws, None, 1, 1, config=cfg, pe_mask=m, col_scale=a, backend=backend)
+        y.backward(gy)
+
+    return fwd, lambda: fwd_bwd(False), lambda: fwd_bwd(True)
+
+
+def _conv_fns(x, w, dtype=torch.float32):
+    conv = torch.nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1, bias=False).to(x.device, dtype)
+    with torch.no_grad():
+        conv.weight.copy_(w)
+    xd = x.to(dtype)
+    gy = torch.randn(x.shape, device=x.device, dtype=dtype)
+
+    def fwd():
+        with torch.no_grad():
+            return conv(xd)
+
+    def fwd_bwd():
+        xs = xd.detach().requires_grad_()
+        conv(xs).backward(gy)
+
+    return fwd, fwd_bwd
+
+
+def _row(cells: List[str], widths: List[int]) -> str:
+    return "  ".join(c.rjust(wd) if i else c.ljust(wd) for i, (c, wd) in enumerate(zip(cells, widths)))
+
+
+def bench_cpu(shapes, repeats: int, modes: List[str], with_reference: bool) -> None:
+    timer = _timer("cpu")
+    head = ["shape", "mode", "fwd ms", "x conv", "fwd+bwd ms", "x conv", "+mask ms", "x conv", "ref fwd ms*",
+            "speed-up"]
+    widths = [20, 9, 9, 7, 11, 7, 9, 7, 12, 9]
+    print(_row(head, widths))
+    for batch, ch, hw in shapes:
+        x, w = _inputs(batch, ch, hw, "cpu")
+        conv_f, conv_fb = _conv_fns(x, w)
+        t_conv_f, t_conv_fb = timer(conv_f, repeats), timer(conv_fb, repeats)
+        name = f"{batch}x{ch}x{hw}x{hw}"
+        print(_row([name, "nn.Conv2d", f"{t_conv_f:.1f}", "1.00", f"{t_conv_fb:.1f}", "1.00", "", "", "", ""], widths))
+        for mode in modes:
+            cfg = MODES[mode]
+            fwd, fb, fbm = _xbar_fns(x, w, cfg, "cpu")
+            tf, tfb = timer(fwd, repeats), timer(fb, repeats)
+            tfbm = timer(fbm, repeats) if cfg.quantized else None
+            ref_cell = speed_cell = "-"
+            if with_reference and cfg.quantized:  # ideal mode runs the float conv on every backend
+                xr = x[:1]
+                ref_fwd, _, _ = _xbar_fns(xr, w, cfg, "reference")
+                t_ref = timer(ref_fwd, 1) * batch  # one image, scaled by the batch
+                ref_cell, speed_cell = f"{t_ref:.0f}", f"{t_ref / tf:.0f}x"
+            print(_row([name, mode, f"{tf:.1f}", f"{tf / t_conv_f:.2f}", f"{tfb:.1f}", f"{tfb / t_conv_fb:.2f}",
+                        f"{tfbm:.1f}" if tfbm else "-", f"{tfbm / t_conv_fb:.2f}" if tfbm else "-", ref_cell,
+                        speed_cell], widths))
+    print("* reference backend timed on one image (batch 1) and multiplied by the batch size; "
+          "speed-up = that / cpu fwd ms.  Ideal mode computes a float conv on every backend (no reference time).")
+
+
+def bench_cuda(shapes, repeats: int, modes: List[str]) -> None:
+    timer = _timer("cuda")
+    backends = [b for b in ("cuda", "triton") if b in xma2_ops.available_backends()]
+    if not backends:
+        print("no CUDA backend available (xma2_ops.available_backends() =", xma2_ops.available_backends(), ")")
+    head = ["shape", "backend/mode", "fwd ms", "x fp32", "x bf16", "fwd+bwd ms", "x fp32"]
+    widths = [20, 22, 9, 7, 7, 11, 7]
+    print(_row(head, widths))
+    for batch, ch, hw in shapes:
+        x, w = _inputs(batch, ch, hw, "cuda")
+        f32, fb32 = _conv_fns(x, w)
+        f16, _ = _conv_fns(x, w, torch.bfloat16)
+        t32, tb32, t16 = timer(f32, repeats), timer(fb32, repeats), timer(f16, repeats)
+        name = f"{batch}x{ch}x{hw}x{hw}"
+        print(_row([name, "cuDNN fp32", f"{t32:.2f}", "1.00", f"{t32 / t16:.2f}", f"{tb32:.2f}", "1.00"], widths))
+        print(_row([name, "cuDNN bf16", f"{t16:.2f}", f"{t16 / t32:.2f}", "1.00", "", ""], widths))
+        for backend in backends:
+            for mode in modes:
+                fwd, fb, _ = _xbar_fns(x, w, MODES[mode], backend)
+                tf, tfb = timer(fwd, repeats), timer(fb, repeats)
+                print(_row([name, f"{backend}/{mode}", f"{tf:.2f}", f"{tf / t32:.2f}", f"{tf / t16:.2f}",
+                            f"{tfb:.2f}", f"{tfb / tb32:.2f}"], widths))
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="two small shapes, 2 repeats, no 4-bit-ADC mode")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls per entry (default 5, --quick 2)")
+    ap.add_argument("--no-reference", action="store_true", help="skip timing the reference backend")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    repeats = args.repeats or (2 if args.quick else 5)
+    modes = ["ideal", "default", "lossless"] if args.quick else list(MODES)
+    cpu_name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu_name}, "
+          f"XMA2_CPU_ISA={os.environ.get('XMA2_CPU_ISA', 'auto')}, load average {os.getloadavg()[0]:.1f}")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch.cuda.is_available() is False")
+        print("GPU:", torch.cuda.get_device_name())
+        bench_cuda(shapes, repeats, modes)
+    else:
+        bench_cpu(shapes, repeats, modes, not args.no_reference)
+
+
+if __name__ == "__main__":
+    main()
