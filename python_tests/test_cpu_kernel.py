@@ -36,7 +36,7 @@ def _runs(isa: str) -> bool:
             os.environ["XMA2_CPU_ISA"] = old
 
 
-ISAS = [isa for isa in ("scalar", "avx2", "avx512") if "cpu" in available_backends() and _runs(isa)]
+ISAS = [isa for isa in ("scalar", "avx2", "avx512", "amx") if "cpu" in available_backends() and _runs(isa)]
 
 
 @pytest.fixture(params=ISAS)

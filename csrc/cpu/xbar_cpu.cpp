@@ -29,7 +29,12 @@
 #include <vector>
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #endif
 
 #include "../xbar_quant.h"
@@ -52,9 +57,11 @@ struct Adc {
 struct Plan {
   XbarParams p;
   int words;         // 32-bit words per bit plane of one row tile: ceil(rows / 32)
-  int64_t x_stride;  // words of bit planes per input row, all tiles
+  int64_t kpad;      // rows of one tile padded to a multiple of 64 (input magnitudes, AMX bytes)
   bool lossless;     // every ADC code equals its partial sum
   bool simd_exact;   // the int32 / float32 vector kernels give the exact result for this config
+  bool float_sums;   // |T_int| < 2^24: T can be summed in float32 lanes, exactly
+  bool no_clamp;     // clip >= Pmax: no partial sum exceeds the ADC range, codes need no clamp
   Adc adc;
 };
 
@@ -67,10 +74,8 @@ bool vector_adc_exact(const XbarParams& p, int64_t pmax, Adc& adc) {
   adc.b = (float)(0.5 + 0.25 / (double)p.adc_clip);  // the quarter step keeps exact halves from rounding down
   const int64_t pcap = std::min(pmax, p.adc_clip);
   if (pmax >= (1LL << 24) || pcap > (1 << 20)) return false;  // float P, and a bounded check
-  for (int64_t v = 0; v <= pcap; ++v) {
-    const int64_t f = std::min<int64_t>((int64_t)std::fma((float)v, adc.a, adc.b), p.adc_levels);
-    if (f != adc_code(v, p.adc_levels, p.adc_clip)) return false;
-  }
+  for (int64_t v = 0; v <= pcap; ++v)  // unclamped: up to clip the code needs no clamp either
+    if ((int64_t)std::fma((float)v, adc.a, adc.b) != adc_code(v, p.adc_levels, p.adc_clip)) return false;
   return true;
 }
 
@@ -78,7 +83,7 @@ Plan make_plan(const XbarParams& p) {
   Plan pl;
   pl.p = p;
   pl.words = (p.rows + 31) / 32;
-  pl.x_stride = (int64_t)p.Tr() * p.x_pols * p.x_bits * pl.words;
+  pl.kpad = ((int64_t)p.rows + 63) / 64 * 64;
   const int64_t pmax = (int64_t)p.rows * ((1LL << p.dac_bits) - 1) * ((1LL << p.cell_bits) - 1);
   pl.lossless = p.adc_levels == 0 || (p.adc_levels == p.adc_clip && p.adc_clip >= pmax);  // code = P
   pl.adc = {p.adc_levels, p.adc_clip, 0.f, 0.f};
@@ -86,7 +91,10 @@ Plan make_plan(const XbarParams& p) {
   double shifts = 0;
   for (int i = 0; i < p.chunks(); ++i)
     for (int j = 0; j < p.slices(); ++j) shifts += std::ldexp(1.0, i * p.dac_bits + j * p.cell_bits);
-  pl.simd_exact = vector_adc_exact(p, pmax, pl.adc) && 2.0 * (double)p.adc_levels * shifts < 2147483647.0;
+  const double t_bound = 2.0 * (double)p.adc_levels * shifts;
+  pl.simd_exact = vector_adc_exact(p, pmax, pl.adc) && t_bound < 2147483647.0;
+  pl.float_sums = t_bound < 16777216.0;
+  pl.no_clamp = p.adc_clip >= pmax;
   return pl;
 }
 
@@ -99,9 +107,11 @@ struct V {
   static Cnt zero() { return 0; }
   static Cnt popcnt_and(uint32_t x, const uint32_t* w) { return __builtin_popcount(x & *w); }
   static Cnt add(Cnt a, Cnt b) { return a + b; }
-  static Cnt add_shifted(Cnt a, Cnt b, int s) { return a + (b << s); }
+  using Consts = Adc;
+  static Consts consts(const Adc& adc) { return adc; }
+  static Cnt add_shifted(const Consts&, Cnt a, Cnt b, int s) { return a + (b << s); }
   static Acc zero_acc() { return 0; }
-  static Acc add_code(Acc t, Cnt p, const Adc& adc, int s, bool neg) {
+  static Acc add_code(const Consts& adc, Acc t, Cnt p, int s, bool neg) {
     const int64_t code = adc_code(p, adc.levels, adc.clip) << s;
     return neg ? t - code : t + code;
   }
@@ -141,12 +151,22 @@ struct V {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(bytes, _mm256_set1_epi8(1)), _mm256_set1_epi16(1));
   }
   static Cnt add(Cnt a, Cnt b) { return _mm256_add_epi32(a, b); }
-  static Cnt add_shifted(Cnt a, Cnt b, int s) { return _mm256_add_epi32(a, _mm256_sll_epi32(b, _mm_cvtsi32_si128(s))); }
+  // Shift counts as vectors: a variable shift (vpsllvd) is one cheap instruction, unlike a shift
+  // by a count moved from a general register.
+  struct Consts {
+    __m256 a, b;
+    __m256i levels, shift[32];
+  };
+  static Consts consts(const Adc& adc) {
+    Consts k{_mm256_set1_ps(adc.a), _mm256_set1_ps(adc.b), _mm256_set1_epi32((int)adc.levels), {}};
+    for (int s = 0; s < 32; ++s) k.shift[s] = _mm256_set1_epi32(s);
+    return k;
+  }
+  static Cnt add_shifted(const Consts& k, Cnt a, Cnt b, int s) { return _mm256_add_epi32(a, _mm256_sllv_epi32(b, k.shift[s])); }
   static Acc zero_acc() { return _mm256_setzero_si256(); }
-  static Acc add_code(Acc t, Cnt p, const Adc& adc, int s, bool neg) {
-    const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(adc.a), _mm256_set1_ps(adc.b));
-    __m256i code = _mm256_min_epi32(_mm256_cvttps_epi32(f), _mm256_set1_epi32((int)adc.levels));
-    code = _mm256_sll_epi32(code, _mm_cvtsi32_si128(s));
+  static Acc add_code(const Consts& k, Acc t, Cnt p, int s, bool neg) {
+    const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), k.a, k.b);
+    const __m256i code = _mm256_sllv_epi32(_mm256_min_epi32(_mm256_cvttps_epi32(f), k.levels), k.shift[s]);
     return neg ? _mm256_sub_epi32(t, code) : _mm256_add_epi32(t, code);
   }
   static void store(int64_t* o, Acc t) {
@@ -187,12 +207,20 @@ struct V {
     return _mm512_popcnt_epi32(_mm512_and_si512(_mm512_set1_epi32((int)x), _mm512_loadu_si512(w)));
   }
   static Cnt add(Cnt a, Cnt b) { return _mm512_add_epi32(a, b); }
-  static Cnt add_shifted(Cnt a, Cnt b, int s) { return _mm512_add_epi32(a, _mm512_sll_epi32(b, _mm_cvtsi32_si128(s))); }
+  struct Consts {  // as in avx2::V
+    __m512 a, b;
+    __m512i levels, shift[32];
+  };
+  static Consts consts(const Adc& adc) {
+    Consts k{_mm512_set1_ps(adc.a), _mm512_set1_ps(adc.b), _mm512_set1_epi32((int)adc.levels), {}};
+    for (int s = 0; s < 32; ++s) k.shift[s] = _mm512_set1_epi32(s);
+    return k;
+  }
+  static Cnt add_shifted(const Consts& k, Cnt a, Cnt b, int s) { return _mm512_add_epi32(a, _mm512_sllv_epi32(b, k.shift[s])); }
   static Acc zero_acc() { return _mm512_setzero_si512(); }
-  static Acc add_code(Acc t, Cnt p, const Adc& adc, int s, bool neg) {
-    const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(adc.a), _mm512_set1_ps(adc.b));
-    __m512i code = _mm512_min_epi32(_mm512_cvttps_epi32(f), _mm512_set1_epi32((int)adc.levels));
-    code = _mm512_sll_epi32(code, _mm_cvtsi32_si128(s));
+  static Acc add_code(const Consts& k, Acc t, Cnt p, int s, bool neg) {
+    const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), k.a, k.b);
+    const __m512i code = _mm512_sllv_epi32(_mm512_min_epi32(_mm512_cvttps_epi32(f), k.levels), k.shift[s]);
     return neg ? _mm512_sub_epi32(t, code) : _mm512_add_epi32(t, code);
   }
   static void store(int64_t* o, Acc t) {
@@ -211,20 +239,200 @@ struct V {
 #else
 #pragma GCC pop_options
 #endif
+
+// AMX (Sapphire Rapids and later): the partial sums of 16 rows x 16 columns come from int8 tile
+// multiplies, A = input chunk values (one byte per k, uint8), B = weight slice values (int8,
+// 4 k per column in a 32-bit group), C += A B in int32; the ADC and shift-and-add then run on
+// AVX-512 registers.  Chunk values <= 255 and slice values <= 127 (dac_bits <= 8, cell_bits <= 7).
+#if defined(__linux__)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,avx2,fma,popcnt"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,avx2,fma,popcnt")
+#endif
+namespace amx {
+using avx512::V;
+
+// One input row: [tile][pol][chunk][kpad] bytes.
+inline int64_t row_words(const Plan& pl) { return (int64_t)pl.p.Tr() * pl.p.x_pols * pl.p.chunks() * pl.kpad / 4; }
+
+inline void row_bytes(const Plan& pl, const uint16_t* mags, uint32_t* dst32) {
+  uint8_t* dst = reinterpret_cast<uint8_t*>(dst32);
+  const int I = pl.p.chunks(), db = pl.p.dac_bits, pols = pl.p.x_pols;
+  const int64_t Tr = pl.p.Tr(), kp = pl.kpad;
+  const __m512i mask = _mm512_set1_epi16((short)((1 << db) - 1));
+  for (int px = 0; px < pols; ++px)
+    for (int64_t r = 0; r < Tr; ++r) {
+      const uint16_t* m = mags + (px * Tr + r) * kp;
+      for (int i = 0; i < I; ++i) {
+        uint8_t* d = dst + ((r * pols + px) * I + i) * kp;
+        const __m128i sh = _mm_cvtsi32_si128(i * db);
+        for (int64_t k = 0; k < kp; k += 32) {
+          const __m512i v = _mm512_and_si512(_mm512_srl_epi16(_mm512_loadu_si512(m + k), sh), mask);
+          _mm256_storeu_si256((__m256i*)(d + k), _mm512_cvtepi16_epi8(v));
+        }
+      }
+    }
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// T += sign * 2^s * ADC(P) for 16 rows of partial sums c[row][lane].  kFloat: T in float32 lanes
+// (exact below 2^24) with the code floored in float and scaled by one FMA, fewer instructions than
+// the int32 form; kClamp: codes clamped to `levels` (partial sums may exceed clip).
+template <bool kFloat, bool kClamp>
+inline void adc_rows(const V::Consts& k, __m512i* t, const int32_t (*c)[16], int s, bool neg) {
+  if (kFloat) {
+    const __m512 scale = _mm512_set1_ps(neg ? -std::ldexp(1.0f, s) : std::ldexp(1.0f, s));
+    const __m512 levels = _mm512_cvtepi32_ps(k.levels);
+    for (int mm = 0; mm < 16; ++mm) {
+      __m512 code = _mm512_roundscale_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c[mm])), k.a, k.b),
+                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+      if (kClamp) code = _mm512_min_ps(code, levels);
+      t[mm] = _mm512_castps_si512(_mm512_fmadd_ps(code, scale, _mm512_castsi512_ps(t[mm])));
+    }
+  } else {
+    for (int mm = 0; mm < 16; ++mm) t[mm] = V::add_code(k, t[mm], _mm512_load_si512(c[mm]), s, neg);
+  }
+}
+
+// C[c0] = A B0, C[c1] = A B1 over all k steps: the partial sums of two (polarity, slice) pairs for
+// one input chunk.  Tile numbers are immediates, so each of the two tile sets gets its own copy.
+#define XBAR_AMX_PAIR(name, c0, c1, b0t, b1t)                                                   \
+  inline void name(const uint8_t* a, int64_t xs, const uint8_t* b0, const uint8_t* b1, int64_t KS) { \
+    _tile_zero(c0);                                                                             \
+    _tile_zero(c1);                                                                             \
+    for (int64_t ks = 0; ks < KS; ++ks) {                                                       \
+      _tile_loadd(4, a + ks * 64, xs);                                                          \
+      _tile_loadd(b0t, b0 + ks * 1024, 64);                                                     \
+      _tile_dpbusd(c0, 4, b0t);                                                                 \
+      _tile_loadd(b1t, b1 + ks * 1024, 64);                                                     \
+      _tile_dpbusd(c1, 4, b1t);                                                                 \
+    }                                                                                           \
+  }
+XBAR_AMX_PAIR(pair_set0, 0, 1, 5, 6)
+XBAR_AMX_PAIR(pair_set1, 2, 3, 7, 5)
+#undef XBAR_AMX_PAIR
+
+// Same contract as block_tile_sums: 16 rows at a time (rows past nm are computed and ignored; the
+// caller's buffers hold kRowBlock rows).  Weights: [pol * S + slice][kstep][16 k-groups][16 cols][4].
+// The work is a list of jobs (input polarity, chunk, pair of weight (polarity, slice)), software
+// pipelined over two tile sets: the tile multiplies of job n+1 run while the ADC of job n does.
+template <bool kFloat, bool kClamp>
+inline void block_tile_sums_t(const Plan& pl, const uint32_t* xp32, int64_t x_stride, int64_t nm,
+                              const uint32_t* wp32, int64_t* out) {
+  TileConfig cfg{};
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  const uint8_t* xp = reinterpret_cast<const uint8_t*>(xp32);
+  const uint8_t* wp = reinterpret_cast<const uint8_t*>(wp32);
+  const int64_t xs = x_stride * 4, kp = pl.kpad, KS = kp / 64;
+  const int I = pl.p.chunks(), S = pl.p.slices(), db = pl.p.dac_bits, cb = pl.p.cell_bits, G = 2 * S;
+  const V::Consts k = V::consts(pl.adc);
+  alignas(64) int32_t c[2][2][16][16];  // [tile set][pair member][row][column]
+  struct Job {
+    int px, i, g;
+  };
+  std::vector<Job> jobs;
+  jobs.reserve((size_t)(pl.p.x_pols * I * S));
+  for (int64_t m0 = 0; m0 < nm; m0 += 16) {
+    const int64_t rows = std::min<int64_t>(16, nm - m0);
+    const uint8_t* xm = xp + m0 * xs;
+    jobs.clear();
+    for (int px = 0; px < pl.p.x_pols; ++px)
+      for (int i = 0; i < I; ++i) {
+        // An all-zero input chunk (in every row of the block) adds nothing.
+        const uint8_t* a = xm + (px * I + i) * kp;
+        __m512i any = _mm512_setzero_si512();
+        for (int64_t mm = 0; mm < rows; ++mm)
+          for (int64_t q = 0; q < kp; q += 64) any = _mm512_or_si512(any, _mm512_loadu_si512(a + mm * xs + q));
+        if (_mm512_test_epi32_mask(any, any))
+          for (int g = 0; g < G; g += 2) jobs.push_back({px, i, g});  // G = 2 S is even
+      }
+    auto issue = [&](size_t n) {
+      const Job& jb = jobs[n];
+      const uint8_t* a = xm + (jb.px * I + jb.i) * kp;
+      const uint8_t* b = wp + (int64_t)jb.g * KS * 1024;
+      if (n % 2 == 0) pair_set0(a, xs, b, b + KS * 1024, KS);
+      else pair_set1(a, xs, b, b + KS * 1024, KS);
+    };
+    __m512i t[16];  // int32 lanes, or float32 lanes when kFloat (all-zero bits are 0 in both)
+    for (int mm = 0; mm < 16; ++mm) t[mm] = _mm512_setzero_si512();
+    if (!jobs.empty()) issue(0);
+    for (size_t n = 0; n < jobs.size(); ++n) {
+      if (n + 1 < jobs.size()) issue(n + 1);
+      int32_t(*cn)[16][16] = c[n % 2];
+      if (n % 2 == 0) {
+        _tile_stored(0, cn[0], 64);
+        _tile_stored(1, cn[1], 64);
+      } else {
+        _tile_stored(2, cn[0], 64);
+        _tile_stored(3, cn[1], 64);
+      }
+      const Job& jb = jobs[n];
+      for (int h = 0; h < 2; ++h) {
+        const int q = (jb.g + h) / S, j = (jb.g + h) % S;
+        adc_rows<kFloat, kClamp>(k, t, cn[h], jb.i * db + j * cb, jb.px != q);
+      }
+    }
+    for (int mm = 0; mm < 16; ++mm)
+      V::store(out + (m0 + mm) * 16, kFloat ? _mm512_cvtps_epi32(_mm512_castsi512_ps(t[mm])) : t[mm]);
+  }
+  _tile_release();
+}
+
+inline void block_tile_sums(const Plan& pl, const uint32_t* xp, int64_t x_stride, int64_t nm, const uint32_t* wp,
+                            int64_t* out) {
+  if (pl.float_sums && pl.no_clamp) return block_tile_sums_t<true, false>(pl, xp, x_stride, nm, wp, out);
+  if (pl.float_sums) return block_tile_sums_t<true, true>(pl, xp, x_stride, nm, wp, out);
+  return block_tile_sums_t<false, true>(pl, xp, x_stride, nm, wp, out);
+}
+}  // namespace amx
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // __linux__
 #endif  // __x86_64__
 
 // ------------------------------------------------------------------ runtime choice of the ISA
 struct Isa {
   const char* name;
   int lanes;
+  bool amx;  // byte layout of inputs and weights instead of bit planes
+  int64_t (*row_words)(const Plan&);
+  void (*row)(const Plan&, const uint16_t*, uint32_t*);
   void (*block)(const Plan&, const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t*);
-  void (*planes)(const Plan&, const uint16_t*, uint32_t*);
 };
 
-const Isa kScalar{"scalar", 1, &scalar::block_tile_sums, &scalar::row_planes};
+const Isa kScalar{"scalar", 1, false, &scalar::row_words, &scalar::row_planes, &scalar::block_tile_sums};
 #if defined(__x86_64__)
-const Isa kAvx2{"avx2", 8, &avx2::block_tile_sums, &avx2::row_planes};
-const Isa kAvx512{"avx512", 16, &avx512::block_tile_sums, &avx512::row_planes};
+const Isa kAvx2{"avx2", 8, false, &avx2::row_words, &avx2::row_planes, &avx2::block_tile_sums};
+const Isa kAvx512{"avx512", 16, false, &avx512::row_words, &avx512::row_planes, &avx512::block_tile_sums};
+#if defined(__linux__)
+const Isa kAmx{"amx", 16, true, &amx::row_words, &amx::row_bytes, &amx::block_tile_sums};
+
+// AMX needs the CPU feature and the kernel's permission to use the tile state (asked once).
+bool amx_usable() {
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 24) & 1u) || !((d >> 25) & 1u)) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+#endif
 #endif
 
 bool cpu_runs(const std::string& name) {
@@ -233,21 +441,30 @@ bool cpu_runs(const std::string& name) {
   if (name == "avx512")
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vpopcntdq") && cpu_runs("avx2");
+#if defined(__linux__)
+  if (name == "amx") return cpu_runs("avx512") && amx_usable();
+#endif
 #endif
   return name == "scalar";
 }
 
 // The kernel for this call: XMA2_CPU_ISA when set (an error if this CPU cannot run it), else the
-// widest this CPU runs.  Configs whose sums do not fit the vector lanes always use the scalar code.
+// fastest this CPU runs.  Configs whose sums do not fit the vector lanes always use the scalar
+// code; AMX falls back to AVX-512 for cell_bits 8 (slices beyond int8).
 const Isa& choose_isa(const Plan& pl) {
   const char* env = std::getenv("XMA2_CPU_ISA");
   std::string want = env ? env : "";
-  if (want.empty() || want == "auto") want = cpu_runs("avx512") ? "avx512" : cpu_runs("avx2") ? "avx2" : "scalar";
-  TORCH_CHECK(want == "scalar" || want == "avx2" || want == "avx512",
-              "XMA2_CPU_ISA: expected one of auto, scalar, avx2, avx512, got '", want, "'");
+  if (want.empty() || want == "auto")
+    want = cpu_runs("amx") ? "amx" : cpu_runs("avx512") ? "avx512" : cpu_runs("avx2") ? "avx2" : "scalar";
+  TORCH_CHECK(want == "scalar" || want == "avx2" || want == "avx512" || want == "amx",
+              "XMA2_CPU_ISA: expected one of auto, scalar, avx2, avx512, amx, got '", want, "'");
   TORCH_CHECK(cpu_runs(want), "XMA2_CPU_ISA=", want, ": this CPU (or build) cannot run that instruction set");
   if (!pl.simd_exact) return kScalar;
 #if defined(__x86_64__)
+#if defined(__linux__)
+  if (want == "amx" && pl.p.cell_bits <= 7) return kAmx;
+  if (want == "amx") return kAvx512;
+#endif
   if (want == "avx512") return kAvx512;
   if (want == "avx2") return kAvx2;
 #endif
@@ -258,34 +475,41 @@ const Isa& choose_isa(const Plan& pl) {
 // Input codes [M, K] of any integer dtype; out-of-range codes are reported after the pass.
 template <typename T>
 void row_mags(const T* row, int64_t sk, const Plan& pl, int64_t qx, uint16_t* mags, std::atomic<bool>& bad) {
-  const int64_t K = pl.p.K, R = pl.p.rows, Tr = pl.p.Tr(), padded = (int64_t)pl.words * 32;
-  const int pols = pl.p.x_pols;
-  const int64_t lo = pols == 2 ? -qx : 0;
-  bool out_of_range = false;
-  std::memset(mags, 0, sizeof(uint16_t) * pols * Tr * padded);
+  const int64_t K = pl.p.K, R = pl.p.rows, Tr = pl.p.Tr(), kp = pl.kpad;
+  const bool two = pl.p.x_pols == 2;
+  const int64_t lo = two ? -qx : 0;
+  int64_t mn = 0, mx = 0;
+  std::memset(mags, 0, sizeof(uint16_t) * pl.p.x_pols * Tr * kp);
   for (int64_t r = 0; r < Tr; ++r) {
-    const int64_t k0 = r * R, k1 = std::min(K, k0 + R);
-    uint16_t* pos = mags + r * padded;
-    uint16_t* neg = mags + (Tr + r) * padded;  // only used when pols == 2
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t v = (int64_t)row[k * sk];
-      out_of_range |= (v < lo) | (v > qx);
-      if (v > 0) pos[k - k0] = (uint16_t)v;
-      else if (v < 0 && pols == 2) neg[k - k0] = (uint16_t)(-v);
+    const int64_t k0 = r * R, n = std::min(K, k0 + R) - k0;
+    uint16_t* pos = mags + r * kp;
+    uint16_t* neg = mags + (Tr + r) * kp;  // only when two polarities
+    const T* src = row + k0 * sk;
+    for (int64_t k = 0; k < n; ++k) {  // branch-free: input codes are random-looking
+      const int64_t v = (int64_t)src[k * sk];
+      mn = std::min(mn, v);
+      mx = std::max(mx, v);
+      pos[k] = (uint16_t)(v > 0 ? v : 0);
     }
+    if (two)
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t v = (int64_t)src[k * sk];
+        neg[k] = (uint16_t)(v < 0 ? -v : 0);
+      }
   }
-  if (out_of_range) bad = true;
+  if (mn < lo || mx > qx) bad = true;
 }
 
-// Bit planes of input rows [m0, m0 + nm) -> dst [m][tile][pol][bit][word].
+// The ISA's layout of input rows [m0, m0 + nm) -> dst, isa.row_words(pl) words per row.
 void pack_input_rows(const at::Tensor& x, const Plan& pl, const Isa& isa, int64_t m0, int64_t nm,
                      std::vector<uint16_t>& mags, uint32_t* dst, std::atomic<bool>& bad) {
   const int64_t qx = (1LL << pl.p.x_bits) - 1;
-  mags.resize((size_t)(pl.p.x_pols * pl.p.Tr() * pl.words * 32));
+  const int64_t stride = isa.row_words(pl);
+  mags.resize((size_t)(pl.p.x_pols * pl.p.Tr() * pl.kpad));
   AT_DISPATCH_INTEGRAL_TYPES(x.scalar_type(), "xbar_cpu_pack", [&] {
     for (int64_t mi = 0; mi < nm; ++mi) {
       row_mags(x.data_ptr<scalar_t>() + (m0 + mi) * x.stride(0), x.stride(1), pl, qx, mags.data(), bad);
-      isa.planes(pl, mags.data(), dst + mi * pl.x_stride);
+      isa.row(pl, mags.data(), dst + mi * stride);
     }
   });
 }
@@ -297,6 +521,39 @@ struct WeightPlanes {
   int64_t per_block;  // words per (tile, lane block)
   const uint32_t* at(int64_t r, int64_t nb) const { return data.data() + (r * blocks + nb) * per_block; }
 };
+
+// AMX layout of one (tile, 16-column block): [pol * S + slice][kstep][k / 4 % 16][column][k % 4] bytes.
+std::shared_ptr<const WeightPlanes> pack_weights_amx(const at::Tensor& w, const Plan& pl) {
+  const int64_t K = pl.p.K, N = pl.p.N, R = pl.p.rows, Tr = pl.p.Tr(), KS = pl.kpad / 64;
+  const int S = pl.p.slices(), cb = pl.p.cell_bits;
+  const int64_t q = (1LL << pl.p.w_bits) - 1;
+  auto wp = std::make_shared<WeightPlanes>();
+  wp->blocks = (N + 15) / 16;
+  wp->per_block = 2 * S * KS * 256;
+  wp->data.assign((size_t)(Tr * wp->blocks * wp->per_block), 0);
+  const at::Tensor wc = w.contiguous();
+  const int32_t* c = wc.data_ptr<int32_t>();
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, Tr, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t k = r * R; k < std::min(K, (r + 1) * R); ++k) {
+        const int64_t kk = k - r * R;
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t v = c[k * N + n];
+          if (v < -q || v > q) bad = true;
+          if (v == 0 || v < -q || v > q) continue;
+          const int pol = v > 0 ? 0 : 1;
+          const uint32_t mag = (uint32_t)(v > 0 ? v : -v);
+          uint8_t* base = reinterpret_cast<uint8_t*>(wp->data.data() + (r * wp->blocks + n / 16) * wp->per_block);
+          for (int j = 0; j < S; ++j)
+            base[(((int64_t)(pol * S + j) * KS + kk / 64) * 16 + kk % 64 / 4) * 64 + n % 16 * 4 + kk % 4] =
+                (uint8_t)bit_field((int32_t)mag, j, cb);
+        }
+      }
+  });
+  TORCH_CHECK(!bad, "xbar: w_codes must hold codes in [", -q, ", ", q, "]");
+  return wp;
+}
 
 std::shared_ptr<const WeightPlanes> pack_weights(const at::Tensor& w, const Plan& pl, int lanes) {
   const int64_t K = pl.p.K, N = pl.p.N, R = pl.p.rows, Tr = pl.p.Tr();
@@ -334,10 +591,11 @@ std::shared_ptr<const WeightPlanes> pack_weights(const at::Tensor& w, const Plan
 // in-place write), same layout and packing parameters.
 class WeightCache {
  public:
-  std::shared_ptr<const WeightPlanes> get(const at::Tensor& w, const Plan& pl, int lanes) {
-    if (w.is_inference()) return pack_weights(w, pl, lanes);  // no version counter to trust
+  std::shared_ptr<const WeightPlanes> get(const at::Tensor& w, const Plan& pl, const Isa& isa) {
+    auto pack = [&] { return isa.amx ? pack_weights_amx(w, pl) : pack_weights(w, pl, isa.lanes); };
+    if (w.is_inference()) return pack();  // no version counter to trust
     const Key key{w.unsafeGetTensorImpl(), w._version(), w.data_ptr(), w.sizes().vec(), w.strides().vec(),
-                  pl.p.rows, pl.p.w_bits, lanes};
+                  pl.p.rows, pl.p.w_bits, pl.p.cell_bits, isa.amx ? -1 : isa.lanes};
     {
       std::lock_guard<std::mutex> lock(mu_);
       for (auto it = entries_.begin(); it != entries_.end(); ++it)
@@ -346,7 +604,7 @@ class WeightCache {
           return entries_.front().planes;
         }
     }
-    auto planes = pack_weights(w, pl, lanes);
+    auto planes = pack();
     std::lock_guard<std::mutex> lock(mu_);
     entries_.push_front(Entry{key, w, planes});
     if (entries_.size() > kCapacity) entries_.pop_back();
@@ -359,10 +617,10 @@ class WeightCache {
     int64_t version;
     const void* data;
     std::vector<int64_t> sizes, strides;
-    int rows, w_bits, lanes;
+    int rows, w_bits, cell_bits, layout;
     bool operator==(const Key& o) const {
       return impl == o.impl && version == o.version && data == o.data && sizes == o.sizes && strides == o.strides &&
-             rows == o.rows && w_bits == o.w_bits && lanes == o.lanes;
+             rows == o.rows && w_bits == o.w_bits && cell_bits == o.cell_bits && layout == o.layout;
     }
   };
   struct Entry {
@@ -395,18 +653,19 @@ void run_quantized(const at::Tensor& x, const Plan& pl, const Isa& isa, const st
   std::atomic<bool> bad{false};
   at::parallel_for(0, (M + kRowBlock - 1) / kRowBlock, 1, [&](int64_t b0, int64_t b1) {
     std::vector<uint16_t> mags;
-    std::vector<uint32_t> xplanes((size_t)(kRowBlock * pl.x_stride));
+    const int64_t stride = isa.row_words(pl);
+    std::vector<uint32_t> xplanes((size_t)(kRowBlock * stride));
     std::vector<int64_t> t((size_t)(kRowBlock * L));
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t m0 = blk * kRowBlock, nm = std::min(kRowBlock, M - m0);
       pack_input_rows(x, pl, isa, m0, nm, mags, xplanes.data(), bad);
       for (int64_t r = 0; r < Tr; ++r) {
-        const uint32_t* xr = xplanes.data() + r * (pl.x_stride / Tr);
+        const uint32_t* xr = xplanes.data() + r * (stride / Tr);
         for (size_t s = 0; s < sets.size(); ++s) {
           const WeightPlanes& wp = *sets[s].planes;
           for (int64_t nb = 0; nb < wp.blocks; ++nb) {
             if (!sets[s].active[r * wp.blocks + nb]) continue;
-            isa.block(pl, xr, pl.x_stride, nm, wp.at(r, nb), t.data());
+            isa.block(pl, xr, stride, nm, wp.at(r, nb), t.data());
             epi((int)s, r, nb * L, m0, nm, t.data());
           }
         }
@@ -506,7 +765,7 @@ at::Tensor xbar_tile_sums_cpu(const at::Tensor& x_codes, const at::Tensor& w_cod
     return out;
   }
   const Isa& isa = choose_isa(pl);
-  std::vector<WeightSet> sets{{weight_cache().get(w_codes, pl, isa.lanes), {}}};
+  std::vector<WeightSet> sets{{weight_cache().get(w_codes, pl, isa), {}}};
   sets[0].active = active_blocks<float>(at::Tensor(), pl, isa.lanes);
   int64_t* o = out.data_ptr<int64_t>();
   run_quantized(x_codes, pl, isa, sets, [&](int, int64_t r, int64_t n0, int64_t m0, int64_t nm, const int64_t* t) {
@@ -526,7 +785,7 @@ void mvm_quantized(const at::Tensor& x, const std::vector<at::Tensor>& w, const 
   std::vector<WeightSet> sets;
   std::vector<const scalar_t*> cp;
   for (size_t s = 0; s < w.size(); ++s) {
-    sets.push_back({weight_cache().get(w[s], pl, isa.lanes), active_blocks<scalar_t>(coef[s], pl, L)});
+    sets.push_back({weight_cache().get(w[s], pl, isa), active_blocks<scalar_t>(coef[s], pl, L)});
     cp.push_back(coef[s].data_ptr<scalar_t>());
   }
   double* a = acc.data_ptr<double>();  // rows of one row block are written by one thread only
@@ -615,7 +874,7 @@ at::Tensor xbar_coef_grad_cpu(const at::Tensor& x_codes, const at::Tensor& w_cod
   }
   const Isa& isa = choose_isa(pl);
   const int64_t L = isa.lanes;
-  std::vector<WeightSet> sets{{weight_cache().get(w_codes, pl, isa.lanes), {}}};
+  std::vector<WeightSet> sets{{weight_cache().get(w_codes, pl, isa), {}}};
   sets[0].active = active_blocks<float>(at::Tensor(), pl, L);
   const double* g = g64.data_ptr<double>();
   // One partial G per thread, summed at the end.

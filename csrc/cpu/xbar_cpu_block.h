@@ -4,9 +4,10 @@
 // purpose.
 //
 // V provides, for L = V::kLanes output columns at a time:
+//   Consts                 consts(adc): broadcast ADC constants and shift counts, made once per call
 //   Cnt  (partial sums P)  zero(), popcnt_and(x_word, lane_words) = popcount(x & w) per lane,
-//                          add(Cnt, Cnt), add_shifted(Cnt, Cnt c, s) = P + (c << s)
-//   Acc  (tile sums T)     zero_acc(), add_code(T, P, adc, s, negative) = T +- (ADC code of P << s),
+//                          add(Cnt, Cnt), add_shifted(k, Cnt P, Cnt c, s) = P + (c << s)
+//   Acc  (tile sums T)     zero_acc(), add_code(k, T, P, s, negative) = T +- (ADC code of P << s),
 //                          store(int64_t*, T)
 //   planes32(mags, nbits, dst, stride): bit planes of 32 uint16 magnitudes, dst[a*stride] = plane a.
 
@@ -21,6 +22,7 @@ inline void block_tile_sums_w(const Plan& pl, const uint32_t* xp, int64_t x_stri
   constexpr int L = V::kLanes;
   const int W = kW > 0 ? kW : pl.words, db = pl.p.dac_bits, cb = pl.p.cell_bits;
   const int xb = pl.p.x_bits, wbits = pl.p.w_bits, I = pl.p.chunks(), S = pl.p.slices();
+  const typename V::Consts k = V::consts(pl.adc);
   for (int64_t mi = 0; mi < nm; ++mi) {
     const uint32_t* xm = xp + mi * x_stride;
     typename V::Acc t = V::zero_acc();
@@ -43,10 +45,10 @@ inline void block_tile_sums_w(const Plan& pl, const uint32_t* xp, int64_t x_stri
                 typename V::Cnt c = V::popcnt_and(xw[0], ww);
 #pragma GCC unroll 4
                 for (int w = 1; w < W; ++w) c = V::add(c, V::popcnt_and(xw[w], ww + w * L));
-                p = V::add_shifted(p, c, (a - a0) + (b - b0));
+                p = V::add_shifted(k, p, c, (a - a0) + (b - b0));
               }
             }
-            t = V::add_code(t, p, pl.adc, i * db + j * cb, px != qw);
+            t = V::add_code(k, t, p, i * db + j * cb, px != qw);
           }
         }
       }
@@ -66,13 +68,15 @@ inline void block_tile_sums(const Plan& pl, const uint32_t* xp, int64_t x_stride
   }
 }
 
-// Bit planes of one input row: mags [pol][tile][words*32] uint16 magnitudes (zero padded per
-// tile) -> dst [tile][pol][bit][word].
+// Bit planes of one input row: mags [pol][tile][kpad] uint16 magnitudes (zero padded per tile)
+// -> dst [tile][pol][bit][word], row_words(pl) words.
+inline int64_t row_words(const Plan& pl) { return (int64_t)pl.p.Tr() * pl.p.x_pols * pl.p.x_bits * pl.words; }
+
 inline void row_planes(const Plan& pl, const uint16_t* mags, uint32_t* dst) {
   const int W = pl.words, xb = pl.p.x_bits, pols = pl.p.x_pols;
   const int64_t Tr = pl.p.Tr();
   for (int px = 0; px < pols; ++px)
     for (int64_t r = 0; r < Tr; ++r)
       for (int w = 0; w < W; ++w)
-        V::planes32(mags + ((px * Tr + r) * W + w) * 32, xb, dst + ((r * pols + px) * xb) * W + w, W);
+        V::planes32(mags + (px * Tr + r) * pl.kpad + w * 32, xb, dst + ((r * pols + px) * xb) * W + w, W);
 }
