@@ -84,6 +84,8 @@ CASES = [
     (17, 5, 2, True, 1, 2, 1, 3, 5, (21, 40, 11)),           # smallest signed input, 1-bit weights
     (40, 24, 8, True, 1, 8, 4, 6, 900, (15, 95, 33)),        # clip > Pmax: coarse but never saturating
     (96, 32, 4, False, 4, 3, 2, 5, None, (10, 200, 40)),     # one chunk, one slice
+    (32, 8, 4, False, 2, 9, 8, 5, None, (7, 40, 9)),         # 8-bit cells (beyond int8 tiles)
+    (70, 9, 8, True, 8, 8, 1, 9, 3000, (18, 150, 20)),       # 8-bit DAC, signed
 ]
 
 
@@ -158,6 +160,11 @@ def test_out_of_range_codes_are_refused(isa):
         torch.ops.xma2_ops.xbar_tile_sums(torch.full((2, 20), 16, dtype=torch.int32), w, *p.as_args())
     with pytest.raises(RuntimeError, match="x_codes"):
         torch.ops.xma2_ops.xbar_tile_sums(torch.full((2, 20), -1, dtype=torch.int32), w, *p.as_args())
+    with pytest.raises(RuntimeError, match="x_codes"):  # 8-bit codes take another packing path
+        torch.ops.xma2_ops.xbar_tile_sums(torch.full((2, 20), 16, dtype=torch.uint8), w, *p.as_args())
+    ps = _params(16, 8, 8, True, 1, 4, 1, 3)
+    with pytest.raises(RuntimeError, match="x_codes"):
+        torch.ops.xma2_ops.xbar_tile_sums(torch.full((2, 20), -128, dtype=torch.int8), w, *ps.as_args())
     with pytest.raises(RuntimeError, match="w_codes"):
         torch.ops.xma2_ops.xbar_tile_sums(torch.ones(2, 20, dtype=torch.int32), w * 8, *p.as_args())
 

@@ -276,6 +276,42 @@ inline void row_bytes(const Plan& pl, const uint16_t* mags, uint32_t* dst32) {
     }
 }
 
+// The same layout straight from one contiguous row of 8-bit codes (uint8 unsigned, int8 signed),
+// 64 codes per step; flags codes outside [-qx or 0, qx].
+inline void row_bytes_from_codes(const Plan& pl, const uint8_t* row, bool is_signed, uint32_t* dst32, bool& bad) {
+  uint8_t* dst = reinterpret_cast<uint8_t*>(dst32);
+  const int I = pl.p.chunks(), db = pl.p.dac_bits, pols = pl.p.x_pols;
+  const int64_t K = pl.p.K, R = pl.p.rows, Tr = pl.p.Tr(), kp = pl.kpad;
+  const int qx = (1 << pl.p.x_bits) - 1;
+  __mmask64 out_of_range = 0;
+  for (int64_t r = 0; r < Tr; ++r) {
+    const int64_t n = std::min(R, K - r * R);
+    for (int64_t k = 0; k < kp; k += 64) {
+      const __mmask64 valid = n >= k + 64 ? ~0ULL : n > k ? (~0ULL >> (64 - (n - k))) : 0ULL;
+      const __m512i v = _mm512_maskz_loadu_epi8(valid, row + r * R + k);
+      __m512i mag[2];
+      if (is_signed) {
+        out_of_range |= _mm512_cmpgt_epi8_mask(v, _mm512_set1_epi8((char)qx)) |
+                        _mm512_cmplt_epi8_mask(v, _mm512_set1_epi8((char)-qx));
+        mag[0] = _mm512_max_epi8(v, _mm512_setzero_si512());
+        mag[1] = _mm512_max_epi8(_mm512_sub_epi8(_mm512_setzero_si512(), v), _mm512_setzero_si512());
+      } else {
+        out_of_range |= _mm512_cmpgt_epu8_mask(v, _mm512_set1_epi8((char)qx));
+        mag[0] = v;
+      }
+      for (int px = 0; px < pols; ++px)
+        for (int i = 0; i < I; ++i) {
+          // A 16-bit shift pulls bits of the neighbouring byte into the top: the mask drops them.
+          const int sh = i * db;
+          const __m512i keep = _mm512_set1_epi8((char)(((1 << db) - 1) & (0xFF >> sh)));
+          const __m512i d = _mm512_and_si512(_mm512_srl_epi16(mag[px], _mm_cvtsi32_si128(sh)), keep);
+          _mm512_storeu_si512(dst + ((r * pols + px) * I + i) * kp + k, d);
+        }
+    }
+  }
+  if (out_of_range) bad = true;
+}
+
 struct alignas(64) TileConfig {
   uint8_t palette, start_row, reserved[14];
   uint16_t colsb[16];
@@ -505,6 +541,17 @@ void pack_input_rows(const at::Tensor& x, const Plan& pl, const Isa& isa, int64_
                      std::vector<uint16_t>& mags, uint32_t* dst, std::atomic<bool>& bad) {
   const int64_t qx = (1LL << pl.p.x_bits) - 1;
   const int64_t stride = isa.row_words(pl);
+#if defined(__x86_64__) && defined(__linux__)
+  const bool bytes = x.scalar_type() == (pl.p.x_pols == 2 ? at::kChar : at::kByte) && x.stride(1) == 1;
+  if (isa.amx && bytes) {  // 8-bit codes: chunk bytes without the uint16 detour
+    const uint8_t* base = reinterpret_cast<const uint8_t*>(x.data_ptr());
+    bool b = false;
+    for (int64_t mi = 0; mi < nm; ++mi)
+      amx::row_bytes_from_codes(pl, base + (m0 + mi) * x.stride(0), pl.p.x_pols == 2, dst + mi * stride, b);
+    if (b) bad = true;
+    return;
+  }
+#endif
   mags.resize((size_t)(pl.p.x_pols * pl.p.Tr() * pl.kpad));
   AT_DISPATCH_INTEGRAL_TYPES(x.scalar_type(), "xbar_cpu_pack", [&] {
     for (int64_t mi = 0; mi < nm; ++mi) {
