@@ -249,12 +249,14 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected finite values, got NaN or inf")
 
 
-def _scale_tensor(name: str, given: ScaleArg, like: torch.Tensor, qmax: int, n_cols: Optional[int]) -> torch.Tensor:
+def _scale_tensor(name: str, given: ScaleArg, like: torch.Tensor, qmax: int, n_cols: Optional[int],
+                  amax: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A given scale (float or tensor: scalar, or [N] when n_cols is set) checked, or the derived one;
-    in the compute dtype of ``like`` (float32 for half precisions, like the quantisers)."""
+    in the compute dtype of ``like`` (float32 for half precisions, like the quantisers).
+    ``amax``: max|like|, when the caller already has it."""
     cd = _compute_dtype(like)
     if given is None:
-        return ref.derived_scale(like.to(cd), qmax)
+        return ref.derived_scale(like.to(cd), qmax) if amax is None else ref.derived_scale(like, qmax, amax.to(cd))
     if isinstance(given, bool) or not isinstance(given, (int, float, torch.Tensor)):
         raise TypeError(f"{name}: expected None, a float or a tensor, got {type(given).__name__}")
     if isinstance(given, torch.Tensor):
@@ -332,14 +334,18 @@ def _xbar(x, weight, bias, lowering, config: XbarConfig, task_weight, pe_mask, c
         y = lowering.float_forward(x, w_eff)
     else:
         be = get_backend(backend, x.device)
+        # One pass over x gives the sign decision, max|x| for a derived scale, and finiteness.
+        lo, hi = torch.aminmax(x.detach()) if x.numel() else (x.new_zeros(()), x.new_zeros(()))
         # NaN/inf have no integer code: refuse them rather than feed garbage codes to a kernel.
-        for name, t in (("x", x), ("weight", weight), ("task_weight", task_weight)):
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            raise ValueError("x: expected finite values, got NaN or inf")
+        for name, t in (("weight", weight), ("task_weight", task_weight)):
             if t is not None:
                 _check_finite(name, t)
-        signed = config.resolve_signed(bool((x < 0).any()))
+        signed = config.resolve_signed(bool(lo < 0))
         if signed and config.input_bits < 2:
             raise ValueError("config.input_bits: signed inputs need input_bits >= 2, got 1")
-        s_x = _scale_tensor("input_scale", input_scale, x, config.input_qmax(signed), None)
+        s_x = _scale_tensor("input_scale", input_scale, x, config.input_qmax(signed), None, torch.maximum(-lo, hi))
         params = GemmParams.from_config(config, signed)
         if x.numel() == 0:
             y = lowering.fold_output(x.new_zeros(0, n)) + 0 * (weight.sum() + pe_mask.sum() + col_scale.sum())

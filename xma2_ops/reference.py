@@ -15,9 +15,12 @@ from .config import GemmParams, XbarConfig
 
 
 # ---------------------------------------------------------------- quantisation rules (SPEC 2)
-def derived_scale(t: torch.Tensor, qmax: int) -> torch.Tensor:
-    """max|t| / qmax over the whole tensor; a scale of 0 (all-zero tensor) becomes 1."""
-    s = t.detach().abs().amax() / qmax if t.numel() else t.new_zeros(())
+def derived_scale(t: torch.Tensor, qmax: int, amax: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """max|t| / qmax over the whole tensor; a scale of 0 (all-zero tensor) becomes 1.
+    ``amax``: max|t|, when the caller has already computed it."""
+    if amax is None:
+        amax = t.detach().abs().amax() if t.numel() else t.new_zeros(())
+    s = amax / qmax
     return torch.where(s > 0, s, torch.ones_like(s))
 
 

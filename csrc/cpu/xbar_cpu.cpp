@@ -693,9 +693,11 @@ struct WeightSet {
 };
 
 // Calls epi(set, r, n0, m0, nm, T) with T[mi * L + lane] = T_int[r, m0 + mi, n0 + lane] (lanes past
-// N hold zeros) for every needed (set, tile, lane block), input rows in blocks, in parallel.
-template <typename Epi>
-void run_quantized(const at::Tensor& x, const Plan& pl, const Isa& isa, const std::vector<WeightSet>& sets, Epi epi) {
+// N hold zeros) for every needed (set, tile, lane block), input rows in blocks, in parallel; then
+// done(m0, nm) once the row block is complete (on the same thread).
+template <typename Epi, typename Done>
+void run_quantized(const at::Tensor& x, const Plan& pl, const Isa& isa, const std::vector<WeightSet>& sets, Epi epi,
+                   Done done) {
   const int64_t M = pl.p.M, Tr = pl.p.Tr(), L = isa.lanes;
   std::atomic<bool> bad{false};
   at::parallel_for(0, (M + kRowBlock - 1) / kRowBlock, 1, [&](int64_t b0, int64_t b1) {
@@ -717,6 +719,7 @@ void run_quantized(const at::Tensor& x, const Plan& pl, const Isa& isa, const st
           }
         }
       }
+      done(m0, nm);
     }
   });
   TORCH_CHECK(!bad, "xbar: x_codes must hold codes in [", pl.p.x_pols == 2 ? -((1LL << pl.p.x_bits) - 1) : 0, ", ",
@@ -819,14 +822,14 @@ at::Tensor xbar_tile_sums_cpu(const at::Tensor& x_codes, const at::Tensor& w_cod
     const int64_t L = isa.lanes, nl = std::min(L, N - n0);
     for (int64_t mi = 0; mi < nm; ++mi)
       std::memcpy(o + (r * M + m0 + mi) * N + n0, t + mi * L, sizeof(int64_t) * nl);
-  });
+  }, [](int64_t, int64_t) {});
   return out;
 }
 
-// y[m, n] = sum_s sum_r coef_s[r, n] * T_s[r, m, n], summed in float64 (acc [M, N]).
+// y[m, n] = sum_s sum_r coef_s[r, n] * T_s[r, m, n], summed in float64 per row block, rounded once.
 template <typename scalar_t>
 void mvm_quantized(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& coef,
-                   const Plan& pl, at::Tensor& acc) {
+                   const Plan& pl, at::Tensor& y) {
   const Isa& isa = choose_isa(pl);
   const int64_t N = pl.p.N, L = isa.lanes;
   std::vector<WeightSet> sets;
@@ -835,15 +838,21 @@ void mvm_quantized(const at::Tensor& x, const std::vector<at::Tensor>& w, const 
     sets.push_back({weight_cache().get(w[s], pl, isa), active_blocks<scalar_t>(coef[s], pl, L)});
     cp.push_back(coef[s].data_ptr<scalar_t>());
   }
-  double* a = acc.data_ptr<double>();  // rows of one row block are written by one thread only
-  run_quantized(x, pl, isa, sets, [&](int s, int64_t r, int64_t n0, int64_t m0, int64_t nm, const int64_t* t) {
+  scalar_t* out = y.data_ptr<scalar_t>();
+  std::vector<std::vector<double>> acc((size_t)at::get_num_threads(), std::vector<double>((size_t)(kRowBlock * N), 0.0));
+  run_quantized(x, pl, isa, sets, [&](int s, int64_t r, int64_t n0, int64_t, int64_t nm, const int64_t* t) {
+    double* a = acc[(size_t)at::get_thread_num()].data() + n0;
     const int64_t nl = std::min(L, N - n0);
     const scalar_t* c = cp[s] + r * N + n0;
     for (int64_t mi = 0; mi < nm; ++mi) {
-      double* row = a + (m0 + mi) * N + n0;
+      double* row = a + mi * N;
       const int64_t* tr = t + mi * L;
       for (int64_t l = 0; l < nl; ++l) row[l] += (double)c[l] * (double)tr[l];
     }
+  }, [&](int64_t m0, int64_t nm) {
+    std::vector<double>& a = acc[(size_t)at::get_thread_num()];
+    for (int64_t i = 0; i < nm * N; ++i) out[m0 * N + i] = (scalar_t)a[(size_t)i];
+    std::fill(a.begin(), a.end(), 0.0);
   });
 }
 
@@ -890,10 +899,10 @@ at::Tensor xbar_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& wb_codes, c
     for (const auto& wi : w) check_codes(x_codes, wi, pl);
     return mvm_lossless(x_codes, w, coef, pl);
   }
-  at::Tensor acc = at::zeros({pl.p.M, pl.p.N}, coef_b.options().dtype(at::kDouble));
+  at::Tensor y = at::empty({pl.p.M, pl.p.N}, coef_b.options());
   AT_DISPATCH_FLOATING_TYPES(coef_b.scalar_type(), "xbar_mvm_cpu",
-                             [&] { mvm_quantized<scalar_t>(x_codes, w, coef, pl, acc); });
-  return acc.to(coef_b.scalar_type());
+                             [&] { mvm_quantized<scalar_t>(x_codes, w, coef, pl, y); });
+  return y;
 }
 
 // G[r, n] = sum_m gy[m, n] * T_int[r, m, n] (float64), without materialising T_int.
@@ -934,7 +943,7 @@ at::Tensor xbar_coef_grad_cpu(const at::Tensor& x_codes, const at::Tensor& w_cod
       const int64_t* tr = t + mi * L;
       for (int64_t l = 0; l < nl; ++l) gr[l] += gm[l] * (double)tr[l];
     }
-  });
+  }, [](int64_t, int64_t) {});
   at::Tensor out = at::zeros({Tr, N}, g64.options());
   double* o = out.data_ptr<double>();
   for (const auto& pt : part)
@@ -949,6 +958,10 @@ at::Tensor xbar_unfold_codes_cpu(const at::Tensor& x, at::IntArrayRef kernel_siz
   TORCH_CHECK(x.dim() == 4, "xbar_unfold_codes: x must be [B, C, H, W], got ", x.sizes());
   TORCH_CHECK(kernel_size.size() == 2 && dilation.size() == 2 && padding.size() == 2 && stride.size() == 2,
               "xbar_unfold_codes: kernel_size, dilation, padding and stride must have 2 values each");
+  for (int d = 0; d < 2; ++d)
+    TORCH_CHECK(kernel_size[d] >= 1 && dilation[d] >= 1 && stride[d] >= 1 && padding[d] >= 0,
+                "xbar_unfold_codes: expected kernel_size, dilation, stride >= 1 and padding >= 0, got ", kernel_size,
+                ", ", dilation, ", ", stride, ", ", padding);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), Wd = x.size(3);
   const int64_t kh = kernel_size[0], kw = kernel_size[1];
   const int64_t Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
@@ -960,18 +973,30 @@ at::Tensor xbar_unfold_codes_cpu(const at::Tensor& x, at::IntArrayRef kernel_siz
   AT_DISPATCH_INTEGRAL_TYPES(x.scalar_type(), "xbar_unfold_codes", [&] {
     const scalar_t* src = xc.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
+    const int64_t sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1], dh = dilation[0], dw = dilation[1];
     at::parallel_for(0, B * Ho, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t bh = p0; bh < p1; ++bh) {
         const int64_t b = bh / Ho, ho = bh % Ho;
         for (int64_t wo = 0; wo < Wo; ++wo) {
           scalar_t* o = dst + (bh * Wo + wo) * K;
+          const int64_t w0 = wo * sw - pw;
+          const bool w_inside = w0 >= 0 && w0 + (kw - 1) * dw < Wd;  // no padding column: no checks
           for (int64_t c = 0; c < C; ++c) {
             const scalar_t* plane = src + (b * C + c) * H * Wd;
-            for (int64_t i = 0; i < kh; ++i) {
-              const int64_t h = ho * stride[0] - padding[0] + i * dilation[0];
-              for (int64_t j = 0; j < kw; ++j) {
-                const int64_t w = wo * stride[1] - padding[1] + j * dilation[1];
-                *o++ = (h >= 0 && h < H && w >= 0 && w < Wd) ? plane[h * Wd + w] : scalar_t(0);
+            for (int64_t i = 0; i < kh; ++i, o += kw) {
+              const int64_t h = ho * sh - ph + i * dh;
+              if (h < 0 || h >= H) {
+                std::fill(o, o + kw, scalar_t(0));
+                continue;
+              }
+              const scalar_t* line = plane + h * Wd;
+              if (w_inside) {
+                for (int64_t j = 0; j < kw; ++j) o[j] = line[w0 + j * dw];
+              } else {
+                for (int64_t j = 0; j < kw; ++j) {
+                  const int64_t w = w0 + j * dw;
+                  o[j] = (w >= 0 && w < Wd) ? line[w] : scalar_t(0);
+                }
               }
             }
           }
