@@ -856,23 +856,41 @@ void mvm_quantized(const at::Tensor& x, const std::vector<at::Tensor>& w, const 
   });
 }
 
-// Lossless: y = sum_s sum_r coef_s[r, n] sum_{k in r} x[m, k] w_s[k, n] = X @ W' with
-// W'[k, n] = sum_s coef_s[r(k), n] w_s[k, n]: one GEMM in the coefficients' dtype (float32 or
-// float64, the accumulation precision the spec asks for), input rows converted in blocks.
-at::Tensor mvm_lossless(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& coef,
-                        const Plan& pl) {
-  const int64_t M = pl.p.M, K = pl.p.K, N = pl.p.N;
-  const auto dt = coef[0].scalar_type();
-  at::Tensor wf = at::zeros({K, N}, coef[0].options());
-  for (size_t s = 0; s < w.size(); ++s)
-    wf.addcmul_(w[s].to(dt), coef[s].repeat_interleave(pl.p.rows, 0).narrow(0, 0, K));
-  at::Tensor y = at::empty({M, N}, coef[0].options());
+// Lossless: T_int of each tile is one exact float GEMM (the sum of x_int * w_int); the tiles are
+// combined with their coefficients in float64 per block of input rows, like the quantised path.
+template <typename scalar_t>
+void mvm_lossless(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& coef,
+                  const Plan& pl, at::Tensor& y) {
+  const auto ft = exact_float(pl);
+  const int64_t M = pl.p.M, N = pl.p.N, Tr = pl.p.Tr(), R = pl.p.rows;
+  std::vector<at::Tensor> wf;
+  std::vector<std::vector<char>> row_used;  // tile rows with a non-zero coefficient
+  for (size_t s = 0; s < w.size(); ++s) {
+    wf.push_back(w[s].to(ft));
+    const at::Tensor used = coef[s].ne(0).any(1);
+    row_used.emplace_back(used.data_ptr<bool>(), used.data_ptr<bool>() + Tr);
+  }
+  scalar_t* out = y.data_ptr<scalar_t>();
+  std::vector<double> acc;
   for (int64_t m0 = 0; m0 < M; m0 += kGemmRowBlock) {
     const int64_t nm = std::min(kGemmRowBlock, M - m0);
-    at::Tensor yb = y.narrow(0, m0, nm);
-    at::mm_out(yb, x.narrow(0, m0, nm).to(dt), wf);
+    const at::Tensor xb = x.narrow(0, m0, nm).to(ft);
+    acc.assign((size_t)(nm * N), 0.0);
+    for (size_t s = 0; s < w.size(); ++s) {
+      const scalar_t* c = coef[s].data_ptr<scalar_t>();
+      for (int64_t r = 0; r < Tr; ++r) {
+        if (!row_used[s][(size_t)r]) continue;  // every PE of this tile row is skipped
+        const int64_t k0 = r * R, kr = std::min(R, pl.p.K - k0);
+        const at::Tensor t = at::mm(xb.narrow(1, k0, kr), wf[s].narrow(0, k0, kr)).to(at::kDouble).contiguous();
+        const double* tp = t.data_ptr<double>();
+        at::parallel_for(0, nm, 64, [&](int64_t a, int64_t b) {
+          for (int64_t mi = a; mi < b; ++mi)
+            for (int64_t n = 0; n < N; ++n) acc[(size_t)(mi * N + n)] += (double)c[r * N + n] * tp[mi * N + n];
+        });
+      }
+    }
+    for (int64_t i = 0; i < nm * N; ++i) out[m0 * N + i] = (scalar_t)acc[(size_t)i];
   }
-  return y;
 }
 
 at::Tensor xbar_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& wb_codes, const std::optional<at::Tensor>& wt_codes,
@@ -895,13 +913,13 @@ at::Tensor xbar_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& wb_codes, c
     w.push_back(*wt_codes);
     coef.push_back(coef_t->contiguous());
   }
-  if (pl.lossless) {
+  if (pl.lossless)
     for (const auto& wi : w) check_codes(x_codes, wi, pl);
-    return mvm_lossless(x_codes, w, coef, pl);
-  }
   at::Tensor y = at::empty({pl.p.M, pl.p.N}, coef_b.options());
-  AT_DISPATCH_FLOATING_TYPES(coef_b.scalar_type(), "xbar_mvm_cpu",
-                             [&] { mvm_quantized<scalar_t>(x_codes, w, coef, pl, y); });
+  AT_DISPATCH_FLOATING_TYPES(coef_b.scalar_type(), "xbar_mvm_cpu", [&] {
+    if (pl.lossless) mvm_lossless<scalar_t>(x_codes, w, coef, pl, y);
+    else mvm_quantized<scalar_t>(x_codes, w, coef, pl, y);
+  });
   return y;
 }
 
