@@ -374,7 +374,7 @@ inline void block_tile_sums_t(const Plan& pl, const uint32_t* xp32, int64_t x_st
   const int64_t xs = x_stride * 4, kp = pl.kpad, KS = kp / 64;
   const int I = pl.p.chunks(), S = pl.p.slices(), db = pl.p.dac_bits, cb = pl.p.cell_bits, G = 2 * S;
   const V::Consts k = V::consts(pl.adc);
-  alignas(64) int32_t c[2][2][16][16];  // [tile set][pair member][row][column]
+  alignas(64) int32_t c[3][2][16][16];  // [job % 3][pair member][row][column]
   struct Job {
     int px, i, g;
   };
@@ -403,10 +403,19 @@ inline void block_tile_sums_t(const Plan& pl, const uint32_t* xp32, int64_t x_st
     };
     __m512i t[16];  // int32 lanes, or float32 lanes when kFloat (all-zero bits are 0 in both)
     for (int mm = 0; mm < 16; ++mm) t[mm] = _mm512_setzero_si512();
+    // The ADC reads job n-1's partial sums one step after their tile stores, so that the loads do
+    // not wait on stores still in flight; c is a ring of three buffers.
+    auto adc_job = [&](size_t n) {
+      const Job& jb = jobs[n];
+      for (int h = 0; h < 2; ++h) {
+        const int q = (jb.g + h) / S, j = (jb.g + h) % S;
+        adc_rows<kFloat, kClamp>(k, t, c[n % 3][h], jb.i * db + j * cb, jb.px != q);
+      }
+    };
     if (!jobs.empty()) issue(0);
     for (size_t n = 0; n < jobs.size(); ++n) {
       if (n + 1 < jobs.size()) issue(n + 1);
-      int32_t(*cn)[16][16] = c[n % 2];
+      int32_t(*cn)[16][16] = c[n % 3];
       if (n % 2 == 0) {
         _tile_stored(0, cn[0], 64);
         _tile_stored(1, cn[1], 64);
@@ -414,12 +423,9 @@ inline void block_tile_sums_t(const Plan& pl, const uint32_t* xp32, int64_t x_st
         _tile_stored(2, cn[0], 64);
         _tile_stored(3, cn[1], 64);
       }
-      const Job& jb = jobs[n];
-      for (int h = 0; h < 2; ++h) {
-        const int q = (jb.g + h) / S, j = (jb.g + h) % S;
-        adc_rows<kFloat, kClamp>(k, t, cn[h], jb.i * db + j * cb, jb.px != q);
-      }
+      if (n > 0) adc_job(n - 1);
     }
+    if (!jobs.empty()) adc_job(jobs.size() - 1);
     for (int mm = 0; mm < 16; ++mm)
       V::store(out + (m0 + mm) * 16, kFloat ? _mm512_cvtps_epi32(_mm512_castsi512_ps(t[mm])) : t[mm]);
   }
