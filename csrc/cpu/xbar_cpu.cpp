@@ -326,6 +326,7 @@ inline void adc_rows(const V::Consts& k, __m512i* t, const int32_t (*c)[16], int
   if (kFloat) {
     const __m512 scale = _mm512_set1_ps(neg ? -std::ldexp(1.0f, s) : std::ldexp(1.0f, s));
     const __m512 levels = _mm512_cvtepi32_ps(k.levels);
+#pragma GCC unroll 16
     for (int mm = 0; mm < 16; ++mm) {
       __m512 code = _mm512_roundscale_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c[mm])), k.a, k.b),
                                          _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
@@ -333,6 +334,7 @@ inline void adc_rows(const V::Consts& k, __m512i* t, const int32_t (*c)[16], int
       t[mm] = _mm512_castps_si512(_mm512_fmadd_ps(code, scale, _mm512_castsi512_ps(t[mm])));
     }
   } else {
+#pragma GCC unroll 16
     for (int mm = 0; mm < 16; ++mm) t[mm] = V::add_code(k, t[mm], _mm512_load_si512(c[mm]), s, neg);
   }
 }
@@ -402,6 +404,7 @@ inline void block_tile_sums_t(const Plan& pl, const uint32_t* xp32, int64_t x_st
       else pair_set1(a, xs, b, b + KS * 1024, KS);
     };
     __m512i t[16];  // int32 lanes, or float32 lanes when kFloat (all-zero bits are 0 in both)
+#pragma GCC unroll 16
     for (int mm = 0; mm < 16; ++mm) t[mm] = _mm512_setzero_si512();
     // The ADC reads job n-1's partial sums one step after their tile stores, so that the loads do
     // not wait on stores still in flight; c is a ring of three buffers.
@@ -426,6 +429,7 @@ inline void block_tile_sums_t(const Plan& pl, const uint32_t* xp32, int64_t x_st
       if (n > 0) adc_job(n - 1);
     }
     if (!jobs.empty()) adc_job(jobs.size() - 1);
+#pragma GCC unroll 16
     for (int mm = 0; mm < 16; ++mm)
       V::store(out + (m0 + mm) * 16, kFloat ? _mm512_cvtps_epi32(_mm512_castsi512_ps(t[mm])) : t[mm]);
   }
