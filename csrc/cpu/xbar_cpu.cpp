@@ -233,6 +233,17 @@ struct V {
   }
 };
 #include "xbar_cpu_block.h"
+
+// One im2col row of 1-byte codes: dst[k] = src[off[k]], 16 at a time (dword gathers at byte
+// offsets, low bytes kept).  The caller guarantees src[off[k] + 3] is inside the tensor.
+inline void gather_bytes(const uint8_t* src, const int32_t* off, int64_t K, uint8_t* dst) {
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+    const __m512i idx = _mm512_maskz_loadu_epi32(m, off + k);
+    const __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, src, 1);
+    _mm_mask_storeu_epi8(dst + k, m, _mm512_cvtepi32_epi8(g));
+  }
+}
 }  // namespace avx512
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -1002,13 +1013,35 @@ at::Tensor xbar_unfold_codes_cpu(const at::Tensor& x, at::IntArrayRef kernel_siz
     const scalar_t* src = xc.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     const int64_t sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1], dh = dilation[0], dw = dilation[1];
+    const int64_t numel = xc.numel();
+    // Offsets of the window's elements from its top-left corner, for the gather path (1-byte codes).
+    const bool gather = sizeof(scalar_t) == 1 && cpu_runs("avx512") && numel < (1LL << 31);
+    std::vector<int32_t> off(gather ? (size_t)K : 0);
+    int64_t max_off = 0;
+    for (int64_t c = 0, k = 0; gather && c < C; ++c)
+      for (int64_t i = 0; i < kh; ++i)
+        for (int64_t j = 0; j < kw; ++j, ++k) {
+          off[(size_t)k] = (int32_t)((c * H + i * dh) * Wd + j * dw);
+          max_off = std::max<int64_t>(max_off, off[(size_t)k]);
+        }
     at::parallel_for(0, B * Ho, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t bh = p0; bh < p1; ++bh) {
         const int64_t b = bh / Ho, ho = bh % Ho;
+        const int64_t h0 = ho * sh - ph;
+        const bool h_inside = h0 >= 0 && h0 + (kh - 1) * dh < H;
         for (int64_t wo = 0; wo < Wo; ++wo) {
           scalar_t* o = dst + (bh * Wo + wo) * K;
           const int64_t w0 = wo * sw - pw;
           const bool w_inside = w0 >= 0 && w0 + (kw - 1) * dw < Wd;  // no padding column: no checks
+#if defined(__x86_64__)
+          // Away from the padding, a row is a gather at fixed offsets from the window's corner.
+          const int64_t corner = (b * C * H + h0) * Wd + w0;
+          if (gather && h_inside && w_inside && corner + max_off + 4 <= numel) {
+            avx512::gather_bytes(reinterpret_cast<const uint8_t*>(src) + corner, off.data(), K,
+                                 reinterpret_cast<uint8_t*>(o));
+            continue;
+          }
+#endif
           for (int64_t c = 0; c < C; ++c) {
             const scalar_t* plane = src + (b * C + c) * H * Wd;
             for (int64_t i = 0; i < kh; ++i, o += kw) {
