@@ -721,12 +721,16 @@ void run_quantized(const at::Tensor& x, const Plan& pl, const Isa& isa, const st
                    Done done) {
   const int64_t M = pl.p.M, Tr = pl.p.Tr(), L = isa.lanes;
   std::atomic<bool> bad{false};
-  at::parallel_for(0, (M + kRowBlock - 1) / kRowBlock, 1, [&](int64_t b0, int64_t b1) {
+  // Row blocks are handed out one at a time rather than in equal shares: on a machine shared with
+  // other processes, a thread whose core is busy then takes fewer blocks instead of stalling all.
+  const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), blocks), 1, [&](int64_t, int64_t) {
     std::vector<uint16_t> mags;
     const int64_t stride = isa.row_words(pl);
     std::vector<uint32_t> xplanes((size_t)(kRowBlock * stride));
     std::vector<int64_t> t((size_t)(kRowBlock * L));
-    for (int64_t blk = b0; blk < b1; ++blk) {
+    for (int64_t blk = next++; blk < blocks; blk = next++) {
       const int64_t m0 = blk * kRowBlock, nm = std::min(kRowBlock, M - m0);
       pack_input_rows(x, pl, isa, m0, nm, mags, xplanes.data(), bad);
       for (int64_t r = 0; r < Tr; ++r) {
