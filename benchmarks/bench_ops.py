@@ -8,7 +8,8 @@
 Shapes: the 3x3 (stride 1, padding 1) convolutions of ResNet-18 on CIFAR (batch 32) and one
 ImageNet-style layer (batch 8, 64 channels, 56x56).  Modes: ideal (no quantisation), the default
 XbarConfig(), a 4-bit ADC, and a lossless ADC (adc_bits=None: every partial sum exact).
-Times are the median of --repeats calls after a warm-up call, in milliseconds; "x conv" is the
+Times are the median of --repeats calls after a warm-up call, in milliseconds, the calls of one
+shape taken in turns so that load changes on a shared machine hit all of them alike; "x conv" is the
 ratio to nn.Conv2d (fp32) of the same shape, forward or forward+backward.  fwd+bwd takes
 gradients for x and the weight; "+mask" also for pe_mask and col_scale (the exact gradients of
 the XMA2 masks, one more pass of the crossbar kernel).  The reference backend is far too slow
@@ -22,7 +23,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -44,23 +45,24 @@ MODES = {
 }
 
 
-def _timer(device: str) -> Callable[[Callable[[], object], int], float]:
+def _time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, device: str) -> Dict[str, float]:
+    """Median ms per call of each function, the calls taken in turns (one of each per round) so that
+    a change of machine load hits all of them alike; one warm-up call each (caches, weight packing)."""
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
 
-    def run(fn, repeats):
-        fn()  # warm-up: caches, weight packing, autotuning
-        sync()
-        times = []
-        for _ in range(repeats):
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    sync()
+    for _ in range(repeats):
+        for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             sync()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
-
-    return run
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def _inputs(batch, ch, hw, device, dtype=torch.float32):
@@ -112,37 +114,41 @@ def _row(cells: List[str], widths: List[int]) -> str:
 
 
 def bench_cpu(shapes, repeats: int, modes: List[str], with_reference: bool) -> None:
-    timer = _timer("cpu")
     head = ["shape", "mode", "fwd ms", "x conv", "fwd+bwd ms", "x conv", "+mask ms", "x conv", "ref fwd ms*",
             "speed-up"]
     widths = [20, 9, 9, 7, 11, 7, 9, 7, 12, 9]
     print(_row(head, widths))
     for batch, ch, hw in shapes:
         x, w = _inputs(batch, ch, hw, "cpu")
-        conv_f, conv_fb = _conv_fns(x, w)
-        t_conv_f, t_conv_fb = timer(conv_f, repeats), timer(conv_fb, repeats)
+        fns = dict(zip(("conv/f", "conv/fb"), _conv_fns(x, w)))
+        for mode in modes:
+            fwd, fb, fbm = _xbar_fns(x, w, MODES[mode], "cpu")
+            fns.update({f"{mode}/f": fwd, f"{mode}/fb": fb})
+            if MODES[mode].quantized:
+                fns[f"{mode}/fbm"] = fbm
+        t = _time_interleaved(fns, repeats, "cpu")
         name = f"{batch}x{ch}x{hw}x{hw}"
-        print(_row([name, "nn.Conv2d", f"{t_conv_f:.1f}", "1.00", f"{t_conv_fb:.1f}", "1.00", "", "", "", ""], widths))
+        print(_row([name, "nn.Conv2d", f"{t['conv/f']:.1f}", "1.00", f"{t['conv/fb']:.1f}", "1.00", "", "", "", ""],
+                   widths))
         for mode in modes:
             cfg = MODES[mode]
-            fwd, fb, fbm = _xbar_fns(x, w, cfg, "cpu")
-            tf, tfb = timer(fwd, repeats), timer(fb, repeats)
-            tfbm = timer(fbm, repeats) if cfg.quantized else None
+            tf, tfb, tfbm = t[f"{mode}/f"], t[f"{mode}/fb"], t.get(f"{mode}/fbm")
             ref_cell = speed_cell = "-"
             if with_reference and cfg.quantized:  # ideal mode runs the float conv on every backend
-                xr = x[:1]
-                ref_fwd, _, _ = _xbar_fns(xr, w, cfg, "reference")
-                t_ref = timer(ref_fwd, 1) * batch  # one image, scaled by the batch
+                ref_fwd, _, _ = _xbar_fns(x[:1], w, cfg, "reference")
+                t0 = time.perf_counter()
+                ref_fwd()
+                t_ref = (time.perf_counter() - t0) * 1e3 * batch  # one call on one image, scaled by the batch
                 ref_cell, speed_cell = f"{t_ref:.0f}", f"{t_ref / tf:.0f}x"
-            print(_row([name, mode, f"{tf:.1f}", f"{tf / t_conv_f:.2f}", f"{tfb:.1f}", f"{tfb / t_conv_fb:.2f}",
-                        f"{tfbm:.1f}" if tfbm else "-", f"{tfbm / t_conv_fb:.2f}" if tfbm else "-", ref_cell,
-                        speed_cell], widths))
-    print("* reference backend timed on one image (batch 1) and multiplied by the batch size; "
+            print(_row([name, mode, f"{tf:.1f}", f"{tf / t['conv/f']:.2f}", f"{tfb:.1f}",
+                        f"{tfb / t['conv/fb']:.2f}", f"{tfbm:.1f}" if tfbm else "-",
+                        f"{tfbm / t['conv/fb']:.2f}" if tfbm else "-", ref_cell, speed_cell], widths))
+    print("* reference backend: one call on one image (batch 1), multiplied by the batch size; "
           "speed-up = that / cpu fwd ms.  Ideal mode computes a float conv on every backend (no reference time).")
+    print("Calls of one shape are timed in turns (one of each per round), medians of the rounds.")
 
 
 def bench_cuda(shapes, repeats: int, modes: List[str]) -> None:
-    timer = _timer("cuda")
     backends = [b for b in ("cuda", "triton") if b in xma2_ops.available_backends()]
     if not backends:
         print("no CUDA backend available (xma2_ops.available_backends() =", xma2_ops.available_backends(), ")")
@@ -153,14 +159,19 @@ def bench_cuda(shapes, repeats: int, modes: List[str]) -> None:
         x, w = _inputs(batch, ch, hw, "cuda")
         f32, fb32 = _conv_fns(x, w)
         f16, _ = _conv_fns(x, w, torch.bfloat16)
-        t32, tb32, t16 = timer(f32, repeats), timer(fb32, repeats), timer(f16, repeats)
+        fns = {"f32": f32, "fb32": fb32, "f16": f16}
+        for backend in backends:
+            for mode in modes:
+                fwd, fb, _ = _xbar_fns(x, w, MODES[mode], backend)
+                fns.update({f"{backend}/{mode}/f": fwd, f"{backend}/{mode}/fb": fb})
+        t = _time_interleaved(fns, repeats, "cuda")
+        t32, tb32, t16 = t["f32"], t["fb32"], t["f16"]
         name = f"{batch}x{ch}x{hw}x{hw}"
         print(_row([name, "cuDNN fp32", f"{t32:.2f}", "1.00", f"{t32 / t16:.2f}", f"{tb32:.2f}", "1.00"], widths))
         print(_row([name, "cuDNN bf16", f"{t16:.2f}", f"{t16 / t32:.2f}", "1.00", "", ""], widths))
         for backend in backends:
             for mode in modes:
-                fwd, fb, _ = _xbar_fns(x, w, MODES[mode], backend)
-                tf, tfb = timer(fwd, repeats), timer(fb, repeats)
+                tf, tfb = t[f"{backend}/{mode}/f"], t[f"{backend}/{mode}/fb"]
                 print(_row([name, f"{backend}/{mode}", f"{tf:.2f}", f"{tf / t32:.2f}", f"{tf / t16:.2f}",
                             f"{tfb:.2f}", f"{tfb / tb32:.2f}"], widths))
 
