@@ -819,7 +819,7 @@ at::ScalarType exact_float(const Plan& pl) {
   return bound < 16777216.0 ? at::kFloat : at::kDouble;
 }
 
-constexpr int64_t kGemmRowBlock = 1024;  // input rows converted to float at a time (stay in L2)
+constexpr int64_t kGemmRowBlock = 8192;  // input rows converted to float at a time (few, large GEMM calls)
 
 // ------------------------------------------------------------------ the ops
 at::Tensor xbar_tile_sums_cpu(const at::Tensor& x_codes, const at::Tensor& w_codes, int64_t rows, int64_t cols,
