@@ -62,6 +62,7 @@ struct Plan {
   bool simd_exact;   // the int32 / float32 vector kernels give the exact result for this config
   bool float_sums;   // |T_int| < 2^24: T can be summed in float32 lanes, exactly
   bool no_clamp;     // clip >= Pmax: no partial sum exceeds the ADC range, codes need no clamp
+  bool identity;     // lossless, collapsed to one chunk and one slice: the code is the partial sum
   Adc adc;
 };
 
@@ -95,6 +96,7 @@ Plan make_plan(const XbarParams& p) {
   pl.simd_exact = vector_adc_exact(p, pmax, pl.adc) && t_bound < 2147483647.0;
   pl.float_sums = t_bound < 16777216.0;
   pl.no_clamp = p.adc_clip >= pmax;
+  pl.identity = false;
   return pl;
 }
 
@@ -332,9 +334,20 @@ struct alignas(64) TileConfig {
 // T += sign * 2^s * ADC(P) for 16 rows of partial sums c[row][lane].  kFloat: T in float32 lanes
 // (exact below 2^24) with the code floored in float and scaled by one FMA, fewer instructions than
 // the int32 form; kClamp: codes clamped to `levels` (partial sums may exceed clip).
-template <bool kFloat, bool kClamp>
+template <bool kFloat, bool kClamp, bool kIdentity>
 inline void adc_rows(const V::Consts& k, __m512i* t, const int32_t (*c)[16], int s, bool neg) {
-  if (kFloat) {
+  if (kIdentity) {  // lossless: T +- P, in float32 (exact below 2^24) or int32 lanes
+#pragma GCC unroll 16
+    for (int mm = 0; mm < 16; ++mm) {
+      const __m512i p = _mm512_load_si512(c[mm]);
+      if (kFloat) {
+        const __m512 f = _mm512_castsi512_ps(t[mm]), pf = _mm512_cvtepi32_ps(p);
+        t[mm] = _mm512_castps_si512(neg ? _mm512_sub_ps(f, pf) : _mm512_add_ps(f, pf));
+      } else {
+        t[mm] = neg ? _mm512_sub_epi32(t[mm], p) : _mm512_add_epi32(t[mm], p);
+      }
+    }
+  } else if (kFloat) {
     const __m512 scale = _mm512_set1_ps(neg ? -std::ldexp(1.0f, s) : std::ldexp(1.0f, s));
     const __m512 levels = _mm512_cvtepi32_ps(k.levels);
 #pragma GCC unroll 16
@@ -372,7 +385,7 @@ XBAR_AMX_PAIR(pair_set1, 2, 3, 7, 5)
 // caller's buffers hold kRowBlock rows).  Weights: [pol * S + slice][kstep][16 k-groups][16 cols][4].
 // The work is a list of jobs (input polarity, chunk, pair of weight (polarity, slice)), software
 // pipelined over two tile sets: the tile multiplies of job n+1 run while the ADC of job n does.
-template <bool kFloat, bool kClamp>
+template <bool kFloat, bool kClamp, bool kIdentity>
 inline void block_tile_sums_t(const Plan& pl, const uint32_t* xp32, int64_t x_stride, int64_t nm,
                               const uint32_t* wp32, int64_t* out) {
   TileConfig cfg{};
@@ -423,7 +436,7 @@ inline void block_tile_sums_t(const Plan& pl, const uint32_t* xp32, int64_t x_st
       const Job& jb = jobs[n];
       for (int h = 0; h < 2; ++h) {
         const int q = (jb.g + h) / S, j = (jb.g + h) % S;
-        adc_rows<kFloat, kClamp>(k, t, c[n % 3][h], jb.i * db + j * cb, jb.px != q);
+        adc_rows<kFloat, kClamp, kIdentity>(k, t, c[n % 3][h], jb.i * db + j * cb, jb.px != q);
       }
     };
     if (!jobs.empty()) issue(0);
@@ -449,9 +462,11 @@ inline void block_tile_sums_t(const Plan& pl, const uint32_t* xp32, int64_t x_st
 
 inline void block_tile_sums(const Plan& pl, const uint32_t* xp, int64_t x_stride, int64_t nm, const uint32_t* wp,
                             int64_t* out) {
-  if (pl.float_sums && pl.no_clamp) return block_tile_sums_t<true, false>(pl, xp, x_stride, nm, wp, out);
-  if (pl.float_sums) return block_tile_sums_t<true, true>(pl, xp, x_stride, nm, wp, out);
-  return block_tile_sums_t<false, true>(pl, xp, x_stride, nm, wp, out);
+  if (pl.identity && pl.float_sums) return block_tile_sums_t<true, false, true>(pl, xp, x_stride, nm, wp, out);
+  if (pl.identity) return block_tile_sums_t<false, false, true>(pl, xp, x_stride, nm, wp, out);
+  if (pl.float_sums && pl.no_clamp) return block_tile_sums_t<true, false, false>(pl, xp, x_stride, nm, wp, out);
+  if (pl.float_sums) return block_tile_sums_t<true, true, false>(pl, xp, x_stride, nm, wp, out);
+  return block_tile_sums_t<false, true, false>(pl, xp, x_stride, nm, wp, out);
 }
 }  // namespace amx
 #if defined(__clang__)
@@ -526,6 +541,29 @@ const Isa& choose_isa(const Plan& pl) {
   if (want == "avx2") return kAvx2;
 #endif
   return kScalar;
+}
+
+// A lossless config on AMX: the whole input code is one chunk and the whole weight magnitude one
+// slice (both fit int8 tiles), the ADC is the identity, and one int8 tile multiply per tile gives
+// sum_k x w exactly.  Returns the AMX kernel and rewrites the plan, or nullptr (then the float
+// GEMM path runs) when AMX is unavailable, not chosen by XMA2_CPU_ISA, or the codes are too wide.
+const Isa* lossless_on_amx(Plan& pl) {
+#if defined(__x86_64__) && defined(__linux__)
+  const char* env = std::getenv("XMA2_CPU_ISA");
+  const std::string want = env ? env : "";
+  if (!(want.empty() || want == "auto" || want == "amx") || !cpu_runs("amx")) return nullptr;
+  if (pl.p.x_bits > 8 || pl.p.w_bits > 7) return nullptr;
+  const double bound = 2.0 * pl.p.rows * ((1 << pl.p.x_bits) - 1) * ((1 << pl.p.w_bits) - 1);
+  if (bound >= 2147483647.0) return nullptr;
+  pl.p.dac_bits = pl.p.x_bits;
+  pl.p.cell_bits = pl.p.w_bits;
+  pl.identity = true;
+  pl.float_sums = bound < 16777216.0;
+  return &kAmx;
+#else
+  (void)pl;
+  return nullptr;
+#endif
 }
 
 // ------------------------------------------------------------------ packing
@@ -825,11 +863,12 @@ constexpr int64_t kGemmRowBlock = 8192;  // input rows converted to float at a t
 at::Tensor xbar_tile_sums_cpu(const at::Tensor& x_codes, const at::Tensor& w_codes, int64_t rows, int64_t cols,
                               int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits,
                               int64_t cell_bits, int64_t adc_levels, int64_t adc_clip) {
-  const Plan pl = make_plan(make_params(x_codes, w_codes, rows, cols, input_bits, input_signed, dac_bits,
-                                        weight_bits, cell_bits, adc_levels, adc_clip));
+  Plan pl = make_plan(make_params(x_codes, w_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
+                                  cell_bits, adc_levels, adc_clip));
   const int64_t M = pl.p.M, N = pl.p.N, Tr = pl.p.Tr();
   at::Tensor out = at::empty({Tr, M, N}, x_codes.options().dtype(at::kLong));
-  if (pl.lossless) {
+  const Isa* amx_lossless = pl.lossless ? lossless_on_amx(pl) : nullptr;
+  if (pl.lossless && !amx_lossless) {
     check_codes(x_codes, w_codes, pl);
     const auto ft = exact_float(pl);
     const at::Tensor wf = w_codes.to(ft);
@@ -839,7 +878,7 @@ at::Tensor xbar_tile_sums_cpu(const at::Tensor& x_codes, const at::Tensor& w_cod
     }
     return out;
   }
-  const Isa& isa = choose_isa(pl);
+  const Isa& isa = amx_lossless ? *amx_lossless : choose_isa(pl);
   std::vector<WeightSet> sets{{weight_cache().get(w_codes, pl, isa), {}}};
   sets[0].active = active_blocks<float>(at::Tensor(), pl, isa.lanes);
   int64_t* o = out.data_ptr<int64_t>();
@@ -854,8 +893,7 @@ at::Tensor xbar_tile_sums_cpu(const at::Tensor& x_codes, const at::Tensor& w_cod
 // y[m, n] = sum_s sum_r coef_s[r, n] * T_s[r, m, n], summed in float64 per row block, rounded once.
 template <typename scalar_t>
 void mvm_quantized(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& coef,
-                   const Plan& pl, at::Tensor& y) {
-  const Isa& isa = choose_isa(pl);
+                   const Plan& pl, const Isa& isa, at::Tensor& y) {
   const int64_t N = pl.p.N, L = isa.lanes;
   std::vector<WeightSet> sets;
   std::vector<const scalar_t*> cp;
@@ -922,8 +960,8 @@ at::Tensor xbar_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& wb_codes, c
                         const at::Tensor& coef_b, const std::optional<at::Tensor>& coef_t, int64_t rows, int64_t cols,
                         int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits, int64_t cell_bits,
                         int64_t adc_levels, int64_t adc_clip) {
-  const Plan pl = make_plan(make_params(x_codes, wb_codes, rows, cols, input_bits, input_signed, dac_bits,
-                                        weight_bits, cell_bits, adc_levels, adc_clip));
+  Plan pl = make_plan(make_params(x_codes, wb_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
+                                  cell_bits, adc_levels, adc_clip));
   TORCH_CHECK(wt_codes.has_value() == coef_t.has_value(), "xbar_mvm: wt_codes and coef_t must be given together");
   TORCH_CHECK(coef_b.scalar_type() == at::kFloat || coef_b.scalar_type() == at::kDouble,
               "xbar_mvm: coef_b must be float32 or float64, got ", coef_b.scalar_type());
@@ -938,12 +976,14 @@ at::Tensor xbar_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& wb_codes, c
     w.push_back(*wt_codes);
     coef.push_back(coef_t->contiguous());
   }
-  if (pl.lossless)
+  const Isa* amx_lossless = pl.lossless ? lossless_on_amx(pl) : nullptr;
+  const bool gemm = pl.lossless && !amx_lossless;
+  if (gemm)
     for (const auto& wi : w) check_codes(x_codes, wi, pl);
   at::Tensor y = at::empty({pl.p.M, pl.p.N}, coef_b.options());
   AT_DISPATCH_FLOATING_TYPES(coef_b.scalar_type(), "xbar_mvm_cpu", [&] {
-    if (pl.lossless) mvm_lossless<scalar_t>(x_codes, w, coef, pl, y);
-    else mvm_quantized<scalar_t>(x_codes, w, coef, pl, y);
+    if (gemm) mvm_lossless<scalar_t>(x_codes, w, coef, pl, y);
+    else mvm_quantized<scalar_t>(x_codes, w, coef, pl, amx_lossless ? *amx_lossless : choose_isa(pl), y);
   });
   return y;
 }
@@ -952,14 +992,15 @@ at::Tensor xbar_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& wb_codes, c
 at::Tensor xbar_coef_grad_cpu(const at::Tensor& x_codes, const at::Tensor& w_codes, const at::Tensor& gy, int64_t rows,
                               int64_t cols, int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits,
                               int64_t cell_bits, int64_t adc_levels, int64_t adc_clip) {
-  const Plan pl = make_plan(make_params(x_codes, w_codes, rows, cols, input_bits, input_signed, dac_bits,
-                                        weight_bits, cell_bits, adc_levels, adc_clip));
+  Plan pl = make_plan(make_params(x_codes, w_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
+                                  cell_bits, adc_levels, adc_clip));
   const int64_t M = pl.p.M, N = pl.p.N, Tr = pl.p.Tr();
   TORCH_CHECK(gy.dim() == 2 && gy.size(0) == M && gy.size(1) == N, "xbar_coef_grad: gy must be [M, N] = [", M, ", ",
               N, "], got ", gy.sizes());
   TORCH_CHECK(gy.is_floating_point(), "xbar_coef_grad: gy must be floating point, got ", gy.scalar_type());
   const at::Tensor g64 = gy.to(at::kDouble).contiguous();
-  if (pl.lossless) {
+  const Isa* amx_lossless = pl.lossless ? lossless_on_amx(pl) : nullptr;
+  if (pl.lossless && !amx_lossless) {
     // sum_m gy[m, n] sum_{k in r} x[m, k] w[k, n] = sum_{k in r} w[k, n] (X^T gy)[k, n]
     check_codes(x_codes, w_codes, pl);
     at::Tensor z = at::zeros({pl.p.K, N}, g64.options());
@@ -971,7 +1012,7 @@ at::Tensor xbar_coef_grad_cpu(const at::Tensor& x_codes, const at::Tensor& w_cod
     at::Tensor prod = at::constant_pad_nd(z.mul_(w_codes.to(at::kDouble)), {0, 0, 0, pad});
     return prod.view({Tr, pl.p.rows, N}).sum(1);
   }
-  const Isa& isa = choose_isa(pl);
+  const Isa& isa = amx_lossless ? *amx_lossless : choose_isa(pl);
   const int64_t L = isa.lanes;
   std::vector<WeightSet> sets{{weight_cache().get(w_codes, pl, isa), {}}};
   sets[0].active = active_blocks<float>(at::Tensor(), pl, L);
