@@ -457,7 +457,7 @@ inline void block_tile_sums_t(const Plan& pl, const uint32_t* xp32, int64_t x_st
     for (int mm = 0; mm < 16; ++mm)
       V::store(out + (m0 + mm) * 16, kFloat ? _mm512_cvtps_epi32(_mm512_castsi512_ps(t[mm])) : t[mm]);
   }
-  _tile_release();
+  // No _tile_release(): the next call loads the same configuration, and every AMX user loads its own.
 }
 
 inline void block_tile_sums(const Plan& pl, const uint32_t* xp, int64_t x_stride, int64_t nm, const uint32_t* wp,
