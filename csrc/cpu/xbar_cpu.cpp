@@ -1,18 +1,21 @@
-// CPU kernels of the crossbar GEMM (docs/SPEC.md section 3).
+// CPU kernels of the crossbar GEMM (docs/SPEC.md section 3; design notes in docs/CPU_KERNEL.md).
 //
-// Quantised path (an ADC that can lose information): inputs and weight polarities are split
-// into binary bit planes packed along K, 32 rows per word, per row tile.  The partial sum of
-// input chunk i and weight slice j for L output columns at once is
-//   P = sum_{a in chunk i, b in slice j} 2^(a - i*db + b - j*cb) * popcount(x_a & w_b),
-// exact; it goes through the ADC and is shifted and added in registers (xbar_cpu_block.h).
-// The inner loop is compiled for AVX-512 (VPOPCNTDQ, 16 columns), AVX2 (8 columns) and portable
-// scalar code (1 column, int64, exact ADC division: also the fallback for configs whose sums
-// do not fit the int32/float32 lanes); the best one this CPU runs is picked per call, or the one
-// named by the environment variable XMA2_CPU_ISA=scalar|avx2|avx512 (read on every call).
+// Quantised path (an ADC that can lose information), per block of 64 input rows, per row tile
+// and block of output columns, all (polarity, chunk, slice) partial sums, each through the ADC,
+// shifted and added in registers.  Partial sums come from
+//   - AMX int8 tile multiplies (chunk values x slice values; section "amx" below), or
+//   - bit planes packed along K, 32 rows per word (xbar_cpu_block.h):
+//       P = sum_{a in chunk i, b in slice j} 2^(a - i*db + b - j*cb) * popcount(x_a & w_b),
+//     compiled for AVX-512 (VPOPCNTDQ, 16 columns), AVX2 (8 columns) and portable scalar code
+//     (1 column, int64, exact ADC division: also the fallback for configs whose sums do not fit
+//     the int32/float32 lanes).
+// The fastest path this CPU runs is picked per call, or the one named by the environment
+// variable XMA2_CPU_ISA=scalar|avx2|avx512|amx (read on every call).
 //
 // Lossless path (adc_levels == 0, or adc_levels == adc_clip >= Pmax): every ADC code equals its
-// partial sum, so T_int of a row tile is sum_k x_int * w_int: one float GEMM per tile, exact
-// because every partial sum is an integer below 2^24 (float32) or 2^53 (float64).
+// partial sum, so T_int of a row tile is sum_k x_int * w_int: on AMX one chunk x one slice with
+// the identity as ADC, else one float GEMM per tile, exact because every partial sum is an
+// integer below 2^24 (float32) or 2^53 (float64).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
