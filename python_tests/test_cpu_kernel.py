@@ -86,6 +86,7 @@ CASES = [
     (96, 32, 4, False, 4, 3, 2, 5, None, (10, 200, 40)),     # one chunk, one slice
     (32, 8, 4, False, 2, 9, 8, 5, None, (7, 40, 9)),         # 8-bit cells (beyond int8 tiles)
     (70, 9, 8, True, 8, 8, 1, 9, 3000, (18, 150, 20)),       # 8-bit DAC, signed
+    (128, 32, 8, False, 1, 8, 2, 6, None, (301, 200, 40)),   # several row blocks (threads)
 ]
 
 
