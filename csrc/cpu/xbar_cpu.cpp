@@ -1,6 +1,6 @@
 // CPU kernels of the crossbar GEMM (docs/SPEC.md section 3; design notes in docs/CPU_KERNEL.md).
 //
-// Quantised path (an ADC that can lose information), per block of 64 input rows, per row tile
+// Quantised path (an ADC that can lose information), per block of 128 input rows, per row tile
 // and block of output columns, all (polarity, chunk, slice) partial sums, each through the ADC,
 // shifted and added in registers.  Partial sums come from
 //   - AMX int8 tile multiplies (chunk values x slice values; section "amx" below), or
@@ -47,7 +47,7 @@ namespace {
 
 constexpr int kMaxXBits = 16;  // input magnitude bits per polarity
 constexpr int kMaxWBits = 15;  // weight magnitude bits per polarity
-constexpr int64_t kRowBlock = 64;  // input rows per parallel work item (their planes stay in L1/L2)
+constexpr int64_t kRowBlock = 128;  // input rows per parallel work item (their planes stay in L1/L2)
 
 // The ADC of SPEC 3 in both forms: exact integers (scalar code) and code = min(trunc(P*a + b), levels)
 // in float32 (vector code), the latter used only where it was checked equal for every reachable P.
