@@ -13,7 +13,13 @@ def _extension():
 
     cxx = ["-O2", "-g0", "-std=c++17"]
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # CUDA kernels need a CUDA build of torch and nvcc, not a visible GPU (build machines often have none).
     forced = os.environ.get("XMA2_CUDA")
+    if forced not in (None, "", "0", "1"):
+        raise RuntimeError(f"XMA2_CUDA: expected 0 or 1, got {forced!r}")
+    if forced == "1" and (torch.version.cuda is None or cpp_extension.CUDA_HOME is None):
+        raise RuntimeError(f"XMA2_CUDA=1 needs a CUDA build of torch (torch.version.cuda={torch.version.cuda}) "
+                           f"and the CUDA toolkit (CUDA_HOME={cpp_extension.CUDA_HOME}; set CUDA_HOME)")
     with_cuda = forced == "1" or (forced != "0" and torch.version.cuda is not None
                                   and cpp_extension.CUDA_HOME is not None)
     if with_cuda:
