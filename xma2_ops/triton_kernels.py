@@ -17,7 +17,7 @@ partial sum) skip the slicing: T_int = sum_k x_int * w_int, computed from signed
 of the codes (one or two int8 dots for 8-bit codes).
 
 On CPU tensors the kernels run in Triton's interpreter when TRITON_INTERPRET=1 is set before
-this module is imported (slow; meant for tests).
+Triton is first imported, i.e. before ``import xma2_ops`` (slow; meant for tests).
 """
 from __future__ import annotations
 
