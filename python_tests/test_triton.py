@@ -16,7 +16,8 @@ pytest.importorskip("triton")
 
 import xma2_ops  # noqa: E402
 from xma2_ops import _ops, reference  # noqa: E402
-from xma2_ops.config import GemmParams, XbarConfig  # noqa: E402
+from xma2_ops.config import XbarConfig  # noqa: E402
+from xbar_cases import CONFIGS, make_codes, make_params, make_shape  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -33,72 +34,31 @@ def triton_be() -> _ops.Backend:
     return be
 
 
-# (rows, cols, weight_bits, cell_bits, input_bits, dac_bits, adc_bits, adc_clip, input_signed)
-CONFIGS = [
-    (24, 20, 6, 2, 4, 1, 4, None, False),      # lossy ADC, rows/cols not dividing K/N
-    (24, 20, 5, 1, 5, 2, 6, 50, True),         # clip below Pmax: saturation
-    (40, 30, 7, 2, 4, 1, 10, 2000, False),     # clip above Pmax, n < clip
-    (33, 16, 8, 4, 6, 2, 10, None, True),      # 10-bit ADC below Pmax levels
-    (12, 8, 4, 2, 3, 3, 2, None, True),        # dac_bits > input magnitude bits, 2-bit ADC
-    (17, 9, 8, 3, 8, 3, None, None, False),    # ideal ADC: lossless digit path
-    (64, 64, 8, 2, 8, 1, 8, None, True),       # 8-bit ADC with n = clip = Pmax: lossless
-    (20, 7, 16, 3, 16, 3, None, None, True),   # 16-bit codes, three base-128 digits
-    (150, 40, 9, 8, 9, 8, 9, 20000, True),     # rows > 128 (streamed K), 8-bit DAC and cells
-    (200, 50, 3, 4, 2, 2, 3, None, False),     # cell_bits > weight magnitude bits, streamed K
-    (5, 3, 6, 1, 5, 1, 3, 7, True),            # tiny crossbars, many partial sums
-    (31, 13, 8, 3, 7, 2, 5, 100, False),       # odd sizes everywhere
-]
-
-
-def _params(cfg_tuple) -> tuple[XbarConfig, GemmParams]:
-    rows, cols, wb, cb, ab, db, ba, clip, signed = cfg_tuple
-    cfg = XbarConfig(rows=rows, cols=cols, weight_bits=wb, cell_bits=cb, input_bits=ab, dac_bits=db,
-                     adc_bits=ba, adc_clip=clip, input_signed=signed)
-    return cfg, GemmParams.from_config(cfg, signed)
-
-
-def _codes(cfg: XbarConfig, signed: bool, m: int, k: int, n: int, g: torch.Generator):
-    qx, qw = cfg.input_qmax(signed), cfg.weight_qmax
-    x = torch.randint(-qx if signed else 0, qx + 1, (m, k), generator=g, dtype=torch.int32)
-    # Many codes at the extremes so that partial sums reach Pmax and the ADC saturates.
-    x = torch.where(torch.rand(m, k, generator=g) < 0.3, torch.full_like(x, qx), x)
-    w = torch.randint(-qw, qw + 1, (k, n), generator=g, dtype=torch.int32)
-    w = torch.where(torch.rand(k, n, generator=g) < 0.3, torch.full_like(w, qw), w)
-    return x, w
-
-
-def _shape(i: int, g: torch.Generator) -> tuple[int, int, int]:
-    m = int(torch.randint(1, 90, (), generator=g))
-    k = int(torch.randint(1, 120, (), generator=g)) if i % 3 else int(torch.randint(1, 12, (), generator=g))
-    n = int(torch.randint(1, 80, (), generator=g))
-    return m, k, n
-
-
 @pytest.mark.parametrize("case", range(len(CONFIGS)))
 def test_tile_sums_bit_exact(triton_be, case):
     g = torch.Generator().manual_seed(100 + case)
-    cfg, p = _params(CONFIGS[case])
-    m, k, n = _shape(case, g)
-    x, w = _codes(cfg, p.input_signed, m, k, n, g)
+    cfg, p = make_params(CONFIGS[case])
+    m, k, n = make_shape(case, g)
+    x, w = make_codes(cfg, p.input_signed, m, k, n, g)
     got = triton_be.tile_sums(x.to(DEVICE), w.to(DEVICE), p)
     assert got.dtype == torch.int64 and got.device.type == DEVICE
     assert torch.equal(got.cpu(), reference.tile_sums(x, w, p))
 
 
 @pytest.mark.parametrize("case", range(len(CONFIGS)))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_mvm_matches_reference(triton_be, case, dtype):
+def test_mvm_matches_reference(triton_be, case):
     g = torch.Generator().manual_seed(200 + case)
-    cfg, p = _params(CONFIGS[case])
-    m, k, n = _shape(case + 1, g)
-    x, wb = _codes(cfg, p.input_signed, m, k, n, g)
-    _, wt = _codes(cfg, p.input_signed, 1, k, n, g)
+    cfg, p = make_params(CONFIGS[case])
+    m, k, n = make_shape(case + 1, g)
+    x, wb = make_codes(cfg, p.input_signed, m, k, n, g)
+    _, wt = make_codes(cfg, p.input_signed, 1, k, n, g)
+    with_task = case % 2 == 0
+    dtype = (torch.float64, torch.float32)[case // 2 % 2]  # with/without task weights x both dtypes
     tr, tc = cfg.tiles(k, n)
     mask = torch.randint(0, 3, (tr, tc), generator=g).double() / 2  # 0, 1/2, 1 per PE
     m_col = reference.column_tiles(mask, n, cfg.cols)
     coef_b = ((1 - m_col) * torch.rand(tr, n, generator=g, dtype=torch.float64)).to(dtype)
     coef_t = (m_col * torch.rand(tr, n, generator=g, dtype=torch.float64)).to(dtype)
-    with_task = case % 2 == 0
     args = (x, wb, wt if with_task else None, coef_b, coef_t if with_task else None)
     want = _ops._reference_mvm(*args, p)
     got = triton_be.mvm(*(a.to(DEVICE) if a is not None else None for a in args), p)
@@ -110,7 +70,7 @@ def test_mvm_matches_reference(triton_be, case, dtype):
 @pytest.mark.parametrize("case", [0, 1, 6, 8])
 def test_conv2d_matches_reference_backend(triton_be, case):
     g = torch.Generator().manual_seed(300 + case)
-    cfg, _ = _params(CONFIGS[case])
+    cfg, _ = make_params(CONFIGS[case])
     cin, cout = 5, 23
     x = torch.randn(2, cin, 7, 6, generator=g, dtype=torch.float64)
     if not cfg.input_signed:
@@ -149,7 +109,7 @@ def test_linear_hard_masks(triton_be, mask_value):
 
 
 def test_empty_and_bad_inputs(triton_be):
-    _, p = _params(CONFIGS[0])
+    _, p = make_params(CONFIGS[0])
     x = torch.zeros(0, 30, dtype=torch.int32, device=DEVICE)
     w = torch.zeros(30, 5, dtype=torch.int32, device=DEVICE)
     assert triton_be.tile_sums(x, w, p).shape == (2, 0, 5)
