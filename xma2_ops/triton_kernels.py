@@ -40,9 +40,14 @@ DEVICES = ("cuda", "cpu") if _INTERPRET else ("cuda",)
 _MAX_X_BITS = 16  # input magnitude bits per polarity (as the C++ kernels)
 _MAX_W_BITS = 15  # weight magnitude bits per polarity
 _MAX_ROWS = 1 << 16  # keeps every int32 partial dot exact (module docstring)
+# Tile sizes picked from ptxas register/spill reports for sm_80 and sm_90 (Triton compiled ahead of
+# time, no GPU timings yet): a 64 x 64 output block with 8 warps keeps spills small while the row tile's
+# codes stay in registers up to 64 rows; longer row tiles stream K in steps of 32.
 _BLOCK_M = 64
 _BLOCK_N = 64
-_MAX_SINGLE_K = 128  # row tiles up to this size are loaded once per tile
+_NUM_WARPS = 8
+_MAX_SINGLE_K = 64
+_STREAM_K = 32
 
 
 # ------------------------------------------------------------------ device helpers
@@ -232,7 +237,7 @@ def _launch(x_codes: torch.Tensor, wb_codes: torch.Tensor, wt_codes: Optional[to
     n = wb_codes.shape[1]
     n_tiles = -(-k // p.rows)
     single_k = p.rows <= _MAX_SINGLE_K
-    block_k = max(32, triton.next_power_of_2(p.rows)) if single_k else 64
+    block_k = max(32, triton.next_power_of_2(p.rows)) if single_k else _STREAM_K
     levels = max(p.adc_levels, 1)  # unused when lossless (levels 0 is the ideal ADC)
     signed_digits = 7  # base-128 digits: |code| < 2^bits needs ceil(bits / 7) of them
     grid = (triton.cdiv(m, _BLOCK_M), triton.cdiv(n, _BLOCK_N))
@@ -245,7 +250,7 @@ def _launch(x_codes: torch.Tensor, wb_codes: torch.Tensor, wt_codes: Optional[to
         X_DIGITS=-(-p.x_bits // signed_digits), W_DIGITS=-(-(p.weight_bits - 1) // signed_digits),
         SINGLE_K=single_k, MVM=coef_b is not None, HAS_T=wt_codes is not None,
         BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=block_k,
-        num_warps=8,
+        num_warps=_NUM_WARPS,
     )
 
 
