@@ -11,7 +11,8 @@ def _extension():
     import torch
     from torch.utils import cpp_extension
 
-    cxx = ["-O2", "-g0", "-std=c++17"]
+    # No -std flag: torch's build adds the standard its headers need (C++20 from torch 2.14 on).
+    cxx = ["-O2", "-g0"]
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # CUDA kernels need a CUDA build of torch and nvcc, not a visible GPU (build machines often have none).
     forced = os.environ.get("XMA2_CUDA")
@@ -26,7 +27,7 @@ def _extension():
         sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
         return cpp_extension.CUDAExtension(
             "xma2_ops._C", sources, py_limited_api=False,
-            extra_compile_args={"cxx": cxx + ["-DXMA2_WITH_CUDA"], "nvcc": ["-O2", "-lineinfo", "-std=c++17"]})
+            extra_compile_args={"cxx": cxx + ["-DXMA2_WITH_CUDA"], "nvcc": ["-O2", "-lineinfo"]})
     return cpp_extension.CppExtension("xma2_ops._C", sources, extra_compile_args={"cxx": cxx})
 
 

@@ -117,10 +117,8 @@ def test_float32_linear_and_long_row_tiles(backend):
 
 @pytest.mark.skipif("cuda" not in _ops.available_backends(), reason="built without the CUDA kernels")
 def test_cuda_op_checks_and_layouts():
-    _, p = make_params(CONFIGS[3])
-    g = torch.Generator().manual_seed(900)
-    cfg, _ = make_params(CONFIGS[3])
-    x, w = make_codes(cfg, True, 40, 70, 30, g)
+    cfg, p = make_params(CONFIGS[3])
+    x, w = make_codes(cfg, p.input_signed, 40, 70, 30, torch.Generator().manual_seed(900))
     op = torch.ops.xma2_ops.xbar_tile_sums
     want = reference.tile_sums(x, w, p)
     # non-contiguous codes are made contiguous by the binding
