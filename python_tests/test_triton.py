@@ -1,7 +1,8 @@
 """The "triton" backend against the reference, bit for bit (docs/SPEC.md sections 2-4).
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, set
-here before xma2_ops.triton_kernels is first imported); with a GPU they run compiled on CUDA.
+before Triton is first imported: here, or by xma2_ops.triton_kernels with a CPU-only torch);
+with a GPU they run compiled on CUDA.
 """
 from __future__ import annotations
 
@@ -28,8 +29,7 @@ def triton_be() -> _ops.Backend:
     if be is None:
         pytest.skip("xma2_ops.triton_kernels did not load")
     if DEVICE not in be.devices:
-        # Triton reads TRITON_INTERPRET when it is first imported: a conftest that imports xma2_ops
-        # must set it first (os.environ.setdefault("TRITON_INTERPRET", "1") when CUDA is absent).
+        # A CUDA build of torch without a GPU, and xma2_ops imported before this module set the variable.
         pytest.skip("Triton was imported before TRITON_INTERPRET=1 was set: no interpreter for CPU tensors")
     return be
 

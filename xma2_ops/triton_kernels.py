@@ -16,15 +16,20 @@ Lossless configs (ideal ADC, or adc_levels >= adc_clip >= Pmax, where every ADC 
 partial sum) skip the slicing: T_int = sum_k x_int * w_int, computed from signed base-128 digits
 of the codes (one or two int8 dots for 8-bit codes).
 
-On CPU tensors the kernels run in Triton's interpreter when TRITON_INTERPRET=1 is set before
-Triton is first imported, i.e. before ``import xma2_ops`` (slow; meant for tests).
+On CPU tensors the kernels run in Triton's interpreter (slow; meant for tests).  Triton reads
+TRITON_INTERPRET=1 when it is first imported; with a CPU-only build of torch, where compiled
+Triton kernels cannot run at all, this module sets it by default (if Triton is not imported yet).
 """
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 import torch
+
+if torch.version.cuda is None and torch.version.hip is None and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:
     import triton
