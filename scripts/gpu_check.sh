@@ -29,7 +29,8 @@ EOF
 scripts/check_cuda_compile.sh
 
 echo "gpu_check: building (pip install --no-build-isolation .)"
-XMA2_CUDA=1 MAX_JOBS="${MAX_JOBS:-8}" timeout 180 "$PYTHON" -m pip install --no-build-isolation --no-deps -q .
+export XMA2_CUDA=1  # build the CUDA kernels, and test_cuda.py fails (not skips) without them
+MAX_JOBS="${MAX_JOBS:-8}" timeout 180 "$PYTHON" -m pip install --no-build-isolation --no-deps -q .
 
 # Run from outside the source tree so that the installed package (with _C) is the one tested.
 tests="$(pwd)/python_tests"
@@ -39,5 +40,9 @@ timeout 210 "$PYTHON" -m pytest -q -rs "$tests/test_cuda.py" "$tests/test_triton
 cd - >/dev/null
 
 echo "gpu_check: benchmark"
+if [[ ! -f benchmarks/bench_ops.py ]]; then
+  echo "gpu_check: benchmarks/bench_ops.py is missing" >&2
+  exit 1
+fi
 timeout 90 "$PYTHON" benchmarks/bench_ops.py --device cuda
 echo "gpu_check: OK"
