@@ -108,6 +108,16 @@ def test_linear_hard_masks(triton_be, mask_value):
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_strided_codes(triton_be):
+    """The kernel reads codes through their strides (no copies)."""
+    g = torch.Generator().manual_seed(500)
+    cfg, p = make_params(CONFIGS[0])
+    x, w = make_codes(cfg, p.input_signed, 50, 45, 33, g)
+    x_t = x.T.contiguous().to(DEVICE).T
+    w_t = w.T.contiguous().to(DEVICE).T
+    assert torch.equal(triton_be.tile_sums(x_t, w_t, p).cpu(), reference.tile_sums(x, w, p))
+
+
 def test_empty_and_bad_inputs(triton_be):
     _, p = make_params(CONFIGS[0])
     x = torch.zeros(0, 30, dtype=torch.int32, device=DEVICE)
