@@ -72,8 +72,8 @@ def _dot_b(a, b, B8: tl.constexpr):
 
 
 @triton.jit
-def _field_dot(a, b, A8: tl.constexpr, B8: tl.constexpr):
-    """Exact partial sum a @ b of non-negative fields (input chunk a, weight slice b)."""
+def _split_dot(a, b, A8: tl.constexpr, B8: tl.constexpr):
+    """Exact a @ b of non-negative fields of which 8-bit ones (A8, B8) are split into 4-bit halves."""
     if A8:
         return (_dot_b(a >> 4, b, B8) << 4) + _dot_b(a & 15, b, B8)
     else:
@@ -92,14 +92,8 @@ def _digit_dot(x, w, X_DIGITS: tl.constexpr, W_DIGITS: tl.constexpr):
             wd = w >> (7 * b)
             if b < W_DIGITS - 1:
                 wd = wd & 127
-            t += _dot_i8(xd, wd) << (7 * (a + b))
+            t += tl.dot(xd.to(tl.int8), wd.to(tl.int8), out_dtype=tl.int32).to(tl.int64) << (7 * (a + b))
     return t
-
-
-@triton.jit
-def _field(v, sign, index, WIDTH: tl.constexpr):
-    """Field `index` (WIDTH bits) of the polarity max(sign * v, 0) of signed codes v."""
-    return (tl.maximum(v * sign, 0) >> (index * WIDTH)) & ((1 << WIDTH) - 1)
 
 
 @triton.jit
@@ -129,19 +123,30 @@ def _row_tile_sum(x_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, k0, k_end, sxm, sxk,
         if SINGLE_K:  # the whole row tile stays in registers for every (polarity, chunk, slice)
             x, w = _load_codes(x_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, k0, k_end, sxm, sxk, swk, swn, BLOCK_K)
         for px in range(X_POLS):
-            sx = 1 - 2 * px
+            sx = 1 - 2 * px  # polarity p of the input: max(sx * x, 0)
             for q in range(2):
                 sw = 1 - 2 * q
                 for i in range(chunks):
+                    if SINGLE_K:
+                        xc = (tl.maximum(x * sx, 0) >> (i * DB)) & ((1 << DB) - 1)
                     for j in range(slices):
                         if SINGLE_K:
-                            p = _field_dot(_field(x, sx, i, DB), _field(w, sw, j, CB), DB == 8, CB == 8)
+                            wc = (tl.maximum(w * sw, 0) >> (j * CB)) & ((1 << CB) - 1)
+                            if DB == 8 or CB == 8:
+                                p = _split_dot(xc, wc, DB == 8, CB == 8)
+                            else:  # inline: each nested call costs much in the interpreter
+                                p = tl.dot(xc.to(tl.int8), wc.to(tl.int8), out_dtype=tl.int32).to(tl.int64)
                         else:  # large row tiles: stream K blocks per partial sum (codes re-read from cache)
                             p = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int64)
                             for kb in range(k0, k_end, BLOCK_K):
                                 xb, wb = _load_codes(x_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, kb, k_end,
                                                      sxm, sxk, swk, swn, BLOCK_K)
-                                p += _field_dot(_field(xb, sx, i, DB), _field(wb, sw, j, CB), DB == 8, CB == 8)
+                                xc = (tl.maximum(xb * sx, 0) >> (i * DB)) & ((1 << DB) - 1)
+                                wc = (tl.maximum(wb * sw, 0) >> (j * CB)) & ((1 << CB) - 1)
+                                if DB == 8 or CB == 8:
+                                    p += _split_dot(xc, wc, DB == 8, CB == 8)
+                                else:
+                                    p += tl.dot(xc.to(tl.int8), wc.to(tl.int8), out_dtype=tl.int32).to(tl.int64)
                         # ADC: clamp(floor((2 P n + clip) / (2 clip)), 0, n); P >= 0 so // is floor
                         code = tl.minimum((2 * p * adc_levels + adc_clip) // adc_den, adc_levels)
                         t += (sx * sw) * (code << (i * DB + j * CB))
