@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# Compile-check the torch-free CUDA kernels (csrc/cuda/xbar_kernel.cu) with plain `nvcc -c` for
-# sm_80 and sm_90.  Needs no GPU and no CUDA build of torch; exits 0 with a note when nvcc is absent.
+# Compile-check the GPU kernels for sm_80 and sm_90 without a GPU: the torch-free CUDA kernels
+# (csrc/cuda/xbar_kernel.cu) with plain `nvcc -c`, and the Triton kernel ahead of time when the
+# Python on PATH has torch and Triton.  Each check is skipped with a note when its tool is absent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+if "$PYTHON" -c "import torch, triton" 2>/dev/null; then
+  "$PYTHON" scripts/check_triton_compile.py
+else
+  echo "check_cuda_compile: no torch+Triton for $PYTHON, skipping the Triton compile check"
+fi
 
 NVCC="${NVCC:-$(command -v nvcc || true)}"
 if [[ -z "$NVCC" ]]; then
