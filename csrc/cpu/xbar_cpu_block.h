@@ -13,10 +13,13 @@
 // T_int[r, m, n] for `nm` rows m and L columns n of one row tile (SPEC section 3), into
 // out[mi * L + lane].  xp: the rows' bit planes of this tile, `x_stride` words apart, each
 // [pol][bit][word]; wp: the lane block's weight planes [pol][bit][word][lane].
-inline void block_tile_sums(const Plan& pl, const uint32_t* xp, int64_t x_stride, int64_t nm, const uint32_t* wp,
-                            int64_t* out) {
+// kW > 0: the words per plane (rows / 32, rounded up) known at compile time, so that the word
+// loop unrolls; 0: read from the plan.
+template <int kW>
+inline void block_tile_sums_w(const Plan& pl, const uint32_t* xp, int64_t x_stride, int64_t nm, const uint32_t* wp,
+                              int64_t* out) {
   constexpr int L = V::kLanes;
-  const int W = pl.words, db = pl.p.dac_bits, cb = pl.p.cell_bits;
+  const int W = kW > 0 ? kW : pl.words, db = pl.p.dac_bits, cb = pl.p.cell_bits;
   const int xb = pl.p.x_bits, wbits = pl.p.w_bits, I = pl.p.chunks(), S = pl.p.slices();
   for (int64_t mi = 0; mi < nm; ++mi) {
     const uint32_t* xm = xp + mi * x_stride;
@@ -38,6 +41,7 @@ inline void block_tile_sums(const Plan& pl, const uint32_t* xp, int64_t x_stride
               for (int b = b0; b < b1; ++b) {
                 const uint32_t* ww = wp + (int64_t)(qw * wbits + b) * W * L;
                 typename V::Cnt c = V::popcnt_and(xw[0], ww);
+#pragma GCC unroll 4
                 for (int w = 1; w < W; ++w) c = V::add(c, V::popcnt_and(xw[w], ww + w * L));
                 p = V::add_shifted(p, c, (a - a0) + (b - b0));
               }
@@ -48,6 +52,17 @@ inline void block_tile_sums(const Plan& pl, const uint32_t* xp, int64_t x_stride
       }
     }
     V::store(out + mi * L, t);
+  }
+}
+
+inline void block_tile_sums(const Plan& pl, const uint32_t* xp, int64_t x_stride, int64_t nm, const uint32_t* wp,
+                            int64_t* out) {
+  switch (pl.words) {  // rows <= 128 (one to four words) are the common crossbar sizes
+    case 1: return block_tile_sums_w<1>(pl, xp, x_stride, nm, wp, out);
+    case 2: return block_tile_sums_w<2>(pl, xp, x_stride, nm, wp, out);
+    case 3: return block_tile_sums_w<3>(pl, xp, x_stride, nm, wp, out);
+    case 4: return block_tile_sums_w<4>(pl, xp, x_stride, nm, wp, out);
+    default: return block_tile_sums_w<0>(pl, xp, x_stride, nm, wp, out);
   }
 }
 
