@@ -249,7 +249,11 @@ def builtin_tasks(args) -> Dict[str, tuple]:
     gens = {"animals": load_animals, "sk_digits": load_sk_digits,
             "letters": lambda: make_letters(per_class, args.seed + 1),
             "shapes": lambda: make_shapes(per_class, args.seed + 2)}
-    return {name: _split(*gen(), args.n_train, args.n_test, args.seed) for name, gen in gens.items()}
+    unknown = set(args.tasks or []) - set(gens)
+    if unknown:
+        raise SystemExit(f"--tasks: unknown built-in task(s) {sorted(unknown)}, expected some of {list(gens)}")
+    return {name: _split(*gen(), args.n_train, args.n_test, args.seed) for name, gen in gens.items()
+            if not args.tasks or name in args.tasks}
 
 
 # ------------------------------------------------------------------ ImageFolder data (real users)
@@ -469,9 +473,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default="xma2_out", help="output directory (table, plots, adapters, cached backbone)")
     p.add_argument("--quick", action="store_true", help="tiny subsets, 1 epoch (CI smoke run)")
     p.add_argument("--data-root", help="one ImageFolder-style folder per task instead of the built-in tasks")
+    p.add_argument("--tasks", nargs="+", help="subset of the built-in tasks (animals sk_digits letters shapes)")
     p.add_argument("--arch", default="small", help="small (default, 28x28 grey) or resnet50 (needs torchvision)")
     p.add_argument("--backbone-weights", help="backbone state dict (.safetensors or .pt); small: skips training")
-    p.add_argument("--width", type=int, default=12, help="small arch base width (channels: w, 2w, 4w)")
+    p.add_argument("--width", type=int, default=16, help="small arch base width (channels: w, 2w, 4w)")
     p.add_argument("--rows", type=int, default=32, help="crossbar rows per PE")
     p.add_argument("--cols", type=int, default=32, help="crossbar columns per PE")
     p.add_argument("--methods", nargs="+", default=list(mta.METHODS), choices=list(mta.METHODS))
@@ -481,7 +486,7 @@ def parse_args(argv=None):
                    help="methods also run with the backbone's BN shared (task_bn=False)")
     p.add_argument("--n-source", type=int, default=4000, help="MNIST training images for the backbone")
     p.add_argument("--n-train", type=int, default=1500, help="training images per task")
-    p.add_argument("--n-test", type=int, default=300, help="test images per task (quantised evaluation)")
+    p.add_argument("--n-test", type=int, default=1000, help="test images per task (quantised evaluation)")
     p.add_argument("--backbone-epochs", type=int, default=6)
     p.add_argument("--stage1-epochs", type=int, default=1)
     p.add_argument("--stage2-epochs", type=int, default=3)
@@ -497,8 +502,8 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        args.width, args.n_source, args.n_train, args.n_test = 8, 512, 256, 40
-        args.backbone_epochs, args.stage1_epochs, args.stage2_epochs = 1, 1, 1
+        args.width, args.n_source, args.n_train, args.n_test = 8, 1024, 256, 100
+        args.backbone_epochs, args.stage1_epochs, args.stage2_epochs = 3, 1, 1
         args.budgets = [0.10]
         args.shared_bn = ["xma2@10%"]
     return args
