@@ -33,6 +33,7 @@ import json
 import math
 import os
 import pickle
+import re
 import sys
 import time
 from pathlib import Path
@@ -411,19 +412,17 @@ def plot_accuracy(rows: List[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         rs = [r for r in rows if r["task"] == task and not r["method"].endswith("sharedBN")]
-        for fam, style in (("pe", "s--"), ("xma2", "o-")):
-            pts = sorted((r["pe_pct"], r["acc"]) for r in rs if r["method"].split("@")[0] == fam)
-            if pts:
-                ax.plot(*zip(*pts), style, label=fam)
-        for r in rs:
-            if "@" not in r["method"]:
-                ax.plot(r["pe_pct"], r["acc"], "x")
-                ax.annotate(r["method"], (r["pe_pct"], r["acc"]), fontsize=7)
+        families: Dict[str, list] = {}
+        for r in rs:  # "xma2@10%/snip" -> family "xma2/snip"
+            families.setdefault(re.sub(r"@\d+%", "", r["method"]), []).append((r["pe_pct"], r["acc"]))
+        for fam, pts in families.items():
+            pts.sort()
+            ax.plot(*zip(*pts), "o-" if len(pts) > 1 else "x", label=fam)
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xlabel("% PEs re-programmed")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(task)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -461,10 +460,15 @@ def method_list(args) -> List[mta.MethodSpec]:
             specs += [mta.MethodSpec(m, budget=b, selection=args.selection) for b in args.budgets]
         else:
             specs.append(mta.MethodSpec(m))
-    for label in args.shared_bn:  # the same methods with the backbone's BN (task_bn=False)
+    def parse(label: str, **kw) -> mta.MethodSpec:
         m, _, b = label.partition("@")
         budget = float(b.rstrip("%")) / 100 if b else 0.1
-        specs.append(mta.MethodSpec(m, budget=budget, selection=args.selection, task_bn=False))
+        return mta.MethodSpec(m, budget=budget, **kw)
+
+    if args.selection != "learned":
+        specs += [parse(label, selection="learned") for label in args.also_learned]
+    # the same methods with the backbone's BN (task_bn=False)
+    specs += [parse(label, selection=args.selection, task_bn=False) for label in args.shared_bn]
     return specs
 
 
@@ -481,7 +485,10 @@ def parse_args(argv=None):
     p.add_argument("--cols", type=int, default=32, help="crossbar columns per PE")
     p.add_argument("--methods", nargs="+", default=list(mta.METHODS), choices=list(mta.METHODS))
     p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.10, 0.20], help="tier-1 PE budgets")
-    p.add_argument("--selection", default="learned", choices=["learned", "sensitivity"])
+    p.add_argument("--selection", default="sensitivity", choices=["learned", "sensitivity"],
+                   help="tier-1 selection of the budget sweep (sensitivity = |dL/dW * W| per PE)")
+    p.add_argument("--also-learned", nargs="*", default=["xma2@10%"],
+                   help="tier-1 runs repeated with the learned selection (for comparison)")
     p.add_argument("--shared-bn", nargs="*", default=["classifier", "xbm", "xma", "xma2@10%", "finetune"],
                    help="methods also run with the backbone's BN shared (task_bn=False)")
     p.add_argument("--n-source", type=int, default=4000, help="MNIST training images for the backbone")
@@ -489,7 +496,7 @@ def parse_args(argv=None):
     p.add_argument("--n-test", type=int, default=1000, help="test images per task (quantised evaluation)")
     p.add_argument("--backbone-epochs", type=int, default=6)
     p.add_argument("--stage1-epochs", type=int, default=1)
-    p.add_argument("--stage2-epochs", type=int, default=3)
+    p.add_argument("--stage2-epochs", type=int, default=mta.Schedule.stage2_epochs)
     p.add_argument("--lr-weight", type=float, default=mta.Schedule.lr_weight)
     p.add_argument("--lr-head", type=float, default=mta.Schedule.lr_head)
     p.add_argument("--lr-mask", type=float, default=mta.Schedule.lr_mask)
@@ -539,11 +546,9 @@ def main(argv=None) -> List[dict]:
                          lr_weight=args.lr_weight, lr_head=args.lr_head, lr_mask=args.lr_mask,
                          lr_scale=args.lr_scale)
     rows: List[dict] = []
-    masks: Dict[str, Dict[str, np.ndarray]] = {}
-    checks: Dict[str, tuple] = {}
+    masks: Dict[str, Dict[str, Dict[str, np.ndarray]]] = {}
+    checks: Dict[tuple, tuple] = {}
     hashes: Dict[str, str] = {}
-    mask_spec = next((s for s in method_list(args) if s.method == "xma2" and s.task_bn and abs(s.budget - 0.1) < 1e-9),
-                     None)
     for task, (train, test) in tasks.items():
         ncls = int(max(train[1].max(), test[1].max())) + 1
         for spec in method_list(args):
@@ -557,34 +562,35 @@ def main(argv=None) -> List[dict]:
             if rank == 0:
                 mta.save_task(model, fname)
             hashes[f"{task}/{spec.label}"] = state_hash(model)
-            if spec == mask_spec:
-                masks[task] = {n: ad.pe_sel.cpu().numpy() for n, ad in mta.adapters(model)}
-                checks[task] = (fname, first)
+            if spec.method == "xma2" and spec.task_bn and abs(spec.budget - 0.1) < 1e-9:
+                masks.setdefault(spec.label, {})[task] = {n: ad.pe_sel.cpu().numpy() for n, ad in mta.adapters(model)}
+            checks[(task, spec.label)] = (fname, acc, first)
             rows.append({"task": task, "method": spec.label, "acc": round(acc, 2),
                          "pe_pct": round(100 * rep.pe_fraction, 2), "reprogrammed_pes": rep.total.reprogrammed_pes,
                          "pes": rep.total.pes, "cells_written": rep.total.cells_written,
                          "cells_changed": rep.total.cells_changed, "energy_uJ": rep.total.energy_j * 1e6,
                          "mask_bits": rep.total.mask_bits, "adapter_bits": rep.total.adapter_bits})
-            log(f"{task:>10} {spec.label:<22} acc {acc:6.2f}%  PEs {rep.total.reprogrammed_pes:>3}/{rep.total.pes}"
+            log(f"{task:>10} {spec.label:<26} acc {acc:6.2f}%  PEs {rep.total.reprogrammed_pes:>3}/{rep.total.pes}"
                 f"  cells {rep.total.cells_written:>8}  energy {rep.total.energy_j * 1e6:8.3f} uJ"
                 f"  mask {rep.total.mask_bits} bits")
 
-    # task switching on the same backbone: each adapter restores exactly its outputs
+    # one backbone, many adapters: reload every adapter into the same model and re-measure
     if is_dist():
         dist.barrier()
     switch_ok = True
-    for task, (fname, first) in checks.items():
+    for (task, label), (fname, acc, first) in checks.items():
         mta.load_task(model, fname)
-        with torch.no_grad():
-            again = model(tasks[task][1][0][rank * args.eval_batch:(rank + 1) * args.eval_batch])
-        switch_ok &= bool(torch.equal(again, first))
+        again, first_again = evaluate(model, tasks[task][1], args.eval_batch, False, "")
+        switch_ok &= again == acc and torch.equal(first_again, first)
     if checks:
-        log(f"task switching (reload {len(checks)} xma2@10% adapters, same backbone): outputs bit-identical: {switch_ok}")
-        if rank == 0:
-            seq = [checks[t][0] for t in checks]
+        log(f"task switching: {len(checks)} adapters reloaded into the same backbone, accuracy and outputs "
+            f"identical to when they were saved: {switch_ok}")
+        seq = [fname for (task, label), (fname, _, _) in checks.items() if label == f"xma2@10%/{_how(args)}"]
+        if seq:
             writes = mta.endurance(model, seq, cycles=1)
-            log("endurance over the task sequence " + " -> ".join(checks) +
-                f": max writes per PE {max(int(w.max()) for w in writes.values())}")
+            log(f"endurance, xma2@10% over the task sequence {' -> '.join(tasks)}: max writes per PE "
+                f"{max(int(w.max()) for w in writes.values())}, PEs written at least once "
+                f"{sum(int((w > 0).sum()) for w in writes.values())}/{n_pe}")
 
     summary = summarize(rows)
     wall = time.time() - t0
@@ -598,8 +604,9 @@ def main(argv=None) -> List[dict]:
                 "switch_bit_identical": switch_ok, "world_size": world}
         (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "average": summary}, indent=1))
         plot_accuracy(rows, out / "accuracy_vs_pes.png")
-        if masks:
-            plot_masks(masks, out / "pe_masks.png", f"xma2@10% ({args.selection}) PE masks over {len(masks)} tasks")
+        for i, (label, m) in enumerate(sorted(masks.items(), key=lambda kv: "learned" not in kv[0])):
+            name = "pe_masks.png" if i == 0 else f"pe_masks_{label.split('/')[-1]}.png"
+            plot_masks(m, out / name, f"{label}: PEs re-programmed, summed over {len(m)} tasks")
     if world > 1:
         (out / f"ddp_rank{rank}.json").write_text(json.dumps({"rows": rows, "hashes": hashes}, indent=1))
         dist.barrier()
@@ -608,6 +615,10 @@ def main(argv=None) -> List[dict]:
     if not switch_ok:
         raise SystemExit("task switching did not restore the saved outputs")
     return rows
+
+
+def _how(args) -> str:
+    return "learned" if args.selection == "learned" else "snip"
 
 
 def summarize(rows: List[dict]) -> List[dict]:
