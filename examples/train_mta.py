@@ -236,17 +236,19 @@ def make_shapes(n_per_class: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def _split(x: np.ndarray, y: np.ndarray, n_train: int, n_test: int, seed: int):
-    """Seeded shuffle, then disjoint train/test subsets (at most what the data set has)."""
+    """Seeded shuffle, then disjoint train/test subsets; a data set smaller than n_train + n_test
+    keeps at most a fifth of it for testing and trains on the rest."""
     idx = np.random.default_rng(seed).permutation(len(y))
-    n_test = min(n_test, len(y) // 5)
-    n_train = min(n_train, len(y) - n_test)
+    if len(y) < n_train + n_test:
+        n_test = min(n_test, len(y) // 5)
+        n_train = len(y) - n_test
     te, tr = idx[:n_test], idx[n_test:n_test + n_train]
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float()[:, None]  # noqa: E731
     return (t(x[tr]), torch.from_numpy(y[tr])), (t(x[te]), torch.from_numpy(y[te]))
 
 
 def builtin_tasks(args) -> Dict[str, tuple]:
-    per_class = max(20, (args.n_train + args.n_test) // 10 + 1)
+    per_class = max(20, -(-(args.n_train + args.n_test) // 10))
     gens = {"animals": load_animals, "sk_digits": load_sk_digits,
             "letters": lambda: make_letters(per_class, args.seed + 1),
             "shapes": lambda: make_shapes(per_class, args.seed + 2)}
