@@ -118,6 +118,7 @@ class Schedule:
     stage2_epochs: int = 6
     sensitivity_batches: int = 4
     calib_batches: int = 4
+    bn_batches: int = 16      # task BN statistics re-estimated with the final masks (0: keep running stats)
     optimizer: str = "adam"
     lr_weight: float = 3e-3   # task weights (finetune, pe, xma2)
     lr_head: float = 1e-2     # classifier head and BN
@@ -127,7 +128,7 @@ class Schedule:
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer: expected 'adam' or 'sgd', got {self.optimizer!r}")
-        for name in ("stage1_epochs", "stage2_epochs", "sensitivity_batches", "calib_batches"):
+        for name in ("stage1_epochs", "stage2_epochs", "sensitivity_batches", "calib_batches", "bn_batches"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
 
@@ -448,8 +449,35 @@ def fit(model: nn.Module, loader: Iterable, schedule: Schedule = Schedule(), *,
         _epochs(model, wrap(model), loader, groups, schedule.stage2_epochs, schedule, progress, desc, loss_fn)
         for p in model.parameters():
             p.requires_grad_(False)
+        if spec.task_bn and schedule.bn_batches > 0:
+            recalibrate_bn(model, calib_loader if calib_loader is not None else loader, schedule.bn_batches)
         _sync_distributed(model)
     calibrate(model, calib_loader if calib_loader is not None else loader, schedule.calib_batches)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 16) -> None:
+    """Re-estimate every BN's running statistics as a plain average over ``batches`` batches with
+    the final task state.  Why: discrete mask/level flips late in training change a channel's
+    distribution abruptly and the exponential running average (momentum 0.1) lags behind."""
+    bns = [m for _, m in bn_layers(model)]
+    saved = [m.momentum for m in bns]
+    was_training = model.training
+    try:
+        model.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+            m.train()
+        with use_config(model, weight_only):
+            for i, (x, _) in enumerate(loader):
+                if i >= batches:
+                    break
+                model(x)
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.train(was_training)
 
 
 @torch.no_grad()
