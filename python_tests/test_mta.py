@@ -263,6 +263,19 @@ def test_load_refuses_other_architecture_config_backbone_and_corruption(data, tm
     mta.load_task(make_model(), path)
 
 
+def test_recalibrate_bn_is_the_plain_average_of_batch_statistics(data):
+    model = make_model()
+    mta.prepare(model, mta.MethodSpec("xma"), 10)
+    batches = loader(data)[:2]
+    feats = []
+    model.c1.register_forward_hook(lambda m, i, o: feats.append(o.detach()))
+    model.eval()
+    mta.recalibrate_bn(model, batches, batches=2)
+    mean = torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0)
+    assert torch.allclose(model.b1.running_mean, mean, atol=1e-6)
+    assert model.b1.momentum == 0.1 and not model.training
+
+
 def test_spec_and_prepare_errors():
     with pytest.raises(ValueError, match="method"):
         mta.MethodSpec("lora")

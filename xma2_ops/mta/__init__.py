@@ -14,10 +14,11 @@ from .adapters import backbone_hash, load_task, read_task, save_task
 from .cost import CostReport, EnergyModel, LayerCost, backbone_state, deployed_state, endurance, report, task_state
 from .masks import ShiftLevels, binarize, budget_count, topk_masks
 from .methods import (METHODS, TIER1, LayerAdapter, MethodSpec, Schedule, TaskInfo, adapters, calibrate, fit,
-                      prepare, select_pes, set_train, task_info, use_config, weight_only, xbar_layers)
+                      prepare, recalibrate_bn, select_pes, set_train, task_info, use_config, weight_only,
+                      xbar_layers)
 
 __all__ = ["METHODS", "TIER1", "CostReport", "EnergyModel", "LayerAdapter", "LayerCost", "MethodSpec", "Schedule",
            "ShiftLevels", "TaskInfo", "adapters", "backbone_hash", "backbone_state", "binarize", "budget_count",
-           "calibrate", "deployed_state", "endurance", "fit", "load_task", "prepare", "read_task", "report",
+           "calibrate", "deployed_state", "endurance", "fit", "load_task", "prepare", "read_task", "recalibrate_bn", "report",
            "save_task", "select_pes", "set_train", "task_info", "task_state", "topk_masks", "use_config",
            "weight_only", "xbar_layers"]
