@@ -363,7 +363,7 @@ def _epochs(model, net, loader, groups, epochs: int, sched: Schedule, progress: 
             opt.step()
 
 
-def _sensitivity(model, net, loader, batches: int, loss_fn) -> List[torch.Tensor]:
+def _sensitivity(model, loader, batches: int, loss_fn) -> List[torch.Tensor]:
     """Per-PE sum of |dL/dW * W| (at the dense task weights) over ``batches`` batches."""
     ads = adapters(model)
     acc = [torch.zeros_like(ad.pe_sel) for _, ad in ads]
@@ -371,7 +371,7 @@ def _sensitivity(model, net, loader, batches: int, loss_fn) -> List[torch.Tensor
     for i, (x, y) in enumerate(loader):
         if i >= batches:
             break
-        grads = torch.autograd.grad(loss_fn(net(x), y), [ad.task_weight for _, ad in ads])
+        grads = torch.autograd.grad(loss_fn(model(x), y), [ad.task_weight for _, ad in ads])
         for a, (_, ad), g in zip(acc, ads, grads):
             a += pe_sum(to_kn((g * ad.task_weight).abs().detach()), ad.rows, ad.cols)
     return acc
@@ -435,7 +435,7 @@ def fit(model: nn.Module, loader: Iterable, schedule: Schedule = Schedule(), *,
                 for _, ad in ads:
                     ad.task_weight.requires_grad_(True)
                 # unwrapped: autograd.grad bypasses DDP's reducer; ranks are combined below
-                scores = _normalise(_sensitivity(model, model, loader, schedule.sensitivity_batches, loss_fn))
+                scores = _normalise(_sensitivity(model, loader, schedule.sensitivity_batches, loss_fn))
             if dist.is_available() and dist.is_initialized():
                 for s in scores:  # every rank must select the same PEs
                     dist.all_reduce(s)
@@ -458,8 +458,9 @@ def fit(model: nn.Module, loader: Iterable, schedule: Schedule = Schedule(), *,
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 16) -> None:
     """Re-estimate every BN's running statistics as a plain average over ``batches`` batches with
-    the final task state.  Why: discrete mask/level flips late in training change a channel's
-    distribution abruptly and the exponential running average (momentum 0.1) lags behind."""
+    the final task state and the layers' current config (``fit`` calls it under its training
+    config).  Why: discrete mask/level flips late in training change a channel's distribution
+    abruptly and the exponential running average (momentum 0.1) lags behind."""
     bns = [m for _, m in bn_layers(model)]
     saved = [m.momentum for m in bns]
     was_training = model.training
@@ -469,11 +470,10 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 16) -> Non
             m.reset_running_stats()
             m.momentum = None  # cumulative average
             m.train()
-        with use_config(model, weight_only):
-            for i, (x, _) in enumerate(loader):
-                if i >= batches:
-                    break
-                model(x)
+        for i, (x, _) in enumerate(loader):
+            if i >= batches:
+                break
+            model(x)
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom
