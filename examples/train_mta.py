@@ -466,13 +466,20 @@ def method_list(args) -> List[mta.MethodSpec]:
             specs += [mta.MethodSpec(m, budget=b, selection=args.selection) for b in args.budgets]
         else:
             specs.append(mta.MethodSpec(m))
+
     def parse(label: str, **kw) -> mta.MethodSpec:
         m, _, b = label.partition("@")
         budget = float(b.rstrip("%")) / 100 if b else 0.1
         return mta.MethodSpec(m, budget=budget, **kw)
 
-    if args.selection != "learned":
-        specs += [parse(label, selection="learned") for label in args.also_learned]
+    for label in args.also:
+        head, _, how = label.partition("/")
+        if how not in ("learned", "snip", "delta"):
+            raise SystemExit(f"--also: expected METHOD@BUDGET/{{learned,snip,delta}}, got {label!r}")
+        extra = parse(head, selection="learned") if how == "learned" else parse(head, selection="sensitivity",
+                                                                                    criterion=how)
+        if extra not in specs:
+            specs.append(extra)
     # the same methods with the backbone's BN (task_bn=False)
     specs += [parse(label, selection=args.selection, task_bn=False) for label in args.shared_bn]
     return specs
@@ -493,8 +500,8 @@ def parse_args(argv=None):
     p.add_argument("--budgets", type=float, nargs="+", help="tier-1 PE budgets (default 0.05 0.10 0.20; --quick 0.10)")
     p.add_argument("--selection", default="sensitivity", choices=["learned", "sensitivity"],
                    help="tier-1 selection of the budget sweep (sensitivity = |dL/dW * W| per PE)")
-    p.add_argument("--also-learned", nargs="*", default=["xma2@10%"],
-                   help="tier-1 runs repeated with the learned selection (for comparison)")
+    p.add_argument("--also", nargs="*", default=["xma2@10%/learned", "xma2@10%/delta"],
+                   help="extra tier-1 runs METHOD@BUDGET/{learned,snip,delta} (other selections, for comparison)")
     p.add_argument("--shared-bn", nargs="*",
                    help="methods also run with the backbone's BN shared (task_bn=False); default classifier xbm "
                         "xma xma2@10%% finetune (--quick: xma2@10%%)")

@@ -37,7 +37,7 @@ def test_quick_run(tmp_path):
     assert {row["task"] for row in rows} == tasks | {"AVERAGE"}
     methods = {row["method"] for row in rows}
     for m in ("finetune", "classifier", "piggyback", "xbm", "xma", "pe@10%/snip", "xma2@10%/snip",
-              "xma2@10%/learned", "xma2@10%/snip/sharedBN"):
+              "xma2@10%/learned", "xma2@10%/delta", "xma2@10%/snip/sharedBN"):
         assert m in methods
     for row in rows:
         assert 0.0 <= float(row["acc"]) <= 100.0
@@ -51,7 +51,7 @@ def test_quick_run(tmp_path):
     assert res["meta"]["switch_bit_identical"] is True
     for png in ("accuracy_vs_pes.png", "pe_masks.png"):
         assert (out / png).stat().st_size > 1000
-    assert len(list((out / "adapters").glob("*.safetensors"))) == 4 * 9
+    assert len(list((out / "adapters").glob("*.safetensors"))) == 4 * 10
     backbone = list(out.glob("backbone_*.safetensors"))
     assert len(backbone) == 1  # cached: a rerun reuses it
     mod = _example()
@@ -69,7 +69,7 @@ def test_ddp_two_cpu_ranks_agree(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(SCRIPT), "--quick", "--tasks", "sk_digits",
-           "--methods", "classifier", "xma2", "--shared-bn", "--also-learned", "--out", str(out), "--no-progress",
+           "--methods", "classifier", "xma2", "--shared-bn", "--also", "--out", str(out), "--no-progress",
            "--threads", "1"]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -97,7 +97,7 @@ def test_image_folder_tasks(tmp_path):
     out = tmp_path / "out"
     mod = _example()
     rows = mod.main(["--quick", "--data-root", str(root), "--methods", "classifier", "finetune", "xma2",
-                     "--shared-bn", "--also-learned", "--out", str(out), "--no-progress", "--threads", "1"])
+                     "--shared-bn", "--also", "--out", str(out), "--no-progress", "--threads", "1"])
     assert {r["task"] for r in rows} == {"stripes", "blobs"}
     assert len(rows) == 6
     by = {(r["task"], r["method"]): r for r in rows}
