@@ -11,4 +11,10 @@ TORCH_LIBRARY(xma2_ops, m) {
   m.def("xbar_mvm(Tensor x_codes, Tensor wb_codes, Tensor? wt_codes, Tensor coef_b, Tensor? coef_t, "
         "int rows, int cols, int input_bits, bool input_signed, int dac_bits, int weight_bits, int cell_bits, "
         "int adc_levels, int adc_clip) -> Tensor");
+  // G[r, n] = sum_m gy[m, n] * T_int[r, m, n] in float64 [Tr, N]: the exact gradient of xbar_mvm
+  // w.r.t. its coefficients, without materialising T_int.
+  m.def("xbar_coef_grad(Tensor x_codes, Tensor w_codes, Tensor gy, int rows, int cols, int input_bits, "
+        "bool input_signed, int dac_bits, int weight_bits, int cell_bits, int adc_levels, int adc_clip) -> Tensor");
+  // im2col of integer codes [B, C, H, W] -> [B*Ho*Wo, C*kh*kw] (PyTorch's (c, i, j) order), same dtype.
+  m.def("xbar_unfold_codes(Tensor x, int[2] kernel_size, int[2] dilation, int[2] padding, int[2] stride) -> Tensor");
 }

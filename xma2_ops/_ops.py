@@ -3,6 +3,11 @@ backend table.  Every backend implements the same crossbar-GEMM contract:
 
     tile_sums(x_codes [M,K] int32, w_codes [K,N] int32, params) -> int64 [Tr, M, N]
     mvm(x_codes, wb_codes, wt_codes|None, coef_b [Tr,N], coef_t|None, params) -> [M, N] (coef dtype)
+    coef_grad(x_codes, w_codes, gy [M,N], params) -> float64 [Tr, N],  G[r,n] = sum_m gy[m,n] T_int[r,m,n]
+
+A backend may also take x_codes in a smaller integer dtype (``small_codes``: uint8/int8/int16)
+and lower a conv without a float copy of the unfolded input (``unfold_codes``: im2col of the
+integer codes, same arguments as ``F.unfold`` plus the codes).
 
 ``params`` is :class:`config.GemmParams`; the conv lowering, checks and autograd live in functional.py.
 """
@@ -42,6 +47,22 @@ if _HAS_C:
         torch._check(x_codes.shape[1] == wb_codes.shape[0])
         return coef_b.new_empty((x_codes.shape[0], wb_codes.shape[1]))
 
+    @torch.library.register_fake("xma2_ops::xbar_coef_grad")
+    def _coef_grad_fake(x_codes, w_codes, gy, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
+                        cell_bits, adc_levels, adc_clip):
+        torch._check(x_codes.dim() == 2 and w_codes.dim() == 2)
+        torch._check(x_codes.shape[1] == w_codes.shape[0])
+        tr = (x_codes.shape[1] + rows - 1) // rows
+        return gy.new_empty((tr, w_codes.shape[1]), dtype=torch.float64)
+
+    @torch.library.register_fake("xma2_ops::xbar_unfold_codes")
+    def _unfold_codes_fake(x, kernel_size, dilation, padding, stride):
+        torch._check(x.dim() == 4)
+        b, c, h, w = x.shape
+        ho, wo = ((size + 2 * p - d * (k - 1) - 1) // s + 1
+                  for size, k, d, p, s in zip((h, w), kernel_size, dilation, padding, stride))
+        return x.new_empty((b * ho * wo, c * kernel_size[0] * kernel_size[1]))
+
 
 # ------------------------------------------------------------------ backends
 @dataclass(frozen=True)
@@ -50,6 +71,15 @@ class Backend:
     tile_sums: Callable[..., torch.Tensor]
     mvm: Callable[..., torch.Tensor]
     devices: tuple  # device types it runs on
+    coef_grad: Optional[Callable[..., torch.Tensor]] = None  # None: from tile_sums, in row blocks
+    small_codes: bool = False  # takes uint8/int8/int16 x_codes as well as int32
+    unfold_codes: Optional[Callable[..., torch.Tensor]] = None  # im2col of integer codes; None: F.unfold
+
+    def coef_gradient(self, x_codes, w_codes, gy, p: GemmParams) -> torch.Tensor:
+        """G[r, n] = sum_m gy[m, n] T_int[r, m, n] in float64."""
+        if self.coef_grad is not None:
+            return self.coef_grad(x_codes, w_codes, gy, p)
+        return _coef_grad_from_tile_sums(self.tile_sums, x_codes, w_codes, gy, p)
 
 
 def _reference_tile_sums(x_codes, w_codes, p: GemmParams) -> torch.Tensor:
@@ -63,6 +93,21 @@ def _reference_mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, p: GemmParams) -
     return y.to(coef_b.dtype).to(x_codes.device)
 
 
+# The [Tr, M, N] int64 tile sums of the generic coefficient gradient are made in row blocks of this size.
+_GRAD_BLOCK_ELEMS = 1 << 24
+
+
+def _coef_grad_from_tile_sums(tile_sums, x_codes, w_codes, gy, p: GemmParams) -> torch.Tensor:
+    m_total, n_total = gy.shape
+    tr = -(-x_codes.shape[1] // p.rows)
+    block = max(1, _GRAD_BLOCK_ELEMS // max(1, tr * n_total))
+    g = torch.zeros(tr, n_total, dtype=torch.float64, device=gy.device)
+    for m0 in range(0, m_total, block):
+        t = tile_sums(x_codes[m0:m0 + block], w_codes, p)
+        g += torch.einsum("rmn,mn->rn", t.double(), gy[m0:m0 + block].double())
+    return g
+
+
 def _torch_op_backend(name: str, devices: tuple) -> Backend:
     def tile_sums(x_codes, w_codes, p: GemmParams):
         return torch.ops.xma2_ops.xbar_tile_sums(x_codes, w_codes, *p.as_args())
@@ -70,7 +115,15 @@ def _torch_op_backend(name: str, devices: tuple) -> Backend:
     def mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, p: GemmParams):
         return torch.ops.xma2_ops.xbar_mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, *p.as_args())
 
-    return Backend(name, tile_sums, mvm, devices)
+    key = "CUDA" if "cuda" in devices else "CPU"
+    coef_grad = unfold_codes = None
+    if torch._C._dispatch_has_kernel_for_dispatch_key("xma2_ops::xbar_coef_grad", key):
+        def coef_grad(x_codes, w_codes, gy, p: GemmParams):
+            return torch.ops.xma2_ops.xbar_coef_grad(x_codes, w_codes, gy, *p.as_args())
+    if torch._C._dispatch_has_kernel_for_dispatch_key("xma2_ops::xbar_unfold_codes", key):
+        def unfold_codes(x_codes, kernel_size, dilation, padding, stride):
+            return torch.ops.xma2_ops.xbar_unfold_codes(x_codes, kernel_size, dilation, padding, stride)
+    return Backend(name, tile_sums, mvm, devices, coef_grad, small_codes=(key == "CPU"), unfold_codes=unfold_codes)
 
 
 _BACKENDS: Dict[str, Backend] = {"reference": Backend("reference", _reference_tile_sums, _reference_mvm, ("cpu", "cuda"))}

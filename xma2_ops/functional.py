@@ -7,6 +7,7 @@ Data path: check -> quantise (reference.py rules) -> lower to x_codes [M, K], w_
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
@@ -19,8 +20,6 @@ from .config import GemmParams, XbarConfig
 
 ScaleArg = Union[None, float, torch.Tensor]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# The [Tr, M, N] int64 tile sums needed for exact mask/scale gradients are made in row blocks of this size.
-_GRAD_BLOCK_ELEMS = 1 << 24
 
 
 # ------------------------------------------------------------------ lowering of a layer to the GEMM
@@ -45,6 +44,12 @@ class _ConvLowering:
         cols = F.unfold(t, self.w_shape[2:], dilation=self.dilation, padding=self.padding, stride=self.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
+    def unfold_codes(self, codes: torch.Tensor, backend) -> torch.Tensor:
+        """Integer codes [B, Cin, H, W] -> [M, K], without a float copy when the backend can."""
+        if backend.unfold_codes is None:
+            return self.unfold(codes.to(torch.float32)).to(codes.dtype)  # codes of <= 16 bits: exact
+        return backend.unfold_codes(codes, self.w_shape[2:], self.dilation, self.padding, self.stride)
+
     def fold_output(self, y: torch.Tensor) -> torch.Tensor:
         ho, wo = self.out_hw
         return y.reshape(self.x_shape[0], ho, wo, self.w_shape[0]).permute(0, 3, 1, 2).contiguous()
@@ -67,6 +72,9 @@ class _LinearLowering:
 
     def unfold(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, self.x_shape[-1])
+
+    def unfold_codes(self, codes: torch.Tensor, backend) -> torch.Tensor:
+        return self.unfold(codes)
 
     def fold_output(self, y: torch.Tensor) -> torch.Tensor:
         return y.reshape(*self.x_shape[:-1], self.w_shape[0])
@@ -116,19 +124,22 @@ class _QuantizedXbar(torch.autograd.Function):
                 adc_step: float, backend):
         cd = _compute_dtype(x)
         x_int = ref.quantize_input(x.to(cd), s_x.to(cd), params.input_bits, params.input_signed)
-        x_codes = lowering.unfold(x_int).to(torch.int32)
+        x_codes = lowering.unfold_codes(x_int.to(_code_dtype(params, backend)), backend)
         wb_codes = _weight_codes(w_b, s_w, params.weight_bits, cd)
         use_task = w_t is not None and bool((pe_mask != 0).any())
         wt_codes = _weight_codes(w_t, s_t, params.weight_bits, cd) if use_task else None
         coef_b, coef_t = _coefficients(pe_mask, col_scale, s_x, s_w, s_t, params.cols, adc_step, cd, use_task)
         y = backend.mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, params)
-        ctx.save_for_backward(x, w_b, w_t, pe_mask, col_scale, s_x, s_w, s_t)
+        # The codes are kept for the exact mask/scale gradients (they are small: one byte per entry
+        # for inputs of up to 8 bits on the CPU backend).
+        keep = x_codes if ctx.needs_input_grad[3] or ctx.needs_input_grad[4] else None
+        ctx.save_for_backward(x, w_b, w_t, pe_mask, col_scale, s_x, s_w, s_t, keep)
         ctx.meta = (lowering, params, adc_step, backend, use_task)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, gy):
-        x, w_b, w_t, pe_mask, col_scale, s_x, s_w, s_t = ctx.saved_tensors
+        x, w_b, w_t, pe_mask, col_scale, s_x, s_w, s_t, x_codes = ctx.saved_tensors
         lowering, params, adc_step, backend, use_task = ctx.meta
         need = ctx.needs_input_grad
         cd = _compute_dtype(x)
@@ -137,9 +148,8 @@ class _QuantizedXbar(torch.autograd.Function):
         x_int = ref.quantize_input(x.to(cd), s_x.to(cd), params.input_bits, params.input_signed)
         if need[3] or need[4]:
             # Exact: y is linear in the coefficients, dy/dcoef[r, n] = T_int[r, :, n].
-            x_codes = lowering.unfold(x_int).to(torch.int32)
-            g_b = _coef_grad(backend, x_codes, _weight_codes(w_b, s_w, params.weight_bits, cd), gy, params)
-            g_t = (_coef_grad(backend, x_codes, _weight_codes(w_t, s_t, params.weight_bits, cd), gy, params)
+            g_b = backend.coef_gradient(x_codes, _weight_codes(w_b, s_w, params.weight_bits, cd), gy, params)
+            g_t = (backend.coef_gradient(x_codes, _weight_codes(w_t, s_t, params.weight_bits, cd), gy, params)
                    if w_t is not None else None)
             with torch.enable_grad():
                 m_ = pe_mask.detach().requires_grad_()
@@ -171,9 +181,34 @@ class _QuantizedXbar(torch.autograd.Function):
 
 
 def _weight_codes(w: torch.Tensor, s: torch.Tensor, weight_bits: int, cd) -> torch.Tensor:
-    """[K, N] int32 codes of a weight [N, ...] with a scalar or per-column scale."""
+    """[K, N] int32 codes of a weight [N, ...] with a scalar or per-column scale (cached, see below)."""
+    key = _weight_key(w, s, weight_bits, cd)
+    hit = _WEIGHT_CODES.get(id(w)) if key is not None else None
+    if hit is not None and hit[0]() is w and hit[1] == key:
+        return hit[2]
     w2 = w.detach().reshape(w.shape[0], -1).to(cd)
-    return ref.quantize_weight(w2, s.to(cd).reshape(-1, 1), weight_bits).T.contiguous().to(torch.int32)
+    codes = ref.quantize_weight(w2, s.to(cd).reshape(-1, 1), weight_bits).T.contiguous().to(torch.int32)
+    if key is not None:
+        if len(_WEIGHT_CODES) >= _WEIGHT_CODES_SIZE:
+            _WEIGHT_CODES.pop(next(iter(_WEIGHT_CODES)))
+        _WEIGHT_CODES[id(w)] = (weakref.ref(w), key, codes)
+    return codes
+
+
+# Weight codes are re-made only when the weight changes: a CPU weight's codes are kept per tensor
+# object (checked through a weak reference, so a new tensor at a recycled id never matches),
+# keyed by its version counter (bumped by every in-place write, optimizer steps included), its
+# storage, layout and the scale's values.  The CPU kernel caches its packed bit planes per codes
+# tensor the same way, so an unchanged weight is neither quantised nor packed again.
+_WEIGHT_CODES: dict = {}
+_WEIGHT_CODES_SIZE = 64
+
+
+def _weight_key(w: torch.Tensor, s: torch.Tensor, weight_bits: int, cd):
+    if w.device.type != "cpu" or w.is_inference():
+        return None
+    return (w._version, w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, s.detach().cpu().numpy().tobytes(),
+            tuple(s.shape), weight_bits, cd)
 
 
 def _dequantized(w: torch.Tensor, s: torch.Tensor, weight_bits: int, cd) -> torch.Tensor:
@@ -187,16 +222,13 @@ def _mask_in_weight_layout(m: torch.Tensor, w_shape, rows: int, cols: int) -> to
     return ref.expand_tiles(m, k, n, rows, cols).T.reshape(w_shape)
 
 
-def _coef_grad(backend, x_codes, w_codes, gy, params: GemmParams) -> torch.Tensor:
-    """G[r, n] = sum_m gy[m, n] T_int[r, m, n] in float64, in row blocks to bound memory."""
-    m_total, n_total = gy.shape
-    tr = -(-x_codes.shape[1] // params.rows)
-    block = max(1, _GRAD_BLOCK_ELEMS // max(1, tr * n_total))
-    g = torch.zeros(tr, n_total, dtype=torch.float64, device=gy.device)
-    for m0 in range(0, m_total, block):
-        t = backend.tile_sums(x_codes[m0:m0 + block], w_codes, params)
-        g += torch.einsum("rmn,mn->rn", t.double(), gy[m0:m0 + block].double())
-    return g
+def _code_dtype(params: GemmParams, backend) -> torch.dtype:
+    """The smallest integer dtype of the input codes that the backend takes (int32 by default)."""
+    if not backend.small_codes:
+        return torch.int32
+    if params.input_bits <= 8:
+        return torch.int8 if params.input_signed else torch.uint8
+    return torch.int16 if params.input_bits <= 15 or params.input_signed else torch.int32
 
 
 # ------------------------------------------------------------------ argument checks (SPEC 6)

@@ -1,0 +1,78 @@
+// The inner loop of the CPU crossbar kernel, written once and compiled once per instruction
+// set: xbar_cpu.cpp includes this file inside a namespace that defines the vector type `V`
+// (scalar, AVX2 or AVX-512) under the matching `#pragma GCC target`.  No include guard on
+// purpose.
+//
+// V provides, for L = V::kLanes output columns at a time:
+//   Cnt  (partial sums P)  zero(), popcnt_and(x_word, lane_words) = popcount(x & w) per lane,
+//                          add(Cnt, Cnt), add_shifted(Cnt, Cnt c, s) = P + (c << s)
+//   Acc  (tile sums T)     zero_acc(), add_code(T, P, adc, s, negative) = T +- (ADC code of P << s),
+//                          store(int64_t*, T)
+//   planes32(mags, nbits, dst, stride): bit planes of 32 uint16 magnitudes, dst[a*stride] = plane a.
+
+// T_int[r, m, n] for `nm` rows m and L columns n of one row tile (SPEC section 3), into
+// out[mi * L + lane].  xp: the rows' bit planes of this tile, `x_stride` words apart, each
+// [pol][bit][word]; wp: the lane block's weight planes [pol][bit][word][lane].
+// kW > 0: the words per plane (rows / 32, rounded up) known at compile time, so that the word
+// loop unrolls; 0: read from the plan.
+template <int kW>
+inline void block_tile_sums_w(const Plan& pl, const uint32_t* xp, int64_t x_stride, int64_t nm, const uint32_t* wp,
+                              int64_t* out) {
+  constexpr int L = V::kLanes;
+  const int W = kW > 0 ? kW : pl.words, db = pl.p.dac_bits, cb = pl.p.cell_bits;
+  const int xb = pl.p.x_bits, wbits = pl.p.w_bits, I = pl.p.chunks(), S = pl.p.slices();
+  for (int64_t mi = 0; mi < nm; ++mi) {
+    const uint32_t* xm = xp + mi * x_stride;
+    typename V::Acc t = V::zero_acc();
+    for (int px = 0; px < pl.p.x_pols; ++px) {
+      for (int i = 0; i < I; ++i) {
+        const int a0 = i * db, a1 = std::min(a0 + db, xb);
+        const uint32_t* xa = xm + (px * xb + a0) * W;
+        // An all-zero input chunk gives P = 0, and ADC code 0, in every column: nothing to add.
+        uint32_t any = 0;
+        for (int w = 0; w < (a1 - a0) * W; ++w) any |= xa[w];
+        if (any == 0) continue;
+        for (int qw = 0; qw < 2; ++qw) {
+          for (int j = 0; j < S; ++j) {
+            const int b0 = j * cb, b1 = std::min(b0 + cb, wbits);
+            typename V::Cnt p = V::zero();
+            for (int a = a0; a < a1; ++a) {
+              const uint32_t* xw = xm + (px * xb + a) * W;
+              for (int b = b0; b < b1; ++b) {
+                const uint32_t* ww = wp + (int64_t)(qw * wbits + b) * W * L;
+                typename V::Cnt c = V::popcnt_and(xw[0], ww);
+#pragma GCC unroll 4
+                for (int w = 1; w < W; ++w) c = V::add(c, V::popcnt_and(xw[w], ww + w * L));
+                p = V::add_shifted(p, c, (a - a0) + (b - b0));
+              }
+            }
+            t = V::add_code(t, p, pl.adc, i * db + j * cb, px != qw);
+          }
+        }
+      }
+    }
+    V::store(out + mi * L, t);
+  }
+}
+
+inline void block_tile_sums(const Plan& pl, const uint32_t* xp, int64_t x_stride, int64_t nm, const uint32_t* wp,
+                            int64_t* out) {
+  switch (pl.words) {  // rows <= 128 (one to four words) are the common crossbar sizes
+    case 1: return block_tile_sums_w<1>(pl, xp, x_stride, nm, wp, out);
+    case 2: return block_tile_sums_w<2>(pl, xp, x_stride, nm, wp, out);
+    case 3: return block_tile_sums_w<3>(pl, xp, x_stride, nm, wp, out);
+    case 4: return block_tile_sums_w<4>(pl, xp, x_stride, nm, wp, out);
+    default: return block_tile_sums_w<0>(pl, xp, x_stride, nm, wp, out);
+  }
+}
+
+// Bit planes of one input row: mags [pol][tile][words*32] uint16 magnitudes (zero padded per
+// tile) -> dst [tile][pol][bit][word].
+inline void row_planes(const Plan& pl, const uint16_t* mags, uint32_t* dst) {
+  const int W = pl.words, xb = pl.p.x_bits, pols = pl.p.x_pols;
+  const int64_t Tr = pl.p.Tr();
+  for (int px = 0; px < pols; ++px)
+    for (int64_t r = 0; r < Tr; ++r)
+      for (int w = 0; w < W; ++w)
+        V::planes32(mags + ((px * Tr + r) * W + w) * 32, xb, dst + ((r * pols + px) * xb) * W + w, W);
+}

@@ -1,0 +1,248 @@
+"""The C++ CPU kernel against the readable reference, on every instruction-set path this machine
+runs (XMA2_CPU_ISA forces one): bit-exact tile sums, float64 mvm and coefficient gradients,
+odd sizes, every bit width, saturated / ideal / lossless ADCs, and the layer-level API."""
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xma2_ops
+from xma2_ops import XbarConfig, reference as ref
+from xma2_ops._ops import available_backends, get_backend
+from xma2_ops.config import GemmParams
+
+pytestmark = pytest.mark.skipif("cpu" not in available_backends(), reason="C++ extension not built")
+
+_LOSSY = GemmParams(rows=16, cols=8, input_bits=4, input_signed=False, dac_bits=1, weight_bits=4, cell_bits=1,
+                    adc_levels=3, adc_clip=16)
+
+
+def _runs(isa: str) -> bool:
+    old = os.environ.get("XMA2_CPU_ISA")
+    os.environ["XMA2_CPU_ISA"] = isa
+    try:
+        torch.ops.xma2_ops.xbar_tile_sums(torch.ones(2, 20, dtype=torch.int32), torch.ones(20, 3, dtype=torch.int32),
+                                          *_LOSSY.as_args())
+        return True
+    except RuntimeError as e:
+        assert "cannot run" in str(e)
+        return False
+    finally:
+        if old is None:
+            del os.environ["XMA2_CPU_ISA"]
+        else:
+            os.environ["XMA2_CPU_ISA"] = old
+
+
+ISAS = [isa for isa in ("scalar", "avx2", "avx512") if "cpu" in available_backends() and _runs(isa)]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("XMA2_CPU_ISA", request.param)
+    return request.param
+
+
+def _params(rows, cols, ib, signed, db, wb, cb, adc_bits, clip=None) -> GemmParams:
+    cfg = XbarConfig(rows=rows, cols=cols, weight_bits=wb, cell_bits=cb, input_bits=ib, dac_bits=db,
+                     adc_bits=adc_bits, adc_clip=clip, input_signed=signed)
+    return GemmParams.from_config(cfg, signed)
+
+
+def _codes(gen, m, k, n, p: GemmParams, dtype=torch.int32, density=0.7):
+    qx = 2 ** p.x_bits - 1
+    qw = 2 ** (p.weight_bits - 1) - 1
+    x = torch.randint(-qx if p.input_signed else 0, qx + 1, (m, k), generator=gen)
+    x = x * (torch.rand(m, k, generator=gen) < density)  # zeros, as after a ReLU
+    w = torch.randint(-qw, qw + 1, (k, n), generator=gen, dtype=torch.int32)
+    return x.to(dtype), w
+
+
+def _check_gemm(x, w, p: GemmParams, gen):
+    t = torch.ops.xma2_ops.xbar_tile_sums(x, w, *p.as_args())
+    t_ref = ref.tile_sums(x, w, p)
+    assert t.dtype == torch.int64 and torch.equal(t, t_ref)
+    tr, n = t_ref.shape[0], w.shape[1]
+    coef = torch.randn(tr, n, generator=gen, dtype=torch.float64)
+    coef[0, : min(n, p.cols)] = 0  # a skipped PE
+    y = torch.ops.xma2_ops.xbar_mvm(x, w, None, coef, None, *p.as_args())
+    torch.testing.assert_close(y, (coef.unsqueeze(1) * t_ref.double()).sum(0), rtol=1e-12, atol=1e-9)
+    gy = torch.randn(x.shape[0], n, generator=gen, dtype=torch.float64)
+    g = torch.ops.xma2_ops.xbar_coef_grad(x, w, gy, *p.as_args())
+    torch.testing.assert_close(g, torch.einsum("rmn,mn->rn", t_ref.double(), gy), rtol=1e-12, atol=1e-9)
+
+
+# rows, cols, input_bits, signed, dac_bits, weight_bits, cell_bits, adc_bits, adc_clip, (M, K, N)
+CASES = [
+    (128, 128, 8, False, 1, 8, 2, 8, None, (37, 300, 45)),   # the default config, odd K and N
+    (33, 7, 6, True, 2, 5, 3, 4, 40, (29, 100, 19)),         # saturated ADC (clip < Pmax), signed
+    (1, 3, 3, False, 3, 3, 4, 2, None, (11, 9, 5)),          # single-row tiles
+    (100, 16, 5, True, 4, 6, 1, 10, 77, (13, 70, 70)),       # rows > K, dac_bits 4
+    (64, 64, 7, False, 2, 7, 3, 1, None, (9, 129, 65)),      # 1-bit ADC
+    (17, 5, 2, True, 1, 2, 1, 3, 5, (21, 40, 11)),           # smallest signed input, 1-bit weights
+    (40, 24, 8, True, 1, 8, 4, 6, 900, (15, 95, 33)),        # clip > Pmax: coarse but never saturating
+    (96, 32, 4, False, 4, 3, 2, 5, None, (10, 200, 40)),     # one chunk, one slice
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_gemm_matches_reference(isa, case):
+    *cfg, (m, k, n) = case
+    p = _params(*cfg)
+    gen = torch.Generator().manual_seed(hash(case) % 2 ** 31)
+    x, w = _codes(gen, m, k, n, p)
+    _check_gemm(x, w, p, gen)
+
+
+def test_random_configs(isa):
+    """Every cell_bits 1-4, dac_bits 1-4, adc_bits 1-10, random sizes and clips."""
+    rnd = random.Random(1234)
+    gen = torch.Generator().manual_seed(1234)
+    for trial in range(24):
+        signed = trial % 2 == 1
+        ib = rnd.randint(2 if signed else 1, 8)
+        p = _params(rnd.choice([1, 5, 31, 32, 33, 64, 70]), rnd.randint(1, 20), ib, signed, trial % 4 + 1,
+                    rnd.randint(2, 8), (trial // 4) % 4 + 1, trial % 10 + 1,
+                    rnd.choice([None, rnd.randint(1, 200)]))
+        x, w = _codes(gen, rnd.randint(1, 20), rnd.randint(1, 150), rnd.randint(1, 40), p)
+        _check_gemm(x, w, p, gen)
+
+
+@pytest.mark.parametrize("adc_bits,clip", [(None, None), (12, None), (10, 384)])
+def test_lossless_configs(isa, adc_bits, clip):
+    """Ideal ADC, and ADCs with a level per partial sum: the kernel sums x*w exactly."""
+    p = _params(128, 32, 8, False, 1, 8, 2, adc_bits, clip)
+    assert p.adc_levels == 0 or p.adc_levels == p.adc_clip >= 128 * 3
+    gen = torch.Generator().manual_seed(7)
+    x, w = _codes(gen, 23, 300, 37, p)
+    _check_gemm(x, w, p, gen)
+    ps = _params(50, 9, 6, True, 2, 5, 3, None)
+    xs, ws = _codes(gen, 17, 120, 21, ps)
+    _check_gemm(xs, ws, ps, gen)
+
+
+def test_all_zero_inputs(isa):
+    p = _params(128, 16, 8, False, 1, 8, 2, 4, 100)
+    gen = torch.Generator().manual_seed(3)
+    _, w = _codes(gen, 5, 200, 24, p)
+    x = torch.zeros(5, 200, dtype=torch.int32)
+    _check_gemm(x, w, p, gen)
+    assert not torch.ops.xma2_ops.xbar_tile_sums(x, w, *p.as_args()).any()
+
+
+def test_sums_beyond_int32_lanes_are_exact(isa):
+    """16-bit inputs and weights on 1-bit cells: T_int needs more than 32 bits (scalar fallback)."""
+    p = _params(8, 4, 16, False, 1, 16, 1, 10)
+    gen = torch.Generator().manual_seed(5)
+    x, w = _codes(gen, 3, 20, 5, p)
+    _check_gemm(x, w, p, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16])
+def test_small_code_dtypes(isa, dtype):
+    signed = dtype != torch.uint8
+    p = _params(64, 16, 8 if dtype != torch.int16 else 12, signed, 1, 8, 2, 6)
+    gen = torch.Generator().manual_seed(11)
+    x, w = _codes(gen, 19, 150, 30, p)
+    t32 = torch.ops.xma2_ops.xbar_tile_sums(x, w, *p.as_args())
+    assert torch.equal(torch.ops.xma2_ops.xbar_tile_sums(x.to(dtype), w, *p.as_args()), t32)
+    assert torch.equal(t32, ref.tile_sums(x, w, p))
+
+
+def test_out_of_range_codes_are_refused(isa):
+    p = _params(16, 8, 4, False, 1, 4, 1, 3)
+    w = torch.ones(20, 3, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="x_codes"):
+        torch.ops.xma2_ops.xbar_tile_sums(torch.full((2, 20), 16, dtype=torch.int32), w, *p.as_args())
+    with pytest.raises(RuntimeError, match="x_codes"):
+        torch.ops.xma2_ops.xbar_tile_sums(torch.full((2, 20), -1, dtype=torch.int32), w, *p.as_args())
+    with pytest.raises(RuntimeError, match="w_codes"):
+        torch.ops.xma2_ops.xbar_tile_sums(torch.ones(2, 20, dtype=torch.int32), w * 8, *p.as_args())
+
+
+def test_bad_isa_name_is_refused(monkeypatch):
+    monkeypatch.setenv("XMA2_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="XMA2_CPU_ISA"):
+        torch.ops.xma2_ops.xbar_tile_sums(torch.ones(2, 20, dtype=torch.int32), torch.ones(20, 3, dtype=torch.int32),
+                                          *_LOSSY.as_args())
+
+
+def test_weight_planes_follow_in_place_changes(isa):
+    """The packed-weight cache must never return planes of an older version of the codes."""
+    p = _params(32, 8, 4, False, 1, 4, 1, 3)
+    gen = torch.Generator().manual_seed(2)
+    x, w = _codes(gen, 6, 50, 7, p)
+    first = torch.ops.xma2_ops.xbar_tile_sums(x, w, *p.as_args())
+    w[:, 0] = -w[:, 0]
+    w[3, 2] = 7 if w[3, 2] != 7 else -7
+    second = torch.ops.xma2_ops.xbar_tile_sums(x, w, *p.as_args())
+    assert not torch.equal(first, second)
+    assert torch.equal(second, ref.tile_sums(x, w, p))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_unfold_codes_matches_f_unfold(dtype):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 100, (2, 3, 7, 9), generator=gen).to(dtype)
+    for kernel, dilation, padding, stride in [((3, 3), (1, 1), (1, 1), (1, 1)), ((2, 3), (2, 1), (0, 2), (2, 3)),
+                                              ((1, 1), (1, 1), (0, 0), (1, 1))]:
+        got = torch.ops.xma2_ops.xbar_unfold_codes(x, kernel, dilation, padding, stride)
+        cols = F.unfold(x.float(), kernel, dilation=dilation, padding=padding, stride=stride)
+        assert got.dtype == dtype
+        assert torch.equal(got, cols.transpose(1, 2).reshape(-1, cols.shape[1]).to(dtype))
+
+
+# ---------------------------------------------------------------- through the layer API
+LAYER_CONFIGS = [
+    XbarConfig(),
+    XbarConfig(rows=16, cols=4, adc_bits=4, input_bits=6, dac_bits=2, cell_bits=3),
+    XbarConfig(rows=20, cols=3, adc_bits=3, adc_clip=10, weight_bits=5, cell_bits=4, dac_bits=3),
+    XbarConfig(rows=32, adc_bits=12, cell_bits=1),  # lossless
+    XbarConfig(rows=24, cols=5, adc_bits=None),     # ideal ADC
+]
+
+
+@pytest.mark.parametrize("cfg", LAYER_CONFIGS, ids=[f"cfg{i}" for i in range(len(LAYER_CONFIGS))])
+@pytest.mark.parametrize("signed", [False, True])
+def test_conv_layer_matches_reference_with_masks(isa, cfg, signed):
+    """Masks exactly 0, exactly 1 and soft, column scales, task weights: output and all gradients."""
+    gen = torch.Generator().manual_seed(17 + signed)
+    x = torch.randn(2, 5, 7, 6, generator=gen, dtype=torch.float64)
+    x = x if signed else x.relu()
+    w = torch.randn(9, 5, 3, 3, generator=gen, dtype=torch.float64)
+    tw = torch.randn(9, 5, 3, 3, generator=gen, dtype=torch.float64)
+    tr, tc = cfg.tiles(45, 9)
+    m = torch.rand(tr, tc, generator=gen, dtype=torch.float64)
+    m.view(-1)[0] = 0.0
+    m.view(-1)[-1] = 1.0
+    a = torch.rand(tr, 9, generator=gen, dtype=torch.float64) + 0.5
+    outs = []
+    for backend in ("cpu", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (x, w, tw, m, a)]
+        y = xma2_ops.xbar_conv2d(leaves[0], leaves[1], None, 1, 1, config=cfg, task_weight=leaves[2],
+                                 pe_mask=leaves[3], col_scale=leaves[4], backend=backend)
+        y.pow(2).sum().backward()
+        outs.append([y.detach()] + [t.grad for t in leaves])
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_linear_layer_and_weight_updates(isa):
+    cfg = XbarConfig(rows=16, cols=8, adc_bits=5)
+    gen = torch.Generator().manual_seed(23)
+    x = torch.randn(7, 40, generator=gen).relu()
+    w = torch.randn(12, 40, generator=gen)
+    y1 = xma2_ops.xbar_linear(x, w, config=cfg, backend="cpu")
+    torch.testing.assert_close(y1, xma2_ops.xbar_linear(x, w, config=cfg, backend="reference"))
+    with torch.no_grad():
+        w[:3].mul_(-0.5)  # in place: the cached codes and planes must not be reused
+    y2 = xma2_ops.xbar_linear(x, w, config=cfg, backend="cpu")
+    assert not torch.equal(y1, y2)
+    torch.testing.assert_close(y2, xma2_ops.xbar_linear(x, w, config=cfg, backend="reference"))
+
+
+def test_cpu_backend_uses_fused_ops():
+    be = get_backend("cpu", torch.device("cpu"))
+    assert be.coef_grad is not None and be.unfold_codes is not None and be.small_codes
