@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 import xma2_ops  # noqa: E402
 from xma2_ops import _ops, reference  # noqa: E402
 from xma2_ops.config import XbarConfig  # noqa: E402
-from xbar_cases import CONFIGS, make_codes, make_params, make_shape  # noqa: E402
+from xbar_cases import CONFIGS, make_codes, make_mvm_case, make_params, make_shape  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -48,22 +48,10 @@ def test_tile_sums_bit_exact(triton_be, case):
 @pytest.mark.parametrize("case", range(len(CONFIGS)))
 def test_mvm_matches_reference(triton_be, case):
     g = torch.Generator().manual_seed(200 + case)
-    cfg, p = make_params(CONFIGS[case])
-    m, k, n = make_shape(case + 1, g)
-    x, wb = make_codes(cfg, p.input_signed, m, k, n, g)
-    _, wt = make_codes(cfg, p.input_signed, 1, k, n, g)
-    with_task = case % 2 == 0
-    dtype = (torch.float64, torch.float32)[case // 2 % 2]  # with/without task weights x both dtypes
-    tr, tc = cfg.tiles(k, n)
-    mask = torch.randint(0, 3, (tr, tc), generator=g).double() / 2  # 0, 1/2, 1 per PE
-    m_col = reference.column_tiles(mask, n, cfg.cols)
-    coef_b = ((1 - m_col) * torch.rand(tr, n, generator=g, dtype=torch.float64)).to(dtype)
-    coef_t = (m_col * torch.rand(tr, n, generator=g, dtype=torch.float64)).to(dtype)
-    args = (x, wb, wt if with_task else None, coef_b, coef_t if with_task else None)
+    args, p, dtype, tol = make_mvm_case(case, make_shape(case + 1, g), g)
     want = _ops._reference_mvm(*args, p)
     got = triton_be.mvm(*(a.to(DEVICE) if a is not None else None for a in args), p)
     assert got.dtype == dtype
-    tol = dict(rtol=1e-12, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-3)
     torch.testing.assert_close(got.cpu(), want, **tol)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from xma2_ops import reference as xma2_reference
 from xma2_ops.config import GemmParams, XbarConfig
 
 # (rows, cols, weight_bits, cell_bits, input_bits, dac_bits, adc_bits, adc_clip, input_signed)
@@ -45,3 +46,22 @@ def make_shape(i: int, g: torch.Generator) -> tuple[int, int, int]:
     k = int(torch.randint(1, 120, (), generator=g)) if i % 3 else int(torch.randint(1, 12, (), generator=g))
     n = int(torch.randint(1, 80, (), generator=g))
     return m, k, n
+
+
+def make_mvm_case(case: int, shape: tuple[int, int, int], g: torch.Generator):
+    """(args, params, dtype, tolerance) of one mvm check: masks 0, 1/2 and 1 per PE, with and
+    without task weights, float32 and float64 coefficients."""
+    cfg, p = make_params(CONFIGS[case])
+    m, k, n = shape
+    x, wb = make_codes(cfg, p.input_signed, m, k, n, g)
+    _, wt = make_codes(cfg, p.input_signed, 1, k, n, g)
+    with_task = case % 2 == 0
+    dtype = (torch.float64, torch.float32)[case // 2 % 2]
+    tr, tc = cfg.tiles(k, n)
+    mask = torch.randint(0, 3, (tr, tc), generator=g).double() / 2
+    m_col = xma2_reference.column_tiles(mask, n, cfg.cols)
+    coef_b = ((1 - m_col) * torch.rand(tr, n, generator=g, dtype=torch.float64)).to(dtype)
+    coef_t = (m_col * torch.rand(tr, n, generator=g, dtype=torch.float64)).to(dtype)
+    args = (x, wb, wt if with_task else None, coef_b, coef_t if with_task else None)
+    tol = dict(rtol=1e-12, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-3)
+    return args, p, dtype, tol
