@@ -152,7 +152,14 @@ def available_backends() -> List[str]:
 
 
 def get_backend(name: Optional[str], device: torch.device) -> Backend:
-    """The named backend, or the best one for ``device`` when name is None."""
+    """The named backend, or the best one for ``device`` when name is None.
+
+    On CUDA tensors the default is "cuda" when the extension was built with its CUDA kernels
+    (compiled ahead of time: no JIT latency, no Triton needed at run time), else "triton" (needs
+    only Triton, so it also serves installs built without nvcc), else the slow "reference".
+    On CPU tensors it is the C++ "cpu" kernel; "triton" on CPU (TRITON_INTERPRET=1) is only
+    for tests and must be asked for by name.
+    """
     if name is None:
         order = ["cuda", "triton", "reference"] if device.type == "cuda" else ["cpu", "reference"]
         name = next(n for n in order if n in _BACKENDS)

@@ -1,0 +1,383 @@
+"""xma2_ops.mta: straight-through masks, budgets, shift levels, adapters on disk, cost report."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from xma2_ops import XbarConfig, XbarLinear, convert
+from xma2_ops import mta
+from xma2_ops.mta.masks import expand_pe, pe_extent
+
+CFG = XbarConfig(rows=32, cols=32)
+
+
+class Net(nn.Module):
+    """Two crossbar convs (1 and 3 PEs of 32x32), BN, a digital head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, 2, 1, bias=False)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 16, 3, 2, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return convert(Net(), CFG, skip=lambda n, m: n == "fc")
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(96, 1, 12, 12, generator=g)
+    y = (x[:, 0, :6].mean((1, 2)) * 40).long() % 10  # learnable labels
+    return x, y
+
+
+def loader(data, bs=32):
+    x, y = data
+    return [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(y), bs)]
+
+
+SCHED = mta.Schedule(stage1_epochs=2, stage2_epochs=2, lr_mask=5e-3, lr_scale=0.2)
+ALL_SPECS = [mta.MethodSpec(m) for m in mta.METHODS] + [
+    mta.MethodSpec("pe", budget=0.5, selection="sensitivity"),
+    mta.MethodSpec("xma2", budget=0.5, selection="sensitivity", criterion="delta"),
+    mta.MethodSpec("xma2", budget=0.5, task_bn=False)]
+
+
+def trained(spec: mta.MethodSpec, data, seed=0) -> nn.Module:
+    model = make_model()
+    torch.manual_seed(seed)
+    mta.prepare(model, spec, 10)
+    mta.fit(model, loader(data), SCHED, progress=False)
+    model.eval()
+    return model
+
+
+# ------------------------------------------------------------------ straight-through gradients
+def test_binarize_forward_and_identity_gradient():
+    s = torch.tensor([0.001, 0.005, 0.006, -1.0, 2.0], requires_grad=True)
+    m = mta.binarize(s, 0.005)
+    assert m.tolist() == [0.0, 0.0, 1.0, 0.0, 1.0]
+    g = torch.arange(5.0)
+    m.backward(g)
+    assert torch.equal(s.grad, g)
+
+
+@pytest.mark.parametrize("method,param", [("piggyback", "scores"), ("xbm", "col_param"), ("xma", "col_param"),
+                                          ("xma2", "col_param"), ("pe", "pe_scores")])
+def test_mask_gradients_reach_the_scores_through_the_quantised_forward(method, param, data):
+    model = make_model()
+    mta.prepare(model, mta.MethodSpec(method, budget=0.5), 10)
+    ads = dict(mta.adapters(model))
+    for name, ad in ads.items():
+        if method == "pe":  # search phase; task weights away from the backbone, else dL/dm = 0
+            ad.phase = "search"
+            with torch.no_grad():
+                ad.task_weight.mul_(1.5)
+        if method == "xma2" and ad.pe_sel.numel() > 1:
+            ad.pe_sel[0, 0] = 1.0  # a re-programmed PE: its column scales get no gradient
+    model.train()
+    x, y = data
+    loss = nn.functional.cross_entropy(model(x[:16]), y[:16])  # default (quantised) config
+    loss.backward()
+    for name, ad in ads.items():
+        g = getattr(ad, param).grad
+        assert g is not None and torch.isfinite(g).all(), name
+        frozen = (ad.pe_sel == 0).repeat_interleave(32, 1)[:, :g.shape[1]] if method == "xma2" else None
+        if frozen is not None:
+            assert torch.all(g[~frozen] == 0) and g[frozen].abs().sum() > 0, name
+        else:
+            assert g.abs().sum() > 0, name
+
+
+def test_pe_score_gradient_is_the_exact_mask_gradient():
+    """STE: d loss / d pe_scores equals d loss / d pe_mask of the quantised op."""
+    torch.manual_seed(0)
+    lin = XbarLinear(40, 40, config=CFG)
+    mta.prepare(nn.ModuleDict({"l": lin, "fc": nn.Linear(40, 2)}), mta.MethodSpec("pe"), 2, head="fc")
+    ad = lin.adapter
+    ad.phase = "search"
+    with torch.no_grad():
+        ad.task_weight.add_(0.05 * torch.randn_like(ad.task_weight))
+    x = torch.rand(8, 40)
+    lin(x).pow(2).sum().backward()
+    m = (ad.pe_scores.detach() > mta.methods.SCORE_THRESHOLD).float().requires_grad_()
+    lin.adapter = None
+    from xma2_ops import xbar_linear
+    y = xbar_linear(x, lin.weight, lin.bias, config=CFG, task_weight=ad.task_weight.detach(), pe_mask=m,
+                    input_scale=float(lin.input_range) / 255)
+    y.pow(2).sum().backward()
+    assert torch.allclose(ad.pe_scores.grad, m.grad, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ budgets and levels
+@pytest.mark.parametrize("rho", [0.0, 0.05, 0.1, 0.2, 0.33, 0.5, 1.0])
+def test_topk_budget_is_exact(rho):
+    g = torch.Generator().manual_seed(3)
+    scores = [torch.rand(3, 2, generator=g), torch.rand(5, 1, generator=g), torch.rand(9, 2, generator=g)]
+    total = sum(s.numel() for s in scores)
+    masks = mta.topk_masks(scores, rho)
+    assert sum(int(m.sum()) for m in masks) == math.floor(rho * total + 1e-9)
+    flat_s = torch.cat([s.reshape(-1) for s in scores])
+    flat_m = torch.cat([m.reshape(-1) for m in masks]).bool()
+    if 0 < flat_m.sum() < total:
+        assert flat_s[flat_m].min() >= flat_s[~flat_m].max()  # the best ones
+    per = mta.topk_masks(scores, rho, per_layer=True)
+    for s, m in zip(scores, per):
+        assert int(m.sum()) == math.floor(rho * s.numel() + 1e-9)
+
+
+@pytest.mark.parametrize("spec", [mta.MethodSpec("pe", budget=0.5), mta.MethodSpec("xma2", budget=0.25),
+                                  mta.MethodSpec("xma2", budget=0.5, per_layer=True),
+                                  mta.MethodSpec("pe", budget=0.75, selection="sensitivity")])
+def test_fit_respects_the_budget_exactly(spec, data):
+    model = trained(spec, data)
+    sels = [ad.pe_sel for _, ad in mta.adapters(model)]
+    if spec.per_layer:
+        assert [int(s.sum()) for s in sels] == [mta.budget_count(spec.budget, s.numel()) for s in sels]
+    else:
+        assert sum(int(s.sum()) for s in sels) == mta.budget_count(spec.budget, sum(s.numel() for s in sels))
+    assert mta.report(model).total.reprogrammed_pes == sum(int(s.sum()) for s in sels)
+
+
+def test_shift_levels_are_powers_of_two_or_zero():
+    lv = mta.ShiftLevels()
+    assert lv.levels == [-2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0] and lv.bits == 4
+    a = torch.randn(10000) * 3
+    q = lv.quantize(a)
+    nz = q[q != 0].abs()
+    assert torch.equal(torch.exp2(torch.log2(nz).round()), nz)
+    assert set(q.unique().tolist()) <= set(lv.levels)
+    assert torch.equal(lv.decode(lv.encode(q)), q)
+    assert float(lv.quantize(torch.tensor(0.12))) == 0.0 and float(lv.quantize(torch.tensor(0.13))) == 0.25
+    a.requires_grad_()
+    lv.ste(a).sum().backward()
+    assert torch.equal(a.grad, torch.ones_like(a))
+
+
+def test_trained_column_scales_are_levels(data):
+    model = trained(mta.MethodSpec("xma"), data)
+    lv = mta.ShiftLevels()
+    for _, ad in mta.adapters(model):
+        assert set(ad.col_scale().unique().tolist()) <= set(lv.levels)
+
+
+# ------------------------------------------------------------------ adapters on disk
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: s.label + s.selection + s.criterion)
+def test_save_load_round_trip_is_bit_exact(spec, data, tmp_path):
+    model = trained(spec, data)
+    x = data[0][:32]
+    with torch.no_grad():
+        y = model(x)
+    path = tmp_path / "task.safetensors"
+    mta.save_task(model, path)
+    fresh = make_model()  # same backbone weights, never adapted
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "adapter" not in k and "fc." not in k
+                           and not k.split(".")[0].startswith("b")}, strict=False)
+    loaded = mta.load_task(fresh, path)
+    assert loaded == spec
+    with torch.no_grad():
+        assert torch.equal(fresh(x), y)
+    r1, r2 = mta.report(model).as_dict(), mta.report(fresh).as_dict()
+    assert r1 == r2
+    mta.save_task(fresh, tmp_path / "again.safetensors")
+    assert mta.read_task(path)[0]["tensors_sha256"] == mta.read_task(tmp_path / "again.safetensors")[0]["tensors_sha256"]
+
+
+def test_adapter_holds_only_the_reprogrammed_pes(data, tmp_path):
+    model = trained(mta.MethodSpec("pe", budget=0.5), data)
+    mta.save_task(model, tmp_path / "a.safetensors")
+    meta, t = mta.read_task(tmp_path / "a.safetensors")
+    for name, layer in mta.xbar_layers(model):
+        used = pe_extent(layer.weight[0].numel(), layer.weight.shape[0], 32, 32).prod(-1)
+        assert t[f"{name}.task_weight"].numel() == int((used * t[f"{name}.pe_mask"]).sum())
+    assert not any(k.startswith("bn.") for k in t) or meta["spec"]["task_bn"]
+
+
+def test_task_switching_restores_each_task_exactly(data, tmp_path):
+    x = data[0]
+    outs, paths = [], []
+    model = make_model()
+    for i, spec in enumerate([mta.MethodSpec("xma2", budget=0.5), mta.MethodSpec("piggyback"),
+                              mta.MethodSpec("xma", task_bn=False)]):
+        torch.manual_seed(i)
+        mta.prepare(model, spec, 10)
+        mta.fit(model, loader(data), SCHED, progress=False)
+        model.eval()
+        with torch.no_grad():
+            outs.append(model(x))
+        paths.append(tmp_path / f"t{i}.safetensors")
+        mta.save_task(model, paths[-1])
+    y = data[1]
+    for i in [0, 2, 1, 0, 2]:
+        mta.load_task(model, paths[i])
+        with torch.no_grad():
+            o = model(x)
+        assert torch.equal(o, outs[i])
+        assert (o.argmax(1) == y).float().mean() == (outs[i].argmax(1) == y).float().mean()
+
+
+def test_load_refuses_other_architecture_config_backbone_and_corruption(data, tmp_path):
+    model = trained(mta.MethodSpec("xma2", budget=0.5), data)
+    path = tmp_path / "a.safetensors"
+    mta.save_task(model, path)
+
+    other_cfg = convert(Net(), XbarConfig(rows=64, cols=64), skip=lambda n, m: n == "fc")
+    with pytest.raises(ValueError, match="crossbar config: layer c1 config"):
+        mta.load_task(other_cfg, path)
+
+    class Wider(Net):
+        def __init__(self):
+            super().__init__()
+            self.c2 = nn.Conv2d(8, 32, 3, 2, 1, bias=False)
+    with pytest.raises(ValueError, match="another architecture.*weight_shape"):
+        mta.load_task(convert(Wider(), CFG, skip=lambda n, m: n == "fc"), path)
+    with pytest.raises(ValueError, match="different backbone"):
+        mta.load_task(make_model(seed=5), path)
+
+    raw = bytearray(path.read_bytes())
+    flipped = tmp_path / "flipped.safetensors"
+    raw2 = bytearray(raw)
+    raw2[-3] ^= 0x10  # inside the tensor data
+    flipped.write_bytes(bytes(raw2))
+    with pytest.raises(ValueError, match="corrupted"):
+        mta.load_task(make_model(), flipped)
+    for bad in (bytes(raw[:len(raw) // 2]), b"\x00" * 7, b"garbage" * 20, bytes(raw[:8]) + b"X" + bytes(raw[9:])):
+        p = tmp_path / "bad.safetensors"
+        p.write_bytes(bad)
+        with pytest.raises(ValueError, match="corrupted|not a readable|checksum"):
+            mta.load_task(make_model(), p)
+    # a refused file leaves the model usable and a good file still loads
+    mta.load_task(make_model(), path)
+
+
+def test_recalibrate_bn_is_the_plain_average_of_batch_statistics(data):
+    model = make_model()
+    mta.prepare(model, mta.MethodSpec("xma"), 10)
+    batches = loader(data)[:2]
+    feats = []
+    model.c1.register_forward_hook(lambda m, i, o: feats.append(o.detach()))
+    model.eval()
+    mta.recalibrate_bn(model, batches, batches=2)
+    mean = torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0)
+    assert torch.allclose(model.b1.running_mean, mean, atol=1e-6)
+    assert model.b1.momentum == 0.1 and not model.training
+
+
+def test_spec_and_prepare_errors():
+    with pytest.raises(ValueError, match="method"):
+        mta.MethodSpec("lora")
+    with pytest.raises(ValueError, match="budget"):
+        mta.MethodSpec("pe", budget=1.5)
+    with pytest.raises(ValueError, match="selection"):
+        mta.MethodSpec("pe", selection="random")
+    with pytest.raises(TypeError, match="head"):
+        mta.prepare(make_model(), mta.MethodSpec("pe"), 10, head="c1")
+    with pytest.raises(ValueError, match="no XbarConv2d"):
+        mta.prepare(Net(), mta.MethodSpec("pe"), 10)
+    with pytest.raises(RuntimeError, match="no task prepared"):
+        mta.report(make_model())
+
+
+# ------------------------------------------------------------------ cost report, hand counted
+def _linear_task(method: str, budget: float = 0.5):
+    """Linear 40 -> 40 on 32x32 PEs: a 2x2 PE grid with used blocks 32x32, 32x8, 8x32, 8x8."""
+    torch.manual_seed(0)
+    lin = XbarLinear(40, 40, bias=False, config=CFG)
+    with torch.no_grad():  # integer weights with max 127: scale 1, codes = values
+        lin.weight.copy_(torch.randint(-100, 100, (40, 40)).float())
+        lin.weight[0, 0] = 127.0
+        lin.weight[5, 3] = 5.0  # W[k=3, n=5] lives in PE (0, 0)
+    model = nn.ModuleDict({"lin": lin, "fc": nn.Linear(40, 3)})
+    mta.prepare(model, mta.MethodSpec(method, budget=budget), 3, head="fc")
+    return model, lin, lin.adapter
+
+
+def cells_diff(a: int, b: int, slices: int = 4) -> int:
+    """Cells (2-bit slices of the + and - polarity) whose level differs between codes a and b."""
+    lv = lambda v: [((max(v, 0) >> (2 * j)) & 3) for j in range(slices)] + \
+        [((max(-v, 0) >> (2 * j)) & 3) for j in range(slices)]  # noqa: E731
+    return sum(x != y for x, y in zip(lv(a), lv(b)))
+
+
+def test_report_matches_hand_count_pe():
+    model, lin, ad = _linear_task("pe")
+    with torch.no_grad():
+        ad.pe_sel.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        ad.task_weight[5, 3] = 6.0  # 5 = slices (01, 01, 00), 6 = (10, 01, 00): one positive cell changes
+        ad.task_weight[30, 1] = 50.0  # n=30, k=1: also PE (0, 0)
+    r = mta.report(model)
+    lc = r.layers[0]
+    s = CFG.weight_slices
+    assert s == 4 and lc.pes == 4 and lc.reprogrammed_pes == 2
+    assert lc.cells_written == (32 * 32 + 8 * 8) * s * 2
+    assert lc.cells_changed == cells_diff(5, 6) + cells_diff(int(lin.weight[30, 1]), 50) == 1 + cells_diff(
+        int(lin.weight[30, 1]), 50)
+    assert lc.energy_j == pytest.approx(lc.cells_written * 10e-12)
+    assert lc.mask_bits == 4
+    assert lc.adapter_bits == 4 + (32 * 32 + 8 * 8) * 8
+    assert lc.piggyback_bits == 1600 and lc.finetune_bits == 1600 * 8
+    assert r.pe_fraction == 0.5
+
+
+def test_report_matches_hand_count_other_methods():
+    model, lin, ad = _linear_task("xma2")
+    with torch.no_grad():
+        ad.pe_sel.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    lc = mta.report(model).layers[0]
+    assert lc.cells_changed == 0  # re-programmed with the same weights
+    assert lc.mask_bits == 4 + 4 * (8 + 32)  # PE bits + 4-bit codes of the frozen PEs' used columns
+    model, _, _ = _linear_task("xbm")
+    lc = mta.report(model).layers[0]
+    assert (lc.reprogrammed_pes, lc.cells_written, lc.mask_bits) == (0, 0, 2 * 40)
+    model, _, _ = _linear_task("finetune")
+    lc = mta.report(model).layers[0]
+    assert (lc.reprogrammed_pes, lc.cells_written, lc.mask_bits) == (4, 1600 * 4 * 2, 1600 * 8)
+    model, lin, ad = _linear_task("piggyback")
+    with torch.no_grad():
+        ad.scores[35, 2] = 0.0  # n=35 -> column tile 1, k=2 -> row tile 0: PE (0, 1) only
+    model.eval()
+    lc = mta.report(model).layers[0]
+    assert (lc.reprogrammed_pes, lc.cells_written, lc.mask_bits) == (1, 32 * 8 * 4 * 2, 1600)
+    w = int(lin.weight[35, 2])
+    assert lc.cells_changed == cells_diff(w, 0)
+
+
+def test_report_previous_task_and_endurance(tmp_path):
+    model, lin, ad = _linear_task("pe")
+    with torch.no_grad():
+        ad.pe_sel.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    mta.save_task(model, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        ad.pe_sel.copy_(torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
+    mta.save_task(model, tmp_path / "b.safetensors")
+    r = mta.report(model, tmp_path / "a.safetensors")  # A -> B: restore PE (0,0), write PE (1,1)
+    assert r.total.cells_written == (32 * 32 + 8 * 8) * 8 and r.total.reprogrammed_pes == 1
+    assert mta.report(model, mta.deployed_state(model)).total.cells_changed == 0
+    w = mta.endurance(model, [tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "a.safetensors"])
+    assert w["lin"].tolist() == [[3, 0], [0, 2]]
+    assert w["lin"].sum() == 5
+
+
+def test_energy_model_is_overridable():
+    model, _, ad = _linear_task("finetune")
+    r = mta.report(model, energy=mta.EnergyModel(write_energy_j=1.0))
+    assert r.total.energy_j == r.total.cells_written
+
+
+def test_expand_pe_layout():
+    m = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    e = expand_pe(m, 40, 40, 32, 32)
+    assert e[:32, :32].all() and not e[:32, 32:].any() and e[32:, 32:].all()

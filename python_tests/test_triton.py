@@ -1,0 +1,122 @@
+"""The "triton" backend against the reference, bit for bit (docs/SPEC.md sections 2-4).
+
+Without a GPU the kernels run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, set
+before Triton is first imported: here, or by xma2_ops.triton_kernels with a CPU-only torch);
+with a GPU they run compiled on CUDA.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+import xma2_ops  # noqa: E402
+from xma2_ops import _ops, reference  # noqa: E402
+from xma2_ops.config import XbarConfig  # noqa: E402
+from xbar_cases import CONFIGS, make_codes, make_mvm_case, make_params, make_shape  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def triton_be() -> _ops.Backend:
+    be = _ops._BACKENDS.get("triton")
+    if be is None:
+        pytest.skip("xma2_ops.triton_kernels did not load")
+    if DEVICE not in be.devices:
+        # A CUDA build of torch without a GPU, and xma2_ops imported before this module set the variable.
+        pytest.skip("Triton was imported before TRITON_INTERPRET=1 was set: no interpreter for CPU tensors")
+    return be
+
+
+@pytest.mark.parametrize("case", range(len(CONFIGS)))
+def test_tile_sums_bit_exact(triton_be, case):
+    g = torch.Generator().manual_seed(100 + case)
+    cfg, p = make_params(CONFIGS[case])
+    m, k, n = make_shape(case, g)
+    x, w = make_codes(cfg, p.input_signed, m, k, n, g)
+    got = triton_be.tile_sums(x.to(DEVICE), w.to(DEVICE), p)
+    assert got.dtype == torch.int64 and got.device.type == DEVICE
+    assert torch.equal(got.cpu(), reference.tile_sums(x, w, p))
+
+
+@pytest.mark.parametrize("case", range(len(CONFIGS)))
+def test_mvm_matches_reference(triton_be, case):
+    g = torch.Generator().manual_seed(200 + case)
+    args, p, dtype, tol = make_mvm_case(case, make_shape(case + 1, g), g)
+    want = _ops._reference_mvm(*args, p)
+    got = triton_be.mvm(*(a.to(DEVICE) if a is not None else None for a in args), p)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.cpu(), want, **tol)
+
+
+@pytest.mark.parametrize("case", [0, 1, 6, 8])
+def test_conv2d_matches_reference_backend(triton_be, case):
+    g = torch.Generator().manual_seed(300 + case)
+    cfg, _ = make_params(CONFIGS[case])
+    cin, cout = 5, 23
+    x = torch.randn(2, cin, 7, 6, generator=g, dtype=torch.float64)
+    if not cfg.input_signed:
+        x = x.abs()
+    w = torch.randn(cout, cin, 3, 3, generator=g, dtype=torch.float64)
+    wt = torch.randn(cout, cin, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(cout, generator=g, dtype=torch.float64)
+    tr, tc = cfg.tiles(cin * 9, cout)
+    mask = torch.tensor([0.0, 1.0, 0.25], dtype=torch.float64)[torch.randint(0, 3, (tr, tc), generator=g)]
+    alpha = 0.5 + torch.rand(tr, cout, generator=g, dtype=torch.float64)
+
+    def run(backend: str, dev: str):
+        leaves = [t.to(dev).requires_grad_() for t in (x, w, wt, mask, alpha)]
+        y = xma2_ops.xbar_conv2d(leaves[0], leaves[1], bias.to(dev), stride=(1, 2), padding=1, config=cfg,
+                                 task_weight=leaves[2], pe_mask=leaves[3], col_scale=leaves[4], backend=backend)
+        y.backward(torch.ones_like(y))
+        return [y.detach().cpu()] + [t.grad.cpu() for t in leaves]
+
+    for got, want in zip(run("triton", DEVICE), run("reference", "cpu")):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mask_value", [0.0, 1.0])
+def test_linear_hard_masks(triton_be, mask_value):
+    """Masks exactly 0 or 1 leave one weight path unused (functional.py drops it, or coef = 0 skips it)."""
+    g = torch.Generator().manual_seed(400)
+    cfg = XbarConfig(rows=32, cols=16, weight_bits=6, cell_bits=2, input_bits=6, dac_bits=2, adc_bits=5)
+    x = torch.randn(9, 70, generator=g)
+    w, wt = torch.randn(2, 40, 70, generator=g)
+    mask = torch.full(cfg.tiles(70, 40), mask_value)
+    kw = dict(config=cfg, task_weight=wt, pe_mask=mask)
+    got = xma2_ops.xbar_linear(x.to(DEVICE), w.to(DEVICE), **{**kw, "task_weight": wt.to(DEVICE),
+                                                               "pe_mask": mask.to(DEVICE)}, backend="triton")
+    want = xma2_ops.xbar_linear(x, w, **kw, backend="reference")
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_strided_codes(triton_be):
+    """The kernel reads codes through their strides (no copies)."""
+    g = torch.Generator().manual_seed(500)
+    cfg, p = make_params(CONFIGS[0])
+    x, w = make_codes(cfg, p.input_signed, 50, 45, 33, g)
+    x_t = x.T.contiguous().to(DEVICE).T
+    w_t = w.T.contiguous().to(DEVICE).T
+    assert torch.equal(triton_be.tile_sums(x_t, w_t, p).cpu(), reference.tile_sums(x, w, p))
+
+
+def test_empty_and_bad_inputs(triton_be):
+    _, p = make_params(CONFIGS[0])
+    x = torch.zeros(0, 30, dtype=torch.int32, device=DEVICE)
+    w = torch.zeros(30, 5, dtype=torch.int32, device=DEVICE)
+    assert triton_be.tile_sums(x, w, p).shape == (2, 0, 5)
+    with pytest.raises(RuntimeError, match="x_codes must hold codes"):
+        triton_be.tile_sums(torch.full((3, 30), -1, dtype=torch.int32, device=DEVICE), w, p)
+    with pytest.raises(RuntimeError, match="int32"):
+        triton_be.tile_sums(torch.zeros(3, 30, device=DEVICE), w, p)
+    with pytest.raises(RuntimeError, match="K=29"):
+        triton_be.tile_sums(torch.zeros(3, 29, dtype=torch.int32, device=DEVICE), w, p)
+    with pytest.raises(RuntimeError, match="coef_b must be"):
+        triton_be.mvm(torch.zeros(3, 30, dtype=torch.int32, device=DEVICE), w, None,
+                      torch.zeros(1, 5, dtype=torch.float64, device=DEVICE), None, p)

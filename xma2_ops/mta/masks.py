@@ -1,0 +1,145 @@
+"""Mask primitives: straight-through binarisation, shift-level (power-of-two) quantisation,
+exact top-k budgets, and the PE <-> weight layout helpers.
+
+Layout convention (docs/SPEC.md section 1): a layer's weight ``[N, ...]`` is the crossbar
+matrix ``W [K, N] = weight.view(N, K).T``; PE ``(r, c)`` holds rows ``[r*R, (r+1)*R)`` and
+columns ``[c*C, (c+1)*C)`` of ``W``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import torch
+
+
+# ------------------------------------------------------------------ straight-through estimators
+class _BinarizeSTE(torch.autograd.Function):
+    """1[s > threshold] forward; identity backward (Piggyback, Mallya et al. 2018)."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+        return (scores > threshold).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return g, None
+
+
+def binarize(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Binary {0, 1} mask of ``scores > threshold`` whose gradient passes straight to ``scores``."""
+    return _BinarizeSTE.apply(scores, threshold)
+
+
+@dataclass(frozen=True)
+class ShiftLevels:
+    """The tier-2 multi-level column scale: {0} U {+-2^k : k_min <= k <= k_max}.
+
+    A scale 2^k is a shift of the column's digital output and a sign is a subtraction, so no
+    multiplier is needed.  Default k in {-2, -1, 0, 1}: levels 0, +-1/4, +-1/2, +-1, +-2
+    (9 levels, 4 bits per column entry).  Quantisation of a real parameter ``a``: 0 when
+    ``|a| < 2^(k_min-1)`` (closer to 0 than to half the smallest level), otherwise
+    ``sign(a) * 2^clamp(round(log2|a|), k_min, k_max)`` (nearest level in the log domain).
+    """
+
+    k_min: int = -2
+    k_max: int = 1
+
+    def __post_init__(self) -> None:
+        if self.k_min > self.k_max:
+            raise ValueError(f"ShiftLevels: k_min ({self.k_min}) must be <= k_max ({self.k_max})")
+
+    @property
+    def levels(self) -> List[float]:
+        pos = [2.0 ** k for k in range(self.k_min, self.k_max + 1)]
+        return sorted([0.0] + pos + [-p for p in pos])
+
+    @property
+    def bits(self) -> int:
+        """Bits per stored code (sign, zero and the exponent)."""
+        return math.ceil(math.log2(len(self.levels)))
+
+    def quantize(self, a: torch.Tensor) -> torch.Tensor:
+        """Nearest level (no gradient)."""
+        mag = a.abs()
+        k = torch.round(torch.log2(mag.clamp_min(1e-30))).clamp(self.k_min, self.k_max)
+        q = torch.sign(a) * torch.exp2(k)
+        return torch.where(mag < 2.0 ** (self.k_min - 1), torch.zeros_like(a), q)
+
+    def ste(self, a: torch.Tensor) -> torch.Tensor:
+        """Quantised forward, identity backward."""
+        return a + (self.quantize(a) - a).detach()
+
+    def encode(self, q: torch.Tensor) -> torch.Tensor:
+        """Levels -> int8 codes: 0 -> 0, +-2^k -> +-(k - k_min + 1)."""
+        k = torch.log2(q.abs().clamp_min(2.0 ** self.k_min)).round()
+        code = (k - self.k_min + 1) * torch.sign(q)
+        return code.to(torch.int8)
+
+    def decode(self, code: torch.Tensor) -> torch.Tensor:
+        c = code.to(torch.float32)
+        if bool((c.abs() > self.k_max - self.k_min + 1).any()):
+            raise ValueError(f"shift codes out of range for levels k in [{self.k_min}, {self.k_max}]")
+        return torch.where(c == 0, torch.zeros_like(c), torch.sign(c) * torch.exp2(c.abs() - 1 + self.k_min))
+
+
+# ------------------------------------------------------------------ budgets
+def budget_count(rho: float, total: int) -> int:
+    """Number of PEs a budget ``rho`` allows: floor(rho * total), so it is never exceeded."""
+    if not 0.0 <= rho <= 1.0:
+        raise ValueError(f"budget: expected a fraction in [0, 1], got {rho}")
+    return int(math.floor(rho * total + 1e-9))
+
+
+def topk_masks(scores: Sequence[torch.Tensor], rho: float, per_layer: bool = False) -> List[torch.Tensor]:
+    """Binary masks (same shapes as ``scores``) keeping the highest scores: exactly
+    ``budget_count(rho, total PEs)`` ones globally, or ``budget_count(rho, layer PEs)`` per layer.
+    Ties go to the lower flat index (torch.topk on a stable order)."""
+    if per_layer:
+        return [topk_masks([s], rho)[0] for s in scores]
+    flat = torch.cat([s.detach().reshape(-1).float() for s in scores])
+    k = budget_count(rho, flat.numel())
+    sel = torch.zeros_like(flat)
+    if k > 0:
+        # stable: sort descending by score, ascending by index
+        order = torch.argsort(-flat, stable=True)[:k]
+        sel[order] = 1.0
+    out, i = [], 0
+    for s in scores:
+        out.append(sel[i:i + s.numel()].reshape(s.shape).to(s.dtype if s.is_floating_point() else torch.float32))
+        i += s.numel()
+    return out
+
+
+# ------------------------------------------------------------------ layouts
+def to_kn(weight: torch.Tensor) -> torch.Tensor:
+    """Weight [N, ...] -> crossbar matrix [K, N]."""
+    return weight.reshape(weight.shape[0], -1).T
+
+
+def from_kn(w_kn: torch.Tensor, shape) -> torch.Tensor:
+    """Crossbar matrix [K, N] -> weight layout ``shape``."""
+    return w_kn.T.reshape(shape)
+
+
+def pe_sum(w_kn: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Sum of a [K, N] per-weight quantity over each PE -> [Tr, Tc]."""
+    k, n = w_kn.shape
+    tr, tc = -(-k // rows), -(-n // cols)
+    padded = w_kn.new_zeros(tr * rows, tc * cols)
+    padded[:k, :n] = w_kn
+    return padded.reshape(tr, rows, tc, cols).sum((1, 3))
+
+
+def pe_extent(k: int, n: int, rows: int, cols: int) -> torch.Tensor:
+    """[Tr, Tc, 2] used rows and used columns of each PE (partial last tiles)."""
+    tr, tc = -(-k // rows), -(-n // cols)
+    r_used = torch.tensor([min(rows, k - r * rows) for r in range(tr)])
+    c_used = torch.tensor([min(cols, n - c * cols) for c in range(tc)])
+    return torch.stack(torch.broadcast_tensors(r_used[:, None], c_used[None, :]), -1)
+
+
+def expand_pe(mask: torch.Tensor, k: int, n: int, rows: int, cols: int) -> torch.Tensor:
+    """[Tr, Tc] -> [K, N]."""
+    return mask.repeat_interleave(rows, 0)[:k].repeat_interleave(cols, 1)[:, :n]
