@@ -1,5 +1,4 @@
-// Argument checks of the xbar operators shared by device bindings (the same rules and messages
-// as make_params / check_code_range in cpu/xbar_cpu.cpp, which can switch to this header).
+// Argument checks of the xbar operators, shared by the CPU kernels and the CUDA binding.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -15,8 +14,10 @@ inline XbarParams make_params_checked(const at::Tensor& x, const at::Tensor& w, 
                                       int64_t cell_bits, int64_t adc_levels, int64_t adc_clip) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "xbar: x_codes must be [M, K] and w_codes [K, N], got ",
               x.sizes(), " and ", w.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kInt && w.scalar_type() == at::kInt,
-              "xbar: x_codes and w_codes must be int32, got ", x.scalar_type(), " and ", w.scalar_type());
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(xt == at::kInt || xt == at::kShort || xt == at::kChar || xt == at::kByte,
+              "xbar: x_codes must be int32, int16, int8 or uint8, got ", xt);
+  TORCH_CHECK(w.scalar_type() == at::kInt, "xbar: w_codes must be int32, got ", w.scalar_type());
   TORCH_CHECK(x.size(1) == w.size(0), "xbar: x_codes has K=", x.size(1), " but w_codes has K=", w.size(0));
   TORCH_CHECK(rows >= 1 && cols >= 1, "xbar: rows and cols must be >= 1, got ", rows, ", ", cols);
   const int x_bits = (int)(input_signed ? input_bits - 1 : input_bits);
@@ -26,6 +27,7 @@ inline XbarParams make_params_checked(const at::Tensor& x, const at::Tensor& w, 
               "xbar: dac_bits and cell_bits must be in [1, 8], got ", dac_bits, ", ", cell_bits);
   TORCH_CHECK(adc_levels >= 0 && adc_clip >= 1, "xbar: adc_levels must be >= 0 and adc_clip >= 1, got ",
               adc_levels, ", ", adc_clip);
+  TORCH_CHECK(rows <= (1 << 16), "xbar: rows must be <= 65536, got ", rows);
   XbarParams p;
   p.M = x.size(0);
   p.K = x.size(1);

@@ -40,13 +40,12 @@
 #endif
 #endif
 
+#include "../xbar_check.h"
 #include "../xbar_quant.h"
 
 namespace xma2 {
 namespace {
 
-constexpr int kMaxXBits = 16;  // input magnitude bits per polarity
-constexpr int kMaxWBits = 15;  // weight magnitude bits per polarity
 constexpr int64_t kRowBlock = 128;  // input rows per parallel work item (their planes stay in L1/L2)
 
 // The ADC of SPEC 3 in both forms: exact integers (scalar code) and code = min(trunc(P*a + b), levels)
@@ -806,51 +805,9 @@ std::vector<char> active_blocks(const at::Tensor& coef, const Plan& pl, int64_t 
 }
 
 // ------------------------------------------------------------------ checks
-XbarParams make_params(const at::Tensor& x, const at::Tensor& w, int64_t rows, int64_t cols, int64_t input_bits,
-                       bool input_signed, int64_t dac_bits, int64_t weight_bits, int64_t cell_bits,
-                       int64_t adc_levels, int64_t adc_clip) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "xbar: x_codes must be [M, K] and w_codes [K, N], got ",
-              x.sizes(), " and ", w.sizes());
-  const auto xt = x.scalar_type();
-  TORCH_CHECK(xt == at::kInt || xt == at::kShort || xt == at::kChar || xt == at::kByte,
-              "xbar: x_codes must be int32, int16, int8 or uint8, got ", xt);
-  TORCH_CHECK(w.scalar_type() == at::kInt, "xbar: w_codes must be int32, got ", w.scalar_type());
-  TORCH_CHECK(x.size(1) == w.size(0), "xbar: x_codes has K=", x.size(1), " but w_codes has K=", w.size(0));
-  TORCH_CHECK(rows >= 1 && cols >= 1, "xbar: rows and cols must be >= 1, got ", rows, ", ", cols);
-  const int x_bits = (int)(input_signed ? input_bits - 1 : input_bits);
-  TORCH_CHECK(x_bits >= 1 && x_bits <= kMaxXBits, "xbar: input_bits out of range: ", input_bits);
-  TORCH_CHECK(weight_bits >= 2 && weight_bits - 1 <= kMaxWBits, "xbar: weight_bits out of range: ", weight_bits);
-  TORCH_CHECK(dac_bits >= 1 && dac_bits <= 8 && cell_bits >= 1 && cell_bits <= 8,
-              "xbar: dac_bits and cell_bits must be in [1, 8], got ", dac_bits, ", ", cell_bits);
-  TORCH_CHECK(adc_levels >= 0 && adc_clip >= 1, "xbar: adc_levels must be >= 0 and adc_clip >= 1, got ",
-              adc_levels, ", ", adc_clip);
-  TORCH_CHECK(rows <= (1 << 16), "xbar: rows must be <= 65536, got ", rows);
-  XbarParams p;
-  p.M = x.size(0);
-  p.K = x.size(1);
-  p.N = w.size(1);
-  p.rows = (int)rows;
-  p.cols = (int)cols;
-  p.x_bits = x_bits;
-  p.x_pols = input_signed ? 2 : 1;
-  p.dac_bits = (int)dac_bits;
-  p.w_bits = (int)(weight_bits - 1);
-  p.cell_bits = (int)cell_bits;
-  p.adc_levels = (int)adc_levels;
-  p.adc_clip = adc_clip;
-  return p;
-}
-
-void check_code_range(const at::Tensor& codes, int64_t lo, int64_t hi, const char* name) {
-  if (codes.numel() == 0) return;
-  const int64_t mn = codes.min().item<int64_t>(), mx = codes.max().item<int64_t>();
-  TORCH_CHECK(mn >= lo && mx <= hi, "xbar: ", name, " must hold codes in [", lo, ", ", hi, "], got [", mn, ", ", mx, "]");
-}
-
 void check_codes(const at::Tensor& x, const at::Tensor& w, const Plan& pl) {
-  const int64_t qx = (1LL << pl.p.x_bits) - 1, qw = (1LL << pl.p.w_bits) - 1;
-  check_code_range(x, pl.p.x_pols == 2 ? -qx : 0, qx, "x_codes");
-  check_code_range(w, -qw, qw, "w_codes");
+  check_input_codes(x, pl.p);
+  check_weight_codes(w, pl.p, "w_codes");
 }
 
 // ------------------------------------------------------------------ lossless: one exact GEMM per tile
@@ -866,7 +823,7 @@ constexpr int64_t kGemmRowBlock = 8192;  // input rows converted to float at a t
 at::Tensor xbar_tile_sums_cpu(const at::Tensor& x_codes, const at::Tensor& w_codes, int64_t rows, int64_t cols,
                               int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits,
                               int64_t cell_bits, int64_t adc_levels, int64_t adc_clip) {
-  Plan pl = make_plan(make_params(x_codes, w_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
+  Plan pl = make_plan(make_params_checked(x_codes, w_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
                                   cell_bits, adc_levels, adc_clip));
   const int64_t M = pl.p.M, N = pl.p.N, Tr = pl.p.Tr();
   at::Tensor out = at::empty({Tr, M, N}, x_codes.options().dtype(at::kLong));
@@ -963,7 +920,7 @@ at::Tensor xbar_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& wb_codes, c
                         const at::Tensor& coef_b, const std::optional<at::Tensor>& coef_t, int64_t rows, int64_t cols,
                         int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits, int64_t cell_bits,
                         int64_t adc_levels, int64_t adc_clip) {
-  Plan pl = make_plan(make_params(x_codes, wb_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
+  Plan pl = make_plan(make_params_checked(x_codes, wb_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
                                   cell_bits, adc_levels, adc_clip));
   TORCH_CHECK(wt_codes.has_value() == coef_t.has_value(), "xbar_mvm: wt_codes and coef_t must be given together");
   TORCH_CHECK(coef_b.scalar_type() == at::kFloat || coef_b.scalar_type() == at::kDouble,
@@ -995,7 +952,7 @@ at::Tensor xbar_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& wb_codes, c
 at::Tensor xbar_coef_grad_cpu(const at::Tensor& x_codes, const at::Tensor& w_codes, const at::Tensor& gy, int64_t rows,
                               int64_t cols, int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits,
                               int64_t cell_bits, int64_t adc_levels, int64_t adc_clip) {
-  Plan pl = make_plan(make_params(x_codes, w_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
+  Plan pl = make_plan(make_params_checked(x_codes, w_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
                                   cell_bits, adc_levels, adc_clip));
   const int64_t M = pl.p.M, N = pl.p.N, Tr = pl.p.Tr();
   TORCH_CHECK(gy.dim() == 2 && gy.size(0) == M && gy.size(1) == N, "xbar_coef_grad: gy must be [M, N] = [", M, ", ",

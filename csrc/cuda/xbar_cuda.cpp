@@ -22,6 +22,7 @@ XbarParams cuda_params(const at::Tensor& x, const at::Tensor& w, int64_t rows, i
   const XbarParams p = make_params_checked(x, w, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
                                            cell_bits, adc_levels, adc_clip);
   TORCH_CHECK(x.is_cuda(), "xbar: x_codes must be a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kInt, "xbar (CUDA): x_codes must be int32, got ", x.scalar_type());
   check_cuda(w, x, "w_codes");
   // The kernels' unsigned 32-bit partial sums are exact up to this size (xbar_kernel.h).
   TORCH_CHECK(rows <= kCudaMaxRows, "xbar (CUDA): rows must be <= ", kCudaMaxRows, ", got ", rows);
