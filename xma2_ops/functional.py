@@ -145,7 +145,6 @@ class _QuantizedXbar(torch.autograd.Function):
         cd = _compute_dtype(x)
         gx = gwb = gwt = gm = ga = None
         gy = gy.to(cd)
-        x_int = ref.quantize_input(x.to(cd), s_x.to(cd), params.input_bits, params.input_signed)
         if need[3] or need[4]:
             # Exact: y is linear in the coefficients, dy/dcoef[r, n] = T_int[r, :, n].
             g_b = backend.coef_gradient(x_codes, _weight_codes(w_b, s_w, params.weight_bits, cd), gy, params)
@@ -165,6 +164,7 @@ class _QuantizedXbar(torch.autograd.Function):
             ga = None if ga is None or not need[4] else ga.to(col_scale.dtype)
         if need[0] or need[1] or need[2]:
             # Straight-through: the float layer at the dequantised point, quantisers as identity.
+            x_int = ref.quantize_input(x.to(cd), s_x.to(cd), params.input_bits, params.input_signed)
             x_deq = (x_int * s_x.to(cd)).to(x.dtype)
             wb_deq = _dequantized(w_b, s_w, params.weight_bits, cd)
             wt_deq = _dequantized(w_t, s_t, params.weight_bits, cd) if w_t is not None else None
@@ -212,9 +212,9 @@ def _weight_key(w: torch.Tensor, s: torch.Tensor, weight_bits: int, cd):
 
 
 def _dequantized(w: torch.Tensor, s: torch.Tensor, weight_bits: int, cd) -> torch.Tensor:
-    w2 = w.detach().reshape(w.shape[0], -1).to(cd)
-    s2 = s.to(cd).reshape(-1, 1)
-    return (ref.quantize_weight(w2, s2, weight_bits) * s2).reshape(w.shape).to(w.dtype)
+    """s * codes in the weight's own layout (the codes from _weight_codes, cached there)."""
+    codes = _weight_codes(w, s, weight_bits, cd).T.to(cd)
+    return (codes * s.to(cd).reshape(-1, 1)).reshape(w.shape).to(w.dtype)
 
 
 def _mask_in_weight_layout(m: torch.Tensor, w_shape, rows: int, cols: int) -> torch.Tensor:
