@@ -9,7 +9,8 @@ import torch.nn as nn
 
 from xma2_ops import XbarConfig, XbarLinear, convert
 from xma2_ops import mta
-from xma2_ops.mta.masks import expand_pe, pe_extent
+from xma2_ops.mta.masks import pe_extent
+from xma2_ops.reference import expand_tiles
 
 CFG = XbarConfig(rows=32, cols=32)
 
@@ -379,5 +380,5 @@ def test_energy_model_is_overridable():
 
 def test_expand_pe_layout():
     m = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    e = expand_pe(m, 40, 40, 32, 32)
+    e = expand_tiles(m, 40, 40, 32, 32)
     assert e[:32, :32].all() and not e[:32, 32:].any() and e[32:, 32:].all()

@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 
 from .. import reference as ref
-from .masks import expand_pe, pe_extent, pe_sum, to_kn
+from ..reference import expand_tiles
+from .masks import pe_extent, pe_sum, to_kn
 from .methods import TIER1, task_info, xbar_layers
 
 PathLike = Union[str, os.PathLike]
@@ -127,7 +128,7 @@ def deployed_state(model: nn.Module) -> State:
             if pm is not None and w_t is not None:
                 mask = pm.detach().cpu() > 0
                 task = _cell_levels(w_t.cpu(), cfg.weight_bits, cfg.cell_bits)
-                sel = expand_pe(mask, k, n, cfg.rows, cfg.cols)[:, :, None, None]
+                sel = expand_tiles(mask, k, n, cfg.rows, cfg.cols)[:, :, None, None]
                 base = torch.where(sel, task, base)
         state[name] = (mask, base)
     return state

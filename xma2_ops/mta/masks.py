@@ -138,8 +138,3 @@ def pe_extent(k: int, n: int, rows: int, cols: int) -> torch.Tensor:
     r_used = torch.tensor([min(rows, k - r * rows) for r in range(tr)])
     c_used = torch.tensor([min(cols, n - c * cols) for c in range(tc)])
     return torch.stack(torch.broadcast_tensors(r_used[:, None], c_used[None, :]), -1)
-
-
-def expand_pe(mask: torch.Tensor, k: int, n: int, rows: int, cols: int) -> torch.Tensor:
-    """[Tr, Tc] -> [K, N]."""
-    return mask.repeat_interleave(rows, 0)[:k].repeat_interleave(cols, 1)[:, :n]

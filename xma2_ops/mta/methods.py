@@ -44,7 +44,8 @@ import torch.nn.functional as F
 
 from ..config import XbarConfig
 from ..modules import XbarConv2d, XbarLinear
-from .masks import ShiftLevels, binarize, expand_pe, from_kn, pe_sum, to_kn, topk_masks
+from ..reference import expand_tiles
+from .masks import ShiftLevels, binarize, from_kn, pe_sum, to_kn, topk_masks
 
 METHODS = ("finetune", "classifier", "piggyback", "xbm", "xma", "pe", "xma2")
 TIER1 = ("pe", "xma2")
@@ -165,7 +166,7 @@ class LayerAdapter(nn.Module):
 
     def _pe_to_weight(self, m: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         k = w[0].numel()
-        return from_kn(expand_pe(m, k, w.shape[0], self.rows, self.cols), w.shape)
+        return from_kn(expand_tiles(m, k, w.shape[0], self.rows, self.cols), w.shape)
 
     def col_scale(self) -> Optional[torch.Tensor]:
         if self.method == "xbm":
