@@ -13,6 +13,9 @@ from typing import Optional
 # Within these limits (rows <= 2^16, bits <= 16) every partial sum and every digital tile
 # sum T_int stays below 2^50 (see tile_sum_bound): exact in int64 and in float64.
 _MAX_DIM = 1 << 16
+# ADC full scale: with P <= Pmax < 2^33 and n < 2^24, 2*P*n + clip (and its fixed-point form
+# of SPEC 7.2, 2^F times larger with F <= 16) stays below 2^63 in every backend's int64 ADC.
+MAX_ADC_CLIP = 1 << 32
 
 
 def _check_int(name: str, value, lo: int, hi: int, allow_none: bool = False) -> None:
@@ -62,14 +65,18 @@ class XbarConfig:
         if self.adc_clip is not None:
             if isinstance(self.adc_clip, bool) or not isinstance(self.adc_clip, int):
                 raise TypeError(f"XbarConfig.adc_clip: expected a positive int or None, got {self.adc_clip!r}")
-            if self.adc_clip < 1:
-                raise ValueError(f"XbarConfig.adc_clip: expected a positive int or None, got {self.adc_clip}")
+            if not 1 <= self.adc_clip <= MAX_ADC_CLIP:
+                raise ValueError(f"XbarConfig.adc_clip: expected an int in [1, 2**32] or None, got {self.adc_clip}")
         if self.input_signed is not None and not isinstance(self.input_signed, bool):
             raise TypeError(f"XbarConfig.input_signed: expected True, False or None, got {self.input_signed!r}")
         if self.adc_bits is not None and (self.input_bits is None or self.weight_bits is None):
             raise ValueError(
                 "XbarConfig.adc_bits: an ADC needs integer partial sums, so adc_bits must be None "
                 f"when input_bits ({self.input_bits}) or weight_bits ({self.weight_bits}) is None")
+        if self.input_bits is not None and self.weight_bits is None:
+            raise ValueError(
+                f"XbarConfig.input_bits: quantised inputs need quantised weights (no mode computes integer inputs "
+                f"with float weights), so input_bits must be None when weight_bits is None, got {self.input_bits}")
         if self.input_signed is True and self.input_bits == 1:
             raise ValueError("XbarConfig.input_bits: signed inputs need input_bits >= 2 (one sign bit), got 1")
 
@@ -133,8 +140,8 @@ class XbarConfig:
 
     @property
     def adc_lossless(self) -> bool:
-        """True when every possible partial sum is reproduced exactly (n >= clip >= Pmax)."""
-        return self.adc_bits is None or (self.adc_levels >= self.clip and self.clip >= self.pmax)
+        """True when every possible partial sum is reproduced exactly (see adc_is_identity)."""
+        return adc_is_identity(self.adc_levels, self.clip, self.pmax)
 
     def tile_sum_bound(self, signed: bool) -> int:
         """Upper bound of |T_int| of one row tile (codes times shifts, before any float)."""
@@ -150,6 +157,15 @@ class XbarConfig:
 
     def resolve_signed(self, has_negative: bool) -> bool:
         return has_negative if self.input_signed is None else self.input_signed
+
+
+def adc_is_identity(levels: int, clip: int, pmax: int) -> bool:
+    """The one Python definition of a lossless ADC: every code equals its partial sum.
+
+    levels == 0 is the ideal ADC.  Otherwise code(P) = P for every P in [0, Pmax] exactly when
+    levels == clip >= Pmax (n = clip makes the step 1; clip >= Pmax means nothing saturates).
+    levels > clip gives code = round(P n / clip) != P and is refused by the ops' checks."""
+    return levels == 0 or (levels == clip and clip >= pmax)
 
 
 @dataclass(frozen=True)
@@ -188,3 +204,12 @@ class GemmParams:
     @property
     def slices(self) -> int:
         return -(-(self.weight_bits - 1) // self.cell_bits)
+
+    @property
+    def pmax(self) -> int:
+        return self.rows * (2 ** self.dac_bits - 1) * (2 ** self.cell_bits - 1)
+
+    @property
+    def adc_identity(self) -> bool:
+        """Every ADC code equals its partial sum (config.adc_is_identity)."""
+        return adc_is_identity(self.adc_levels, self.adc_clip, self.pmax)
