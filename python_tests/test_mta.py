@@ -194,7 +194,7 @@ def test_save_load_round_trip_is_bit_exact(spec, data, tmp_path):
     r1, r2 = mta.report(model).as_dict(), mta.report(fresh).as_dict()
     assert r1 == r2
     mta.save_task(fresh, tmp_path / "again.safetensors")
-    assert mta.read_task(path)[0]["tensors_sha256"] == mta.read_task(tmp_path / "again.safetensors")[0]["tensors_sha256"]
+    assert mta.read_task(path)[0]["content_sha256"] == mta.read_task(tmp_path / "again.safetensors")[0]["content_sha256"]
 
 
 def test_adapter_holds_only_the_reprogrammed_pes(data, tmp_path):
