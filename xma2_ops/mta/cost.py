@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from .. import reference as ref
+from ..config import XbarConfig
 from ..reference import expand_tiles
 from .masks import pe_extent, pe_sum, to_kn
 from .methods import TIER1, task_info, xbar_layers
@@ -96,15 +97,21 @@ class CostReport:
         return "\n".join(lines)
 
 
-def _cell_levels(w: torch.Tensor, weight_bits: int, cell_bits: int) -> torch.Tensor:
-    """Stored level of every cell of weight tensor ``w`` [N, ...] (whole-tensor derived scale, as
-    the modules use): int64 [K, N, 2, S] (polarity +/-, slice)."""
-    qmax = 2 ** (weight_bits - 1) - 1
-    codes = ref.quantize_weight(to_kn(w.detach()).double(), ref.derived_scale(w.detach().double(), qmax),
-                                weight_bits).to(torch.int64)
-    slices = -(-(weight_bits - 1) // cell_bits)
+def _compute_dtype(w: torch.Tensor) -> torch.dtype:
+    """The dtype the op quantises a weight in: float64 stays float64, other floats float32."""
+    return torch.float64 if w.dtype == torch.float64 else torch.float32
+
+
+def _cell_levels(w: torch.Tensor, cfg: XbarConfig) -> torch.Tensor:
+    """Stored level of every cell of weight tensor ``w`` [N, ...]: int64 [K, N, 2, S] (polarity
+    +/-, slice).  The codes come from the op's own quantiser (reference.derived_scale over the
+    whole tensor and reference.quantize_weight, in the weight's compute dtype, as the op runs
+    them), so the cost model counts exactly the codes the crossbars are programmed with."""
+    w_kn = to_kn(w.detach()).to(_compute_dtype(w))
+    codes = ref.quantize_weight(w_kn, ref.derived_scale(w_kn, cfg.weight_qmax), cfg.weight_bits).to(torch.int64)
     pols = [codes.clamp(min=0), (-codes).clamp(min=0)]
-    return torch.stack([torch.stack([ref.bit_field(p, j, cell_bits) for j in range(slices)], -1) for p in pols], -2)
+    return torch.stack([torch.stack([ref.bit_field(p, j, cfg.cell_bits) for j in range(cfg.weight_slices)], -1)
+                        for p in pols], -2)
 
 
 def deployed_state(model: nn.Module) -> State:
@@ -116,7 +123,7 @@ def deployed_state(model: nn.Module) -> State:
             raise ValueError(f"{name}: cost needs quantised weights (config.weight_bits is None)")
         k, n = layer.weight[0].numel(), layer.weight.shape[0]
         tr, tc = layer.tiles
-        base = _cell_levels(layer.weight, cfg.weight_bits, cfg.cell_bits)
+        base = _cell_levels(layer.weight.cpu(), cfg)
         mask = torch.zeros(tr, tc, dtype=torch.bool)
         ad = layer.adapter
         if ad is not None:
@@ -127,7 +134,7 @@ def deployed_state(model: nn.Module) -> State:
             ad.train(was)
             if pm is not None and w_t is not None:
                 mask = pm.detach().cpu() > 0
-                task = _cell_levels(w_t.cpu(), cfg.weight_bits, cfg.cell_bits)
+                task = _cell_levels(w_t.cpu(), cfg)
                 sel = expand_tiles(mask, k, n, cfg.rows, cfg.cols)[:, :, None, None]
                 base = torch.where(sel, task, base)
         state[name] = (mask, base)
