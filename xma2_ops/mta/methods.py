@@ -485,15 +485,19 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 16) -> Non
 def calibrate(model: nn.Module, loader: Iterable, batches: int = 4) -> None:
     """Set every crossbar layer's input range (max |x|) and sign flag from ``batches`` batches in
     eval mode, with the float training forward (the quantised one is not needed to observe
-    inputs).  Under torch.distributed the ranges are reduced with MAX over ranks."""
+    inputs).  Under torch.distributed the ranges are reduced with MAX (the signs with OR) over
+    ranks, on each layer's device (NCCL refuses CPU tensors)."""
     layers = xbar_layers(model)
-    seen = {id(m): [torch.zeros(()), torch.zeros((), dtype=torch.bool)] for _, m in layers}
+    seen: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hook(mod, args):
+        # device-side running (max |x|, any x < 0): no host copy or sync per batch
         x = args[0].detach()
-        s = seen[id(mod)]
-        s[0] = torch.maximum(s[0], x.abs().amax().float().cpu())
-        s[1] = s[1] | bool((x < 0).any())
+        if x.numel() == 0:
+            return
+        rng, neg = x.abs().amax().float(), (x < 0).any()
+        s = seen.get(id(mod))
+        seen[id(mod)] = (rng, neg) if s is None else (torch.maximum(s[0], rng), s[1] | neg)
 
     handles = [m.register_forward_pre_hook(hook) for _, m in layers]
     was_training = model.training
@@ -508,9 +512,12 @@ def calibrate(model: nn.Module, loader: Iterable, batches: int = 4) -> None:
         for h in handles:
             h.remove()
         model.train(was_training)
+    distributed = dist.is_available() and dist.is_initialized()
     for _, m in layers:
-        rng, neg = seen[id(m)]
-        if dist.is_available() and dist.is_initialized():
+        dev = m.input_range.device  # the layer's device: NCCL only reduces tensors on the rank's GPU
+        rng, neg = seen.get(id(m), (torch.zeros((), device=dev), torch.zeros((), dtype=torch.bool, device=dev)))
+        rng, neg = rng.to(dev), neg.to(dev)
+        if distributed:
             t = torch.stack([rng, neg.float()])
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             rng, neg = t[0], t[1] > 0
