@@ -2,9 +2,18 @@
 
 See README.md for the API and docs/SPEC.md for the exact semantics.
 """
+from importlib import metadata as _metadata
+
 from .config import XbarConfig
 from ._ops import available_backends
 from .functional import xbar_conv2d, xbar_linear
-from .modules import XbarConv2d, XbarLinear, convert
+from .modules import XbarConv2d, XbarLinear, convert, program
+from .programmed import ProgrammedWeight
 
-__all__ = ["XbarConfig", "available_backends", "xbar_conv2d", "xbar_linear", "XbarConv2d", "XbarLinear", "convert"]
+try:
+    __version__ = _metadata.version("xma2_ops")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = ["XbarConfig", "available_backends", "xbar_conv2d", "xbar_linear", "XbarConv2d", "XbarLinear", "convert",
+           "program", "ProgrammedWeight", "__version__"]

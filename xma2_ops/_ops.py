@@ -1,5 +1,16 @@
-"""Bindings of the torch.ops.xma2_ops operators, their fake (meta) implementations, and the
-backend table.  Every backend implements the same crossbar-GEMM contract:
+"""Bindings of the torch.ops.xma2_ops operators, their fake (meta) implementations, their
+autograd, and the backend table.
+
+Ops (all callable as ``torch.ops.xma2_ops.<name>``):
+- C++ (csrc/ops.cpp; CPU kernels, CUDA kernels when built with CUDA): ``xbar_tile_sums``,
+  ``xbar_mvm``, ``xbar_coef_grad``, ``xbar_unfold_codes`` -- the integer crossbar GEMM per backend;
+- Python (below, ``torch.library.custom_op``): ``crossbar_mvm`` -- the op the layers call: the
+  backend's mvm with its autograd registered at the op level (exact gradients for the coefficients,
+  SPEC 5), and ``straight_through_conv2d`` / ``straight_through_linear`` -- zero-valued ops whose
+  gradient is the straight-through estimator for x and the weights.  With these, the layers trace
+  into one graph under torch.compile (no Python autograd.Function with object arguments).
+
+Every backend implements the same crossbar-GEMM contract:
 
     tile_sums(x_codes [M,K] int32, w_codes [K,N] int32, params) -> int64 [Tr, M, N]
     mvm(x_codes, wb_codes, wt_codes|None, coef_b [Tr,N], coef_t|None, params) -> [M, N] (coef dtype)
@@ -9,25 +20,46 @@ A backend may also take x_codes in a smaller integer dtype (``small_codes``: uin
 and lower a conv without a float copy of the unfolded input (``unfold_codes``: im2col of the
 integer codes, same arguments as ``F.unfold`` plus the codes).
 
-``params`` is :class:`config.GemmParams`; the conv lowering, checks and autograd live in functional.py.
+``params`` is :class:`config.GemmParams`; the checks and the conv lowering live in functional.py
+and lowering.py.
 """
 from __future__ import annotations
 
 import importlib
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
 from . import reference
 from .config import GemmParams
+from .lowering import ConvLowering, LinearLowering
 
 try:
     from . import _C  # noqa: F401  (registers TORCH_LIBRARY(xma2_ops) and its CPU/CUDA kernels)
     _HAS_C = True
-except ImportError as _err:  # a source checkout without a build: only the reference backend
+    _C_ERROR: Optional[BaseException] = None
+except ImportError as _err:  # a source checkout without a build, or a build for another torch
     _HAS_C = False
     _C_ERROR = _err
+
+_C_HINT = ("the C++ extension xma2_ops._C did not load ({err}); only the slow 'reference' backend runs on the "
+           "CPU.  Rebuild it against the installed torch: `pip install --no-build-isolation -e .` (or "
+           "`pip install --no-build-isolation .`) in the xma2_ops source folder, after installing torch")
+_WARNED_NO_C = False
+
+
+def _warn_no_c() -> None:
+    """Warn once per process that CPU calls fall back to the reference (45-590x slower)."""
+    global _WARNED_NO_C
+    if not _WARNED_NO_C:
+        _WARNED_NO_C = True
+        warnings.warn(_C_HINT.format(err=_C_ERROR), RuntimeWarning, stacklevel=3)
+
+
+if not _HAS_C:
+    _warn_no_c()
 
 
 # ------------------------------------------------------------------ fake impls (torch.compile / opcheck)
@@ -146,27 +178,143 @@ if _TRITON is not None:
     _BACKENDS["triton"] = _TRITON
 
 
-def available_backends() -> List[str]:
-    """Names of the backends this install can run (on some device)."""
-    return list(_BACKENDS)
+_ALL_BACKENDS = ("cpu", "cuda", "triton", "reference")
+
+
+def _missing_reason(name: str) -> str:
+    if name == "cpu":
+        return _C_HINT.format(err=_C_ERROR)
+    if name == "cuda":
+        return ("the C++ extension did not load" if not _HAS_C else
+                "xma2_ops was built without its CUDA kernels (needs a CUDA build of torch and nvcc at build time)")
+    return "Triton is not installed or failed to import (pip install triton)"
+
+
+def available_backends(with_reasons: bool = False) -> Union[List[str], Dict[str, Optional[str]]]:
+    """Names of the backends this install can run (on some device).  ``with_reasons=True``: a dict
+    of every backend name to None (available) or why it is missing (e.g. the extension's import error)."""
+    if not with_reasons:
+        return list(_BACKENDS)
+    return {name: None if name in _BACKENDS else _missing_reason(name) for name in _ALL_BACKENDS}
+
+
+def check_backend_name(name: Optional[str]) -> None:
+    if name is None or (isinstance(name, str) and name in _BACKENDS):
+        return
+    hint = f" ({_missing_reason(name)})" if isinstance(name, str) and name in _ALL_BACKENDS else ""
+    raise ValueError(f"backend: expected one of {available_backends()} or None, got {name!r}{hint}")
 
 
 def get_backend(name: Optional[str], device: torch.device) -> Backend:
     """The named backend, or the best one for ``device`` when name is None.
 
-    On CUDA tensors the default is "cuda" when the extension was built with its CUDA kernels
-    (compiled ahead of time: no JIT latency, no Triton needed at run time), else "triton" (needs
-    only Triton, so it also serves installs built without nvcc), else the slow "reference".
+    On CUDA tensors the default is "triton" (the CUDA kernel has not been measured on a GPU yet),
+    else "cuda" when the extension was built with its CUDA kernels, else the slow "reference".
     On CPU tensors it is the C++ "cpu" kernel; "triton" on CPU (TRITON_INTERPRET=1) is only
-    for tests and must be asked for by name.
+    for tests and must be asked for by name.  Falling back to "reference" warns (once) why.
     """
+    check_backend_name(name)
     if name is None:
-        order = ["cuda", "triton", "reference"] if device.type == "cuda" else ["cpu", "reference"]
+        order = ["triton", "cuda", "reference"] if device.type == "cuda" else ["cpu", "reference"]
         name = next(n for n in order if n in _BACKENDS)
-    if not isinstance(name, str) or name not in _BACKENDS:
-        hint = "" if _HAS_C or name != "cpu" else f" (the C++ extension did not load: {_C_ERROR})"
-        raise ValueError(f"backend: expected one of {available_backends()} or None, got {name!r}{hint}")
+        if name == "reference":
+            _warn_no_c()
     be = _BACKENDS[name]
     if device.type not in be.devices:
         raise ValueError(f"backend: {name!r} runs on {list(be.devices)} tensors, got tensors on {device}")
     return be
+
+
+# ------------------------------------------------------------------ the ops the layers call (autograd at op level)
+@torch.library.custom_op("xma2_ops::crossbar_mvm", mutates_args=())
+def _crossbar_mvm(x_codes: torch.Tensor, wb_codes: torch.Tensor, wt_codes: Optional[torch.Tensor],
+                  coef_b: torch.Tensor, coef_t: Optional[torch.Tensor], rows: int, cols: int, input_bits: int,
+                  input_signed: bool, dac_bits: int, weight_bits: int, cell_bits: int, adc_levels: int,
+                  adc_clip: int, backend: str) -> torch.Tensor:
+    p = GemmParams(rows, cols, input_bits, input_signed, dac_bits, weight_bits, cell_bits, adc_levels, adc_clip)
+    return get_backend(backend, x_codes.device).mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, p)
+
+
+@_crossbar_mvm.register_fake
+def _crossbar_mvm_fake(x_codes, wb_codes, wt_codes, coef_b, coef_t, *args):
+    torch._check(x_codes.dim() == 2 and wb_codes.dim() == 2)
+    torch._check(x_codes.shape[1] == wb_codes.shape[0])
+    return coef_b.new_empty((x_codes.shape[0], wb_codes.shape[1]))
+
+
+def _crossbar_mvm_setup(ctx, inputs, output) -> None:
+    x_codes, wb_codes, wt_codes, coef_b, coef_t, *ints, backend = inputs
+    ctx.save_for_backward(x_codes, wb_codes, wt_codes)
+    ctx.params = GemmParams(*ints)
+    ctx.backend = backend
+    ctx.coef_dtype = coef_b.dtype
+
+
+def _crossbar_mvm_backward(ctx, gy):
+    # Exact: y is linear in the coefficients, dy/dcoef[r, n] = T_int[r, :, n] (SPEC 5).
+    x_codes, wb_codes, wt_codes = ctx.saved_tensors
+    be = get_backend(ctx.backend, x_codes.device)
+    g_b = g_t = None
+    if ctx.needs_input_grad[3]:
+        g_b = be.coef_gradient(x_codes, wb_codes, gy, ctx.params).to(ctx.coef_dtype)
+    if wt_codes is not None and ctx.needs_input_grad[4]:
+        g_t = be.coef_gradient(x_codes, wt_codes, gy, ctx.params).to(ctx.coef_dtype)
+    return (None, None, None, g_b, g_t) + (None,) * 10
+
+
+_crossbar_mvm.register_autograd(_crossbar_mvm_backward, setup_context=_crossbar_mvm_setup)
+
+
+def crossbar_mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, p: GemmParams, backend: str) -> torch.Tensor:
+    """y [M, N] = sum_r coef_b T_b_int + coef_t T_t_int on ``backend``, differentiable in the coefficients."""
+    return torch.ops.xma2_ops.crossbar_mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, *p.as_args(), backend)
+
+
+@torch.library.custom_op("xma2_ops::straight_through_conv2d", mutates_args=())
+def _ste_conv2d(x: torch.Tensor, w: torch.Tensor, stride: List[int], padding: List[int],
+                dilation: List[int]) -> torch.Tensor:
+    low = ConvLowering(tuple(x.shape), tuple(w.shape), tuple(stride), tuple(padding), tuple(dilation))
+    return x.new_zeros(low.out_shape)
+
+
+@_ste_conv2d.register_fake
+def _ste_conv2d_fake(x, w, stride, padding, dilation):
+    low = ConvLowering(tuple(x.shape), tuple(w.shape), tuple(stride), tuple(padding), tuple(dilation))
+    return x.new_empty(low.out_shape)
+
+
+@torch.library.custom_op("xma2_ops::straight_through_linear", mutates_args=())
+def _ste_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.new_zeros((*x.shape[:-1], w.shape[0]))
+
+
+@_ste_linear.register_fake
+def _ste_linear_fake(x, w):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def _ste_setup(ctx, inputs, output) -> None:
+    x, w, *geometry = inputs
+    ctx.save_for_backward(x, w)
+    ctx.geometry = tuple(tuple(g) for g in geometry)
+
+
+def _ste_backward(ctx, gy):
+    x, w = ctx.saved_tensors
+    low = (ConvLowering(tuple(x.shape), tuple(w.shape), *ctx.geometry) if ctx.geometry
+           else LinearLowering(tuple(x.shape), tuple(w.shape)))
+    gx, gw = low.ste_grads(gy, x, w)
+    return (gx if ctx.needs_input_grad[0] else None, gw if ctx.needs_input_grad[1] else None) + (None,) * len(
+        ctx.geometry)
+
+
+_ste_conv2d.register_autograd(_ste_backward, setup_context=_ste_setup)
+_ste_linear.register_autograd(_ste_backward, setup_context=_ste_setup)
+
+
+def straight_through(x: torch.Tensor, w: torch.Tensor, lowering) -> torch.Tensor:
+    """Zeros of the layer's output shape whose gradient is the float layer's at (x, w)."""
+    if isinstance(lowering, ConvLowering):
+        return torch.ops.xma2_ops.straight_through_conv2d(x, w, list(lowering.stride), list(lowering.padding),
+                                                          list(lowering.dilation))
+    return torch.ops.xma2_ops.straight_through_linear(x, w)

@@ -1,234 +1,34 @@
-"""xbar_conv2d / xbar_linear: argument checks, lowering to the crossbar GEMM, backend choice
-and autograd (docs/SPEC.md sections 4-6).
+"""xbar_conv2d / xbar_linear: the public, stateless crossbar layers (docs/SPEC.md sections 4-6).
 
-Data path: check -> quantise (reference.py rules) -> lower to x_codes [M, K], w_codes [K, N]
--> one backend kernel -> back to the layer's output layout.
+Data path: argument checks -> program the weights (programmed.py; a layer passes its own
+programmed state instead) -> quantise x and lower it to the GEMM (lowering.py) -> one op call
+``torch.ops.xma2_ops.crossbar_mvm`` (_ops.py: backend choice, autograd) -> the layer's layout.
+
+Host synchronisation: every check that needs data (finite values, mask ranges, the input's sign
+and range, whether a layer's programmed weight is still current) is gathered into one tensor and
+read with one ``tolist()`` per call.  Under ``torch.compile`` these data checks are skipped (they
+would break the graph) and layers re-program their weights inside the graph; validate a model
+once in eager mode.
 """
 from __future__ import annotations
 
-import math
-import weakref
-from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from . import reference as ref
-from ._ops import get_backend
+from ._ops import check_backend_name, crossbar_mvm, get_backend, straight_through
 from .config import GemmParams, XbarConfig
+from .lowering import ConvLowering, LinearLowering, coefficients, effective_weight
+from .programmed import ProgrammedWeight, ProgrammingCache, compute_dtype, program_weight
 
 ScaleArg = Union[None, float, torch.Tensor]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-# ------------------------------------------------------------------ lowering of a layer to the GEMM
-@dataclass(frozen=True)
-class _ConvLowering:
-    """Conv2d as X [M, K] @ W [K, N], M = B*Ho*Wo, K = Cin*kh*kw (PyTorch's (c, i, j) order)."""
-
-    x_shape: Tuple[int, ...]
-    w_shape: Tuple[int, ...]
-    stride: Tuple[int, int]
-    padding: Tuple[int, int]
-    dilation: Tuple[int, int]
-
-    @property
-    def out_hw(self) -> Tuple[int, int]:
-        h, w = self.x_shape[2:]
-        kh, kw = self.w_shape[2:]
-        return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
-                     zip((h, w), (kh, kw), self.stride, self.padding, self.dilation))
-
-    def unfold(self, t: torch.Tensor) -> torch.Tensor:
-        cols = F.unfold(t, self.w_shape[2:], dilation=self.dilation, padding=self.padding, stride=self.stride)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-
-    def unfold_codes(self, codes: torch.Tensor, backend) -> torch.Tensor:
-        """Integer codes [B, Cin, H, W] -> [M, K], without a float copy when the backend can."""
-        if backend.unfold_codes is None:
-            return self.unfold(codes.to(torch.float32)).to(codes.dtype)  # codes of <= 16 bits: exact
-        return backend.unfold_codes(codes, self.w_shape[2:], self.dilation, self.padding, self.stride)
-
-    def fold_output(self, y: torch.Tensor) -> torch.Tensor:
-        ho, wo = self.out_hw
-        return y.reshape(self.x_shape[0], ho, wo, self.w_shape[0]).permute(0, 3, 1, 2).contiguous()
-
-    def float_forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation)
-
-    def ste_grads(self, gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
-        """(dL/dx, dL/dw) of float_forward at (x, w) for the GEMM-layout gradient gy [M, N]."""
-        g = self.fold_output(gy)
-        gx = torch.nn.grad.conv2d_input(self.x_shape, w, g, self.stride, self.padding, self.dilation)
-        gw = torch.nn.grad.conv2d_weight(x, self.w_shape, g, self.stride, self.padding, self.dilation)
-        return gx, gw
-
-
-@dataclass(frozen=True)
-class _LinearLowering:
-    x_shape: Tuple[int, ...]
-    w_shape: Tuple[int, ...]
-
-    def unfold(self, t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(-1, self.x_shape[-1])
-
-    def unfold_codes(self, codes: torch.Tensor, backend) -> torch.Tensor:
-        return self.unfold(codes)
-
-    def fold_output(self, y: torch.Tensor) -> torch.Tensor:
-        return y.reshape(*self.x_shape[:-1], self.w_shape[0])
-
-    def float_forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, w)
-
-    def ste_grads(self, gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
-        gx = (gy @ w).reshape(self.x_shape)
-        gw = gy.T @ x.reshape(-1, self.x_shape[-1])
-        return gx, gw
-
-
-# ------------------------------------------------------------------ the two-tier masks as weights/coefficients
-def effective_weight(w_b: torch.Tensor, w_t: Optional[torch.Tensor], pe_mask: torch.Tensor, col_scale: torch.Tensor,
-                     rows: int, cols: int) -> torch.Tensor:
-    """W_eff = m W_t + (1 - m) alpha W_b per PE (SPEC 4), in the weight's own layout [N, ...]."""
-    n, k = w_b.shape[0], w_b[0].numel()
-    m_kn = ref.expand_tiles(pe_mask, k, n, rows, cols)
-    a_kn = ref.expand_rows(col_scale, k, rows)
-    w_eff = ((1 - m_kn) * a_kn).T.reshape(w_b.shape) * w_b
-    if w_t is not None:
-        w_eff = w_eff + m_kn.T.reshape(w_b.shape) * w_t
-    return w_eff
-
-
-def _coefficients(pe_mask, col_scale, s_x, s_w, s_t, cols: int, adc_step: float, dtype, with_task: bool):
-    """coef_b, coef_t [Tr, N] such that y = sum_r coef_b T_b_int + coef_t T_t_int (SPEC 4)."""
-    m_col = ref.column_tiles(pe_mask, col_scale.shape[1], cols).to(dtype)
-    base = s_x.to(dtype) * adc_step
-    coef_b = base * (1 - m_col) * col_scale.to(dtype) * s_w.to(dtype)
-    coef_t = base * m_col * s_t.to(dtype) if with_task else None
-    return coef_b, coef_t
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """Quantisers run in x's dtype, half precisions in float32 (so 16-bit codes stay exact)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-class _QuantizedXbar(torch.autograd.Function):
-    """The bit-sliced crossbar forward; exact gradients for pe_mask/col_scale (they act after the
-    ADC), straight-through gradients for x and the weights (SPEC 5)."""
-
-    @staticmethod
-    def forward(ctx, x, w_b, w_t, pe_mask, col_scale, s_x, s_w, s_t, lowering, params: GemmParams,
-                adc_step: float, backend):
-        cd = _compute_dtype(x)
-        x_int = ref.quantize_input(x.to(cd), s_x.to(cd), params.input_bits, params.input_signed)
-        x_codes = lowering.unfold_codes(x_int.to(_code_dtype(params, backend)), backend)
-        wb_codes = _weight_codes(w_b, s_w, params.weight_bits, cd)
-        use_task = w_t is not None and bool((pe_mask != 0).any())
-        wt_codes = _weight_codes(w_t, s_t, params.weight_bits, cd) if use_task else None
-        coef_b, coef_t = _coefficients(pe_mask, col_scale, s_x, s_w, s_t, params.cols, adc_step, cd, use_task)
-        y = backend.mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, params)
-        # The codes are kept for the exact mask/scale gradients (they are small: one byte per entry
-        # for inputs of up to 8 bits on the CPU backend).
-        keep = x_codes if ctx.needs_input_grad[3] or ctx.needs_input_grad[4] else None
-        ctx.save_for_backward(x, w_b, w_t, pe_mask, col_scale, s_x, s_w, s_t, keep)
-        ctx.meta = (lowering, params, adc_step, backend, use_task)
-        return y.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, w_b, w_t, pe_mask, col_scale, s_x, s_w, s_t, x_codes = ctx.saved_tensors
-        lowering, params, adc_step, backend, use_task = ctx.meta
-        need = ctx.needs_input_grad
-        cd = _compute_dtype(x)
-        gx = gwb = gwt = gm = ga = None
-        gy = gy.to(cd)
-        if need[3] or need[4]:
-            # Exact: y is linear in the coefficients, dy/dcoef[r, n] = T_int[r, :, n].
-            g_b = backend.coef_gradient(x_codes, _weight_codes(w_b, s_w, params.weight_bits, cd), gy, params)
-            g_t = (backend.coef_gradient(x_codes, _weight_codes(w_t, s_t, params.weight_bits, cd), gy, params)
-                   if w_t is not None else None)
-            with torch.enable_grad():
-                m_ = pe_mask.detach().requires_grad_()
-                a_ = col_scale.detach().requires_grad_()
-                coef_b, coef_t = _coefficients(m_, a_, s_x, s_w, s_t, params.cols, adc_step, torch.float64,
-                                               g_t is not None)
-                outs, grads = [coef_b], [g_b]
-                if g_t is not None:
-                    outs.append(coef_t)
-                    grads.append(g_t)
-                gm, ga = torch.autograd.grad(outs, [m_, a_], grads, allow_unused=True)
-            gm = None if gm is None or not need[3] else gm.to(pe_mask.dtype)
-            ga = None if ga is None or not need[4] else ga.to(col_scale.dtype)
-        if need[0] or need[1] or need[2]:
-            # Straight-through: the float layer at the dequantised point, quantisers as identity.
-            x_int = ref.quantize_input(x.to(cd), s_x.to(cd), params.input_bits, params.input_signed)
-            x_deq = (x_int * s_x.to(cd)).to(x.dtype)
-            wb_deq = _dequantized(w_b, s_w, params.weight_bits, cd)
-            wt_deq = _dequantized(w_t, s_t, params.weight_bits, cd) if w_t is not None else None
-            m, a = pe_mask.detach().to(w_b.dtype), col_scale.detach().to(w_b.dtype)
-            w_eff = effective_weight(wb_deq, wt_deq, m, a, params.rows, params.cols)
-            gx_, gw_eff = lowering.ste_grads(gy.to(x.dtype), x_deq, w_eff)
-            if need[0]:
-                gx = gx_ * ref.input_in_range(x.to(cd), s_x.to(cd), params.input_bits, params.input_signed)
-            if need[1]:
-                gwb = effective_weight(gw_eff, None, m, a, params.rows, params.cols)
-            if need[2] and w_t is not None:
-                gwt = gw_eff * _mask_in_weight_layout(m, w_b.shape, params.rows, params.cols)
-        return gx, gwb, gwt, gm, ga, None, None, None, None, None, None, None
-
-
-def _weight_codes(w: torch.Tensor, s: torch.Tensor, weight_bits: int, cd) -> torch.Tensor:
-    """[K, N] int32 codes of a weight [N, ...] with a scalar or per-column scale (cached, see below)."""
-    key = _weight_key(w, s, weight_bits, cd)
-    hit = _WEIGHT_CODES.get(id(w)) if key is not None else None
-    if hit is not None and hit[0]() is w and hit[1] == key:
-        return hit[2]
-    w2 = w.detach().reshape(w.shape[0], -1).to(cd)
-    codes = ref.quantize_weight(w2, s.to(cd).reshape(-1, 1), weight_bits).T.contiguous().to(torch.int32)
-    if key is not None:
-        if len(_WEIGHT_CODES) >= _WEIGHT_CODES_SIZE:
-            _WEIGHT_CODES.pop(next(iter(_WEIGHT_CODES)))
-        _WEIGHT_CODES[id(w)] = (weakref.ref(w), key, codes)
-    return codes
-
-
-# Weight codes are re-made only when the weight changes: a CPU weight's codes are kept per tensor
-# object (checked through a weak reference, so a new tensor at a recycled id never matches),
-# keyed by its version counter (bumped by every in-place write, optimizer steps included), its
-# storage, layout and the scale's values.  The CPU kernel caches its packed bit planes per codes
-# tensor the same way, so an unchanged weight is neither quantised nor packed again.
-_WEIGHT_CODES: dict = {}
-_WEIGHT_CODES_SIZE = 64
-
-
-def _weight_key(w: torch.Tensor, s: torch.Tensor, weight_bits: int, cd):
-    if w.device.type != "cpu" or w.is_inference():
-        return None
-    return (w._version, w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, s.detach().cpu().numpy().tobytes(),
-            tuple(s.shape), weight_bits, cd)
-
-
-def _dequantized(w: torch.Tensor, s: torch.Tensor, weight_bits: int, cd) -> torch.Tensor:
-    """s * codes in the weight's own layout (the codes from _weight_codes, cached there)."""
-    codes = _weight_codes(w, s, weight_bits, cd).T.to(cd)
-    return (codes * s.to(cd).reshape(-1, 1)).reshape(w.shape).to(w.dtype)
-
-
-def _mask_in_weight_layout(m: torch.Tensor, w_shape, rows: int, cols: int) -> torch.Tensor:
-    n, k = w_shape[0], math.prod(w_shape[1:])
-    return ref.expand_tiles(m, k, n, rows, cols).T.reshape(w_shape)
-
-
-def _code_dtype(params: GemmParams, backend) -> torch.dtype:
-    """The smallest integer dtype of the input codes that the backend takes (int32 by default)."""
-    if not backend.small_codes:
-        return torch.int32
-    if params.input_bits <= 8:
-        return torch.int8 if params.input_signed else torch.uint8
-    return torch.int16 if params.input_bits <= 15 or params.input_signed else torch.int32
+# Largest GEMM a call may describe (rows x max(K, N) elements): far beyond any memory, and small
+# enough that no size product in any backend can overflow int64.
+_MAX_GEMM_ELEMS = 1 << 56
 
 
 # ------------------------------------------------------------------ argument checks (SPEC 6)
@@ -244,35 +44,6 @@ def _check_tensor(name: str, t, ref_t: torch.Tensor, shape: Optional[Sequence[in
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name}: expected finite values, got NaN or inf")
-
-
-def _scale_tensor(name: str, given: ScaleArg, like: torch.Tensor, qmax: int, n_cols: Optional[int],
-                  amax: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """A given scale (float or tensor: scalar, or [N] when n_cols is set) checked, or the derived one;
-    in the compute dtype of ``like`` (float32 for half precisions, like the quantisers).
-    ``amax``: max|like|, when the caller already has it."""
-    cd = _compute_dtype(like)
-    if given is None:
-        return ref.derived_scale(like.to(cd), qmax) if amax is None else ref.derived_scale(like, qmax, amax.to(cd))
-    if isinstance(given, bool) or not isinstance(given, (int, float, torch.Tensor)):
-        raise TypeError(f"{name}: expected None, a float or a tensor, got {type(given).__name__}")
-    if isinstance(given, torch.Tensor):
-        _check_tensor(name, given, like)
-        s = given.detach()
-    else:
-        s = torch.tensor(float(given), dtype=cd, device=like.device)
-    allowed = {()} | ({(n_cols,), (1,)} if n_cols is not None else {(1,)})
-    if tuple(s.shape) not in allowed:
-        what = f"a scalar or shape ({n_cols},)" if n_cols is not None else "a scalar"
-        raise ValueError(f"{name}: expected {what}, got shape {tuple(s.shape)}")
-    if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
-        raise ValueError(f"{name}: expected positive finite values, got {s.cpu().tolist()}")
-    return s.to(cd)
-
-
 def _pair(name: str, v, minimum: int) -> Tuple[int, int]:
     t = (v, v) if isinstance(v, int) and not isinstance(v, bool) else tuple(v) if isinstance(v, (tuple, list)) else None
     if t is None or len(t) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) and i >= minimum for i in t):
@@ -280,81 +51,317 @@ def _pair(name: str, v, minimum: int) -> Tuple[int, int]:
     return t
 
 
-def _check_masks(config: XbarConfig, k: int, n: int, ref_t: torch.Tensor, task_weight, pe_mask, col_scale):
-    tr, tc = config.tiles(k, n)
-    if pe_mask is None:
-        pe_mask = torch.zeros(tr, tc, dtype=ref_t.dtype, device=ref_t.device)
-    else:
-        _check_tensor("pe_mask", pe_mask, ref_t, (tr, tc))
-        _check_finite("pe_mask", pe_mask)
-        if bool(((pe_mask < 0) | (pe_mask > 1)).any()):
-            raise ValueError("pe_mask: expected values in [0, 1] (1 = re-programmed PE)")
-        if task_weight is None and bool((pe_mask != 0).any()):
-            raise ValueError("pe_mask: selects re-programmed PEs but task_weight is None")
-    if col_scale is None:
-        col_scale = torch.ones(tr, n, dtype=ref_t.dtype, device=ref_t.device)
-    else:
-        _check_tensor("col_scale", col_scale, ref_t, (tr, n))
-        _check_finite("col_scale", col_scale)
-    return pe_mask, col_scale
-
-
-def _check_common(x, weight, bias, config, task_weight):
+def _check_common(x, weight, bias, config, task_weight) -> None:
     if not isinstance(config, XbarConfig):
         raise TypeError(f"config: expected an XbarConfig, got {type(config).__name__}")
     _check_tensor("x", x, x)
     _check_tensor("weight", weight, x)
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight: expected dtype {x.dtype} (like x), got {weight.dtype}")
-    if bias is not None:
-        _check_tensor("bias", bias, x, (weight.shape[0],))
+    for name, t, shape in (("weight", weight, None), ("bias", bias, (weight.shape[0],)),
+                           ("task_weight", task_weight, tuple(weight.shape))):
+        if t is None:
+            continue
+        _check_tensor(name, t, x, shape)
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (like x), got {t.dtype}")
+
+
+class _DataChecks:
+    """Checks that need tensor values, read back in one host synchronisation.
+
+    ``require(ok, message)`` records a 0-dim bool tensor that must be True; ``value(t)`` records a
+    0-dim tensor whose value the caller needs; ``run()`` reads all of them with one ``tolist()``
+    and raises the first failed requirement.  Under torch.compile nothing is read (``run`` returns
+    None for every value)."""
+
+    def __init__(self) -> None:
+        self._items: List[torch.Tensor] = []
+        self._messages: List[Optional[str]] = []
+
+    def require(self, ok: torch.Tensor, message: str) -> None:
+        self._items.append(ok)
+        self._messages.append(message)
+
+    def value(self, t: torch.Tensor) -> int:
+        self._items.append(t)
+        self._messages.append(None)
+        return len(self._items) - 1
+
+    def run(self) -> Optional[list]:
+        if not self._items or torch.compiler.is_compiling():
+            return None
+        vals = torch.stack([t.detach().reshape(()).to(torch.float64) for t in self._items]).tolist()
+        for v, msg in zip(vals, self._messages):
+            if msg is not None and not v:
+                raise ValueError(msg)
+        return vals
+
+
+def _scale_tensor(name: str, given: ScaleArg, like: torch.Tensor, n_cols: Optional[int],
+                  checks: _DataChecks) -> Optional[torch.Tensor]:
+    """A given scale (float or tensor: scalar, or [N] when n_cols is set), checked, in the compute
+    dtype of ``like``; None when not given (the caller derives it)."""
+    if given is None:
+        return None
+    if isinstance(given, bool) or not isinstance(given, (int, float, torch.Tensor)):
+        raise TypeError(f"{name}: expected None, a float or a tensor, got {type(given).__name__}")
+    cd = compute_dtype(like)
+    if isinstance(given, torch.Tensor):
+        _check_tensor(name, given, like)
+        allowed = {()} | ({(n_cols,), (1,)} if n_cols is not None else {(1,)})
+        if tuple(given.shape) not in allowed:
+            what = f"a scalar or shape ({n_cols},)" if n_cols is not None else "a scalar"
+            raise ValueError(f"{name}: expected {what}, got shape {tuple(given.shape)}")
+        s = given.detach().to(cd)
+        checks.require((torch.isfinite(s) & (s > 0)).all(), f"{name}: expected positive finite values")
+        return s.reshape(-1) if s.dim() else s
+    if not (float(given) > 0 and float(given) < float("inf")):
+        raise ValueError(f"{name}: expected a positive finite value, got {given!r}")
+    return torch.tensor(float(given), dtype=cd, device=like.device)
+
+
+def _check_masks(config: XbarConfig, k: int, n: int, x: torch.Tensor, task_weight, pe_mask, col_scale,
+                 checks: _DataChecks):
+    tr, tc = config.tiles(k, n)
+    if pe_mask is None:
+        pe_mask = torch.zeros(tr, tc, dtype=x.dtype, device=x.device)
+    else:
+        _check_tensor("pe_mask", pe_mask, x, (tr, tc))
+        if pe_mask.numel():
+            lo, hi = torch.aminmax(pe_mask.detach())
+            checks.require((lo >= 0) & (hi <= 1), "pe_mask: expected values in [0, 1] (1 = re-programmed PE), "
+                                                  "got NaN or values outside")
+            if task_weight is None:
+                checks.require(hi == 0, "pe_mask: selects re-programmed PEs but task_weight is None")
+    if col_scale is None:
+        col_scale = torch.ones(tr, n, dtype=x.dtype, device=x.device)
+    else:
+        _check_tensor("col_scale", col_scale, x, (tr, n))
+        checks.require(torch.isfinite(col_scale.detach()).all(), "col_scale: expected finite values, got NaN or inf")
+    return pe_mask, col_scale
+
+
+# ------------------------------------------------------------------ programming the weights
+@dataclass
+class _WeightSlot:
+    """One weight (backbone or task) on its way to a programmed state."""
+
+    name: str
+    weight: torch.Tensor
+    given: Optional[torch.Tensor]  # a given scale, or None (derived: max|W| / Qw)
+    cache: Optional[ProgrammingCache]
+    state: Optional[ProgrammedWeight] = None
+    same_index: Optional[int] = None  # index of the "unchanged since programming" flag in the checks
+    finite_checked: bool = field(default=False)
+
+    def program(self, weight_bits: int, checks: Optional[_DataChecks]) -> None:
+        w = self.weight.detach()
+        scale = self.given
+        if scale is None:
+            scale = ref.derived_scale(w.to(compute_dtype(w)), 2 ** (weight_bits - 1) - 1)
+            ok = torch.isfinite(scale)  # max|W| is NaN or inf exactly when W is not finite
+        else:
+            ok = torch.isfinite(w).all()
+        if checks is not None:
+            checks.require(ok, f"{self.name}: expected finite values, got NaN or inf")
+        self.state = program_weight(w, scale, weight_bits)
+
+
+def _prepare_slots(slots: List[_WeightSlot], weight_bits: int, checks: _DataChecks, reuse: bool) -> None:
+    """Programs every slot, or, where a layer's cache may hold it (eval mode), asks the cache and
+    leaves the decision to after the checks' synchronisation."""
+    for slot in slots:
+        same = slot.cache.same_source(slot.weight, slot.given) if (reuse and slot.cache is not None) else None
+        if same is None:
+            slot.program(weight_bits, checks)
+        else:
+            slot.same_index = checks.value(same)
+
+
+def _finish_slots(slots: List[_WeightSlot], weight_bits: int, vals: Optional[list], keep_source: bool) -> None:
+    """After the synchronisation: reuse unchanged programmed weights, program the changed ones."""
+    late = _DataChecks()
+    for slot in slots:
+        if slot.state is None:
+            if vals is not None and vals[slot.same_index]:
+                slot.state = slot.cache.state
+                continue
+            slot.program(weight_bits, late)  # the weight changed since it was programmed (rare)
+        if slot.cache is not None:
+            slot.cache.store(slot.weight, slot.given, slot.state, keep_source)
+    late.run()
+
+
+def program_layer(weight: torch.Tensor, task_weight: Optional[torch.Tensor], weight_bits: int,
+                  caches: Tuple[ProgrammingCache, ProgrammingCache]) -> None:
+    """Program a layer's weights (derived scales) into its caches now, unless they are current."""
+    slots = [_WeightSlot("weight", weight, None, caches[0])]
     if task_weight is not None:
-        _check_tensor("task_weight", task_weight, x, tuple(weight.shape))
-        if task_weight.dtype != x.dtype:
-            raise TypeError(f"task_weight: expected dtype {x.dtype} (like x), got {task_weight.dtype}")
+        slots.append(_WeightSlot("task_weight", task_weight, None, caches[1]))
+    checks = _DataChecks()
+    _prepare_slots(slots, weight_bits, checks, reuse=True)
+    _finish_slots(slots, weight_bits, checks.run(), keep_source=True)
+
+
+# ------------------------------------------------------------------ the shared body
+def _empty_output(x, weight, bias, lowering, task_weight, pe_mask, col_scale) -> torch.Tensor:
+    """No input rows, no inputs (or only padding), or no outputs: y = bias (zero inputs give zero
+    partial sums and ADC codes),
+    still connected to every differentiable argument."""
+    y = x.new_zeros(lowering.out_shape)
+    for t in (x, weight, task_weight, pe_mask, col_scale):
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            y = y + 0 * t.sum()
+    return y if bias is None else lowering.add_bias(y, bias)
+
+
+def _xbar(x, weight, bias, lowering, config: XbarConfig, task_weight, pe_mask, col_scale, input_scale,
+          weight_scale, task_weight_scale, backend, *, signed: Union[None, bool, torch.Tensor] = None,
+          caches: Tuple[Optional[ProgrammingCache], Optional[ProgrammingCache]] = (None, None),
+          reuse: bool = False, on_sign: Optional[Callable[[bool], None]] = None) -> torch.Tensor:
+    """``signed``/``caches``/``reuse``/``on_sign`` are the layers' own: the input sign decided at
+    calibration (a bool, or a 0-dim bool tensor read in the one synchronisation), their
+    programmed-state caches, whether a cached state may be reused (eval mode), and a callback
+    told the sign that was used."""
+    m, k, n = lowering.gemm_mkn
+    if m * max(k, n, 1) > _MAX_GEMM_ELEMS:
+        raise ValueError(f"x: the crossbar GEMM of this call would be [{m}, {k}] x [{k}, {n}], beyond any memory "
+                         f"(check the input shape, padding and dilation)")
+    check_backend_name(backend)
+    checks = _DataChecks()
+    pe_mask, col_scale = _check_masks(config, k, n, x, task_weight, pe_mask, col_scale, checks)
+    if m == 0 or k == 0 or n == 0 or x.numel() == 0:  # (x may be empty while padding makes rows)
+        checks.run()
+        return _empty_output(x, weight, bias, lowering, task_weight, pe_mask, col_scale)
+    if config.weight_bits is None:  # ideal crossbar: y = conv(x, W_eff)
+        checks.run()
+        w_eff = effective_weight(weight, task_weight, pe_mask.to(x.dtype), col_scale.to(x.dtype), config.rows,
+                                 config.cols)
+        y = lowering.float_forward(x, w_eff)
+        return y if bias is None else lowering.add_bias(y, bias)
+
+    compiling = torch.compiler.is_compiling()
+    slots = [_WeightSlot("weight", weight, _scale_tensor("weight_scale", weight_scale, weight, n, checks), caches[0])]
+    if task_weight is not None:
+        slots.append(_WeightSlot("task_weight", task_weight,
+                                 _scale_tensor("task_weight_scale", task_weight_scale, task_weight, n, checks),
+                                 caches[1]))
+    _prepare_slots(slots, config.weight_bits, checks, reuse and not compiling)
+    quantized = config.quantized
+    be = get_backend(backend, x.device) if quantized else None
+    s_x = _scale_tensor("input_scale", input_scale, x, None, checks) if quantized else None
+    sign_index = None
+    if quantized:
+        # One pass over x gives finiteness, the sign decision and max|x| for a derived scale.
+        lo, hi = torch.aminmax(x.detach())
+        checks.require(torch.isfinite(lo) & torch.isfinite(hi), "x: expected finite values, got NaN or inf")
+        if config.input_signed is not None:
+            signed = config.input_signed
+        elif signed is None:
+            signed = lo < 0
+        if isinstance(signed, torch.Tensor):
+            sign_index = checks.value(signed)
+        amax = torch.maximum(-lo, hi)
+    vals = checks.run()
+    _finish_slots(slots, config.weight_bits, vals, keep_source=reuse and not compiling)
+    w_b = slots[0].state
+    w_t = slots[1].state if task_weight is not None else None
+
+    if not quantized:  # weight-only: fake-quantised weights, straight-through gradient
+        cd = x.dtype
+        wq_b = weight + (w_b.dequantized(cd) - weight).detach()
+        wq_t = task_weight + (w_t.dequantized(cd) - task_weight).detach() if w_t is not None else None
+        w_eff = effective_weight(wq_b, wq_t, pe_mask.to(x.dtype), col_scale.to(x.dtype), config.rows, config.cols)
+        y = lowering.float_forward(x, w_eff)
+        return y if bias is None else lowering.add_bias(y, bias)
+
+    if sign_index is not None:
+        signed = bool(vals[sign_index]) if vals is not None else bool(signed)  # bool(): graph break when compiling
+    if signed and config.input_bits < 2:
+        raise ValueError("config.input_bits: signed inputs need input_bits >= 2, got 1")
+    if on_sign is not None:
+        on_sign(signed)
+    params = GemmParams.from_config(config, signed)
+    cd = compute_dtype(x)
+    if s_x is None:
+        s_x = ref.derived_scale(x, config.input_qmax(signed), amax.to(cd))
+    elif s_x.dim():
+        s_x = s_x.reshape(())
+    x_int = ref.quantize_input(x.detach().to(cd), s_x, params.input_bits, signed)
+    x_codes = lowering.unfold_codes(x_int.to(_code_dtype(params, be)), be)
+    coef_b, coef_t = coefficients(pe_mask, col_scale, s_x, w_b.scale, w_t.scale if w_t is not None else None,
+                                  params.cols, config.adc_step, cd, w_t is not None)
+    y = crossbar_mvm(x_codes, w_b.codes, w_t.codes if w_t is not None else None, coef_b, coef_t, params, be.name)
+    y = lowering.fold_output(y.to(x.dtype))
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (task_weight is not None and task_weight.requires_grad)):
+        y = y + _straight_through_term(x, weight, task_weight, pe_mask, col_scale, s_x, w_b, w_t, params, lowering)
+    return y if bias is None else lowering.add_bias(y, bias)
+
+
+def _straight_through_term(x, weight, task_weight, pe_mask, col_scale, s_x, w_b: ProgrammedWeight,
+                           w_t: Optional[ProgrammedWeight], params: GemmParams, lowering) -> torch.Tensor:
+    """Zero in value; its gradient w.r.t. x and the weights is that of the float layer at the
+    dequantised point, every quantiser as the identity, inputs clipped by the input quantiser
+    getting none (SPEC 5).  pe_mask/col_scale get their exact gradient through the op instead."""
+    cd = compute_dtype(x)
+    xc = x.to(cd)
+    keep = ref.input_in_range(xc.detach(), s_x, params.input_bits, params.input_signed).to(x.dtype)
+    x_deq = (ref.quantize_input(xc.detach(), s_x, params.input_bits, params.input_signed) * s_x).to(x.dtype)
+    x_ste = x * keep + (x_deq - x * keep).detach()
+    wq_b = weight + (w_b.dequantized(x.dtype) - weight).detach()
+    wq_t = task_weight + (w_t.dequantized(x.dtype) - task_weight).detach() if w_t is not None else None
+    m, a = pe_mask.detach().to(x.dtype), col_scale.detach().to(x.dtype)
+    w_eff = effective_weight(wq_b, wq_t, m, a, params.rows, params.cols)
+    return straight_through(x_ste, w_eff, lowering)
+
+
+def _code_dtype(params: GemmParams, backend) -> torch.dtype:
+    """The smallest integer dtype of the input codes that the backend takes (int32 by default)."""
+    if not backend.small_codes:
+        return torch.int32
+    if params.input_bits <= 8:
+        return torch.int8 if params.input_signed else torch.uint8
+    return torch.int16 if params.input_bits <= 15 or params.input_signed else torch.int32
 
 
 # ------------------------------------------------------------------ the public functions
-def _xbar(x, weight, bias, lowering, config: XbarConfig, task_weight, pe_mask, col_scale, input_scale,
-          weight_scale, task_weight_scale, backend) -> torch.Tensor:
-    n, k = weight.shape[0], weight[0].numel()
-    pe_mask, col_scale = _check_masks(config, k, n, x, task_weight, pe_mask, col_scale)
-    if config.weight_bits is not None:
-        s_w = _scale_tensor("weight_scale", weight_scale, weight, config.weight_qmax, n)
-        s_t = (_scale_tensor("task_weight_scale", task_weight_scale, task_weight, config.weight_qmax, n)
-               if task_weight is not None else s_w)
-    if not config.quantized:
-        w_b, w_t = weight, task_weight
-        if config.weight_bits is not None:  # weight-only: fake quantisation with a straight-through gradient
-            cd = _compute_dtype(x)
-            w_b = w_b + (_dequantized(w_b, s_w, config.weight_bits, cd) - w_b).detach()
-            if w_t is not None:
-                w_t = w_t + (_dequantized(w_t, s_t, config.weight_bits, cd) - w_t).detach()
-        w_eff = effective_weight(w_b, w_t, pe_mask.to(x.dtype), col_scale.to(x.dtype), config.rows, config.cols)
-        y = lowering.float_forward(x, w_eff)
-    else:
-        be = get_backend(backend, x.device)
-        # One pass over x gives the sign decision, max|x| for a derived scale, and finiteness.
-        lo, hi = torch.aminmax(x.detach()) if x.numel() else (x.new_zeros(()), x.new_zeros(()))
-        # NaN/inf have no integer code: refuse them rather than feed garbage codes to a kernel.
-        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
-            raise ValueError("x: expected finite values, got NaN or inf")
-        for name, t in (("weight", weight), ("task_weight", task_weight)):
-            if t is not None:
-                _check_finite(name, t)
-        signed = config.resolve_signed(bool(lo < 0))
-        if signed and config.input_bits < 2:
-            raise ValueError("config.input_bits: signed inputs need input_bits >= 2, got 1")
-        s_x = _scale_tensor("input_scale", input_scale, x, config.input_qmax(signed), None, torch.maximum(-lo, hi))
-        params = GemmParams.from_config(config, signed)
-        if x.numel() == 0:
-            y = lowering.fold_output(x.new_zeros(0, n)) + 0 * (weight.sum() + pe_mask.sum() + col_scale.sum())
+def _conv_lowering(x, weight, stride, padding, dilation, groups) -> Tuple[torch.Tensor, ConvLowering]:
+    if groups != 1:
+        raise ValueError(f"groups: only groups=1 is supported (each group would need its own PE grid), got {groups}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight: expected 4 dims [Cout, Cin, kh, kw], got shape {tuple(weight.shape)}")
+    if x.dim() != 4:
+        raise ValueError(f"x: expected 4 dims [B, Cin, H, W] (or 3 unbatched), got shape {tuple(x.shape)}")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x: expected {weight.shape[1]} input channels (weight.shape[1]), got {x.shape[1]}")
+    stride = _pair("stride", stride, 1)
+    dilation = _pair("dilation", dilation, 1)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ValueError("padding: 'same' needs stride 1 (as in torch.nn.functional.conv2d)")
+            totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+            x = F.pad(x, (totals[1] // 2, totals[1] - totals[1] // 2, totals[0] // 2, totals[0] - totals[0] // 2))
+            padding = (0, 0)
         else:
-            y = lowering.fold_output(_QuantizedXbar.apply(
-                x, weight, task_weight, pe_mask, col_scale, s_x, s_w, s_t, lowering, params, config.adc_step, be))
-    if bias is not None:
-        y = y + (bias.view(-1, 1, 1) if isinstance(lowering, _ConvLowering) else bias)
-    return y
+            raise ValueError(f"padding: expected an int, a pair, 'valid' or 'same', got {padding!r}")
+    padding = _pair("padding", padding, 0)
+    low = ConvLowering(tuple(x.shape), tuple(weight.shape), stride, padding, dilation)
+    ho, wo = low.out_hw
+    if ho < 1 or wo < 1:
+        raise ValueError(f"x: input {tuple(x.shape[2:])} is too small for kernel {tuple(weight.shape[2:])} "
+                         f"with padding {padding} and dilation {dilation}")
+    return x, low
+
+
+def _linear_lowering(x, weight) -> LinearLowering:
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected 2 dims [out_features, in_features], got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x: expected last dim {weight.shape[1]} (in_features), got shape {tuple(x.shape)}")
+    return LinearLowering(tuple(x.shape), tuple(weight.shape))
 
 
 def xbar_conv2d(
@@ -375,45 +382,29 @@ def xbar_conv2d(
     task_weight_scale: ScaleArg = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """Conv2d computed on simulated crossbars (docs/SPEC.md).
+    """Conv2d computed on simulated crossbars (docs/SPEC.md).  Stateless: the weights are
+    programmed (quantised) on every call.
 
     x [B, Cin, H, W] (or unbatched [Cin, H, W]); weight [Cout, Cin, kh, kw]; pe_mask [Tr, Tc];
     col_scale [Tr, Cout] with Tr = ceil(Cin*kh*kw / rows), Tc = ceil(Cout / cols).
     """
+    return _conv2d(x, weight, bias, stride, padding, dilation, groups, config=config, task_weight=task_weight,
+                   pe_mask=pe_mask, col_scale=col_scale, input_scale=input_scale, weight_scale=weight_scale,
+                   task_weight_scale=task_weight_scale, backend=backend)
+
+
+def _conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, config, task_weight=None,
+            pe_mask=None, col_scale=None, input_scale=None, weight_scale=None, task_weight_scale=None, backend=None,
+            **layer_state) -> torch.Tensor:
     _check_common(x, weight, bias, config, task_weight)
-    if groups != 1:
-        raise ValueError(f"groups: only groups=1 is supported (each group would need its own PE grid), got {groups}")
-    if weight.dim() != 4:
-        raise ValueError(f"weight: expected 4 dims [Cout, Cin, kh, kw], got shape {tuple(weight.shape)}")
-    if x.dim() == 3:
-        return xbar_conv2d(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups, config=config,
-                           task_weight=task_weight, pe_mask=pe_mask, col_scale=col_scale, input_scale=input_scale,
-                           weight_scale=weight_scale, task_weight_scale=task_weight_scale, backend=backend)[0]
-    if x.dim() != 4:
-        raise ValueError(f"x: expected 4 dims [B, Cin, H, W] (or 3 unbatched), got shape {tuple(x.shape)}")
-    if x.shape[1] != weight.shape[1]:
-        raise ValueError(f"x: expected {weight.shape[1]} input channels (weight.shape[1]), got {x.shape[1]}")
-    stride = _pair("stride", stride, 1)
-    dilation = _pair("dilation", dilation, 1)
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = (0, 0)
-        elif padding == "same":
-            if stride != (1, 1):
-                raise ValueError("padding: 'same' needs stride 1 (as in torch.nn.functional.conv2d)")
-            totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
-            x = F.pad(x, (totals[1] // 2, totals[1] - totals[1] // 2, totals[0] // 2, totals[0] - totals[0] // 2))
-            padding = (0, 0)
-        else:
-            raise ValueError(f"padding: expected an int, a pair, 'valid' or 'same', got {padding!r}")
-    padding = _pair("padding", padding, 0)
-    low = _ConvLowering(tuple(x.shape), tuple(weight.shape), stride, padding, dilation)
-    ho, wo = low.out_hw
-    if ho < 1 or wo < 1:
-        raise ValueError(f"x: input {tuple(x.shape[2:])} is too small for kernel {tuple(weight.shape[2:])} "
-                         f"with padding {padding} and dilation {dilation}")
+    if isinstance(x, torch.Tensor) and x.dim() == 3:
+        return _conv2d(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups, config=config,
+                       task_weight=task_weight, pe_mask=pe_mask, col_scale=col_scale, input_scale=input_scale,
+                       weight_scale=weight_scale, task_weight_scale=task_weight_scale, backend=backend,
+                       **layer_state)[0]
+    x, low = _conv_lowering(x, weight, stride, padding, dilation, groups)
     return _xbar(x, weight, bias, low, config, task_weight, pe_mask, col_scale, input_scale, weight_scale,
-                 task_weight_scale, backend)
+                 task_weight_scale, backend, **layer_state)
 
 
 def xbar_linear(
@@ -430,12 +421,16 @@ def xbar_linear(
     task_weight_scale: ScaleArg = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """Linear layer on simulated crossbars: x [..., in] -> [..., out]; weight [out, in]."""
+    """Linear layer on simulated crossbars: x [..., in] -> [..., out]; weight [out, in].
+    Stateless: the weights are programmed (quantised) on every call."""
+    return _linear(x, weight, bias, config=config, task_weight=task_weight, pe_mask=pe_mask, col_scale=col_scale,
+                   input_scale=input_scale, weight_scale=weight_scale, task_weight_scale=task_weight_scale,
+                   backend=backend)
+
+
+def _linear(x, weight, bias=None, *, config, task_weight=None, pe_mask=None, col_scale=None, input_scale=None,
+            weight_scale=None, task_weight_scale=None, backend=None, **layer_state) -> torch.Tensor:
     _check_common(x, weight, bias, config, task_weight)
-    if weight.dim() != 2:
-        raise ValueError(f"weight: expected 2 dims [out_features, in_features], got shape {tuple(weight.shape)}")
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x: expected last dim {weight.shape[1]} (in_features), got shape {tuple(x.shape)}")
-    low = _LinearLowering(tuple(x.shape), tuple(weight.shape))
+    low = _linear_lowering(x, weight)
     return _xbar(x, weight, bias, low, config, task_weight, pe_mask, col_scale, input_scale, weight_scale,
-                 task_weight_scale, backend)
+                 task_weight_scale, backend, **layer_state)

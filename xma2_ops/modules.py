@@ -1,4 +1,4 @@
-"""Drop-in crossbar layers: XbarConv2d / XbarLinear, and convert() for whole models.
+"""Drop-in crossbar layers: XbarConv2d / XbarLinear, convert() for whole models, program().
 
 Input range rule (the modules own the input quantiser):
 - ``input_range`` (buffer) is the running max of |x| seen in training mode; in eval mode it is
@@ -6,6 +6,13 @@ Input range rule (the modules own the input quantiser):
 - with ``config.input_signed=None`` the sign is decided during calibration too: ``input_signed``
   (buffer) becomes True once a negative input has been seen and stays True.
 - the input scale is ``input_range / Qx`` (1 when the range is 0, as for an all-zero tensor).
+
+Programmed state (see programmed.py): a layer programs its weights onto its crossbars
+(``layer.program()``, ``xma2_ops.program(model)``, or automatically on the first forward).  In
+training mode it re-programs on every forward; in eval mode it keeps the programmed state while
+the weight's content is unchanged (compared exactly at every forward, inside the call's one host
+synchronisation), so optimizer steps, ``load_state_dict``, ``.to()`` and any in-place or ``.data``
+write are all seen.  ``layer.programmed`` is what the backbone PEs hold now.
 
 Tier-1/tier-2 state of the current task lives on the layer: ``task_weight`` (parameter, same
 shape as ``weight``), ``pe_mask`` [Tr, Tc] and ``col_scale`` [Tr, out]; all None by default
@@ -23,27 +30,36 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import XbarConfig
-from .functional import xbar_conv2d, xbar_linear
+from .functional import _conv2d, _linear, program_layer
+from .programmed import ProgrammedWeight, ProgrammingCache
 
 AdapterFn = Callable[[nn.Module], Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]]
 
 
 class _XbarMixin:
-    """Config, input calibration and task state shared by the crossbar layers."""
-
-    config: XbarConfig
+    """Config, input calibration, programmed state and task state shared by the crossbar layers."""
 
     def _init_xbar(self, config: XbarConfig) -> None:
-        if not isinstance(config, XbarConfig):
-            raise TypeError(f"config: expected an XbarConfig, got {type(config).__name__}")
         self.config = config
         self.backend: Optional[str] = None
         self.adapter: Optional[AdapterFn] = None
+        self._programming = (ProgrammingCache(), ProgrammingCache())  # backbone weight, task weight
+        self._signed_hint: Optional[bool] = None  # input_signed as last read (for torch.compile)
         self.register_buffer("input_range", torch.zeros((), device=self.weight.device, dtype=torch.float32))
         self.register_buffer("input_signed", torch.zeros((), device=self.weight.device, dtype=torch.bool))
         self.register_parameter("task_weight", None)
         self.register_buffer("pe_mask", None)
         self.register_buffer("col_scale", None)
+
+    @property
+    def config(self) -> XbarConfig:
+        return self._xbar_config
+
+    @config.setter
+    def config(self, value: XbarConfig) -> None:
+        if not isinstance(value, XbarConfig):
+            raise TypeError(f"config: expected an XbarConfig, got {type(value).__name__}")
+        self.__dict__["_xbar_config"] = value
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -53,39 +69,84 @@ class _XbarMixin:
                 state_dict[prefix + name] = getattr(self, name)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._signed_hint = None
 
     @property
     def tiles(self) -> Tuple[int, int]:
         """(Tr, Tc): the PE grid of this layer."""
         return self.config.tiles(self.weight[0].numel(), self.weight.shape[0])
 
+    @property
+    def programmed(self) -> Optional[ProgrammedWeight]:
+        """What the backbone PEs hold (weight codes and scale), None before the first programming."""
+        return self._programming[0].state
+
+    @property
+    def programmed_task(self) -> Optional[ProgrammedWeight]:
+        """What the re-programmed (tier-1) PEs hold for the current task, if any."""
+        return self._programming[1].state
+
+    @torch.no_grad()
+    def program(self) -> "_XbarMixin":
+        """Program the weights onto the crossbars now (otherwise done by the first forward); the
+        state is kept until the weight's content changes.  Returns the layer."""
+        if self.config.weight_bits is None:  # the ideal crossbar holds the float weights themselves
+            return self
+        task_weight = self.adapter(self)[0] if self.adapter is not None else self.task_weight
+        program_layer(self.weight, task_weight, self.config.weight_bits, self._programming)
+        self._signed_hint = bool(self.input_signed)
+        return self
+
     def _calibrate(self, x: torch.Tensor) -> None:
+        """Tensor ops only (no host synchronisation): the range and sign are read by the op."""
         if not self.config.quantized:
             return
-        if self.training or float(self.input_range) == 0.0:
-            with torch.no_grad():
-                self.input_range.copy_(torch.maximum(self.input_range, x.detach().abs().amax().float()))
-                if self.config.input_signed is None:
-                    self.input_signed.logical_or_((x < 0).any())
+        with torch.no_grad():
+            amax = x.detach().abs().amax().float() if x.numel() else x.new_zeros((), dtype=torch.float32)
+            learn = torch.ones((), dtype=torch.bool, device=x.device) if self.training else self.input_range == 0
+            self.input_range.copy_(torch.where(learn, torch.maximum(self.input_range, amax), self.input_range))
+            if self.config.input_signed is None and x.numel():
+                self.input_signed.logical_or_(learn & (x < 0).any())
 
-    def _call_kwargs(self, x: torch.Tensor) -> dict:
+    def _input_sign(self):
+        """The calibrated sign: eagerly, the buffer itself (read in the op's one synchronisation, which
+        reports it back); under torch.compile in eval mode, the value last read, checked against the
+        buffer on the device (a stale value fails loudly, it is never used silently)."""
+        if not torch.compiler.is_compiling():
+            return self.input_signed
+        if self.training or self._signed_hint is None:
+            return bool(self.input_signed)  # a graph break, but right
+        torch._assert_async(self.input_signed == self._signed_hint,
+                            "XbarConv2d/XbarLinear: input_signed changed since this layer last ran eagerly; "
+                            "run one eager forward (or layer.program()) before the compiled model")
+        return self._signed_hint
+
+    def _remember_sign(self, signed: bool) -> None:
+        self._signed_hint = signed
+
+    def _call_kwargs(self, x: torch.Tensor, reuse: bool) -> dict:
         """Everything the functional op needs besides x, weight and bias."""
         self._calibrate(x)
         cfg = self.config
-        kwargs = {"backend": self.backend}
+        kwargs = {"backend": self.backend, "config": cfg, "caches": self._programming, "reuse": reuse}
         if cfg.quantized:
-            signed = bool(self.input_signed) if cfg.input_signed is None else cfg.input_signed
-            if cfg.input_signed is None:
-                cfg = dataclasses.replace(cfg, input_signed=signed)
-            rng = float(self.input_range)
-            kwargs["input_scale"] = rng / cfg.input_qmax(signed) if rng > 0 else 1.0
-        kwargs["config"] = cfg
+            signed = self._input_sign() if cfg.input_signed is None else cfg.input_signed
+            q_signed, q_unsigned = cfg.input_qmax(True) if cfg.input_bits >= 2 else 1, cfg.input_qmax(False)
+            qx = torch.where(self.input_signed, q_signed, q_unsigned) if cfg.input_signed is None else (
+                cfg.input_qmax(cfg.input_signed))
+            rng = self.input_range
+            kwargs["input_scale"] = torch.where(rng > 0, rng / qx, torch.ones_like(rng)).to(self.weight.dtype)
+            kwargs["signed"] = signed
+            kwargs["on_sign"] = self._remember_sign
         if self.adapter is not None:
             tw, pm, cs = self.adapter(self)
         else:
             tw, pm, cs = self.task_weight, self.pe_mask, self.col_scale
         kwargs.update(task_weight=tw, pe_mask=pm, col_scale=cs)
         return kwargs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward_with_state(x, reuse=not self.training)
 
 
 class XbarConv2d(_XbarMixin, nn.Conv2d):
@@ -115,12 +176,13 @@ class XbarConv2d(_XbarMixin, nn.Conv2d):
         new.train(conv.training)
         return new
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_with_state(self, x: torch.Tensor, reuse: bool) -> torch.Tensor:
         padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return xbar_conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, 1, **self._call_kwargs(x))
+        return _conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, 1,
+                       **self._call_kwargs(x, reuse))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", config={self.config}"
@@ -148,8 +210,8 @@ class XbarLinear(_XbarMixin, nn.Linear):
         new.train(linear.training)
         return new
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return xbar_linear(x, self.weight, self.bias, **self._call_kwargs(x))
+    def _forward_with_state(self, x: torch.Tensor, reuse: bool) -> torch.Tensor:
+        return _linear(x, self.weight, self.bias, **self._call_kwargs(x, reuse))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", config={self.config}"
@@ -176,4 +238,12 @@ def convert(model: nn.Module, config: XbarConfig, *, linear: bool = True,
             setattr(model, name, XbarLinear.from_linear(child, config))
         else:
             convert(child, config, linear=linear, skip=skip)
+    return model
+
+
+def program(model: nn.Module) -> nn.Module:
+    """Program every crossbar layer of ``model`` (``layer.program()``); returns ``model``."""
+    for m in model.modules():
+        if isinstance(m, (XbarConv2d, XbarLinear)):
+            m.program()
     return model

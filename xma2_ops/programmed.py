@@ -1,0 +1,98 @@
+"""The programmed crossbar state: what the cells of a layer's PEs hold.
+
+Real crossbars are programmed once and read many times.  ``ProgrammedWeight`` is the result of
+programming one weight tensor: its integer codes per cell position (SPEC 2) and the scale that
+maps them back to weights.  Every kernel reads these codes; nothing downstream re-derives them
+from the float weight.  (The device model of SPEC 7 adds the cells' conductances here.)
+
+Who programs:
+- the functional API (``xbar_conv2d``/``xbar_linear``) programs a temporary state on every call:
+  stateless, always right;
+- ``XbarConv2d``/``XbarLinear`` own a ``ProgrammingCache`` per weight slot ("weight" for the
+  backbone, "task_weight" for tier 1): in training mode they program on every forward (weights
+  change every step); in eval mode they keep the state while the weight's *content* is unchanged,
+  checked by an exact comparison with a copy taken at programming time.  So every way of changing
+  a weight is seen: optimizer steps, ``load_state_dict``, ``.to()``, in-place writes, ``.data``
+  writes and writes through ``.numpy()`` (none of which need to bump ``_version``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import reference as ref
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """Quantisers run in the tensor's dtype, half precisions in float32 (so 16-bit codes stay exact)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class ProgrammedWeight:
+    """One weight tensor [N, ...] programmed onto crossbars.
+
+    codes   [K, N] int32 weight codes in [-Qw, Qw] (the GEMM layout of SPEC 1; K = prod(shape[1:])).
+    scale   weight scale s_w: a 0-dim tensor or one per output column [N] (compute dtype).
+    shape   the float weight's shape (to map gradients and dequantised weights back).
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    weight_bits: int
+    shape: tuple
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """s * codes in the weight's own layout [N, ...] (what the cells hold, as a float weight)."""
+        s = self.scale.reshape(-1, 1)
+        return (self.codes.T.to(s.dtype) * s).reshape(self.shape).to(dtype)
+
+
+def program_weight(w: torch.Tensor, scale: torch.Tensor, weight_bits: int) -> ProgrammedWeight:
+    """Program ``w`` [N, ...] with ``scale`` (scalar or [N], in w's compute dtype): SPEC 2 weight codes."""
+    cd = compute_dtype(w)
+    s = scale.to(cd)
+    w2 = w.detach().reshape(w.shape[0], -1).to(cd)
+    codes = ref.quantize_weight(w2, s.reshape(-1, 1), weight_bits).T.contiguous().to(torch.int32)
+    return ProgrammedWeight(codes, s, weight_bits, tuple(w.shape))
+
+
+class ProgrammingCache:
+    """A layer's programmed state for one weight slot, reused while the weight is unchanged.
+
+    ``lookup`` returns the state when ``w`` equals (bit for bit, same shape/dtype/device) the
+    tensor it was programmed from, with the same scale and bits; ``store`` keeps a copy of ``w``
+    for that comparison.  One comparison per forward in eval mode, no global state, no keys on
+    tensor identity or version counters (which ``.data`` writes do not bump)."""
+
+    def __init__(self) -> None:
+        self.state: Optional[ProgrammedWeight] = None
+        self._source: Optional[torch.Tensor] = None  # copy of the weight the state was programmed from
+        self._given_scale: Optional[torch.Tensor] = None
+
+    def clear(self) -> None:
+        self.state, self._source, self._given_scale = None, None, None
+
+    def same_source(self, w: torch.Tensor, given_scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """A 0-dim bool tensor: is ``w`` what the state was programmed from?  None when it cannot be
+        (no state, other shape/dtype/device/scale kind).  Stays on the device: the caller folds it
+        into its one host synchronisation."""
+        src = self._source
+        if self.state is None or src is None or src.shape != w.shape or src.dtype != w.dtype or src.device != w.device:
+            return None
+        same = (src == w).all()
+        if (given_scale is None) != (self._given_scale is None):
+            return None
+        if given_scale is not None:
+            if given_scale.shape != self._given_scale.shape:
+                return None
+            same = same & (given_scale == self._given_scale).all()
+        return same
+
+    def store(self, w: torch.Tensor, given_scale: Optional[torch.Tensor], state: ProgrammedWeight,
+              keep_source: bool) -> None:
+        self.state = state
+        self._source = w.detach().clone() if keep_source else None
+        self._given_scale = given_scale.detach().clone() if (keep_source and given_scale is not None) else None
