@@ -6,6 +6,7 @@ content checks (not the checksum) must catch them."""
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import math
 
@@ -309,3 +310,24 @@ def test_piggyback_mask_padding_bits_are_refused(tmp_path):
 
 def snapshot_of(model: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_failure_while_applying_rolls_back(files, loaded, monkeypatch):
+    """Second line of defence: an error after prepare (here injected in the second layer's copy)
+    restores the adapters, head, ranges, BN and task info."""
+    adapters_mod = importlib.import_module("xma2_ops.mta.adapters")  # mta.adapters is the function
+    real = adapters_mod._load_layer
+    calls = []
+
+    def failing(name, *args):
+        calls.append(name)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure")
+        return real(name, *args)
+
+    monkeypatch.setattr(adapters_mod, "_load_layer", failing)
+    before = snapshot(loaded)
+    with pytest.raises(RuntimeError, match="injected"):
+        mta.load_task(loaded, files["xma2"])
+    assert calls == ["c1", "c2"]
+    assert_unchanged(loaded, before)
