@@ -3,6 +3,7 @@ runs (XMA2_CPU_ISA forces one): bit-exact tile sums, float64 mvm and coefficient
 odd sizes, every bit width, saturated / ideal / lossless ADCs, and the layer-level API."""
 import os
 import random
+import zlib
 
 import pytest
 import torch
@@ -94,7 +95,7 @@ CASES = [
 def test_gemm_matches_reference(isa, case):
     *cfg, (m, k, n) = case
     p = _params(*cfg)
-    gen = torch.Generator().manual_seed(hash(case) % 2 ** 31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))  # stable across runs
     x, w = _codes(gen, m, k, n, p)
     _check_gemm(x, w, p, gen)
 
@@ -177,17 +178,86 @@ def test_bad_isa_name_is_refused(monkeypatch):
                                           *_LOSSY.as_args())
 
 
-def test_weight_planes_follow_in_place_changes(isa):
-    """The packed-weight cache must never return planes of an older version of the codes."""
+def test_weight_changes_without_version_bump_are_seen(isa):
+    """Weights are packed on every call: a write through `.data` (no version bump) and an
+    in-place write (version bump) between two calls both give the new result."""
     p = _params(32, 8, 4, False, 1, 4, 1, 3)
     gen = torch.Generator().manual_seed(2)
     x, w = _codes(gen, 6, 50, 7, p)
     first = torch.ops.xma2_ops.xbar_tile_sums(x, w, *p.as_args())
-    w[:, 0] = -w[:, 0]
-    w[3, 2] = 7 if w[3, 2] != 7 else -7
+    assert first.any()
+    w.data.neg_()  # the tensor's version counter does not move
     second = torch.ops.xma2_ops.xbar_tile_sums(x, w, *p.as_args())
-    assert not torch.equal(first, second)
     assert torch.equal(second, ref.tile_sums(x, w, p))
+    assert torch.equal(second, -first)  # negated weights swap the two polarities
+    w[3, 2] = 7 if w[3, 2] != 7 else -7
+    third = torch.ops.xma2_ops.xbar_tile_sums(x, w, *p.as_args())
+    assert torch.equal(third, ref.tile_sums(x, w, p))
+    coef = torch.randn(2, 7, generator=gen, dtype=torch.float64)
+    y1 = torch.ops.xma2_ops.xbar_mvm(x, w, None, coef, None, *p.as_args())
+    w.data.neg_()
+    y2 = torch.ops.xma2_ops.xbar_mvm(x, w, None, coef, None, *p.as_args())
+    assert torch.equal(y2, -y1)
+
+
+def test_many_weight_tensors_stay_correct(isa):
+    """More weight tensors than any cache could hold, used in turn: each result stays exact."""
+    p = _params(16, 8, 4, True, 1, 5, 2, 4)
+    gen = torch.Generator().manual_seed(8)
+    x, _ = _codes(gen, 4, 40, 3, p)
+    ws = [_codes(gen, 1, 40, 3, p)[1] for _ in range(20)]
+    want = [ref.tile_sums(x, w, p) for w in ws]
+    for _ in range(2):
+        for w, t in zip(ws, want):
+            assert torch.equal(torch.ops.xma2_ops.xbar_tile_sums(x, w, *p.as_args()), t)
+
+
+def _ordered_mvm(x, wb, wt, cb, ct, p):
+    """The summation order every CPU path uses: row tile outer, then the base set, then the task
+    set, each term coef * T_int rounded to float64 and added in float64; one rounding at the end."""
+    tb = ref.tile_sums(x, wb, p).double()
+    tt = ref.tile_sums(x, wt, p).double() if wt is not None else None
+    acc = torch.zeros(x.shape[0], wb.shape[1], dtype=torch.float64)
+    for r in range(tb.shape[0]):
+        acc = acc + cb[r].double() * tb[r]
+        if wt is not None:
+            acc = acc + ct[r].double() * tt[r]
+    return acc.to(cb.dtype)
+
+
+def test_mvm_bits_do_not_depend_on_the_isa(monkeypatch):
+    """Random lossless and lossy configs with task weights: every instruction set this CPU runs
+    (and the float-GEMM path of lossless configs) returns the same bits, the ordered sum above."""
+    rnd = random.Random(99)
+    gen = torch.Generator().manual_seed(99)
+    for trial in range(16):
+        signed = trial % 2 == 1
+        lossless = trial % 4 < 2
+        rows = rnd.choice([5, 16, 32, 33, 64])
+        if lossless:
+            ab, db, cb = rnd.randint(2, 8), rnd.randint(1, 3), rnd.randint(1, 3)
+            pmax = rows * (2 ** db - 1) * (2 ** cb - 1)
+            bits, clip = rnd.choice([(None, None), (24, pmax + rnd.randint(0, 50))])
+            p = _params(rows, 8, ab, signed, db, rnd.randint(2, 8), cb, bits, clip)
+            assert p.adc_identity
+        else:
+            p = _params(rows, 8, rnd.randint(2, 8), signed, rnd.randint(1, 3), rnd.randint(2, 8), rnd.randint(1, 3),
+                        rnd.randint(1, 6), rnd.choice([None, rnd.randint(1, 100)]))
+            assert not p.adc_identity
+        m, k, n = rnd.randint(1, 300), rnd.randint(rows + 1, 4 * rows + 10), rnd.randint(1, 40)
+        x, wb = _codes(gen, m, k, n, p)
+        wt = _codes(gen, 1, k, n, p)[1]
+        tr = -(-k // p.rows)
+        dtype = (torch.float64, torch.float32)[trial // 4 % 2]
+        cb_ = torch.randn(tr, n, generator=gen, dtype=dtype)
+        ct_ = torch.randn(tr, n, generator=gen, dtype=dtype)
+        cb_[0, : min(n, 8)] = 0  # a skipped PE in each set
+        ct_[-1, : min(n, 8)] = 0
+        want = _ordered_mvm(x, wb, wt, cb_, ct_, p)
+        for isa in ISAS:
+            monkeypatch.setenv("XMA2_CPU_ISA", isa)
+            got = torch.ops.xma2_ops.xbar_mvm(x, wb, wt, cb_, ct_, *p.as_args())
+            assert torch.equal(got, want), (trial, isa, p)
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])

@@ -1,7 +1,7 @@
 // The inner loop of the CPU crossbar kernel, written once and compiled once per instruction
-// set: xbar_cpu.cpp includes this file inside a namespace that defines the vector type `V`
-// (scalar, AVX2 or AVX-512) under the matching `#pragma GCC target`.  No include guard on
-// purpose.
+// set: isa_scalar.cpp, isa_avx2.cpp and isa_avx512.cpp include this file inside a namespace that
+// defines the vector type `V` (scalar, AVX2 or AVX-512) under the matching `#pragma GCC target`.
+// No include guard on purpose.
 //
 // V provides, for L = V::kLanes output columns at a time:
 //   Consts                 consts(adc): broadcast ADC constants and shift counts, made once per call

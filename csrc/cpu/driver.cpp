@@ -1,0 +1,111 @@
+// Choice of the instruction set, and the parallel loop of the quantised path (driver.h).
+#include "driver.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+
+namespace xma2 {
+namespace cpu {
+
+bool cpu_runs(const std::string& name) {
+#if defined(__x86_64__)
+  if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
+  if (name == "avx512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vpopcntdq") && cpu_runs("avx2");
+#if defined(XMA2_CPU_AMX)
+  if (name == "amx") return cpu_runs("avx512") && amx_usable();
+#endif
+#endif
+  return name == "scalar";
+}
+
+namespace {
+std::string wanted_isa() {
+  const char* env = std::getenv("XMA2_CPU_ISA");
+  return env ? env : "";
+}
+}  // namespace
+
+const Isa& choose_isa(const Plan& pl) {
+  std::string want = wanted_isa();
+  if (want.empty() || want == "auto")
+    want = cpu_runs("amx") ? "amx" : cpu_runs("avx512") ? "avx512" : cpu_runs("avx2") ? "avx2" : "scalar";
+  TORCH_CHECK(want == "scalar" || want == "avx2" || want == "avx512" || want == "amx",
+              "XMA2_CPU_ISA: expected one of auto, scalar, avx2, avx512, amx, got '", want, "'");
+  TORCH_CHECK(cpu_runs(want), "XMA2_CPU_ISA=", want, ": this CPU (or build) cannot run that instruction set");
+  if (!pl.simd_exact) return kScalar;
+#if defined(__x86_64__)
+#if defined(XMA2_CPU_AMX)
+  if (want == "amx" && pl.p.cell_bits <= 7) return kAmx;
+  if (want == "amx") return kAvx512;
+#endif
+  if (want == "avx512") return kAvx512;
+  if (want == "avx2") return kAvx2;
+#endif
+  return kScalar;
+}
+
+// The whole input code is one chunk and the whole weight magnitude one slice (both fit int8 tiles),
+// the ADC is the identity, and one int8 tile multiply per tile gives sum_k x w exactly.  Only when
+// AMX is usable and chosen (XMA2_CPU_ISA unset, auto or amx) and the codes are narrow enough.
+const Isa* lossless_on_amx(Plan& pl) {
+#if defined(XMA2_CPU_AMX)
+  const std::string want = wanted_isa();
+  if (!(want.empty() || want == "auto" || want == "amx") || !cpu_runs("amx")) return nullptr;
+  if (pl.p.x_bits > 8 || pl.p.w_bits > 7) return nullptr;
+  const double bound = 2.0 * pl.p.rows * ((1 << pl.p.x_bits) - 1) * ((1 << pl.p.w_bits) - 1);
+  if (bound >= 2147483647.0) return nullptr;
+  pl.p.dac_bits = pl.p.x_bits;
+  pl.p.cell_bits = pl.p.w_bits;
+  pl.identity = true;
+  pl.float_sums = bound < 16777216.0;
+  return &kAmx;
+#else
+  (void)pl;
+  return nullptr;
+#endif
+}
+
+void run_quantized(const CodesView& x, const Plan& pl, const Isa& isa, const std::vector<WeightSet>& sets,
+                   const TileEpilogue& epi, const BlockDone& done) {
+  const int64_t M = pl.p.M, Tr = pl.p.Tr(), L = isa.lanes;
+  const int64_t stride = isa.row_words(pl);
+  int64_t plane_words = 0;
+  TORCH_CHECK(!__builtin_mul_overflow(stride, kRowBlock, &plane_words), "xbar: packed input size overflows int64");
+  std::atomic<bool> bad{false};
+  // Row blocks are handed out one at a time rather than in equal shares: on a machine shared with
+  // other processes, a thread whose core is busy then takes fewer blocks instead of stalling all.
+  const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), blocks), 1, [&](int64_t, int64_t) {
+    std::vector<uint16_t> mags;
+    std::vector<uint32_t> xplanes((size_t)plane_words);
+    std::vector<int64_t> t((size_t)(kRowBlock * L));
+    for (int64_t blk = next++; blk < blocks; blk = next++) {
+      const int64_t m0 = blk * kRowBlock, nm = std::min(kRowBlock, M - m0);
+      pack_input_rows(x, pl, isa, m0, nm, mags, xplanes.data(), bad);
+      for (int64_t r = 0; r < Tr; ++r) {
+        const uint32_t* xr = xplanes.data() + r * (stride / Tr);
+        for (size_t s = 0; s < sets.size(); ++s) {
+          const WeightPlanes& wp = sets[s].planes;
+          for (int64_t nb = 0; nb < wp.blocks; ++nb) {
+            if (!sets[s].active[(size_t)(r * wp.blocks + nb)]) continue;
+            isa.block(pl, xr, stride, nm, wp.at(r, nb), t.data());
+            epi((int)s, r, nb * L, m0, nm, t.data());
+          }
+        }
+      }
+      done(m0, nm);
+    }
+  });
+  TORCH_CHECK(!bad, "xbar: x_codes must hold codes in [", pl.p.x_pols == 2 ? -((1LL << pl.p.x_bits) - 1) : 0, ", ",
+              (1LL << pl.p.x_bits) - 1, "]");
+}
+
+}  // namespace cpu
+}  // namespace xma2

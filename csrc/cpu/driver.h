@@ -1,0 +1,46 @@
+// The quantised CPU driver: which instruction set runs a call, and the loop over row blocks, row
+// tiles, weight sets and lane blocks that calls it (docs/CPU_KERNEL.md).
+#pragma once
+#include <stdint.h>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "pack.h"
+
+namespace xma2 {
+namespace cpu {
+
+// This CPU (and build) runs the named instruction set: scalar, avx2, avx512, amx.
+bool cpu_runs(const std::string& name);
+
+// The kernel for this call: XMA2_CPU_ISA when set (an error if this CPU cannot run it), else the
+// fastest this CPU runs.  Configs whose sums do not fit the vector lanes always use the scalar
+// code; AMX falls back to AVX-512 for cell_bits 8 (slices beyond int8).
+const Isa& choose_isa(const Plan& pl);
+
+// A lossless config on AMX: returns the AMX kernel and rewrites the plan to one chunk, one slice and
+// the identity ADC, or nullptr (then the float-GEMM path runs).
+const Isa* lossless_on_amx(Plan& pl);
+
+// One weight set (backbone or task weights) and which (tile, lane block) pairs are needed.
+struct WeightSet {
+  WeightPlanes planes;
+  std::vector<char> active;  // [Tr * blocks]
+};
+
+// Per (set, tile r, lane block n0), T[mi * L + lane] = T_int[r, m0 + mi, n0 + lane] (lanes past N
+// hold zeros).
+using TileEpilogue = std::function<void(int set, int64_t r, int64_t n0, int64_t m0, int64_t nm, const int64_t* t)>;
+using BlockDone = std::function<void(int64_t m0, int64_t nm)>;
+
+// Calls epi for every needed (tile, set, lane block) of each block of kRowBlock input rows, in this
+// order: row tile outer, then the weight sets in order, then lane blocks (so every output element
+// sees its terms in the order row tile, base set, task set); then done(m0, nm) on the same thread.
+// Row blocks run in parallel.  Refuses input codes outside the range.
+void run_quantized(const CodesView& x, const Plan& pl, const Isa& isa, const std::vector<WeightSet>& sets,
+                   const TileEpilogue& epi, const BlockDone& done);
+
+}  // namespace cpu
+}  // namespace xma2

@@ -1,0 +1,142 @@
+// Input rows and weights into the layouts of the instruction-set kernels (pack.h).
+#include "pack.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace xma2 {
+namespace cpu {
+namespace {
+
+int64_t mul(int64_t a, int64_t b) {
+  int64_t out = 0;
+  TORCH_CHECK(!__builtin_mul_overflow(a, b, &out), "xbar: packed weight size ", a, " x ", b, " overflows int64");
+  return out;
+}
+
+// One input row of codes -> magnitudes [pol][tile][kpad] (zero padded per tile); out-of-range codes
+// set `bad` after the pass (branch-free: input codes are random-looking).
+template <typename T>
+void row_mags(const T* row, int64_t sk, const Plan& pl, int64_t qx, uint16_t* mags, std::atomic<bool>& bad) {
+  const int64_t K = pl.p.K, R = pl.p.rows, Tr = pl.p.Tr(), kp = pl.kpad;
+  const bool two = pl.p.x_pols == 2;
+  const int64_t lo = two ? -qx : 0;
+  int64_t mn = 0, mx = 0;
+  std::memset(mags, 0, sizeof(uint16_t) * pl.p.x_pols * Tr * kp);
+  for (int64_t r = 0; r < Tr; ++r) {
+    const int64_t k0 = r * R, n = std::min(K, k0 + R) - k0;
+    uint16_t* pos = mags + r * kp;
+    uint16_t* neg = mags + (Tr + r) * kp;  // only when two polarities
+    const T* src = row + k0 * sk;
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t v = (int64_t)src[k * sk];
+      mn = std::min(mn, v);
+      mx = std::max(mx, v);
+      pos[k] = (uint16_t)(v > 0 ? v : 0);
+    }
+    if (two)
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t v = (int64_t)src[k * sk];
+        neg[k] = (uint16_t)(v < 0 ? -v : 0);
+      }
+  }
+  if (mn < lo || mx > qx) bad = true;
+}
+
+template <typename T>
+void pack_rows_as(const CodesView& x, const Plan& pl, const Isa& isa, int64_t m0, int64_t nm, uint16_t* mags,
+                  uint32_t* dst, std::atomic<bool>& bad) {
+  const int64_t qx = (1LL << pl.p.x_bits) - 1, stride = isa.row_words(pl);
+  const T* base = static_cast<const T*>(x.data);
+  for (int64_t mi = 0; mi < nm; ++mi) {
+    row_mags(base + (m0 + mi) * x.s0, x.s1, pl, qx, mags, bad);
+    isa.row(pl, mags, dst + mi * stride);
+  }
+}
+
+// Calls set(v, r, kk, n) for every non-zero in-range code v = w[k, n] (k = r * rows + kk), tiles in
+// parallel; refuses out-of-range codes.
+template <typename Set>
+void for_each_weight(const int32_t* c, const Plan& pl, const char* name, Set set) {
+  const int64_t K = pl.p.K, N = pl.p.N, R = pl.p.rows, Tr = pl.p.Tr();
+  const int64_t q = (1LL << pl.p.w_bits) - 1;
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, Tr, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t k = r * R; k < std::min(K, (r + 1) * R); ++k)
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t v = c[k * N + n];
+          if (v < -q || v > q) bad = true;
+          if (v == 0 || v < -q || v > q) continue;
+          set(v, r, k - r * R, n);
+        }
+  });
+  TORCH_CHECK(!bad, "xbar: ", name, " must hold codes in [", -q, ", ", q, "]");
+}
+
+}  // namespace
+
+void pack_input_rows(const CodesView& x, const Plan& pl, const Isa& isa, int64_t m0, int64_t nm,
+                     std::vector<uint16_t>& mags, uint32_t* dst, std::atomic<bool>& bad) {
+#if defined(XMA2_CPU_AMX)
+  const bool bytes = x.type == (pl.p.x_pols == 2 ? CodeType::kI8 : CodeType::kU8) && x.s1 == 1;
+  if (isa.amx && bytes) {  // 8-bit codes: chunk bytes without the uint16 detour
+    const uint8_t* base = static_cast<const uint8_t*>(x.data);
+    const int64_t stride = isa.row_words(pl);
+    bool b = false;
+    for (int64_t mi = 0; mi < nm; ++mi)
+      amx_row_bytes_from_codes(pl, base + (m0 + mi) * x.s0, pl.p.x_pols == 2, dst + mi * stride, b);
+    if (b) bad = true;
+    return;
+  }
+#endif
+  mags.resize((size_t)(pl.p.x_pols * pl.p.Tr() * pl.kpad));
+  switch (x.type) {
+    case CodeType::kU8: return pack_rows_as<uint8_t>(x, pl, isa, m0, nm, mags.data(), dst, bad);
+    case CodeType::kI8: return pack_rows_as<int8_t>(x, pl, isa, m0, nm, mags.data(), dst, bad);
+    case CodeType::kI16: return pack_rows_as<int16_t>(x, pl, isa, m0, nm, mags.data(), dst, bad);
+    case CodeType::kI32: return pack_rows_as<int32_t>(x, pl, isa, m0, nm, mags.data(), dst, bad);
+  }
+}
+
+WeightPlanes pack_weights(const int32_t* w, const Plan& pl, const Isa& isa, const char* name) {
+  const int64_t N = pl.p.N, Tr = pl.p.Tr();
+  WeightPlanes wp;
+  if (isa.amx) {
+    // [pol * S + slice][kstep][k / 4 % 16][column][k % 4] bytes per (tile, 16-column block)
+    const int64_t KS = pl.kpad / 64;
+    const int S = pl.p.slices(), cb = pl.p.cell_bits;
+    wp.blocks = (N + 15) / 16;
+    wp.per_block = mul(2 * S * 256, KS);
+    wp.data.assign((size_t)mul(mul(Tr, wp.blocks), wp.per_block), 0);
+    for_each_weight(w, pl, name, [&](int64_t v, int64_t r, int64_t kk, int64_t n) {
+      const int pol = v > 0 ? 0 : 1;
+      const uint32_t mag = (uint32_t)(v > 0 ? v : -v);
+      uint8_t* base = reinterpret_cast<uint8_t*>(wp.data.data() + (r * wp.blocks + n / 16) * wp.per_block);
+      for (int j = 0; j < S; ++j)
+        base[(((int64_t)(pol * S + j) * KS + kk / 64) * 16 + kk % 64 / 4) * 64 + n % 16 * 4 + kk % 4] =
+            (uint8_t)bit_field((int32_t)mag, j, cb);
+    });
+    return wp;
+  }
+  // bit planes [pol][bit][word][lane] per (tile, lane block)
+  const int64_t lanes = isa.lanes;
+  const int W = pl.words, wbits = pl.p.w_bits;
+  wp.blocks = (N + lanes - 1) / lanes;
+  wp.per_block = (int64_t)2 * wbits * W * lanes;
+  wp.data.assign((size_t)mul(mul(Tr, wp.blocks), wp.per_block), 0);
+  for_each_weight(w, pl, name, [&](int64_t v, int64_t r, int64_t kk, int64_t n) {
+    const int pol = v > 0 ? 0 : 1;
+    const uint32_t mag = (uint32_t)(v > 0 ? v : -v);
+    uint32_t* base = wp.data.data() + (r * wp.blocks + n / lanes) * wp.per_block + n % lanes;
+    for (int b = 0; b < wbits; ++b)
+      if ((mag >> b) & 1u) base[((int64_t)(pol * wbits + b) * W + kk / 32) * lanes] |= 1u << (kk % 32);
+  });
+  return wp;
+}
+
+}  // namespace cpu
+}  // namespace xma2

@@ -1,0 +1,37 @@
+// What the CPU kernels know about one call (docs/CPU_KERNEL.md): the checked parameters, the
+// packing geometry and the ADC in both its exact integer and its checked float32 form.
+// No torch headers: the instruction-set files (isa_*.cpp, amx.cpp) include only this and isa.h.
+#pragma once
+#include <stdint.h>
+
+#include "../xbar_quant.h"
+
+namespace xma2 {
+namespace cpu {
+
+constexpr int64_t kRowBlock = 128;  // input rows per parallel work item (their planes stay in L1/L2)
+
+// The ADC of SPEC 3 in both forms: exact integers (scalar code) and code = min(trunc(P*a + b), levels)
+// in float32 (vector code), the latter used only where it was checked equal for every reachable P.
+struct Adc {
+  int64_t levels, clip;
+  float a, b;
+};
+
+// Everything the kernels need about one call, resolved once (make_plan).
+struct Plan {
+  XbarParams p;
+  int words;         // 32-bit words per bit plane of one row tile: ceil(rows / 32)
+  int64_t kpad;      // rows of one tile padded to a multiple of 64 (input magnitudes, AMX bytes)
+  bool lossless;     // every ADC code equals its partial sum (p.adc_identity())
+  bool simd_exact;   // the int32 / float32 vector kernels give the exact result for this config
+  bool float_sums;   // |T_int| < 2^24: T can be summed in float32 lanes, exactly
+  bool no_clamp;     // clip >= Pmax: no partial sum exceeds the ADC range, codes need no clamp
+  bool identity;     // lossless, collapsed to one chunk and one slice: the code is the partial sum
+  Adc adc;
+};
+
+Plan make_plan(const XbarParams& p);  // plan.cpp
+
+}  // namespace cpu
+}  // namespace xma2
