@@ -29,6 +29,10 @@ CONFIG_CASES = [
     (dict(input_bits=1, input_signed=True), ValueError, "input_bits"),
     (dict(rows=65537), ValueError, "rows"),
     (dict(input_bits=17), ValueError, "input_bits"),
+    (dict(weight_bits=None, adc_bits=None), ValueError, "input_bits"),  # would silently run a float conv
+    (dict(weight_bits=None, input_bits=2, adc_bits=None), ValueError, "input_bits"),
+    (dict(adc_clip=2 ** 63 - 1), ValueError, "adc_clip"),  # overflowed the int64 ADC (UBSan)
+    (dict(adc_clip=2 ** 32 + 1), ValueError, "adc_clip"),
 ]
 
 
@@ -93,6 +97,14 @@ OP_CASES = [
     (dict(weight=torch.randn(4, 3, 3, 3, device="meta")), RuntimeError, "weight"),
     (dict(bias=torch.randn(4, device="meta")), RuntimeError, "bias"),
     (dict(config=XbarConfig(rows=8, cols=2, input_bits=1)), ValueError, "input_bits"),
+    (dict(bias=torch.randn(4, dtype=torch.float64)), TypeError, "bias"),  # gave a float64 output
+    (dict(backend="fpga", config=XbarConfig(weight_bits=None, input_bits=None, adc_bits=None)), ValueError,
+     "backend"),
+    (dict(backend="fpga", config=XbarConfig(input_bits=None, adc_bits=None)), ValueError, "backend"),
+    (dict(weight=torch.full((4, 3, 3, 3), float("nan")), config=XbarConfig(input_bits=None, adc_bits=None)),
+     ValueError, "weight"),  # weight-only mode returned NaN
+    (dict(task_weight=torch.full((4, 3, 3, 3), float("nan")), pe_mask=torch.ones(4, 2)), ValueError, "task_weight"),
+    (dict(weight_scale=torch.ones(4), weight=torch.full((4, 3, 3, 3), float("inf"))), ValueError, "weight"),
 ]
 
 
@@ -137,3 +149,77 @@ def test_all_zero_input_uses_scale_one():
     x, w = _args()
     y = xma2_ops.xbar_conv2d(torch.zeros_like(x), w, torch.ones(4), config=CFG)
     torch.testing.assert_close(y, torch.ones(2, 4, 3, 3))
+
+
+QUANT_MODES = [CFG, XbarConfig(rows=8, cols=2, input_bits=None, adc_bits=None),
+               XbarConfig(rows=8, cols=2, weight_bits=None, input_bits=None, adc_bits=None)]
+
+
+@pytest.mark.parametrize("config", QUANT_MODES)
+def test_empty_dimensions_give_the_bias(config):
+    """Cin = 0, in_features = 0, H = 0 with padding, out_features = 0: no input gives zero partial
+    sums (a reshape error or IndexError before)."""
+    b = torch.randn(4)
+    y = xma2_ops.xbar_conv2d(torch.randn(2, 0, 5, 5), torch.randn(4, 0, 3, 3), b, padding=1, config=config)
+    assert torch.equal(y, b.view(1, 4, 1, 1).expand(2, 4, 5, 5))
+    y = xma2_ops.xbar_conv2d(torch.randn(2, 3, 0, 4), torch.randn(4, 3, 1, 1), b, padding=1, config=config)
+    assert torch.equal(y, b.view(1, 4, 1, 1).expand(2, 4, 2, 6))
+    y = xma2_ops.xbar_linear(torch.randn(3, 0), torch.randn(4, 0), b, config=config)
+    assert torch.equal(y, b.expand(3, 4))
+    y = xma2_ops.xbar_linear(torch.randn(3, 5), torch.randn(0, 5), config=config)
+    assert y.shape == (3, 0)
+    layer = xma2_ops.XbarLinear(5, 0, config=config)
+    assert layer(torch.randn(3, 5)).shape == (3, 0)
+
+
+def test_layer_config_must_be_an_xbar_config():
+    layer = xma2_ops.XbarLinear(3, 4, config=CFG)
+    with pytest.raises(TypeError, match="config"):
+        layer.config = {"rows": 8}
+    layer.config = XbarConfig(rows=2, cols=2)
+    assert layer.config.rows == 2
+
+
+def _run_python(code: str):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_huge_padding_is_refused_not_a_crash():
+    """B*Ho*Wo overflowed int64 in the CPU im2col of codes: a segfault (run in a subprocess)."""
+    r = _run_python(
+        "import torch, xma2_ops\n"
+        "try:\n"
+        "    xma2_ops.xbar_conv2d(torch.rand(1,1,2,1), torch.randn(1,1,1,1), padding=(2**31+32767, 2**31-32768),\n"
+        "                         config=xma2_ops.XbarConfig(rows=8, cols=2, adc_bits=6))\n"
+        "except ValueError as e:\n"
+        "    print('refused:', e)\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "refused: x:" in r.stdout
+
+
+def test_missing_extension_warns_and_says_why():
+    """A failed import of the C++ extension (ABI mismatch after a torch upgrade) must not silently
+    make every CPU call 45-590x slower: a warning with the error and the fix, and a reason."""
+    r = _run_python(
+        "import sys, warnings\n"
+        "sys.modules['xma2_ops._C'] = None  # makes `from . import _C` raise ImportError\n"
+        "warnings.simplefilter('always')\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    import torch, xma2_ops\n"
+        "    y = xma2_ops.xbar_linear(torch.rand(2, 5), torch.randn(3, 5), config=xma2_ops.XbarConfig(rows=4, cols=2))\n"
+        "print('WARN', [str(x.message) for x in w if issubclass(x.category, RuntimeWarning)])\n"
+        "print('BACKENDS', xma2_ops.available_backends())\n"
+        "print('CPU', xma2_ops.available_backends(with_reasons=True)['cpu'])\n"
+        "try:\n"
+        "    xma2_ops.xbar_linear(torch.rand(2, 5), torch.randn(3, 5), config=xma2_ops.XbarConfig(), backend='cpu')\n"
+        "except ValueError as e:\n"
+        "    print('ERR', e)\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    warn = next(line for line in out.splitlines() if line.startswith("WARN"))
+    assert "did not load" in warn and "pip install --no-build-isolation" in warn
+    assert "BACKENDS ['reference'" in out
+    assert "CPU the C++ extension xma2_ops._C did not load" in out
+    assert "ERR backend:" in out and "did not load" in out.split("ERR", 1)[1]

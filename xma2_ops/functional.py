@@ -157,8 +157,10 @@ class _WeightSlot:
         w = self.weight.detach()
         scale = self.given
         if scale is None:
-            scale = ref.derived_scale(w.to(compute_dtype(w)), 2 ** (weight_bits - 1) - 1)
-            ok = torch.isfinite(scale)  # max|W| is NaN or inf exactly when W is not finite
+            wc = w.to(compute_dtype(w))
+            amax = wc.abs().amax()
+            ok = torch.isfinite(amax)  # max|W| is NaN or inf exactly when W is not finite
+            scale = ref.derived_scale(wc, 2 ** (weight_bits - 1) - 1, amax)
         else:
             ok = torch.isfinite(w).all()
         if checks is not None:
