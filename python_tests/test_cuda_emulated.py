@@ -86,3 +86,22 @@ def test_emulated_cuda_kernel(emu, case):
     y = torch.empty(m, n, dtype=torch.float32)
     assert emu.emu_mvm_f32(_ptr(x), _ptr(wb), None, _ptr(coef_f), None, _ptr(y), ctypes.byref(params)) == 0
     torch.testing.assert_close(y, _ops._reference_mvm(x, wb, None, coef_f, None, p), rtol=1e-6, atol=1e-3)
+
+
+def test_emulated_cuda_kernel_levels_above_clip_is_not_lossless(emu):
+    """adc_levels > adc_clip >= Pmax: the codes round(P n / clip) differ from P, so the kernel must take
+    the ADC path (it took the lossless one when it tested levels >= clip).  The ops refuse such a
+    config; the kernel's own predicate (adc_is_identity in csrc/xbar_quant.h) must still be right."""
+    p = GemmParams(rows=8, cols=4, input_bits=3, input_signed=False, dac_bits=1, weight_bits=3, cell_bits=1,
+                   adc_levels=13, adc_clip=9)
+    assert p.pmax == 8 and not p.adc_identity
+    g = torch.Generator().manual_seed(5)
+    m, k, n = 7, 20, 18
+    x = torch.randint(0, 8, (m, k), generator=g, dtype=torch.int32)
+    w = torch.randint(-3, 4, (k, n), generator=g, dtype=torch.int32)
+    out = torch.empty(-(-k // p.rows), m, n, dtype=torch.int64)
+    assert emu.emu_tile_sums(_ptr(x), _ptr(w), _ptr(out), ctypes.byref(_params(p, m, k, n))) == 0
+    want = reference.tile_sums(x, w, p)
+    assert not torch.equal(want, torch.stack([x[:, r * 8:(r + 1) * 8].long() @ w[r * 8:(r + 1) * 8].long()
+                                              for r in range(3)]))
+    assert torch.equal(out, want)

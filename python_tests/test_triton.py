@@ -120,3 +120,21 @@ def test_empty_and_bad_inputs(triton_be):
     with pytest.raises(RuntimeError, match="coef_b must be"):
         triton_be.mvm(torch.zeros(3, 30, dtype=torch.int32, device=DEVICE), w, None,
                       torch.zeros(1, 5, dtype=torch.float64, device=DEVICE), None, p)
+
+
+def test_adc_argument_checks(triton_be):
+    """As the C++ ops: adc_levels <= adc_clip (levels > clip >= Pmax is a lossy ADC, not the identity),
+    adc_levels < 2^24, adc_clip <= MAX_ADC_CLIP, with messages that name the argument."""
+    from dataclasses import replace
+
+    from xma2_ops.config import MAX_ADC_CLIP, GemmParams
+    x = torch.zeros(3, 30, dtype=torch.int32, device=DEVICE)
+    w = torch.zeros(30, 5, dtype=torch.int32, device=DEVICE)
+    p = GemmParams(rows=16, cols=4, input_bits=4, input_signed=False, dac_bits=1, weight_bits=5, cell_bits=2,
+                   adc_levels=48, adc_clip=48)
+    assert p.adc_identity and triton_be.tile_sums(x, w, p).shape == (2, 3, 5)
+    for bad, name in [(dict(adc_levels=53), "adc_levels"), (dict(adc_levels=1 << 24, adc_clip=1 << 25), "adc_levels"),
+                      (dict(adc_clip=MAX_ADC_CLIP + 1), "adc_clip"), (dict(cols=1 << 17), "cols"),
+                      (dict(adc_clip=0), "adc_clip")]:
+        with pytest.raises(RuntimeError, match=name):
+            triton_be.tile_sums(x, w, replace(p, **bad))

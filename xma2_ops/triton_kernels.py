@@ -12,8 +12,8 @@ are below 2^width; 8-bit wide ones (dac_bits or cell_bits = 8) are split into tw
 With rows <= 65536 (checked) a partial dot stays below 65536 * 127 * 127 < 2^31.  Float32 dots
 were not used: they are exact only below 2^24, which rows * 255 * 255 passes for rows > 258.
 
-Lossless configs (ideal ADC, or adc_levels >= adc_clip >= Pmax, where every ADC code equals its
-partial sum) skip the slicing: T_int = sum_k x_int * w_int, computed from signed base-128 digits
+Lossless configs (``GemmParams.adc_identity``: ideal ADC, or adc_levels == adc_clip >= Pmax, where
+every ADC code equals its partial sum) skip the slicing: T_int = sum_k x_int * w_int, computed from signed base-128 digits
 of the codes (one or two int8 dots for 8-bit codes).
 
 On CPU tensors the kernels run in Triton's interpreter (slow; meant for tests).  Triton reads
@@ -37,7 +37,7 @@ try:
 except Exception as err:  # any failure to load Triton means: no triton backend (``_ops`` skips it)
     raise ImportError(f"xma2_ops.triton_kernels needs Triton: {err}") from err
 
-from .config import GemmParams
+from .config import MAX_ADC_CLIP, GemmParams
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICES = ("cuda", "cpu") if _INTERPRET else ("cuda",)
@@ -45,6 +45,8 @@ DEVICES = ("cuda", "cpu") if _INTERPRET else ("cuda",)
 _MAX_X_BITS = 16  # input magnitude bits per polarity (as the C++ kernels)
 _MAX_W_BITS = 15  # weight magnitude bits per polarity
 _MAX_ROWS = 1 << 16  # keeps every int32 partial dot exact (module docstring)
+_MAX_COLS = 1 << 16  # as rows (XbarConfig's limit)
+_MAX_ADC_LEVELS = (1 << 24) - 1  # n = min(2^adc_bits - 1, clip) with adc_bits <= 24
 # Tile sizes picked from ptxas register/spill reports for sm_80 and sm_90 (Triton compiled ahead of
 # time, no GPU timings yet): a 64 x 64 output block with 8 warps keeps spills small while the row tile's
 # codes stay in registers up to 64 rows; longer row tiles stream K in steps of 32.
@@ -207,7 +209,7 @@ def _check_codes(name: str, codes: torch.Tensor, lo: int, hi: int) -> None:
 
 
 def _check(x_codes: torch.Tensor, w_codes: torch.Tensor, p: GemmParams) -> None:
-    """The checks of the C++ kernels (csrc/cpu/xbar_cpu.cpp make_params), plus rows <= 65536."""
+    """The checks of the C++ ops (csrc/xbar_check.h make_params_checked), plus device agreement."""
     if x_codes.dim() != 2 or w_codes.dim() != 2:
         raise RuntimeError(f"xbar: x_codes must be [M, K] and w_codes [K, N], got {tuple(x_codes.shape)} "
                            f"and {tuple(w_codes.shape)}")
@@ -218,26 +220,31 @@ def _check(x_codes: torch.Tensor, w_codes: torch.Tensor, p: GemmParams) -> None:
     if x_codes.device != w_codes.device:
         raise RuntimeError(f"xbar: x_codes and w_codes must be on one device, got {x_codes.device} and "
                            f"{w_codes.device}")
-    if not 1 <= p.rows <= _MAX_ROWS or p.cols < 1:
-        raise RuntimeError(f"xbar: rows must be in [1, {_MAX_ROWS}] and cols >= 1, got {p.rows}, {p.cols}")
-    if not 1 <= p.x_bits <= _MAX_X_BITS:
-        raise RuntimeError(f"xbar: input_bits out of range: {p.input_bits}")
+    if not 1 <= p.rows <= _MAX_ROWS:
+        raise RuntimeError(f"xbar: rows must be in [1, {_MAX_ROWS}], got {p.rows}")
+    if not 1 <= p.cols <= _MAX_COLS:
+        raise RuntimeError(f"xbar: cols must be in [1, {_MAX_COLS}], got {p.cols}")
+    lo, hi = (2, _MAX_X_BITS + 1) if p.input_signed else (1, _MAX_X_BITS)
+    if not lo <= p.input_bits <= hi:
+        raise RuntimeError(f"xbar: input_bits must be in [{lo}, {hi}] (input_signed={p.input_signed}), "
+                           f"got {p.input_bits}")
     if not 2 <= p.weight_bits <= _MAX_W_BITS + 1:
-        raise RuntimeError(f"xbar: weight_bits out of range: {p.weight_bits}")
-    if not (1 <= p.dac_bits <= 8 and 1 <= p.cell_bits <= 8):
-        raise RuntimeError(f"xbar: dac_bits and cell_bits must be in [1, 8], got {p.dac_bits}, {p.cell_bits}")
-    if p.adc_levels < 0 or p.adc_clip < 1:
-        raise RuntimeError(f"xbar: adc_levels must be >= 0 and adc_clip >= 1, got {p.adc_levels}, {p.adc_clip}")
+        raise RuntimeError(f"xbar: weight_bits must be in [2, {_MAX_W_BITS + 1}], got {p.weight_bits}")
+    if not 1 <= p.dac_bits <= 8:
+        raise RuntimeError(f"xbar: dac_bits must be in [1, 8], got {p.dac_bits}")
+    if not 1 <= p.cell_bits <= 8:
+        raise RuntimeError(f"xbar: cell_bits must be in [1, 8], got {p.cell_bits}")
+    if not 1 <= p.adc_clip <= MAX_ADC_CLIP:
+        raise RuntimeError(f"xbar: adc_clip must be in [1, 2^32], got {p.adc_clip}")
+    if not 0 <= p.adc_levels <= _MAX_ADC_LEVELS:
+        raise RuntimeError(f"xbar: adc_levels must be in [0, 2^24 - 1] (0 = ideal ADC), got {p.adc_levels}")
+    if p.adc_levels > p.adc_clip:
+        raise RuntimeError(f"xbar: adc_levels must be <= adc_clip (n = min(2^adc_bits - 1, clip)), got "
+                           f"adc_levels={p.adc_levels}, adc_clip={p.adc_clip}")
     qx = (1 << p.x_bits) - 1
     _check_codes("x_codes", x_codes, -qx if p.input_signed else 0, qx)
     qw = (1 << (p.weight_bits - 1)) - 1
     _check_codes("w_codes", w_codes, -qw, qw)
-
-
-def _lossless(p: GemmParams) -> bool:
-    """Every ADC code equals its partial sum (SPEC 3: n >= clip >= Pmax, or the ideal ADC)."""
-    pmax = p.rows * ((1 << p.dac_bits) - 1) * ((1 << p.cell_bits) - 1)
-    return p.adc_levels == 0 or (p.adc_levels >= p.adc_clip >= pmax)
 
 
 def _launch(x_codes: torch.Tensor, wb_codes: torch.Tensor, wt_codes: Optional[torch.Tensor],
@@ -256,7 +263,7 @@ def _launch(x_codes: torch.Tensor, wb_codes: torch.Tensor, wt_codes: Optional[to
         coef_b if coef_b is not None else out, coef_t if coef_t is not None else out, out,
         m, n, k, m * n, x_codes.stride(0), x_codes.stride(1), wb_codes.stride(0), wb_codes.stride(1),
         p.rows, n_tiles, p.chunks, p.slices, levels, p.adc_clip, 2 * p.adc_clip,
-        X_POLS=2 if p.input_signed else 1, DB=p.dac_bits, CB=p.cell_bits, LOSSLESS=_lossless(p),
+        X_POLS=2 if p.input_signed else 1, DB=p.dac_bits, CB=p.cell_bits, LOSSLESS=p.adc_identity,
         X_DIGITS=-(-p.x_bits // signed_digits), W_DIGITS=-(-(p.weight_bits - 1) // signed_digits),
         SINGLE_K=single_k, MVM=coef_b is not None, HAS_T=wt_codes is not None,
         BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=block_k,

@@ -43,7 +43,9 @@ at::Tensor xbar_tile_sums_cuda(const at::Tensor& x_codes, const at::Tensor& w_co
   check_weight_codes(w_codes, p, "w_codes");
   const c10::cuda::CUDAGuard guard(x_codes.device());
   const at::Tensor x = x_codes.contiguous(), w = w_codes.contiguous();
-  at::Tensor out = at::empty({(p.K + p.rows - 1) / p.rows, p.M, p.N}, x.options().dtype(at::kLong));
+  mul_checked(mul_checked(p.Tr(), p.M, "xbar_tile_sums: the output [Tr, M, N]"), p.N,
+              "xbar_tile_sums: the output [Tr, M, N]");
+  at::Tensor out = at::empty({p.Tr(), p.M, p.N}, x.options().dtype(at::kLong));
   check_launch(xbar_tile_sums_launch(x.data_ptr<int32_t>(), w.data_ptr<int32_t>(), out.data_ptr<int64_t>(), p,
                                      c10::cuda::getCurrentCUDAStream()));
   return out;
@@ -57,7 +59,7 @@ at::Tensor xbar_mvm_cuda(const at::Tensor& x_codes, const at::Tensor& wb_codes,
   const XbarParams p = cuda_params(x_codes, wb_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
                                    cell_bits, adc_levels, adc_clip);
   check_weight_codes(wb_codes, p, "wb_codes");
-  const int64_t tr = (p.K + p.rows - 1) / p.rows;
+  const int64_t tr = p.Tr();
   TORCH_CHECK(wt_codes.has_value() == coef_t.has_value(), "xbar_mvm: wt_codes and coef_t must be given together");
   TORCH_CHECK(coef_b.scalar_type() == at::kFloat || coef_b.scalar_type() == at::kDouble,
               "xbar_mvm: coef_b must be float32 or float64, got ", coef_b.scalar_type());

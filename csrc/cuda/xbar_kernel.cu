@@ -8,7 +8,7 @@
 // (exact: fields < 2^8, P <= rows * 255 * 255 < 2^32 for rows <= kCudaMaxRows).  The ADC and
 // the shift-and-add run in registers in int64.  Codes are re-read (from L2) per partial sum.
 //
-// Lossless configs (ideal ADC, or adc_levels >= adc_clip >= Pmax) need no slicing:
+// Lossless configs (XbarParams::adc_identity: ideal ADC, or adc_levels == adc_clip >= Pmax) need no slicing:
 // T_int = sum_k x_int * w_int, computed directly from the int32 codes.
 #include "xbar_kernel.h"
 
@@ -27,12 +27,6 @@ struct Smem {
   int32_t wi[kStepK][kTile + 1];   // +1: no bank conflicts when writing rows
 };
 
-__device__ __forceinline__ int64_t row_tiles(const XbarParams& p) { return (p.K + p.rows - 1) / p.rows; }
-
-bool is_lossless(const XbarParams& p) {
-  const int64_t pmax = (int64_t)p.rows * ((1 << p.dac_bits) - 1) * ((1 << p.cell_bits) - 1);
-  return p.adc_levels == 0 || ((int64_t)p.adc_levels >= p.adc_clip && p.adc_clip >= pmax);
-}
 
 // Field `index` of the polarity max(sign * v, 0) of a signed code.
 __device__ __forceinline__ uint32_t field(int32_t v, int sign, int index, int width) {
@@ -64,8 +58,7 @@ __device__ int64_t row_tile_sum(const int32_t* __restrict__ x, const int32_t* __
     }
     return t;
   }
-  // (XbarParams' helpers are host-only)
-  const int I = (p.x_bits + p.dac_bits - 1) / p.dac_bits, S = (p.w_bits + p.cell_bits - 1) / p.cell_bits;
+  const int I = p.chunks(), S = p.slices();
   const int64_t m = m0 + ty, n = n0 + tx;
   for (int px = 0; px < p.x_pols; ++px) {
     const int sx = 1 - 2 * px;
@@ -104,7 +97,7 @@ tile_sums_kernel(const int32_t* __restrict__ x, const int32_t* __restrict__ w, i
   __shared__ Smem sm;
   const int64_t m0 = (int64_t)blockIdx.x * kTile, n0 = (int64_t)blockIdx.y * kTile;
   const int64_t m = m0 + threadIdx.y, n = n0 + threadIdx.x;
-  for (int64_t r = 0; r < row_tiles(p); ++r) {
+  for (int64_t r = 0; r < p.Tr(); ++r) {
     const int64_t k0 = r * p.rows, k1 = k0 + p.rows < p.K ? k0 + p.rows : p.K;
     const int64_t t = row_tile_sum(x, w, p, lossless, m0, n0, k0, k1, sm);
     if (m < p.M && n < p.N) out[(r * p.M + m) * p.N + n] = t;
@@ -120,7 +113,7 @@ mvm_kernel(const int32_t* __restrict__ x, const int32_t* __restrict__ wb, const 
   const int64_t m0 = (int64_t)blockIdx.x * kTile, n0 = (int64_t)blockIdx.y * kTile;
   const int64_t m = m0 + threadIdx.y, n = n0 + threadIdx.x;
   double acc = 0.0;
-  for (int64_t r = 0; r < row_tiles(p); ++r) {
+  for (int64_t r = 0; r < p.Tr(); ++r) {
     const int64_t k0 = r * p.rows, k1 = k0 + p.rows < p.K ? k0 + p.rows : p.K;
     for (int path = 0; path < 2; ++path) {
       const scalar_t* coef = path == 0 ? coef_b : coef_t;
@@ -149,7 +142,7 @@ cudaError_t mvm_launch(const int32_t* x, const int32_t* wb, const int32_t* wt, c
   if (p.rows > kCudaMaxRows) return cudaErrorInvalidValue;
   dim3 grid;
   if (!grid_for(p, grid)) return cudaErrorInvalidConfiguration;
-  mvm_kernel<scalar_t><<<grid, dim3(kTile, kTile), 0, stream>>>(x, wb, wt, coef_b, coef_t, y, p, is_lossless(p));
+  mvm_kernel<scalar_t><<<grid, dim3(kTile, kTile), 0, stream>>>(x, wb, wt, coef_b, coef_t, y, p, p.adc_identity());
   return cudaGetLastError();
 }
 
@@ -161,7 +154,7 @@ cudaError_t xbar_tile_sums_launch(const int32_t* x, const int32_t* w, int64_t* o
   if (p.rows > kCudaMaxRows) return cudaErrorInvalidValue;
   dim3 grid;
   if (!grid_for(p, grid)) return cudaErrorInvalidConfiguration;
-  tile_sums_kernel<<<grid, dim3(kTile, kTile), 0, stream>>>(x, w, out, p, is_lossless(p));
+  tile_sums_kernel<<<grid, dim3(kTile, kTile), 0, stream>>>(x, w, out, p, p.adc_identity());
   return cudaGetLastError();
 }
 
