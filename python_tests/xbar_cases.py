@@ -20,7 +20,7 @@ CONFIGS = [
     (200, 50, 3, 4, 2, 2, 3, None, False),     # cell_bits > weight magnitude bits, streamed K
     (5, 3, 6, 1, 5, 1, 3, 7, True),            # tiny crossbars, many partial sums
     (31, 13, 8, 3, 7, 2, 5, 100, False),       # odd sizes everywhere
-    (64, 16, 7, 3, 7, 3, 24, 2**33 + 1, True),  # clip and ADC arithmetic beyond int32
+    (64, 16, 7, 3, 7, 3, 24, 2**32 - 1, True),  # clip and ADC arithmetic beyond int32 (MAX_ADC_CLIP = 2**32)
 ]
 
 
