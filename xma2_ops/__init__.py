@@ -5,6 +5,7 @@ See README.md for the API and docs/SPEC.md for the exact semantics.
 from importlib import metadata as _metadata
 
 from .config import XbarConfig
+from .device import DeviceModel
 from ._ops import available_backends
 from .functional import xbar_conv2d, xbar_linear
 from .modules import XbarConv2d, XbarLinear, convert, program
@@ -15,5 +16,5 @@ try:
 except _metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["XbarConfig", "available_backends", "xbar_conv2d", "xbar_linear", "XbarConv2d", "XbarLinear", "convert",
+__all__ = ["XbarConfig", "DeviceModel", "available_backends", "xbar_conv2d", "xbar_linear", "XbarConv2d", "XbarLinear", "convert",
            "program", "ProgrammedWeight", "__version__"]

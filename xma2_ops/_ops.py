@@ -25,6 +25,7 @@ and lowering.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import warnings
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
-from . import reference
+from . import cell_kernels, reference
 from .config import GemmParams
 from .lowering import ConvLowering, LinearLowering
 
@@ -106,12 +107,45 @@ class Backend:
     coef_grad: Optional[Callable[..., torch.Tensor]] = None  # None: from tile_sums, in row blocks
     small_codes: bool = False  # takes uint8/int8/int16 x_codes as well as int32
     unfold_codes: Optional[Callable[..., torch.Tensor]] = None  # im2col of integer codes; None: F.unfold
+    # The device model (SPEC 7.2): cell_tile_sums(x_codes, gq [2, S, K, N] int32, params, frac_bits)
+    # -> int64 [Tr, M, N]; None: this backend refuses device models.
+    cell_tile_sums: Optional[Callable[..., torch.Tensor]] = None
 
     def coef_gradient(self, x_codes, w_codes, gy, p: GemmParams) -> torch.Tensor:
         """G[r, n] = sum_m gy[m, n] T_int[r, m, n] in float64."""
         if self.coef_grad is not None:
             return self.coef_grad(x_codes, w_codes, gy, p)
         return _coef_grad_from_tile_sums(self.tile_sums, x_codes, w_codes, gy, p)
+
+    def cells(self) -> Callable[..., torch.Tensor]:
+        if self.cell_tile_sums is None:
+            raise ValueError(f"backend: {self.name!r} does not implement the device model (config.device, SPEC 7) "
+                             f"yet; use backend='cpu' or 'reference' (on CUDA tensors: 'reference')")
+        return self.cell_tile_sums
+
+    def cell_mvm(self, x_codes, gb, gt, coef_b, coef_t, p: GemmParams, frac_bits: int) -> torch.Tensor:
+        """y [M, N] = sum_r coef_b T_b_int + coef_t T_t_int over the cells (row tile outer, then base,
+        then task, in float64; in row blocks so no [Tr, M, N] tensor of all rows is held)."""
+        fn = self.cells()
+        m_total, n_total = x_codes.shape[0], gb.shape[3]
+        tr = -(-x_codes.shape[1] // p.rows)
+        block = max(1, _GRAD_BLOCK_ELEMS // max(1, tr * n_total))
+        y = torch.empty(m_total, n_total, dtype=coef_b.dtype, device=x_codes.device)
+        for m0 in range(0, m_total, block):
+            xb = x_codes[m0:m0 + block]
+            tb = fn(xb, gb, p, frac_bits).double()
+            tt = fn(xb, gt, p, frac_bits).double() if gt is not None else None
+            acc = torch.zeros(xb.shape[0], n_total, dtype=torch.float64, device=x_codes.device)
+            for r in range(tr):
+                acc += coef_b[r].double() * tb[r]
+                if tt is not None:
+                    acc += coef_t[r].double() * tt[r]
+            y[m0:m0 + block] = acc.to(coef_b.dtype)
+        return y
+
+    def cell_coef_gradient(self, x_codes, gq, gy, p: GemmParams, frac_bits: int) -> torch.Tensor:
+        fn = self.cells()
+        return _coef_grad_from_tile_sums(lambda x, w, p_: fn(x, w, p_, frac_bits), x_codes, gq, gy, p)
 
 
 def _reference_tile_sums(x_codes, w_codes, p: GemmParams) -> torch.Tensor:
@@ -158,9 +192,15 @@ def _torch_op_backend(name: str, devices: tuple) -> Backend:
     return Backend(name, tile_sums, mvm, devices, coef_grad, small_codes=(key == "CPU"), unfold_codes=unfold_codes)
 
 
-_BACKENDS: Dict[str, Backend] = {"reference": Backend("reference", _reference_tile_sums, _reference_mvm, ("cpu", "cuda"))}
+def _reference_cell_tile_sums(x_codes, gq, p: GemmParams, frac_bits: int) -> torch.Tensor:
+    return reference.cell_tile_sums(x_codes.cpu(), gq.cpu(), p, frac_bits).to(x_codes.device)
+
+
+_BACKENDS: Dict[str, Backend] = {"reference": Backend("reference", _reference_tile_sums, _reference_mvm, ("cpu", "cuda"),
+                                                      cell_tile_sums=_reference_cell_tile_sums)}
 if _HAS_C:
-    _BACKENDS["cpu"] = _torch_op_backend("cpu", ("cpu",))
+    _BACKENDS["cpu"] = dataclasses.replace(_torch_op_backend("cpu", ("cpu",)),
+                                           cell_tile_sums=cell_kernels.cell_tile_sums)
     if torch._C._dispatch_has_kernel_for_dispatch_key("xma2_ops::xbar_mvm", "CUDA"):
         _BACKENDS["cuda"] = _torch_op_backend("cuda", ("cuda",))
 
@@ -318,3 +358,45 @@ def straight_through(x: torch.Tensor, w: torch.Tensor, lowering) -> torch.Tensor
         return torch.ops.xma2_ops.straight_through_conv2d(x, w, list(lowering.stride), list(lowering.padding),
                                                           list(lowering.dilation))
     return torch.ops.xma2_ops.straight_through_linear(x, w)
+
+
+@torch.library.custom_op("xma2_ops::crossbar_mvm_cells", mutates_args=())
+def _crossbar_mvm_cells(x_codes: torch.Tensor, gb: torch.Tensor, gt: Optional[torch.Tensor], coef_b: torch.Tensor,
+                        coef_t: Optional[torch.Tensor], rows: int, cols: int, input_bits: int, input_signed: bool,
+                        dac_bits: int, weight_bits: int, cell_bits: int, adc_levels: int, adc_clip: int,
+                        frac_bits: int, backend: str) -> torch.Tensor:
+    p = GemmParams(rows, cols, input_bits, input_signed, dac_bits, weight_bits, cell_bits, adc_levels, adc_clip)
+    return get_backend(backend, x_codes.device).cell_mvm(x_codes, gb, gt, coef_b, coef_t, p, frac_bits)
+
+
+@_crossbar_mvm_cells.register_fake
+def _crossbar_mvm_cells_fake(x_codes, gb, gt, coef_b, coef_t, *args):
+    torch._check(x_codes.dim() == 2 and gb.dim() == 4)
+    torch._check(x_codes.shape[1] == gb.shape[2])
+    return coef_b.new_empty((x_codes.shape[0], gb.shape[3]))
+
+
+def _crossbar_mvm_cells_setup(ctx, inputs, output) -> None:
+    x_codes, gb, gt, coef_b, coef_t, *ints, frac_bits, backend = inputs
+    ctx.save_for_backward(x_codes, gb, gt)
+    ctx.params = GemmParams(*ints)
+    ctx.frac_bits, ctx.backend, ctx.coef_dtype = frac_bits, backend, coef_b.dtype
+
+
+def _crossbar_mvm_cells_backward(ctx, gy):
+    x_codes, gb, gt = ctx.saved_tensors
+    be = get_backend(ctx.backend, x_codes.device)
+    g_b = g_t = None
+    if ctx.needs_input_grad[3]:
+        g_b = be.cell_coef_gradient(x_codes, gb, gy, ctx.params, ctx.frac_bits).to(ctx.coef_dtype)
+    if gt is not None and ctx.needs_input_grad[4]:
+        g_t = be.cell_coef_gradient(x_codes, gt, gy, ctx.params, ctx.frac_bits).to(ctx.coef_dtype)
+    return (None, None, None, g_b, g_t) + (None,) * 11
+
+
+_crossbar_mvm_cells.register_autograd(_crossbar_mvm_cells_backward, setup_context=_crossbar_mvm_cells_setup)
+
+
+def crossbar_mvm_cells(x_codes, gb, gt, coef_b, coef_t, p: GemmParams, frac_bits: int, backend: str) -> torch.Tensor:
+    """crossbar_mvm over non-ideal cells: conductances gb/gt [2, S, K, N] int32 (SPEC 7.2)."""
+    return torch.ops.xma2_ops.crossbar_mvm_cells(x_codes, gb, gt, coef_b, coef_t, *p.as_args(), frac_bits, backend)

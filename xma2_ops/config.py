@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from .device import DeviceModel
+
 # Within these limits (rows <= 2^16, bits <= 16) every partial sum and every digital tile
 # sum T_int stays below 2^50 (see tile_sum_bound): exact in int64 and in float64.
 _MAX_DIM = 1 << 16
@@ -42,6 +44,7 @@ class XbarConfig:
     adc_clip        partial sum mapped to the ADC full scale; None = Pmax (no clipping).
     input_signed    True/False fix the input encoding; None = signed when a negative value
                     is seen (the op: in this call; modules: during calibration).
+    device          the ReRAM cells' non-idealities (DeviceModel, SPEC 7); None = ideal cells.
     """
 
     rows: int = 128
@@ -53,6 +56,7 @@ class XbarConfig:
     adc_bits: Optional[int] = 8
     adc_clip: Optional[int] = None
     input_signed: Optional[bool] = None
+    device: Optional[DeviceModel] = None
 
     def __post_init__(self) -> None:
         _check_int("rows", self.rows, 1, _MAX_DIM)
@@ -77,6 +81,12 @@ class XbarConfig:
             raise ValueError(
                 f"XbarConfig.input_bits: quantised inputs need quantised weights (no mode computes integer inputs "
                 f"with float weights), so input_bits must be None when weight_bits is None, got {self.input_bits}")
+        if self.device is not None:
+            if not isinstance(self.device, DeviceModel):
+                raise TypeError(f"XbarConfig.device: expected a DeviceModel or None, got {type(self.device).__name__}")
+            if self.weight_bits is None:
+                raise ValueError("XbarConfig.device: a device model needs programmed cells, so weight_bits must be "
+                                 "set (the ideal crossbar, weight_bits=None, holds float weights)")
         if self.input_signed is True and self.input_bits == 1:
             raise ValueError("XbarConfig.input_bits: signed inputs need input_bits >= 2 (one sign bit), got 1")
 
@@ -134,9 +144,18 @@ class XbarConfig:
         return min(2 ** self.adc_bits - 1, self.clip)
 
     @property
+    def uses_cells(self) -> bool:
+        """A device model with some non-ideality: the kernels read per-cell conductances (SPEC 7)."""
+        return self.device is not None and not self.device.ideal
+
+    @property
     def adc_step(self) -> float:
-        """P_hat = code * adc_step (clip / n); 1 for the ideal ADC."""
+        """P_hat = code * adc_step (clip / n); 1 for the ideal ADC (ideal cells)."""
         return 1.0 if self.adc_bits is None else self.clip / self.adc_levels
+
+    def tile_sum_unit(self, cells: bool) -> float:
+        """Value of one unit of T_int: adc_step, or 2^-F for the ideal ADC on fixed-point cells (SPEC 7.2)."""
+        return 2.0 ** -self.device.frac_bits if (cells and self.adc_bits is None) else self.adc_step
 
     @property
     def adc_lossless(self) -> bool:

@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from . import reference as ref
-from ._ops import check_backend_name, crossbar_mvm, get_backend, straight_through
+from ._ops import check_backend_name, crossbar_mvm, crossbar_mvm_cells, get_backend, straight_through
 from .config import GemmParams, XbarConfig
+from .device import DeviceModel
 from .lowering import ConvLowering, LinearLowering, coefficients, effective_weight
-from .programmed import ProgrammedWeight, ProgrammingCache, compute_dtype, program_weight
+from .programmed import (ChipPosition, ProgrammedWeight, ProgrammingCache, compute_dtype, program_key,
+                         program_weight)
 
 ScaleArg = Union[None, float, torch.Tensor]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -153,33 +155,50 @@ class _WeightSlot:
     same_index: Optional[int] = None  # index of the "unchanged since programming" flag in the checks
     finite_checked: bool = field(default=False)
 
-    def program(self, weight_bits: int, checks: Optional[_DataChecks]) -> None:
+    def program(self, target: "_Target", checks: _DataChecks) -> None:
         w = self.weight.detach()
         scale = self.given
         if scale is None:
             wc = w.to(compute_dtype(w))
             amax = wc.abs().amax()
             ok = torch.isfinite(amax)  # max|W| is NaN or inf exactly when W is not finite
-            scale = ref.derived_scale(wc, 2 ** (weight_bits - 1) - 1, amax)
+            scale = ref.derived_scale(wc, 2 ** (target.weight_bits - 1) - 1, amax)
         else:
             ok = torch.isfinite(w).all()
-        if checks is not None:
-            checks.require(ok, f"{self.name}: expected finite values, got NaN or inf")
-        self.state = program_weight(w, scale, weight_bits)
+        checks.require(ok, f"{self.name}: expected finite values, got NaN or inf")
+        if target.device is not None:  # the cells are drawn from the codes: NaN must not reach them
+            checks.run()
+        self.state = program_weight(w, scale, target.weight_bits, cell_bits=target.cell_bits, device=target.device,
+                                    chip=target.chip)
 
 
-def _prepare_slots(slots: List[_WeightSlot], weight_bits: int, checks: _DataChecks, reuse: bool) -> None:
+@dataclass(frozen=True)
+class _Target:
+    """What the weights are programmed onto: bits, and the cells of a non-ideal device (or None)."""
+
+    weight_bits: int
+    cell_bits: int
+    device: Optional[DeviceModel]
+    chip: ChipPosition
+
+    @property
+    def key(self) -> tuple:
+        return program_key(self.weight_bits, self.cell_bits, self.device)
+
+
+def _prepare_slots(slots: List[_WeightSlot], target: _Target, checks: _DataChecks, reuse: bool) -> None:
     """Programs every slot, or, where a layer's cache may hold it (eval mode), asks the cache and
     leaves the decision to after the checks' synchronisation."""
     for slot in slots:
-        same = slot.cache.same_source(slot.weight, slot.given) if (reuse and slot.cache is not None) else None
+        same = (slot.cache.same_source(slot.weight, slot.given, target.key)
+                if (reuse and slot.cache is not None) else None)
         if same is None:
-            slot.program(weight_bits, checks)
+            slot.program(target, checks)
         else:
             slot.same_index = checks.value(same)
 
 
-def _finish_slots(slots: List[_WeightSlot], weight_bits: int, vals: Optional[list], keep_source: bool) -> None:
+def _finish_slots(slots: List[_WeightSlot], target: _Target, vals: Optional[list], keep_source: bool) -> None:
     """After the synchronisation: reuse unchanged programmed weights, program the changed ones."""
     late = _DataChecks()
     for slot in slots:
@@ -187,21 +206,27 @@ def _finish_slots(slots: List[_WeightSlot], weight_bits: int, vals: Optional[lis
             if vals is not None and vals[slot.same_index]:
                 slot.state = slot.cache.state
                 continue
-            slot.program(weight_bits, late)  # the weight changed since it was programmed (rare)
+            slot.program(target, late)  # the weight changed since it was programmed (rare)
         if slot.cache is not None:
             slot.cache.store(slot.weight, slot.given, slot.state, keep_source)
     late.run()
 
 
-def program_layer(weight: torch.Tensor, task_weight: Optional[torch.Tensor], weight_bits: int,
-                  caches: Tuple[ProgrammingCache, ProgrammingCache]) -> None:
+def _target(config: XbarConfig, cells: bool, chip: Optional[ChipPosition]) -> _Target:
+    return _Target(config.weight_bits, config.cell_bits, config.device if cells else None,
+                   chip if chip is not None else ChipPosition())
+
+
+def program_layer(weight: torch.Tensor, task_weight: Optional[torch.Tensor], config: XbarConfig,
+                  caches: Tuple[ProgrammingCache, ProgrammingCache], chip: ChipPosition) -> None:
     """Program a layer's weights (derived scales) into its caches now, unless they are current."""
     slots = [_WeightSlot("weight", weight, None, caches[0])]
     if task_weight is not None:
         slots.append(_WeightSlot("task_weight", task_weight, None, caches[1]))
+    target = _target(config, config.uses_cells, chip)
     checks = _DataChecks()
-    _prepare_slots(slots, weight_bits, checks, reuse=True)
-    _finish_slots(slots, weight_bits, checks.run(), keep_source=True)
+    _prepare_slots(slots, target, checks, reuse=True)
+    _finish_slots(slots, target, checks.run(), keep_source=True)
 
 
 # ------------------------------------------------------------------ the shared body
@@ -219,11 +244,13 @@ def _empty_output(x, weight, bias, lowering, task_weight, pe_mask, col_scale) ->
 def _xbar(x, weight, bias, lowering, config: XbarConfig, task_weight, pe_mask, col_scale, input_scale,
           weight_scale, task_weight_scale, backend, *, signed: Union[None, bool, torch.Tensor] = None,
           caches: Tuple[Optional[ProgrammingCache], Optional[ProgrammingCache]] = (None, None),
-          reuse: bool = False, on_sign: Optional[Callable[[bool], None]] = None) -> torch.Tensor:
-    """``signed``/``caches``/``reuse``/``on_sign`` are the layers' own: the input sign decided at
-    calibration (a bool, or a 0-dim bool tensor read in the one synchronisation), their
-    programmed-state caches, whether a cached state may be reused (eval mode), and a callback
-    told the sign that was used."""
+          reuse: bool = False, on_sign: Optional[Callable[[bool], None]] = None,
+          chip: Optional[ChipPosition] = None, cells: Optional[bool] = None) -> torch.Tensor:
+    """``signed``/``caches``/``reuse``/``on_sign``/``chip``/``cells`` are the layers' own: the input
+    sign decided at calibration (a bool, or a 0-dim bool tensor read in the one synchronisation),
+    their programmed-state caches, whether a cached state may be reused (eval mode), a callback
+    told the sign that was used, the layer's place on the chip (SPEC 7 draws), and whether the
+    device model's cells are used in this call (default: when the config has a non-ideal device)."""
     m, k, n = lowering.gemm_mkn
     if m * max(k, n, 1) > _MAX_GEMM_ELEMS:
         raise ValueError(f"x: the crossbar GEMM of this call would be [{m}, {k}] x [{k}, {n}], beyond any memory "
@@ -247,7 +274,12 @@ def _xbar(x, weight, bias, lowering, config: XbarConfig, task_weight, pe_mask, c
         slots.append(_WeightSlot("task_weight", task_weight,
                                  _scale_tensor("task_weight_scale", task_weight_scale, task_weight, n, checks),
                                  caches[1]))
-    _prepare_slots(slots, config.weight_bits, checks, reuse and not compiling)
+    cells = config.uses_cells if cells is None else (cells and config.uses_cells)
+    if cells and compiling:
+        raise RuntimeError("config.device: the device model's random draws run outside torch.compile graphs; "
+                           "compile a model without a device model, or run it eagerly")
+    target = _target(config, cells, chip)
+    _prepare_slots(slots, target, checks, reuse and not compiling)
     quantized = config.quantized
     be = get_backend(backend, x.device) if quantized else None
     s_x = _scale_tensor("input_scale", input_scale, x, None, checks) if quantized else None
@@ -264,14 +296,18 @@ def _xbar(x, weight, bias, lowering, config: XbarConfig, task_weight, pe_mask, c
             sign_index = checks.value(signed)
         amax = torch.maximum(-lo, hi)
     vals = checks.run()
-    _finish_slots(slots, config.weight_bits, vals, keep_source=reuse and not compiling)
+    _finish_slots(slots, target, vals, keep_source=reuse and not compiling)
     w_b = slots[0].state
     w_t = slots[1].state if task_weight is not None else None
+    # One read of the cells per call (read noise is drawn per read): conductances [2, S, K, N].
+    read = target.chip.next_read() if cells else 0
+    g_b = w_b.cells.read(read) if cells else None
+    g_t = w_t.cells.read(read) if (cells and w_t is not None) else None
 
-    if not quantized:  # weight-only: fake-quantised weights, straight-through gradient
+    if not quantized:  # weight-only: fake-quantised weights (as the cells hold them), straight-through gradient
         cd = x.dtype
-        wq_b = weight + (w_b.dequantized(cd) - weight).detach()
-        wq_t = task_weight + (w_t.dequantized(cd) - task_weight).detach() if w_t is not None else None
+        wq_b = weight + (w_b.dequantized(cd, g_b) - weight).detach()
+        wq_t = task_weight + (w_t.dequantized(cd, g_t) - task_weight).detach() if w_t is not None else None
         w_eff = effective_weight(wq_b, wq_t, pe_mask.to(x.dtype), col_scale.to(x.dtype), config.rows, config.cols)
         y = lowering.float_forward(x, w_eff)
         return y if bias is None else lowering.add_bias(y, bias)
@@ -291,17 +327,35 @@ def _xbar(x, weight, bias, lowering, config: XbarConfig, task_weight, pe_mask, c
     x_int = ref.quantize_input(x.detach().to(cd), s_x, params.input_bits, signed)
     x_codes = lowering.unfold_codes(x_int.to(_code_dtype(params, be)), be)
     coef_b, coef_t = coefficients(pe_mask, col_scale, s_x, w_b.scale, w_t.scale if w_t is not None else None,
-                                  params.cols, config.adc_step, cd, w_t is not None)
-    y = crossbar_mvm(x_codes, w_b.codes, w_t.codes if w_t is not None else None, coef_b, coef_t, params, be.name)
+                                  params.cols, config.tile_sum_unit(cells), cd, w_t is not None)
+    if cells:
+        frac_bits = config.device.frac_bits
+        _check_cell_sums(params, frac_bits, g_b, g_t)
+        y = crossbar_mvm_cells(x_codes, g_b, g_t, coef_b, coef_t, params, frac_bits, be.name)
+    else:
+        y = crossbar_mvm(x_codes, w_b.codes, w_t.codes if w_t is not None else None, coef_b, coef_t, params, be.name)
     y = lowering.fold_output(y.to(x.dtype))
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (task_weight is not None and task_weight.requires_grad)):
-        y = y + _straight_through_term(x, weight, task_weight, pe_mask, col_scale, s_x, w_b, w_t, params, lowering)
+        y = y + _straight_through_term(x, weight, task_weight, pe_mask, col_scale, s_x, w_b, w_t, params, lowering,
+                                       g_b, g_t)
     return y if bias is None else lowering.add_bias(y, bias)
 
 
+def _check_cell_sums(p: GemmParams, frac_bits: int, *gqs) -> None:
+    """Every partial sum P_F of the cells must be exact in every backend (int64 ADC arithmetic with
+    2 P_F n + clip 2^F, float64 GEMMs below 2^53): refuse conductances that could break that."""
+    g_max = max(int(g.max()) for g in gqs if g is not None and g.numel())
+    p_max = p.rows * (2 ** p.dac_bits - 1) * g_max
+    if p_max >= 2 ** 52 or 2 * p_max * max(p.adc_levels, 1) + (p.adc_clip << frac_bits) >= 2 ** 62:
+        raise ValueError(f"config.device: conductances up to {g_max / 2 ** frac_bits:.4g} level steps give partial "
+                         f"sums up to {p_max} (fixed point), too large for exact arithmetic: lower frac_bits, rows "
+                         f"or the variation")
+
+
 def _straight_through_term(x, weight, task_weight, pe_mask, col_scale, s_x, w_b: ProgrammedWeight,
-                           w_t: Optional[ProgrammedWeight], params: GemmParams, lowering) -> torch.Tensor:
+                           w_t: Optional[ProgrammedWeight], params: GemmParams, lowering, g_b=None,
+                           g_t=None) -> torch.Tensor:
     """Zero in value; its gradient w.r.t. x and the weights is that of the float layer at the
     dequantised point, every quantiser as the identity, inputs clipped by the input quantiser
     getting none (SPEC 5).  pe_mask/col_scale get their exact gradient through the op instead."""
@@ -310,8 +364,8 @@ def _straight_through_term(x, weight, task_weight, pe_mask, col_scale, s_x, w_b:
     keep = ref.input_in_range(xc.detach(), s_x, params.input_bits, params.input_signed).to(x.dtype)
     x_deq = (ref.quantize_input(xc.detach(), s_x, params.input_bits, params.input_signed) * s_x).to(x.dtype)
     x_ste = x * keep + (x_deq - x * keep).detach()
-    wq_b = weight + (w_b.dequantized(x.dtype) - weight).detach()
-    wq_t = task_weight + (w_t.dequantized(x.dtype) - task_weight).detach() if w_t is not None else None
+    wq_b = weight + (w_b.dequantized(x.dtype, g_b) - weight).detach()
+    wq_t = task_weight + (w_t.dequantized(x.dtype, g_t) - task_weight).detach() if w_t is not None else None
     m, a = pe_mask.detach().to(x.dtype), col_scale.detach().to(x.dtype)
     w_eff = effective_weight(wq_b, wq_t, m, a, params.rows, params.cols)
     return straight_through(x_ste, w_eff, lowering)

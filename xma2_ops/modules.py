@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .config import XbarConfig
 from .functional import _conv2d, _linear, program_layer
-from .programmed import ProgrammedWeight, ProgrammingCache
+from .programmed import ChipPosition, ProgrammedWeight, ProgrammingCache
 
 AdapterFn = Callable[[nn.Module], Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]]
 
@@ -44,6 +44,11 @@ class _XbarMixin:
         self.backend: Optional[str] = None
         self.adapter: Optional[AdapterFn] = None
         self._programming = (ProgrammingCache(), ProgrammingCache())  # backbone weight, task weight
+        self.chip = ChipPosition()  # layer index on the chip, write/read counters (device model draws)
+        # Noise-aware training (device model): in training mode, program the cells anew on every
+        # forward (fresh programming variation per batch, the chip's faults kept); False: train on
+        # ideal cells.  Eval mode always uses the device model of the config.
+        self.noise_aware: bool = False
         self._signed_hint: Optional[bool] = None  # input_signed as last read (for torch.compile)
         self.register_buffer("input_range", torch.zeros((), device=self.weight.device, dtype=torch.float32))
         self.register_buffer("input_signed", torch.zeros((), device=self.weight.device, dtype=torch.bool))
@@ -93,7 +98,7 @@ class _XbarMixin:
         if self.config.weight_bits is None:  # the ideal crossbar holds the float weights themselves
             return self
         task_weight = self.adapter(self)[0] if self.adapter is not None else self.task_weight
-        program_layer(self.weight, task_weight, self.config.weight_bits, self._programming)
+        program_layer(self.weight, task_weight, self.config, self._programming, self.chip)
         self._signed_hint = bool(self.input_signed)
         return self
 
@@ -128,7 +133,8 @@ class _XbarMixin:
         """Everything the functional op needs besides x, weight and bias."""
         self._calibrate(x)
         cfg = self.config
-        kwargs = {"backend": self.backend, "config": cfg, "caches": self._programming, "reuse": reuse}
+        kwargs = {"backend": self.backend, "config": cfg, "caches": self._programming, "reuse": reuse,
+                  "chip": self.chip, "cells": not self.training or self.noise_aware}
         if cfg.quantized:
             signed = self._input_sign() if cfg.input_signed is None else cfg.input_signed
             q_signed, q_unsigned = cfg.input_qmax(True) if cfg.input_bits >= 2 else 1, cfg.input_qmax(False)
@@ -241,9 +247,20 @@ def convert(model: nn.Module, config: XbarConfig, *, linear: bool = True,
     return model
 
 
-def program(model: nn.Module) -> nn.Module:
-    """Program every crossbar layer of ``model`` (``layer.program()``); returns ``model``."""
-    for m in model.modules():
-        if isinstance(m, (XbarConv2d, XbarLinear)):
-            m.program()
+def program(model: nn.Module, seed: Optional[int] = None) -> nn.Module:
+    """Program every crossbar layer of ``model`` now (``layer.program()``); returns ``model``.
+
+    With a device model (``XbarConfig.device``), layers are numbered in ``model.modules()`` order
+    (their place on the chip) and their write/read counters restart, so the same seed gives the
+    same chip; ``seed`` replaces the device models' seeds (a new chip)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+        raise ValueError(f"seed: expected an int in [0, 2**63) or None, got {seed!r}")
+    layers = [m for m in model.modules() if isinstance(m, (XbarConv2d, XbarLinear))]
+    for index, m in enumerate(layers):
+        if seed is not None and m.config.device is not None:
+            m.config = dataclasses.replace(m.config, device=dataclasses.replace(m.config.device, seed=seed))
+        m.chip = ChipPosition(layer=index)
+        for cache in m._programming:
+            cache.clear()
+        m.program()
     return model

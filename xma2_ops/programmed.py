@@ -23,11 +23,31 @@ from typing import Optional
 import torch
 
 from . import reference as ref
+from .device import CellState, DeviceModel, cell_weight_codes, program_cells
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """Quantisers run in the tensor's dtype, half precisions in float32 (so 16-bit codes stay exact)."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class ChipPosition:
+    """Where a layer sits on the chip and how often its cells were written and read: the counters
+    that number the random draws of SPEC 7 (device.stream).  Layers own one; the functional API
+    uses a fresh one per call (layer 0: the same chip every call)."""
+
+    layer: int = 0
+    writes: int = 0
+    reads: int = 0
+
+    def next_write(self) -> int:
+        self.writes += 1
+        return self.writes - 1
+
+    def next_read(self) -> int:
+        self.reads += 1
+        return self.reads - 1
 
 
 @dataclass(frozen=True)
@@ -37,26 +57,42 @@ class ProgrammedWeight:
     codes   [K, N] int32 weight codes in [-Qw, Qw] (the GEMM layout of SPEC 1; K = prod(shape[1:])).
     scale   weight scale s_w: a 0-dim tensor or one per output column [N] (compute dtype).
     shape   the float weight's shape (to map gradients and dequantised weights back).
+    cells   with a non-ideal device model (SPEC 7): the programmed cells' conductances; else None.
+    key     what the programming depended on besides the weight (bits, cells, device).
     """
 
     codes: torch.Tensor
     scale: torch.Tensor
     weight_bits: int
     shape: tuple
+    cells: Optional[CellState] = None
+    key: tuple = ()
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """s * codes in the weight's own layout [N, ...] (what the cells hold, as a float weight)."""
+    def dequantized(self, dtype: torch.dtype, gq: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """s * codes in the weight's own layout [N, ...]: the weight the cells hold, as a float
+        weight (from the conductances ``gq`` of one read when the cells are non-ideal)."""
         s = self.scale.reshape(-1, 1)
-        return (self.codes.T.to(s.dtype) * s).reshape(self.shape).to(dtype)
+        codes = self.codes if gq is None else cell_weight_codes(gq, self.cells.cell_bits, self.cells.device.frac_bits)
+        return (codes.T.to(s.dtype) * s).reshape(self.shape).to(dtype)
 
 
-def program_weight(w: torch.Tensor, scale: torch.Tensor, weight_bits: int) -> ProgrammedWeight:
-    """Program ``w`` [N, ...] with ``scale`` (scalar or [N], in w's compute dtype): SPEC 2 weight codes."""
+def program_key(weight_bits: int, cell_bits: int, device: Optional[DeviceModel]) -> tuple:
+    return (weight_bits,) if device is None else (weight_bits, cell_bits, device)
+
+
+def program_weight(w: torch.Tensor, scale: torch.Tensor, weight_bits: int, *, cell_bits: int = 0,
+                   device: Optional[DeviceModel] = None, chip: Optional[ChipPosition] = None) -> ProgrammedWeight:
+    """Program ``w`` [N, ...] with ``scale`` (scalar or [N], in w's compute dtype): SPEC 2 weight codes,
+    and with a (non-ideal) ``device`` the cells of SPEC 7.1, written at ``chip``."""
     cd = compute_dtype(w)
     s = scale.to(cd)
     w2 = w.detach().reshape(w.shape[0], -1).to(cd)
     codes = ref.quantize_weight(w2, s.reshape(-1, 1), weight_bits).T.contiguous().to(torch.int32)
-    return ProgrammedWeight(codes, s, weight_bits, tuple(w.shape))
+    cells = None
+    if device is not None:
+        chip = chip if chip is not None else ChipPosition()
+        cells = program_cells(codes, weight_bits, cell_bits, device, chip.layer, chip.next_write())
+    return ProgrammedWeight(codes, s, weight_bits, tuple(w.shape), cells, program_key(weight_bits, cell_bits, device))
 
 
 class ProgrammingCache:
@@ -75,12 +111,13 @@ class ProgrammingCache:
     def clear(self) -> None:
         self.state, self._source, self._given_scale = None, None, None
 
-    def same_source(self, w: torch.Tensor, given_scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """A 0-dim bool tensor: is ``w`` what the state was programmed from?  None when it cannot be
-        (no state, other shape/dtype/device/scale kind).  Stays on the device: the caller folds it
-        into its one host synchronisation."""
+    def same_source(self, w: torch.Tensor, given_scale: Optional[torch.Tensor], key: tuple) -> Optional[torch.Tensor]:
+        """A 0-dim bool tensor: is ``w`` what the state was programmed from, with the same
+        programming ``key``?  None when it cannot be (no state, other key/shape/dtype/device/scale
+        kind).  Stays on the device: the caller folds it into its one host synchronisation."""
         src = self._source
-        if self.state is None or src is None or src.shape != w.shape or src.dtype != w.dtype or src.device != w.device:
+        if (self.state is None or src is None or self.state.key != key or src.shape != w.shape
+                or src.dtype != w.dtype or src.device != w.device):
             return None
         same = (src == w).all()
         if (given_scale is None) != (self._given_scale is None):

@@ -45,9 +45,11 @@ def input_in_range(x: torch.Tensor, scale: torch.Tensor, input_bits: int, signed
     return (r <= q) & (r >= (-q if signed else 0))
 
 
-def adc_codes(p: torch.Tensor, levels: int, clip: int) -> torch.Tensor:
-    """ADC of SPEC 3 on int64 partial sums: clamp(floor((2 P n + clip) / (2 clip)), 0, n)."""
-    return torch.clamp(torch.div(2 * p * levels + clip, 2 * clip, rounding_mode="floor"), 0, levels)
+def adc_codes(p: torch.Tensor, levels: int, clip: int, frac_bits: int = 0) -> torch.Tensor:
+    """ADC of SPEC 3 on int64 partial sums: clamp(floor((2 P n + clip) / (2 clip)), 0, n); with
+    fixed-point conductances (SPEC 7.2) P is P_F = P 2^F and clip is clip 2^F."""
+    c = clip << frac_bits
+    return torch.clamp(torch.div(2 * p * levels + c, 2 * c, rounding_mode="floor"), 0, levels)
 
 
 # ---------------------------------------------------------------- the crossbar GEMM (SPEC 3)
@@ -84,6 +86,32 @@ def tile_sums(x_codes: torch.Tensor, w_codes: torch.Tensor, p: GemmParams) -> to
                         # exact: int64 matmul is not available everywhere, float64 holds these
                         psum = (x_chunk.double() @ w_slice.double()).round().to(torch.int64)
                         code = psum if p.adc_levels == 0 else adc_codes(psum, p.adc_levels, p.adc_clip)
+                        out[r] += sx * sw * (2 ** (i * db + j * cb)) * code
+    return out
+
+
+def cell_tile_sums(x_codes: torch.Tensor, gq: torch.Tensor, p: GemmParams, frac_bits: int) -> torch.Tensor:
+    """T_int[r, m, n] of SPEC 7.2 as int64, literally: the partial sums of the input chunks with the
+    fixed-point conductances ``gq`` [2, S, K, N] (polarity +/-, slice) of the programmed cells,
+    every one through the fixed-point ADC.  ``adc_levels == 0`` (ideal ADC): T_int is in units of
+    2^-F (the caller's adc_step is 2^-F)."""
+    x = x_codes.to(torch.int64)
+    g = gq.to(torch.int64)
+    m_rows, k_total = x.shape
+    n_total = g.shape[3]
+    rows, db, cb = p.rows, p.dac_bits, p.cell_bits
+    tr = -(-k_total // rows)
+    x_pols = [(1, x.clamp(min=0)), (-1, (-x).clamp(min=0))] if p.input_signed else [(1, x)]
+    out = torch.zeros(tr, m_rows, n_total, dtype=torch.int64)
+    for r in range(tr):
+        k0, k1 = r * rows, min((r + 1) * rows, k_total)
+        for sx, xp in x_pols:
+            for q, sw in ((0, 1), (1, -1)):
+                for i in range(p.chunks):
+                    x_chunk = bit_field(xp[:, k0:k1], i, db)
+                    for j in range(g.shape[1]):
+                        psum = (x_chunk.double() @ g[q, j, k0:k1].double()).round().to(torch.int64)
+                        code = psum if p.adc_levels == 0 else adc_codes(psum, p.adc_levels, p.adc_clip, frac_bits)
                         out[r] += sx * sw * (2 ** (i * db + j * cb)) * code
     return out
 

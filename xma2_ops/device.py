@@ -1,0 +1,213 @@
+"""Imperfect ReRAM cells (docs/SPEC.md section 7): the device model and the programming of a
+weight's cells into fixed-point conductances.
+
+Every physical cell -- (polarity q, slice j, row k, column n) of a weight's [K, N] GEMM layout --
+gets a conductance G in units of one level step of an ideal cell.  Programming draws its
+variation and drift exponent; the fault map belongs to the chip; read noise is drawn per forward
+call.  All draws come from CPU generators seeded from (device seed, layer, purpose, counter), so
+the same seed gives the same chip on every backend, machine and run; the kernels only read the
+resulting integer conductances ``Gq = round_half_even(G * 2^frac_bits)``.
+
+Choices where SPEC 7 leaves room (docs/DESIGN.md):
+- a stuck cell neither drifts nor carries programming variation (its filament does not follow
+  the write); read noise, a property of the read-out, applies to every cell;
+- the functional API is stateless: it programs layer 0, write 0, read 0 of the chip on every
+  call, so repeated calls see the same chip and the same read noise; layers count their writes
+  and reads, so a layer re-draws read noise on every forward and programming variation on every
+  re-programming;
+- a fault draw is one uniform number per cell: stuck low when u < saf_low, stuck high when
+  u >= 1 - saf_high.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, fields
+from typing import Dict
+
+import torch
+
+# Presets: every value with its source.  Rates are fractions of cells, sigmas fractions of one
+# cell's full range (sigma_abs, sigma_read) or of its own conductance (sigma_rel).
+_PRESETS: Dict[str, dict] = {
+    # Every non-ideality off: results are those of SPEC sections 1-6, bit for bit.
+    "ideal": {},
+    # MNSIM 2.0's evaluation setting (Zhu et al., "MNSIM 2.0", GLSVLSI 2020): 1 % device
+    # variation and 0.1 % stuck-at faults (split evenly between low and high here: an assumption).
+    "mnsim": dict(sigma_rel=0.01, saf_low=0.0005, saf_high=0.0005),
+    # Stuck-at-fault rates measured on a fabricated ReRAM crossbar (Chen et al., "Rescuing
+    # memristor-based neuromorphic design with high defects", DAC 2017), used by PytorX:
+    # 1.75 % stuck at the high-resistance (low-conductance) state, 9.04 % at the low-resistance one.
+    "chen2017": dict(saf_low=0.0175, saf_high=0.0904),
+    # A "typical" multi-level ReRAM chip: on/off ratio 10, programming variation 5 % of the cell's
+    # conductance plus 1 % of its range, 0.1 % stuck cells of each kind, small power-law drift read
+    # one day after programming, 1 % read noise.  Orders of magnitude from the survey literature
+    # (not one measured chip): an assumption, to be overridden with a chip's own numbers.
+    "typical": dict(on_off=10.0, sigma_abs=0.01, sigma_rel=0.05, saf_low=0.001, saf_high=0.001,
+                    nu_mean=0.005, nu_std=0.002, read_time=86400.0, sigma_read=0.01),
+}
+
+
+def _check_float(name: str, v, lo: float, hi: float = math.inf, lo_open: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"DeviceModel.{name}: expected a number, got {type(v).__name__} ({v!r})")
+    v = float(v)
+    if math.isnan(v) or v < lo or (lo_open and v == lo) or v > hi:
+        rng = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+        raise ValueError(f"DeviceModel.{name}: expected a value in {rng}, got {v}")
+    return v
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    """Non-ideal ReRAM cells (SPEC 7); every field off by default.
+
+    on_off      on/off conductance ratio of a cell (> 1; inf = the lowest level conducts 0).
+    sigma_abs   programming variation, std as a fraction of the cell's range (2^cell_bits - 1 levels).
+    sigma_rel   programming variation, std as a fraction of the cell's own conductance.
+    saf_low     fraction of cells stuck at the lowest conductance (g0).
+    saf_high    fraction of cells stuck at the highest conductance (2^cell_bits - 1 + g0).
+    nu_mean     mean drift exponent nu (G(t) = G (t / 1 s)^-nu), per cell nu ~ N(nu_mean, nu_std), >= 0.
+    nu_std      std of the drift exponent.
+    read_time   seconds between programming and reading (>= 1; 1 = no drift).
+    sigma_read  read noise, std as a fraction of the cell's range, drawn anew per forward call.
+    seed        the chip: the same seed gives the same fault map and draws everywhere.
+    frac_bits   fractional bits of the fixed-point conductances Gq = round(G 2^frac_bits) (0-16).
+    """
+
+    on_off: float = math.inf
+    sigma_abs: float = 0.0
+    sigma_rel: float = 0.0
+    saf_low: float = 0.0
+    saf_high: float = 0.0
+    nu_mean: float = 0.0
+    nu_std: float = 0.0
+    read_time: float = 1.0
+    sigma_read: float = 0.0
+    seed: int = 0
+    frac_bits: int = 8
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("seed", "frac_bits"):
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise TypeError(f"DeviceModel.{f.name}: expected an int, got {type(v).__name__} ({v!r})")
+                lo, hi = (0, 2 ** 63 - 1) if f.name == "seed" else (0, 16)
+                if not lo <= v <= hi:
+                    raise ValueError(f"DeviceModel.{f.name}: expected an int in [{lo}, {hi}], got {v}")
+                continue
+            if f.name == "on_off":
+                _check_float("on_off", v, 1.0, math.inf, lo_open=True)
+            elif f.name in ("saf_low", "saf_high"):
+                _check_float(f.name, v, 0.0, 1.0)
+            elif f.name == "read_time":
+                _check_float("read_time", v, 1.0, 1e12)
+            else:
+                _check_float(f.name, v, 0.0, 1e3)
+        if self.saf_low + self.saf_high > 1.0:
+            raise ValueError(f"DeviceModel.saf_low + saf_high: expected at most 1, got "
+                             f"{self.saf_low} + {self.saf_high}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "DeviceModel":
+        """A named preset (``DeviceModel.presets()``), with fields overridden by keyword."""
+        if name not in _PRESETS:
+            raise ValueError(f"DeviceModel.preset: expected one of {sorted(_PRESETS)}, got {name!r}")
+        return cls(**{**_PRESETS[name], **overrides})
+
+    @staticmethod
+    def presets() -> list:
+        return sorted(_PRESETS)
+
+    @property
+    def ideal(self) -> bool:
+        """Every non-ideality off: the cells hold exactly their levels (SPEC 1-6 bit for bit)."""
+        no_drift = self.read_time == 1.0 or (self.nu_mean == 0.0 and self.nu_std == 0.0)
+        return (math.isinf(self.on_off) and self.sigma_abs == 0.0 and self.sigma_rel == 0.0 and
+                self.saf_low == 0.0 and self.saf_high == 0.0 and no_drift and self.sigma_read == 0.0)
+
+    def g0(self, cell_bits: int) -> float:
+        """Conductance of the lowest level: (2^cb - 1) / (on_off - 1)."""
+        return 0.0 if math.isinf(self.on_off) else (2 ** cell_bits - 1) / (self.on_off - 1.0)
+
+
+# ------------------------------------------------------------------ random streams
+def stream(seed: int, layer: int, purpose: str, counter: int = 0) -> torch.Generator:
+    """A CPU generator for one purpose ("fault", "write", "read") of one layer of the chip."""
+    digest = hashlib.sha256(f"xma2/{seed}/{layer}/{purpose}/{counter}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
+
+
+# ------------------------------------------------------------------ programming
+@dataclass(frozen=True)
+class CellState:
+    """The cells of one programmed weight: conductances after programming and drift, float64
+    [2, S, K, N] (polarity +/-, slice, row, column), on the weight's device; ``stuck`` marks
+    stuck cells (bool, same shape).  ``read(counter)`` gives the fixed-point conductances of one
+    read (with read noise when the device has it)."""
+
+    g: torch.Tensor
+    stuck: torch.Tensor
+    device: DeviceModel
+    cell_bits: int
+    layer: int
+
+    def read(self, counter: int = 0) -> torch.Tensor:
+        g = self.g
+        d = self.device
+        if d.sigma_read > 0:
+            eps = torch.randn(g.shape, generator=stream(d.seed, self.layer, "read", counter), dtype=torch.float64)
+            g = (g + (2 ** self.cell_bits - 1) * d.sigma_read * eps.to(g.device)).clamp_min(0.0)
+        return fixed_point(g, d.frac_bits)
+
+
+def fixed_point(g: torch.Tensor, frac_bits: int) -> torch.Tensor:
+    """Gq = round_half_even(G 2^F) as int32 (checked: no conductance beyond int32)."""
+    q = torch.round(g * (2.0 ** frac_bits))
+    if q.numel() and float(q.max()) >= 2 ** 31:
+        raise ValueError(f"device: a conductance of {float(g.max()):.4g} level steps does not fit int32 at "
+                         f"frac_bits={frac_bits}: lower frac_bits or the variation")
+    return q.to(torch.int32)
+
+
+def cell_levels(codes: torch.Tensor, weight_bits: int, cell_bits: int) -> torch.Tensor:
+    """Levels L [2, S, K, N] of the cells holding weight codes [K, N] (SPEC 2 slices of w+ and w-)."""
+    c = codes.to(torch.int64)
+    s = -(-(weight_bits - 1) // cell_bits)
+    mask = 2 ** cell_bits - 1
+    pols = (c.clamp(min=0), (-c).clamp(min=0))
+    return torch.stack([torch.stack([(p >> (j * cell_bits)) & mask for j in range(s)]) for p in pols])
+
+
+def program_cells(codes: torch.Tensor, weight_bits: int, cell_bits: int, device: DeviceModel, layer: int,
+                  write: int) -> CellState:
+    """Program the cells of weight codes [K, N] (SPEC 7.1).  ``write`` numbers the layer's writes:
+    each draws its own programming variation and drift exponents; the fault map depends on
+    (seed, layer) only, so a cell stuck for one write is stuck for every write."""
+    levels = cell_levels(codes.cpu(), weight_bits, cell_bits).to(torch.float64)
+    shape = levels.shape
+    top = float(2 ** cell_bits - 1)
+    g0 = device.g0(cell_bits)
+    g = levels + g0
+    gen = stream(device.seed, layer, "write", write)
+    if device.sigma_abs > 0 or device.sigma_rel > 0:
+        e1 = torch.randn(shape, generator=gen, dtype=torch.float64)
+        e2 = torch.randn(shape, generator=gen, dtype=torch.float64)
+        g = (g + top * device.sigma_abs * e1 + g * device.sigma_rel * e2).clamp_min(0.0)
+    if device.read_time > 1.0 and (device.nu_mean > 0 or device.nu_std > 0):
+        nu = (device.nu_mean + device.nu_std * torch.randn(shape, generator=gen, dtype=torch.float64)).clamp_min(0.0)
+        g = (g * torch.pow(torch.tensor(device.read_time, dtype=torch.float64), -nu)).clamp_min(0.0)
+    u = torch.rand(shape, generator=stream(device.seed, layer, "fault"), dtype=torch.float64)
+    low, high = u < device.saf_low, u >= 1.0 - device.saf_high
+    g = torch.where(low, torch.full_like(g, g0), torch.where(high, torch.full_like(g, top + g0), g))
+    return CellState(g.to(codes.device), (low | high).to(codes.device), device, cell_bits, layer)
+
+
+def cell_weight_codes(gq: torch.Tensor, cell_bits: int, frac_bits: int) -> torch.Tensor:
+    """The weight codes the cells actually hold, [K, N] float64: sum_j 2^(j cb) (G+_j - G-_j) / 2^F
+    (an ideal device gives back the integer codes; g0 cancels in the differential pair)."""
+    s = gq.shape[1]
+    shifts = torch.tensor([2.0 ** (j * cell_bits) for j in range(s)], dtype=torch.float64, device=gq.device)
+    d = (gq[0].to(torch.float64) - gq[1].to(torch.float64))
+    return torch.einsum("j,jkn->kn", shifts, d) / 2.0 ** frac_bits
