@@ -5,7 +5,10 @@ in S = ceil((weight_bits-1)/cell_bits) cells, so a PE with ``r`` used rows and `
 columns holds ``r * c * S * 2`` cells.  Re-programming a PE writes all of its cells
 (``cells_written``, program-and-verify of the whole array); ``cells_changed`` counts only the
 cells whose stored level differs from what the PE held before (a lower bound for a
-write-only-what-changes scheme).  Switching from task A to task B re-writes every PE that is
+write-only-what-changes scheme).  A cell write counts whatever its outcome (docs/SPEC.md 7.3):
+with a device model (``XbarConfig.device``) the stuck cells of a re-programmed PE cost their
+write attempt like the others, and both counts come from the levels the cells are *meant* to
+hold, so a device model changes no count, energy or endurance.  Switching from task A to task B re-writes every PE that is
 re-programmed in A or in B (a PE re-programmed only in A must be restored to the backbone).
 
 Energy = cells x ``EnergyModel.write_energy_j``.  Default 10 pJ per cell write: an assumed
