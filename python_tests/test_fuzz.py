@@ -207,6 +207,8 @@ def weight_quant_cases(draw):
 @example((torch.float32, 8, [1e-30], [[3e38, -3e38, 1e-45, 6.35e-29, -6.35e-29]], False))
 def test_quantize_weight_matches_integer_formulation(case):
     dtype, wb, scales, rows, per_row = case
+    scales = [_to_dtype(v, dtype) for v in scales]  # explicit examples may give float64 literals
+    rows = [[_to_dtype(v, dtype) for v in row] for row in rows]
     w = torch.tensor(rows, dtype=dtype)
     s = torch.tensor(scales, dtype=dtype).reshape(-1, 1) if per_row else torch.tensor(scales[0], dtype=dtype)
     got = ref.quantize_weight(w, s, wb)
@@ -233,6 +235,7 @@ def input_quant_cases(draw):
 @example((torch.float32, 16, False, 1e-30, [6.5e-26, 1e-40, 3e38]))
 def test_quantize_input_matches_integer_formulation(case):
     dtype, ab, signed, s, values = case
+    s, values = _to_dtype(s, dtype), [_to_dtype(v, dtype) for v in values]
     got = ref.quantize_input(torch.tensor(values, dtype=dtype), torch.tensor(s, dtype=dtype), ab, signed)
     assert got.dtype == dtype
     assert got.tolist() == [input_code(v, s, ab, signed, dtype) for v in values]
