@@ -88,6 +88,10 @@ void run_quantized(const CodesView& x, const Plan& pl, const Isa& isa, const std
     std::vector<int64_t> t((size_t)(kRowBlock * L));
     for (int64_t blk = next++; blk < blocks; blk = next++) {
       const int64_t m0 = blk * kRowBlock, nm = std::min(kRowBlock, M - m0);
+      if (Tr == 0) {  // K == 0: no codes, every T_int is 0
+        done(m0, nm);
+        continue;
+      }
       pack_input_rows(x, pl, isa, m0, nm, mags, xplanes.data(), bad);
       for (int64_t r = 0; r < Tr; ++r) {
         const uint32_t* xr = xplanes.data() + r * (stride / Tr);

@@ -25,6 +25,7 @@ void row_mags(const T* row, int64_t sk, const Plan& pl, int64_t qx, uint16_t* ma
   const bool two = pl.p.x_pols == 2;
   const int64_t lo = two ? -qx : 0;
   int64_t mn = 0, mx = 0;
+  if (Tr == 0) return;  // K == 0: nothing to pack (and mags may be null)
   std::memset(mags, 0, sizeof(uint16_t) * pl.p.x_pols * Tr * kp);
   for (int64_t r = 0; r < Tr; ++r) {
     const int64_t k0 = r * R, n = std::min(K, k0 + R) - k0;
