@@ -7,6 +7,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import strategies  # noqa: E402,F401  (registers the Hypothesis profiles "ci"/"long" before --hypothesis-profile is read)
 import xma2_ops  # noqa: E402
 from xma2_ops import _ops  # noqa: E402
 

@@ -181,8 +181,9 @@ class XbarConfig:
 def adc_is_identity(levels: int, clip: int, pmax: int) -> bool:
     """The one Python definition of a lossless ADC: every code equals its partial sum.
 
-    levels == 0 is the ideal ADC.  Otherwise code(P) = P for every P in [0, Pmax] exactly when
-    levels == clip >= Pmax (n = clip makes the step 1; clip >= Pmax means nothing saturates).
+    levels == 0 is the ideal ADC.  Otherwise levels == clip >= Pmax is sufficient for code(P) = P
+    for every P in [0, Pmax] (n = clip makes the step 1; clip >= Pmax means nothing saturates);
+    other configs whose codes happen to equal P (tiny Pmax) just take the general path.
     levels > clip gives code = round(P n / clip) != P and is refused by the ops' checks."""
     return levels == 0 or (levels == clip and clip >= pmax)
 
