@@ -1,0 +1,267 @@
+"""Accuracy of the example backbone on imperfect ReRAM cells (docs/SPEC.md section 7, docs/DEVICE.md).
+
+The backbone of examples/train_mta.py (small ResNet, MNIST digits, 32x32 PEs, default XbarConfig
+otherwise; trained, or loaded from the cache under --out, by that example's own code) is
+evaluated with its quantised crossbar forward (eval mode) on many simulated chips:
+
+* vs programming variation: ``DeviceModel(sigma_rel=s)`` for s in --sigmas;
+* vs stuck-at faults: ``DeviceModel(saf_low=r, saf_high=r)`` for r in --rates;
+
+every point on --chips chips (``xma2_ops.program(model, seed=chip)``: chip c has the same fault
+map and draws in every sweep and for every model), mean +- std of the accuracy over the chips.
+The models swept on the same chips (--variants; default backbone and noise-aware):
+
+* ``backbone``: the trained backbone as it is;
+* ``ft-ideal`` (optional control): the backbone fine-tuned for --ft-epochs on ideal cells (as
+  much extra training as the noise-aware model, without the noise);
+* ``noise-aware``: the same fine-tune with ``layer.noise_aware = True`` on every crossbar layer and
+  ``DeviceModel(sigma_rel=--na-sigma)`` in the config: the cells are programmed anew on every
+  training forward (fresh variation per batch), the standard noise-aware training recipe.
+
+Fine-tunes run in weight-only mode (as the example trains), then the input ranges are
+calibrated on ideal cells; every accuracy comes from the bit-exact quantised forward.
+Outputs under --out: device_sweep.csv, device_sweep.json (with wall time and load), device_sweep.png.
+
+    python examples/device_sweep.py               # default run (~10 min on 2 cores incl. the backbone)
+    python examples/device_sweep.py --quick       # CI: tiny backbone, 2 points per sweep, 3 chips (< 60 s)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a source checkout
+sys.path.insert(0, str(HERE))
+import train_mta as tm  # noqa: E402  (the example's backbone, data, evaluation and cache)
+import xma2_ops  # noqa: E402
+from xma2_ops import DeviceModel, mta  # noqa: E402
+
+VARIANTS = ("backbone", "ft-ideal", "noise-aware")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="xma2_out", help="output directory; the backbone cache of train_mta.py lives here")
+    p.add_argument("--quick", action="store_true", help="CI: the example's --quick backbone, 2 points per sweep, "
+                                                         "3 chips, 100 test images")
+    p.add_argument("--sigmas", type=float, nargs="+", help="sigma_rel values (default 0 0.02 0.05 0.1 0.2)")
+    p.add_argument("--rates", type=float, nargs="+",
+                   help="stuck-at rates, saf_low = saf_high = r (default 0 0.005 0.01 0.02 0.05)")
+    p.add_argument("--chips", type=int, help="chips (device seeds 0..chips-1) per point (default 5)")
+    p.add_argument("--n-eval", type=int, help="test images per evaluation (default 300; the first of the "
+                                              "example's MNIST test split)")
+    p.add_argument("--na-sigma", type=float, default=0.05, help="sigma_rel of the noise-aware fine-tune")
+    p.add_argument("--ft-epochs", type=float, help="fine-tune epochs over the backbone's training set (default 1)")
+    p.add_argument("--ft-lr", type=float, default=5e-4)
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                   help="models to sweep (default: backbone noise-aware; ft-ideal is the fine-tune control)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    q = args.quick
+    args.sigmas = args.sigmas if args.sigmas is not None else ([0.0, 0.2] if q else [0.0, 0.02, 0.05, 0.1, 0.2])
+    args.rates = args.rates if args.rates is not None else ([0.0, 0.05] if q else [0.0, 0.005, 0.01, 0.02, 0.05])
+    args.chips = args.chips if args.chips is not None else (3 if q else 5)
+    args.n_eval = args.n_eval if args.n_eval is not None else (100 if q else 300)
+    args.ft_epochs = args.ft_epochs if args.ft_epochs is not None else (0.25 if q else 1.0)
+    args.variants = args.variants or ["backbone", "noise-aware"]
+    if args.chips < 1 or args.n_eval < 1:
+        raise SystemExit("--chips and --n-eval must be >= 1")
+    return args
+
+
+def example_args(args) -> argparse.Namespace:
+    """The example's own arguments (same backbone, same cache key)."""
+    ex = ["--out", args.out, "--seed", str(args.seed), "--no-progress"] + (["--quick"] if args.quick else [])
+    return tm.parse_args(ex)
+
+
+def set_device(model: nn.Module, device) -> None:
+    """Every crossbar layer's config with ``device`` (None: ideal cells)."""
+    for _, m in mta.xbar_layers(model):
+        m.config = dataclasses.replace(m.config, device=device)
+
+
+def fine_tune(model: nn.Module, src_train, ex, args, noise_aware: bool, progress: bool) -> nn.Module:
+    """A copy of ``model`` fine-tuned for args.ft_epochs (weight-only mode, Adam); noise-aware:
+    DeviceModel(sigma_rel=args.na_sigma) on every layer and fresh cells every training forward."""
+    ft = copy.deepcopy(model)
+    set_device(ft, DeviceModel(sigma_rel=args.na_sigma, seed=10_000 + args.seed) if noise_aware else None)
+    layers = mta.xbar_layers(ft)
+    for _, m in layers:
+        m.noise_aware = noise_aware
+    if noise_aware:
+        xma2_ops.program(ft)  # number the layers on the (training) chip
+    torch.manual_seed(args.seed)
+    loader = tm.make_loader(src_train, ex.batch, args.seed)
+    steps = max(1, round(args.ft_epochs * len(loader)))
+    opt = torch.optim.Adam(ft.parameters(), lr=args.ft_lr)
+    it = iter(())
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, desc=f"fine-tune ({'noise-aware' if noise_aware else 'ideal cells'})", leave=False)
+    ft.train()
+    with mta.use_config(ft, mta.weight_only):
+        for _ in range(steps):
+            try:
+                x, y = next(it)
+            except StopIteration:
+                it = iter(loader)
+                x, y = next(it)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(ft(x), y).backward()
+            opt.step()
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    for _, m in layers:
+        m.noise_aware = False
+    set_device(ft, None)
+    mta.calibrate(ft, tm.make_loader(src_train, ex.batch, args.seed), batches=8)  # input ranges, ideal cells
+    return ft
+
+
+def points(args) -> List[Tuple[str, float, DeviceModel]]:
+    return ([("sigma_rel", s, DeviceModel(sigma_rel=s)) for s in args.sigmas] +
+            [("saf", r, DeviceModel(saf_low=r, saf_high=r)) for r in args.rates])
+
+
+def sweep(models: Dict[str, nn.Module], test, args, progress: bool) -> Tuple[List[dict], Dict[str, float], float]:
+    """Accuracy of every model on every point and chip; returns rows, ideal accuracies and the
+    mean seconds of one evaluation on a non-ideal device."""
+    ideal = {}
+    for name, model in models.items():
+        set_device(model, None)
+        ideal[name] = tm.evaluate(model, test, 100, False, "")[0]
+    pts = points(args)
+    todo = [(name, p) for name in models for p in pts]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(todo) * args.chips, desc="sweep")
+    rows, noisy_s, noisy_n = [], 0.0, 0
+    for name, (kind, value, dev) in todo:
+        model = models[name]
+        accs = []
+        for chip in range(args.chips):  # an ideal device too: every chip must give the ideal accuracy
+            set_device(model, dev)
+            xma2_ops.program(model, seed=chip)
+            t = time.perf_counter()
+            accs.append(tm.evaluate(model, test, 100, False, "")[0])
+            if not dev.ideal:
+                noisy_s += time.perf_counter() - t
+                noisy_n += 1
+            if bar is not None:
+                bar.set_postfix_str(f"{name} {kind}={value:g} chip {chip}: {accs[-1]:.1f}%")
+                bar.update()
+        rows.append({"model": name, "sweep": kind, "value": value, "chips": args.chips,
+                     "acc_mean": round(statistics.fmean(accs), 3),
+                     "acc_std": round(statistics.stdev(accs), 3) if len(accs) > 1 else 0.0,
+                     "acc_min": min(accs), "acc_max": max(accs), "ideal_acc": ideal[name],
+                     "n_eval": len(test[1]), "accs": " ".join(f"{a:.2f}" for a in accs)})
+        set_device(model, None)
+    if bar is not None:
+        bar.close()
+    return rows, ideal, noisy_s / max(1, noisy_n)
+
+
+def plot(rows: List[dict], ideal: Dict[str, float], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, kind, xlabel in ((axes[0], "sigma_rel", "programming variation sigma_rel"),
+                             (axes[1], "saf", "stuck-at rate (saf_low = saf_high)")):
+        for i, name in enumerate(dict.fromkeys(r["model"] for r in rows)):
+            rs = sorted((r for r in rows if r["model"] == name and r["sweep"] == kind), key=lambda r: r["value"])
+            ax.errorbar([r["value"] for r in rs], [r["acc_mean"] for r in rs], yerr=[r["acc_std"] for r in rs],
+                        fmt="o-", capsize=3, label=name, color=f"C{i}")
+            ax.axhline(ideal[name], color=f"C{i}", ls=":", lw=0.8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy (%), mean +- std over chips")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> List[dict]:
+    args = parse_args(argv)
+    t0 = time.time()
+    load0 = os.getloadavg()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    progress = not args.no_progress
+    ex = example_args(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    src = tm._split(*tm.load_mnist(), ex.n_source, 500 if not ex.quick else 100, ex.seed)  # as train_mta.main
+    t = time.time()
+    backbone = tm.backbone(ex, src, out, progress)
+    t_backbone = time.time() - t
+    test = (src[1][0][:args.n_eval], src[1][1][:args.n_eval])
+    models = {}
+    t = time.time()
+    for name in args.variants:
+        if name == "backbone":
+            models[name] = backbone
+        else:
+            models[name] = fine_tune(backbone, src[0], ex, args, noise_aware=name == "noise-aware", progress=progress)
+    t_ft = time.time() - t
+    t = time.time()
+    rows, ideal, eval_s = sweep(models, test, args, progress)
+    t_sweep = time.time() - t
+    wall = time.time() - t0
+    load1 = os.getloadavg()
+
+    with open(out / "device_sweep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    meta = {"args": vars(args), "ideal_acc": ideal, "wall_s": round(wall, 1), "backbone_s": round(t_backbone, 1),
+            "fine_tune_s": round(t_ft, 1), "sweep_s": round(t_sweep, 1), "eval_s_noisy": round(eval_s, 2),
+            "threads": torch.get_num_threads(), "loadavg_start": load0, "loadavg_end": load1,
+            "n_eval": len(test[1]), "pes": sum(m.tiles[0] * m.tiles[1] for _, m in mta.xbar_layers(backbone))}
+    (out / "device_sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    plot(rows, ideal, out / "device_sweep.png",
+         f"example backbone (MNIST), {len(test[1])} test images, {args.chips} chips per point; "
+         f"noise-aware fine-tune at sigma_rel={args.na_sigma}")
+
+    print(f"\naccuracy (%) on {len(test[1])} MNIST test images, mean +- std over {args.chips} chips "
+          f"(ideal cells: " + ", ".join(f"{k} {v:.2f}" for k, v in ideal.items()) + ")")
+    names = list(models)
+    print(f"{'sweep':<10} {'value':>7} " + " ".join(f"{n:>16}" for n in names))
+    for kind, value, _ in points(args):
+        cells = []
+        for n in names:
+            r = next(r for r in rows if r["model"] == n and r["sweep"] == kind and r["value"] == value)
+            cells.append(f"{r['acc_mean']:7.2f} +- {r['acc_std']:5.2f}")
+        print(f"{kind:<10} {value:>7g} " + " ".join(f"{c:>16}" for c in cells))
+    print(f"one evaluation on a non-ideal device: {eval_s:.2f} s; backbone {t_backbone:.1f} s, fine-tunes "
+          f"{t_ft:.1f} s, sweep {t_sweep:.1f} s; load average {load0[0]:.1f} -> {load1[0]:.1f}")
+    print(f"wall time: {wall:.1f} s  (outputs in {out}/device_sweep.{{csv,json,png}})")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""examples/device_sweep.py --quick: the CSV's rows, the ideal points against the model without a
+device, and the noisy points against the ideal accuracy."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "device_sweep.py"
+ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+
+
+def _load(name: str, path: Path):
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quick_sweep(tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--no-progress", "--threads", "1"],
+                       env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "wall time" in r.stdout
+    rows = list(csv.DictReader(open(out / "device_sweep.csv")))
+    # --quick: sigma_rel {0, 0.2} and saf {0, 0.05}, for the backbone and the noise-aware fine-tune, 3 chips
+    got = sorted((row["model"], row["sweep"], float(row["value"])) for row in rows)
+    assert got == sorted((m, k, v) for m in ("backbone", "noise-aware")
+                         for k, vs in (("sigma_rel", (0.0, 0.2)), ("saf", (0.0, 0.05))) for v in vs)
+    for row in rows:
+        accs = [float(a) for a in row["accs"].split()]
+        assert len(accs) == int(row["chips"]) == 3 and int(row["n_eval"]) == 100
+        assert abs(float(row["acc_mean"]) - sum(accs) / 3) < 1e-3
+    by = {(row["model"], row["sweep"], float(row["value"])): row for row in rows}
+
+    # the model without a device, evaluated here on the same images with the example's own code
+    tm = _load("train_mta", ROOT / "examples" / "train_mta.py")
+    ds = _load("device_sweep", SCRIPT)
+    args = ds.parse_args(["--quick", "--out", str(out)])
+    ex = ds.example_args(args)
+    src = tm._split(*tm.load_mnist(), ex.n_source, 100, ex.seed)
+    model = tm.backbone(ex, src, out, False)  # the cached backbone
+    assert all(m.config.device is None for _, m in tm.mta.xbar_layers(model))
+    ideal = tm.evaluate(model, (src[1][0][:100], src[1][1][:100]), 100, False, "")[0]
+    assert ideal > 30.0  # a trained backbone (10 classes)
+    assert float(by[("backbone", "sigma_rel", 0.0)]["ideal_acc"]) == ideal
+
+    for m in ("backbone", "noise-aware"):
+        ideal_m = float(by[(m, "sigma_rel", 0.0)]["ideal_acc"])
+        for kind in ("sigma_rel", "saf"):  # a zero sigma / rate is the ideal device on every chip
+            zero = by[(m, kind, 0.0)]
+            assert [float(a) for a in zero["accs"].split()] == [ideal_m] * 3, zero
+        # the largest sigma: not above the ideal accuracy by more than chip noise (and one image)
+        big = by[(m, "sigma_rel", 0.2)]
+        assert float(big["acc_mean"]) <= ideal_m + 2 * float(big["acc_std"]) + 1.0, big
+        # 10 % of the cells stuck (5 % low, 5 % high) wrecks the network: the faults are applied
+        assert float(by[(m, "saf", 0.05)]["acc_mean"]) < ideal_m - 15.0
+    # different chips are different chips
+    assert len({a for row in rows if float(row["value"]) > 0 for a in row["accs"].split()}) > 1
+    meta = json.loads((out / "device_sweep.json").read_text())["meta"]
+    assert meta["wall_s"] > 0 and meta["args"]["chips"] == 3
+    assert (out / "device_sweep.png").stat().st_size > 1000
