@@ -19,6 +19,7 @@ accuracy comes from the quantised forward.
     python examples/train_mta.py                 # full default run
     python examples/train_mta.py --quick         # CI: tiny subsets, 1 epoch
     python examples/train_mta.py --data-root DIR # one ImageFolder-style folder per task
+    python examples/train_mta.py --device typical  # also evaluate every adapter on non-ideal cells
     torchrun --nproc_per_node=2 examples/train_mta.py --quick   # DistributedDataParallel (gloo)
 """
 from __future__ import annotations
@@ -47,7 +48,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
-from xma2_ops import XbarConfig, convert  # noqa: E402
+import xma2_ops  # noqa: E402
+from xma2_ops import DeviceModel, XbarConfig, convert  # noqa: E402
 from xma2_ops import mta  # noqa: E402
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
@@ -356,6 +358,56 @@ def evaluate(model: nn.Module, data, batch: int, progress: bool, desc: str) -> T
     return float(correct[0] / correct[1]) * 100, first
 
 
+def with_device(device: Optional[DeviceModel]):
+    """A config transform for mta.use_config: the layers' config with ``device`` (None: ideal cells)."""
+    return lambda c: dataclasses.replace(c, device=device)
+
+
+def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str) -> Tuple[float, float, float]:
+    """(ideal-cell accuracy, mean and std over chips of the accuracy) with the layers' config carrying DeviceModel.preset(args.device),
+    on the first --device-n-test test images, on --device-chips chips (device seeds seed+0, seed+1, ...:
+    the same chips for every method and task).  The layers' own config is restored afterwards (the
+    adapters and the ideal-cell accuracy do not depend on it)."""
+    dev = DeviceModel.preset(args.device)
+    data = (data[0][:args.device_n_test], data[1][:args.device_n_test])
+    accs = []
+    ideal = evaluate(model, data, args.eval_batch, False, "")[0]  # the same images on ideal cells (paired drop)
+    with mta.use_config(model, with_device(dev)):
+        for chip in range(args.device_chips):
+            xma2_ops.program(model, seed=args.seed + chip)  # numbers the layers on the chip, draws its cells
+            accs.append(evaluate(model, data, args.eval_batch, progress, f"{desc} {args.device} chip {chip}")[0])
+    mean = sum(accs) / len(accs)
+    std = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5 if len(accs) > 1 else 0.0
+    return ideal, mean, std
+
+
+class noise_aware_training:
+    """--noise-aware: during mta.fit the layers' config carries the device model (a training chip,
+    seed 10000 + --seed, not one of the evaluation chips) and every layer programs its cells anew on
+    every training forward (``layer.noise_aware = True``); restored on exit."""
+
+    def __init__(self, model: nn.Module, args) -> None:
+        self.model, self.args = model, args
+
+    def __enter__(self):
+        if not self.args.noise_aware:
+            return self
+        self.ctx = mta.use_config(self.model, with_device(DeviceModel.preset(self.args.device)))
+        self.ctx.__enter__()
+        xma2_ops.program(self.model, seed=10_000 + self.args.seed)
+        for _, m in mta.xbar_layers(self.model):
+            m.noise_aware = True
+        return self
+
+    def __exit__(self, *exc):
+        if not self.args.noise_aware:
+            return False
+        for _, m in mta.xbar_layers(self.model):
+            m.noise_aware = False
+        self.ctx.__exit__(*exc)
+        return False
+
+
 def state_hash(model: nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
@@ -521,10 +573,24 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", choices=DeviceModel.presets(),
+                   help="also evaluate every method with the layers' config carrying DeviceModel.preset(DEVICE) "
+                        "(non-ideal ReRAM cells, docs/DEVICE.md); training stays on ideal cells unless --noise-aware")
+    p.add_argument("--device-chips", type=int, default=3, help="chips (device seeds) per device evaluation")
+    p.add_argument("--device-n-test", type=int, default=300,
+                   help="test images per task for the device evaluation (the device path is slower; --quick: 50)")
+    p.add_argument("--noise-aware", action="store_true",
+                   help="with --device: adapt every task with noise-aware training (cells re-programmed with the "
+                        "device model on every training forward)")
     args = p.parse_args(argv)
+    if args.noise_aware and not args.device:
+        raise SystemExit("--noise-aware needs --device PRESET")
+    if args.device_chips < 1 or args.device_n_test < 1:
+        raise SystemExit("--device-chips and --device-n-test must be >= 1")
     if args.quick:
         args.width, args.n_source, args.n_train, args.n_test = 8, 1024, 256, 100
         args.backbone_epochs, args.stage1_epochs, args.stage2_epochs = 3, 1, 1
+        args.device_n_test = min(args.device_n_test, 50)
     if args.budgets is None:
         args.budgets = [0.10] if args.quick else [0.05, 0.10, 0.20]
     if args.shared_bn is None:
@@ -570,9 +636,11 @@ def main(argv=None) -> List[dict]:
         for spec in method_list(args):
             torch.manual_seed(args.seed)
             mta.prepare(model, spec, ncls)
-            mta.fit(model, make_loader(train, args.batch, args.seed), sched, wrap=ddp_wrap, progress=progress,
-                    calib_loader=make_loader(train, args.batch, args.seed, shuffle=False))
+            with noise_aware_training(model, args):
+                mta.fit(model, make_loader(train, args.batch, args.seed), sched, wrap=ddp_wrap, progress=progress,
+                        calib_loader=make_loader(train, args.batch, args.seed, shuffle=False))
             acc, first = evaluate(model, test, args.eval_batch, progress, f"{task} {spec.label}")
+            dev_acc = evaluate_device(model, test, args, progress, f"{task} {spec.label}") if args.device else None
             rep = mta.report(model)
             fname = out / "adapters" / f"{task}__{spec.label.replace('/', '_').replace('%', 'pct')}.safetensors"
             if rank == 0:
@@ -586,9 +654,14 @@ def main(argv=None) -> List[dict]:
                          "pes": rep.total.pes, "cells_written": rep.total.cells_written,
                          "cells_changed": rep.total.cells_changed, "energy_uJ": rep.total.energy_j * 1e6,
                          "mask_bits": rep.total.mask_bits, "adapter_bits": rep.total.adapter_bits})
+            if dev_acc is not None:
+                rows[-1].update(device_n_test=len(test[1][:args.device_n_test]), ideal_acc_subset=round(dev_acc[0], 2),
+                                device_acc=round(dev_acc[1], 2), device_acc_std=round(dev_acc[2], 2))
             log(f"{task:>10} {spec.label:<26} acc {acc:6.2f}%  PEs {rep.total.reprogrammed_pes:>3}/{rep.total.pes}"
                 f"  cells {rep.total.cells_written:>8}  energy {rep.total.energy_j * 1e6:8.3f} uJ"
-                f"  mask {rep.total.mask_bits} bits")
+                f"  mask {rep.total.mask_bits} bits"
+                + (f"  {args.device}: {dev_acc[1]:6.2f}% +- {dev_acc[2]:.2f} (ideal {dev_acc[0]:.2f}% on the same "
+                   f"{args.device_n_test} images)" if dev_acc is not None else ""))
 
     # one backbone, many adapters: reload every adapter into the same model and re-measure
     if is_dist():
@@ -613,12 +686,13 @@ def main(argv=None) -> List[dict]:
     summary = summarize(rows)
     wall = time.time() - t0
     if rank == 0:
-        print_table(rows, summary)
+        print_table(rows, summary, args.device)
         with open(out / "results.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows + summary)
         meta = {"args": vars(args), "config": dataclasses.asdict(cfg), "pes": n_pe, "wall_s": round(wall, 1),
+                "device": dataclasses.asdict(DeviceModel.preset(args.device)) if args.device else None,
                 "switch_bit_identical": switch_ok, "world_size": world}
         (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "average": summary}, indent=1))
         plot_accuracy(rows, out / "accuracy_vs_pes.png")
@@ -650,12 +724,18 @@ def summarize(rows: List[dict]) -> List[dict]:
     return out
 
 
-def print_table(rows: List[dict], summary: List[dict]) -> None:
+def print_table(rows: List[dict], summary: List[dict], device: Optional[str] = None) -> None:
     hdr = f"{'task':<10} {'method':<22} {'acc %':>7} {'PEs %':>7} {'cells written':>14} {'energy uJ':>10} {'mask bits':>10}"
+    if device:
+        hdr += f" {'same imgs %':>11} {device + ' %':>12} {'drop':>6}"
     print("\n" + hdr + "\n" + "-" * len(hdr))
     for r in rows + summary:
-        print(f"{r['task']:<10} {r['method']:<22} {r['acc']:>7.2f} {r['pe_pct']:>7.2f} {int(r['cells_written']):>14d} "
-              f"{r['energy_uJ']:>10.4f} {int(r['mask_bits']):>10d}")
+        line = (f"{r['task']:<10} {r['method']:<22} {r['acc']:>7.2f} {r['pe_pct']:>7.2f} {int(r['cells_written']):>14d} "
+                f"{r['energy_uJ']:>10.4f} {int(r['mask_bits']):>10d}")
+        if device:
+            line += (f" {r['ideal_acc_subset']:>11.2f} {r['device_acc']:>12.2f} "
+                     f"{r['ideal_acc_subset'] - r['device_acc']:>6.2f}")
+        print(line)
 
 
 if __name__ == "__main__":
