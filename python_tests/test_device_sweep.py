@@ -67,3 +67,31 @@ def test_quick_sweep(tmp_path):
     meta = json.loads((out / "device_sweep.json").read_text())["meta"]
     assert meta["wall_s"] > 0 and meta["args"]["chips"] == 3
     assert (out / "device_sweep.png").stat().st_size > 1000
+
+
+def test_train_mta_device_option(tmp_path):
+    """examples/train_mta.py --device: every row carries the device accuracy next to the ideal-cell
+    accuracy of the same images; chen2017 (10.8 % stuck cells) costs accuracy; the ideal preset
+    costs none, on every chip; the layers' own config comes back without the device."""
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "train_mta.py"), "--quick", "--tasks", "sk_digits",
+                        "--methods", "classifier", "xma2", "--shared-bn", "--also", "--device", "chen2017",
+                        "--device-chips", "2", "--out", str(out), "--no-progress", "--threads", "1"],
+                       env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [row for row in csv.DictReader(open(out / "results.csv")) if row["task"] != "AVERAGE"]
+    assert [row["method"] for row in rows] == ["classifier", "xma2@10%/snip"]
+    for row in rows:
+        assert int(row["device_n_test"]) == 50
+        assert float(row["device_acc"]) < float(row["ideal_acc_subset"]) - 10.0, row
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["switch_bit_identical"] is True and res["meta"]["device"]["saf_high"] == 0.0904
+
+    tm = _load("train_mta", ROOT / "examples" / "train_mta.py")
+    args = tm.parse_args(["--quick", "--out", str(out), "--device", "ideal", "--device-chips", "3"])
+    src = tm._split(*tm.load_mnist(), args.n_source, 100, args.seed)
+    model = tm.backbone(args, src, out, False)
+    ideal, mean, std = tm.evaluate_device(model, src[1], args, False, "")
+    assert ideal == mean and std == 0.0
+    assert ideal == tm.evaluate(model, (src[1][0][:50], src[1][1][:50]), 100, False, "")[0]
+    assert all(m.config.device is None for _, m in tm.mta.xbar_layers(model))
