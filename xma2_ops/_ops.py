@@ -97,6 +97,27 @@ if _HAS_C:
         return x.new_empty((b * ho * wo, c * kernel_size[0] * kernel_size[1]))
 
 
+if _HAS_C and hasattr(torch.ops.xma2_ops, "xbar_cell_tile_sums"):
+    @torch.library.register_fake("xma2_ops::xbar_cell_tile_sums")
+    def _cell_tile_sums_fake(x_codes, g, rows, *args):
+        torch._check(x_codes.dim() == 2 and g.dim() == 4)
+        torch._check(x_codes.shape[1] == g.shape[2])
+        tr = (x_codes.shape[1] + rows - 1) // rows
+        return x_codes.new_empty((tr, x_codes.shape[0], g.shape[3]), dtype=torch.int64)
+
+    @torch.library.register_fake("xma2_ops::xbar_cell_mvm")
+    def _cell_mvm_fake(x_codes, gb, gt, coef_b, coef_t, *args):
+        torch._check(x_codes.dim() == 2 and gb.dim() == 4)
+        torch._check(x_codes.shape[1] == gb.shape[2])
+        return coef_b.new_empty((x_codes.shape[0], gb.shape[3]))
+
+    @torch.library.register_fake("xma2_ops::xbar_cell_coef_grad")
+    def _cell_coef_grad_fake(x_codes, g, gy, rows, *args):
+        torch._check(x_codes.dim() == 2 and g.dim() == 4)
+        tr = (x_codes.shape[1] + rows - 1) // rows
+        return gy.new_empty((tr, g.shape[3]), dtype=torch.float64)
+
+
 # ------------------------------------------------------------------ backends
 @dataclass(frozen=True)
 class Backend:
@@ -108,8 +129,13 @@ class Backend:
     small_codes: bool = False  # takes uint8/int8/int16 x_codes as well as int32
     unfold_codes: Optional[Callable[..., torch.Tensor]] = None  # im2col of integer codes; None: F.unfold
     # The device model (SPEC 7.2): cell_tile_sums(x_codes, gq [2, S, K, N] int32, params, frac_bits)
-    # -> int64 [Tr, M, N]; None: this backend refuses device models.
+    # -> int64 [Tr, M, N]; None: this backend refuses device models.  Optional fused forms, same
+    # contracts as mvm / coef_grad over the cells (None: built from cell_tile_sums in row blocks):
+    # cell_mvm_kernel(x_codes, gb, gt, coef_b, coef_t, params, frac_bits),
+    # cell_coef_grad(x_codes, gq, gy, params, frac_bits).
     cell_tile_sums: Optional[Callable[..., torch.Tensor]] = None
+    cell_mvm_kernel: Optional[Callable[..., torch.Tensor]] = None
+    cell_coef_grad: Optional[Callable[..., torch.Tensor]] = None
 
     def coef_gradient(self, x_codes, w_codes, gy, p: GemmParams) -> torch.Tensor:
         """G[r, n] = sum_m gy[m, n] T_int[r, m, n] in float64."""
@@ -127,6 +153,8 @@ class Backend:
         """y [M, N] = sum_r coef_b T_b_int + coef_t T_t_int over the cells (row tile outer, then base,
         then task, in float64; in row blocks so no [Tr, M, N] tensor of all rows is held)."""
         fn = self.cells()
+        if self.cell_mvm_kernel is not None:
+            return self.cell_mvm_kernel(x_codes, gb, gt, coef_b, coef_t, p, frac_bits)
         m_total, n_total = x_codes.shape[0], gb.shape[3]
         tr = -(-x_codes.shape[1] // p.rows)
         block = max(1, _GRAD_BLOCK_ELEMS // max(1, tr * n_total))
@@ -145,6 +173,8 @@ class Backend:
 
     def cell_coef_gradient(self, x_codes, gq, gy, p: GemmParams, frac_bits: int) -> torch.Tensor:
         fn = self.cells()
+        if self.cell_coef_grad is not None:
+            return self.cell_coef_grad(x_codes, gq, gy, p, frac_bits)
         return _coef_grad_from_tile_sums(lambda x, w, p_: fn(x, w, p_, frac_bits), x_codes, gq, gy, p)
 
 
@@ -198,9 +228,28 @@ def _reference_cell_tile_sums(x_codes, gq, p: GemmParams, frac_bits: int) -> tor
 
 _BACKENDS: Dict[str, Backend] = {"reference": Backend("reference", _reference_tile_sums, _reference_mvm, ("cpu", "cuda"),
                                                       cell_tile_sums=_reference_cell_tile_sums)}
+def _torch_op_cells(key: str) -> dict:
+    """The C++ device-model ops of a dispatch key, when the extension registers them."""
+    if not (hasattr(torch.ops.xma2_ops, "xbar_cell_tile_sums")
+            and torch._C._dispatch_has_kernel_for_dispatch_key("xma2_ops::xbar_cell_tile_sums", key)):
+        return {}
+
+    def tile_sums(x_codes, gq, p: GemmParams, frac_bits: int):
+        return torch.ops.xma2_ops.xbar_cell_tile_sums(x_codes, gq, *p.as_args(), frac_bits)
+
+    def mvm(x_codes, gb, gt, coef_b, coef_t, p: GemmParams, frac_bits: int):
+        return torch.ops.xma2_ops.xbar_cell_mvm(x_codes, gb, gt, coef_b, coef_t, *p.as_args(), frac_bits)
+
+    def coef_grad(x_codes, gq, gy, p: GemmParams, frac_bits: int):
+        return torch.ops.xma2_ops.xbar_cell_coef_grad(x_codes, gq, gy, *p.as_args(), frac_bits)
+
+    return dict(cell_tile_sums=tile_sums, cell_mvm_kernel=mvm, cell_coef_grad=coef_grad)
+
+
 if _HAS_C:
+    # Device model on the CPU: the C++ kernels when built, else exact float GEMMs through ATen.
     _BACKENDS["cpu"] = dataclasses.replace(_torch_op_backend("cpu", ("cpu",)),
-                                           cell_tile_sums=cell_kernels.cell_tile_sums)
+                                           **(_torch_op_cells("CPU") or {"cell_tile_sums": cell_kernels.cell_tile_sums}))
     if torch._C._dispatch_has_kernel_for_dispatch_key("xma2_ops::xbar_mvm", "CUDA"):
         _BACKENDS["cuda"] = _torch_op_backend("cuda", ("cuda",))
 
@@ -210,7 +259,8 @@ def _load_triton() -> Optional[Backend]:
         mod = importlib.import_module("xma2_ops.triton_kernels")
     except ImportError:
         return None
-    return Backend("triton", mod.tile_sums, mod.mvm, mod.DEVICES)
+    return Backend("triton", mod.tile_sums, mod.mvm, mod.DEVICES, cell_tile_sums=getattr(mod, "cell_tile_sums", None),
+                   cell_mvm_kernel=getattr(mod, "cell_mvm", None))
 
 
 _TRITON = _load_triton()
