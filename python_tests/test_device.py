@@ -270,3 +270,11 @@ def test_triton_refuses_device_models_clearly():
     cfg = XbarConfig(rows=32, cols=32, device=ALL_ON)
     with pytest.raises(ValueError, match="device model"):
         xma2_ops.xbar_linear(torch.rand(2, 40), torch.randn(3, 40), config=cfg, backend="triton")
+
+
+def test_non_finite_weights_never_reach_the_cells():
+    cfg = XbarConfig(rows=8, cols=4, device=ALL_ON)
+    w = torch.randn(3, 10)
+    w[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="weight: expected finite"):
+        xma2_ops.xbar_linear(torch.rand(2, 10), w, config=cfg)

@@ -222,3 +222,16 @@ def test_torch_compile_fullgraph_inductor_gives_eager_bits():
         eager2 = net(x)
         assert not torch.equal(eager2, eager)
         assert torch.equal(compiled(x), eager2)
+
+
+def test_config_change_reprograms_in_eval():
+    """The programmed state is keyed on what programming depends on: another weight_bits (or a
+    device model) on the same unchanged weight programs again."""
+    import dataclasses
+    layer, x = _layer("linear")
+    y8 = layer(x)
+    layer.config = dataclasses.replace(CFG, weight_bits=3)
+    y3 = layer(x)
+    assert not torch.equal(y3, y8)
+    assert torch.equal(y3, _stateless(layer, x))
+    assert int(layer.programmed.codes.abs().max()) <= 3

@@ -165,8 +165,10 @@ class _WeightSlot:
             scale = ref.derived_scale(wc, 2 ** (target.weight_bits - 1) - 1, amax)
         else:
             ok = torch.isfinite(w).all()
+        if target.device is not None:  # cells are drawn from the codes at once: check before
+            checks = _DataChecks()
         checks.require(ok, f"{self.name}: expected finite values, got NaN or inf")
-        if target.device is not None:  # the cells are drawn from the codes: NaN must not reach them
+        if target.device is not None:
             checks.run()
         self.state = program_weight(w, scale, target.weight_bits, cell_bits=target.cell_bits, device=target.device,
                                     chip=target.chip)
