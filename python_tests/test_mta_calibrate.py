@@ -12,31 +12,10 @@ import torch.distributed as dist
 import torch.multiprocessing as tmp
 import torch.nn as nn
 
-from xma2_ops import XbarConfig, XbarConv2d, convert
+from xma2_ops import XbarConv2d
 from xma2_ops import mta
 
-CFG = XbarConfig(rows=32, cols=32)
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(1, 8, 3, 2, 1, bias=False)
-        self.b1 = nn.BatchNorm2d(8)
-        self.c2 = nn.Conv2d(8, 16, 3, 2, 1, bias=False)
-        self.b2 = nn.BatchNorm2d(16)
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.b1(self.c1(x)))
-        x = torch.relu(self.b2(self.c2(x)))
-        return self.fc(x.mean((2, 3)))
-
-
-def make_model() -> nn.Module:
-    torch.manual_seed(0)
-    return convert(Net(), CFG, skip=lambda n, m: n == "fc")
-
+from mta_net import make_model
 
 def rank_batches(rank: int):
     """Rank 0: non-negative inputs up to 3; rank 1: signed inputs up to 1 (so the ranges and the
