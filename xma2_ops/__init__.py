@@ -9,6 +9,7 @@ from .device import DeviceModel
 from ._ops import available_backends
 from .functional import xbar_conv2d, xbar_linear
 from .modules import XbarConv2d, XbarLinear, convert, program
+from .calibration import calibrate_adc
 from .programmed import ProgrammedWeight
 
 try:
@@ -17,4 +18,4 @@ except _metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
 __all__ = ["XbarConfig", "DeviceModel", "available_backends", "xbar_conv2d", "xbar_linear", "XbarConv2d", "XbarLinear", "convert",
-           "program", "ProgrammedWeight", "__version__"]
+           "program", "calibrate_adc", "ProgrammedWeight", "__version__"]

@@ -1,0 +1,127 @@
+"""ADC range calibration: each crossbar layer's ``adc_clip`` from the partial sums it really sees.
+
+SPEC 3's default full scale is Pmax = R (2^db - 1)(2^cb - 1), the largest partial sum a PE can
+produce.  Real partial sums are far smaller (sparse, small input chunks and weight slices), so an
+8-bit ADC spread over [0, Pmax] resolves them coarsely; hardware designs calibrate the ADC range
+instead.  ``calibrate_adc`` runs a few batches, collects every analog partial sum P of every
+(row tile, polarity, input chunk, weight slice) of each layer (ideal cells, the layer's own input
+quantiser and programmed weight codes), and picks the clip:
+
+- ``method="percentile"``: the smallest clip covering ``percentile`` % of the partial sums
+  (zeros included: they are what the ADC converts most);
+- ``method="mse"``: the clip minimising the mean squared ADC error sum_P (P_hat(P) - P)^2 over the
+  observed histogram, searched over every clip in [1, max P] (each evaluation is a pass over the
+  histogram, so the search is exact, not a grid).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Iterable
+
+import torch
+import torch.nn as nn
+
+from . import reference as ref
+from .config import GemmParams
+from .modules import XbarConv2d, XbarLinear
+
+_MAX_ROWS = 2048  # input rows per layer and batch whose partial sums are collected (sampled evenly)
+
+
+def _histogram(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Counts of every partial sum value P in [0, Pmax] that ``x`` produces in ``layer`` (int64)."""
+    cfg = layer.config
+    if float(layer.input_range) == 0.0:
+        layer._calibrate(x)  # a never-calibrated layer calibrates on its first batch, as its forward would
+    signed = bool(layer.input_signed) if cfg.input_signed is None else cfg.input_signed
+    rng = float(layer.input_range)
+    s_x = torch.tensor(rng / cfg.input_qmax(signed) if rng > 0 else 1.0, dtype=torch.float64)
+    codes = ref.quantize_input(x.detach().double(), s_x, cfg.input_bits, signed)
+    if isinstance(layer, XbarConv2d):
+        if layer.padding_mode != "zeros":
+            codes = nn.functional.pad(codes, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+            padding = 0
+        else:
+            padding = layer.padding
+        cols = nn.functional.unfold(codes, layer.kernel_size, dilation=layer.dilation, padding=padding,
+                                    stride=layer.stride)
+        codes = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    else:
+        codes = codes.reshape(-1, codes.shape[-1])
+    if codes.shape[0] > _MAX_ROWS:
+        codes = codes[torch.linspace(0, codes.shape[0] - 1, _MAX_ROWS).long()]
+    layer.program()
+    w = layer.programmed.codes.double()
+    p = GemmParams.from_config(cfg, signed)
+    hist = torch.zeros(cfg.pmax + 1, dtype=torch.int64)
+    x_pols = [codes.clamp(min=0), (-codes).clamp(min=0)] if signed else [codes]
+    for r in range(-(-w.shape[0] // cfg.rows)):
+        k0, k1 = r * cfg.rows, min((r + 1) * cfg.rows, w.shape[0])
+        slices = torch.cat([ref.bit_field(wq[k0:k1].long(), j, cfg.cell_bits).double()
+                            for wq in (w.clamp(min=0), (-w).clamp(min=0)) for j in range(p.slices)], 1)
+        for xp in x_pols:
+            for i in range(p.chunks):
+                psum = (ref.bit_field(xp[:, k0:k1].long(), i, cfg.dac_bits).double() @ slices).round().long()
+                hist += torch.bincount(psum.flatten(), minlength=cfg.pmax + 1)
+    return hist
+
+
+def _adc_mse(hist: torch.Tensor, clip: int, bits: int) -> float:
+    p = torch.arange(hist.numel(), dtype=torch.float64)
+    n = min(2 ** bits - 1, clip)
+    code = torch.clamp(torch.floor((2 * p * n + clip) / (2 * clip)), 0, n)
+    return float((hist.double() * (code * clip / n - p) ** 2).sum())
+
+
+def choose_clip(hist: torch.Tensor, adc_bits: int, method: str = "percentile", percentile: float = 99.99) -> int:
+    """The ADC clip for a histogram of partial sums (see the module docstring)."""
+    total = int(hist.sum())
+    if total == 0 or int(hist[1:].sum()) == 0:
+        return 1
+    top = int(torch.nonzero(hist).max())
+    if method == "percentile":
+        cum = torch.cumsum(hist, 0)
+        clip = int(torch.searchsorted(cum, torch.tensor(percentile / 100.0 * total, dtype=cum.dtype).ceil().long()))
+        return max(1, min(clip, top))
+    if method == "mse":
+        errors = [_adc_mse(hist[: top + 1], c, adc_bits) for c in range(1, top + 1)]
+        return 1 + min(range(len(errors)), key=errors.__getitem__)
+    raise ValueError(f"method: expected 'percentile' or 'mse', got {method!r}")
+
+
+@torch.no_grad()
+def calibrate_adc(model: nn.Module, loader: Iterable, batches: int = 2, method: str = "percentile",
+                  percentile: float = 99.99) -> Dict[str, int]:
+    """Set ``adc_clip`` of every quantised crossbar layer of ``model`` from ``batches`` batches of
+    ``loader`` (items ``x`` or ``(x, ...)``); returns {layer name: clip}.  Layers keep their input
+    calibration (run one calibrated forward first, e.g. ``mta.calibrate``, or the first batch does it)."""
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile: expected a value in (0, 100], got {percentile}")
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise ValueError(f"batches: expected an int >= 1, got {batches!r}")
+    layers = {name: m for name, m in model.named_modules()
+              if isinstance(m, (XbarConv2d, XbarLinear)) and m.config.quantized and m.config.adc_bits is not None}
+    hists = {name: torch.zeros(m.config.pmax + 1, dtype=torch.int64) for name, m in layers.items()}
+
+    def hook(name):
+        def fn(mod, args):
+            hists[name] += _histogram(mod, args[0])
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        for i, item in enumerate(loader):
+            if i >= batches:
+                break
+            model(item[0] if isinstance(item, (tuple, list)) else item)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    clips = {}
+    for name, m in layers.items():
+        clips[name] = choose_clip(hists[name], m.config.adc_bits, method, percentile)
+        m.config = dataclasses.replace(m.config, adc_clip=clips[name])
+    return clips
