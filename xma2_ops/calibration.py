@@ -10,8 +10,8 @@ quantiser and programmed weight codes), and picks the clip:
 - ``method="percentile"``: the smallest clip covering ``percentile`` % of the partial sums
   (zeros included: they are what the ADC converts most);
 - ``method="mse"``: the clip minimising the mean squared ADC error sum_P (P_hat(P) - P)^2 over the
-  observed histogram, searched over every clip in [1, max P] (each evaluation is a pass over the
-  histogram, so the search is exact, not a grid).
+  observed histogram, searched over every clip in [1, max P] (exact) when max P <= 2048, else
+  over a geometric grid of 2048 clips.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from .config import GemmParams
 from .modules import XbarConv2d, XbarLinear
 
 _MAX_ROWS = 2048  # input rows per layer and batch whose partial sums are collected (sampled evenly)
+_EXHAUSTIVE_CLIPS = 2048  # "mse": every clip up to this many, else a geometric grid of this many
 
 
 def _histogram(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -84,8 +85,13 @@ def choose_clip(hist: torch.Tensor, adc_bits: int, method: str = "percentile", p
         clip = int(torch.searchsorted(cum, torch.tensor(percentile / 100.0 * total, dtype=cum.dtype).ceil().long()))
         return max(1, min(clip, top))
     if method == "mse":
-        errors = [_adc_mse(hist[: top + 1], c, adc_bits) for c in range(1, top + 1)]
-        return 1 + min(range(len(errors)), key=errors.__getitem__)
+        if top <= _EXHAUSTIVE_CLIPS:
+            candidates = list(range(1, top + 1))
+        else:  # a geometric grid: the error changes slowly with the clip at this scale
+            candidates = sorted({max(1, int(round(v))) for v in torch.logspace(0, torch.log10(
+                torch.tensor(float(top))), _EXHAUSTIVE_CLIPS, dtype=torch.float64).tolist()} | {top})
+        errors = [_adc_mse(hist[: top + 1], c, adc_bits) for c in candidates]
+        return candidates[min(range(len(errors)), key=errors.__getitem__)]
     raise ValueError(f"method: expected 'percentile' or 'mse', got {method!r}")
 
 
