@@ -85,4 +85,58 @@ inline void check_weight_codes(const at::Tensor& w, const XbarParams& p, const c
   check_code_range(w, -q, q, name);
 }
 
+// ------------------------------------------------------------------ device-model cells (SPEC 7.2)
+constexpr int64_t kMaxFracBits = 16;  // DeviceModel.frac_bits (xma2_ops/device.py)
+
+// The checked parameters of a cell op: x_codes [M, K] and conductances g [2, S, K, N] int32
+// (polarity, slice, row, column), S = ceil((weight_bits - 1) / cell_bits).  `name` names g in messages.
+inline XbarParams make_cell_params_checked(const at::Tensor& x, const at::Tensor& g, const char* name, int64_t rows,
+                                           int64_t cols, int64_t input_bits, bool input_signed, int64_t dac_bits,
+                                           int64_t weight_bits, int64_t cell_bits, int64_t adc_levels,
+                                           int64_t adc_clip, int64_t frac_bits) {
+  TORCH_CHECK(g.dim() == 4 && g.size(0) == 2 && g.size(1) >= 1, "xbar_cell: ", name,
+              " must be [2, S, K, N] (polarity, slice, row, column), got ", g.sizes());
+  TORCH_CHECK(g.scalar_type() == at::kInt, "xbar_cell: ", name, " must be int32, got ", g.scalar_type());
+  TORCH_CHECK(x.dim() == 2, "xbar_cell: x_codes must be [M, K], got ", x.sizes());
+  TORCH_CHECK(x.size(1) == g.size(2), "xbar_cell: x_codes has K=", x.size(1), " but ", name, " has K=", g.size(2));
+  TORCH_CHECK(x.device() == g.device(), "xbar_cell: x_codes and ", name, " must be on one device, got ", x.device(),
+              " and ", g.device());
+  XbarParams p = make_params_checked(x, g.select(0, 0).select(0, 0), rows, cols, input_bits, input_signed, dac_bits,
+                                     weight_bits, cell_bits, adc_levels, adc_clip);
+  TORCH_CHECK(g.size(1) == p.slices(), "xbar_cell: ", name, " must have S = ceil((weight_bits - 1) / cell_bits) = ",
+              p.slices(), " slices, got ", g.size(1));
+  TORCH_CHECK(frac_bits >= 0 && frac_bits <= kMaxFracBits, "xbar_cell: frac_bits must be in [0, ", kMaxFracBits,
+              "], got ", frac_bits);
+  return p;
+}
+
+// The numbers that bound every integer of a cell op, from the actual largest conductance g_max:
+// every P_F <= pbound = rows (2^db - 1) g_max, the ADC's 2 P_F n + clip 2^F, and the digital sum
+// |T_int| <= 2 code_max sum_{i,j} 2^(i db + j cb) (code_max = n, or pbound for the ideal ADC).  A
+// config where one could overflow int64 is refused.
+struct CellBounds {
+  int64_t pbound, clip_f, t_bound;
+};
+
+inline CellBounds cell_bounds_checked(const XbarParams& p, int64_t g_max, int64_t frac_bits) {
+  using i128 = __int128;
+  const i128 lim = (i128)INT64_MAX;
+  const i128 pb = (i128)p.rows * ((1LL << p.dac_bits) - 1) * (i128)g_max;
+  TORCH_CHECK(pb <= lim, "xbar_cell: rows * (2^dac_bits - 1) * max(g) = ", p.rows, " * ", (1LL << p.dac_bits) - 1,
+              " * ", g_max, " overflows int64: lower rows, frac_bits or the conductances");
+  const i128 clip_f = (i128)p.adc_clip << frac_bits;
+  if (p.adc_levels > 0)
+    TORCH_CHECK(2 * pb * p.adc_levels + clip_f <= lim, "xbar_cell: the ADC's 2 * P_F * adc_levels + adc_clip * 2^frac_bits "
+                "overflows int64 (largest P_F = ", (int64_t)pb, ", adc_levels = ", p.adc_levels, ", adc_clip = ",
+                p.adc_clip, ", frac_bits = ", frac_bits, "): lower rows, frac_bits or the conductances");
+  i128 shifts = 0;
+  for (int i = 0; i < p.chunks(); ++i)
+    for (int j = 0; j < p.slices(); ++j) shifts += (i128)1 << (i * p.dac_bits + j * p.cell_bits);
+  const i128 code_max = p.adc_levels > 0 ? (i128)p.adc_levels : pb;
+  const bool t_ok = code_max == 0 || shifts <= lim / (2 * code_max);
+  TORCH_CHECK(t_ok, "xbar_cell: the tile sums (up to 2 * ", (int64_t)code_max, " * ", (int64_t)shifts,
+              ") overflow int64: lower rows, frac_bits or the conductances");
+  return {(int64_t)pb, (int64_t)clip_f, (int64_t)(2 * code_max * shifts)};
+}
+
 }  // namespace xma2

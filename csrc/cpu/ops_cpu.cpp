@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "../xbar_check.h"
+#include "cells.h"
 #include "driver.h"
 #include "unfold.h"
 
@@ -278,6 +279,10 @@ TORCH_LIBRARY_IMPL(xma2_ops, CPU, m) {
   m.impl("xbar_mvm", &cpu::xbar_mvm_cpu);
   m.impl("xbar_coef_grad", &cpu::xbar_coef_grad_cpu);
   m.impl("xbar_unfold_codes", &cpu::xbar_unfold_codes_cpu);
+  // The device model (SPEC 7.2): cells.cpp.
+  m.impl("xbar_cell_tile_sums", &cpu::xbar_cell_tile_sums_cpu);
+  m.impl("xbar_cell_mvm", &cpu::xbar_cell_mvm_cpu);
+  m.impl("xbar_cell_coef_grad", &cpu::xbar_cell_coef_grad_cpu);
 }
 
 }  // namespace xma2

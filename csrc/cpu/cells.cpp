@@ -1,0 +1,603 @@
+// The device-model ops on the CPU (docs/SPEC.md 7.2, docs/CPU_KERNEL.md "Device model"): partial sums
+// of input chunks with fixed-point conductances g [2, S, K, N] int32, each through the fixed-point
+// ADC, shifted and added into T_int [Tr, M, N] int64 -- bit-exact, as xma2_ops.reference.cell_tile_sums.
+//
+// Three paths, all exact:
+//  - ideal ADC (adc_levels == 0): T_int is linear in the partial sums, so per tile one GEMM of the
+//    whole input codes with W[k, n] = sum_j 2^(j cb) (g[+, j, k, n] - g[-, j, k, n]), in float64
+//    when every sum is below 2^53, else int64.
+//  - fast (x86 with AVX2, max(g) < 2^15, every P_F < 2^31, the float32 ADC checked equal to the
+//    integer rule for every reachable P_F, |T_int| < 2^31): per block of 96 input rows and row tile,
+//    the input chunks and the conductances as int16 pairs, a 6 x 16 AVX2 microkernel (vpmaddwd,
+//    exact int32 sums) per (chunk, polarity, slice, 16 columns), the ADC and the shift-and-add
+//    on its registers into int32 T.
+//  - generic (anything else, or XMA2_CPU_ISA=scalar): per block of rows, tile and chunk one exact
+//    ATen GEMM (float32 / float64 / int64 by the bound of P_F), the exact integer ADC, int64 T.
+// xbar_cell_mvm combines coef * T_int in float64 in the order row tile outer, then base, then task
+// set (as xbar_mvm), one rounding to the coefficient dtype at the end.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "../xbar_check.h"
+#include "cells.h"
+
+namespace xma2 {
+namespace cpu {
+namespace {
+
+constexpr int kMR = 6;                 // rows of the microkernel
+constexpr int kNR = 16;                // columns of the microkernel (two registers of 8 int32)
+constexpr int64_t kFastRows = 96;      // input rows per work item of the fast path (16 microkernel rows)
+constexpr int64_t kGenericRows = 256;  // input rows per work item of the generic path
+constexpr int64_t kLinearRows = 4096;  // input rows per GEMM of the ideal-ADC path
+constexpr int64_t kMaxAdcCheck = 1 << 22;  // largest P_F range whose float ADC is checked value by value
+
+enum class Path { kLinear, kFast, kGeneric };
+
+struct CellPlan {
+  XbarParams p;
+  int S = 0, F = 0, C = 0;  // slices; frac bits; input chunks of all polarities (x_pols * chunks)
+  CellBounds b{};
+  Path path = Path::kGeneric;
+  float a = 0.f, bb = 0.f;  // float ADC: code = min(trunc(fma(min(P, cap), a, bb)), n)
+  int32_t cap = 0;
+};
+
+// ------------------------------------------------------------------ the float32 ADC, checked
+// code = min(trunc(fma((float)min(P, cap), a, b)), n) equals the integer rule for every P in [0, cap];
+// past clip 2^F every code is n, so with cap = min(pbound, clip 2^F) it holds for every reachable P.
+bool float_adc_exact(int64_t n, int64_t clip_f, int64_t cap, float& a, float& b) {
+  a = (float)((double)n / (double)clip_f);
+  b = (float)(0.5 + 0.25 / (double)clip_f);
+  static std::mutex mu;
+  static std::map<std::tuple<int64_t, int64_t, int64_t>, bool> seen;
+  const auto key = std::make_tuple(n, clip_f, cap);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = seen.find(key);
+    if (it != seen.end()) return it->second;
+  }
+  bool ok = true;
+  for (int64_t v = 0; v <= cap && ok; ++v) {
+    const int64_t f = std::min<int64_t>((int64_t)std::fma((float)v, a, b), n);
+    ok = f == adc_code(v, n, clip_f);
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  if (seen.size() > 256) seen.clear();
+  seen[key] = ok;
+  return ok;
+}
+
+bool fast_cpu() {
+#if defined(__x86_64__)
+  const char* env = std::getenv("XMA2_CPU_ISA");
+  if (env && std::string(env) == "scalar") return false;
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+// ------------------------------------------------------------------ checks and the plan
+// Checks every argument (shapes, dtypes, ranges, the int64 bounds from the actual max of the
+// conductances) and chooses the path.
+CellPlan make_cell_plan(const at::Tensor& x, const std::vector<std::pair<at::Tensor, const char*>>& gs, int64_t rows,
+                        int64_t cols, int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits,
+                        int64_t cell_bits, int64_t adc_levels, int64_t adc_clip, int64_t frac_bits) {
+  CellPlan pl;
+  TORCH_CHECK(x.device().is_cpu(), "xbar_cell: x_codes must be a CPU tensor, got ", x.device());
+  pl.p = make_cell_params_checked(x, gs[0].first, gs[0].second, rows, cols, input_bits, input_signed, dac_bits,
+                                  weight_bits, cell_bits, adc_levels, adc_clip, frac_bits);
+  int64_t g_max = 0;
+  for (const auto& g : gs) {
+    TORCH_CHECK(g.first.sizes() == gs[0].first.sizes() && g.first.scalar_type() == at::kInt, "xbar_cell: ", g.second,
+                " must be int32 of shape ", gs[0].first.sizes(), " (as ", gs[0].second, "), got ",
+                g.first.scalar_type(), " ", g.first.sizes());
+    TORCH_CHECK(g.first.device() == x.device(), "xbar_cell: ", g.second, " must be on ", x.device(), ", got ",
+                g.first.device());
+    if (g.first.numel() == 0) continue;
+    const auto mm = at::aminmax(g.first);
+    const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
+    TORCH_CHECK(lo >= 0, "xbar_cell: ", g.second, " must hold conductances >= 0 (fixed point), got a minimum of ", lo);
+    g_max = std::max(g_max, hi);
+  }
+  check_input_codes(x, pl.p);
+  pl.S = pl.p.slices();
+  pl.F = (int)frac_bits;
+  pl.C = pl.p.x_pols * pl.p.chunks();
+  pl.b = cell_bounds_checked(pl.p, g_max, frac_bits);
+  if (pl.p.adc_levels == 0) {
+    pl.path = Path::kLinear;
+  } else if (fast_cpu() && g_max < (1 << 15) && pl.b.pbound < (1LL << 31) && pl.b.t_bound < (1LL << 31)) {
+    const int64_t cap = std::min(pl.b.pbound, pl.b.clip_f);
+    if (cap <= kMaxAdcCheck && float_adc_exact(pl.p.adc_levels, pl.b.clip_f, cap, pl.a, pl.bb)) {
+      pl.path = Path::kFast;
+      pl.cap = (int32_t)cap;
+    }
+  }
+  return pl;
+}
+
+// Receives T_int of one (weight set, row tile, block of input rows): t[mi * N + n] = T_int[r, m0 + mi, n].
+struct Sink {
+  virtual ~Sink() = default;
+  virtual void tile(int worker, int set, int64_t r, int64_t m0, int64_t nm, const int64_t* t) = 0;
+  virtual void done(int worker, int64_t m0, int64_t nm) = 0;
+};
+
+// Runs row blocks of `rows_per_block` on the worker threads, handed out one at a time (as driver.cpp).
+int64_t run_blocks(int64_t M, int64_t rows_per_block, const std::function<void(int, int64_t, int64_t)>& body) {
+  const int64_t blocks = (M + rows_per_block - 1) / rows_per_block;
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t) {
+    for (int64_t blk = next++; blk < blocks; blk = next++) {
+      const int64_t m0 = blk * rows_per_block;
+      body((int)w0, m0, std::min(rows_per_block, M - m0));
+    }
+  });
+  return workers;
+}
+
+int64_t workers_for(int64_t M, int64_t rows_per_block) {
+  const int64_t blocks = (M + rows_per_block - 1) / rows_per_block;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+}
+
+// active[s][r * NP + np]: the 16-column panel np of tile r of set s is needed.
+using Active = std::vector<std::vector<char>>;
+
+bool any_active(const std::vector<char>& a, int64_t r, int64_t NP) {
+  for (int64_t np = 0; np < NP; ++np)
+    if (a[(size_t)(r * NP + np)]) return true;
+  return false;
+}
+
+// ------------------------------------------------------------------ ideal ADC: one GEMM per tile
+void run_linear(const at::Tensor& x, const std::vector<at::Tensor>& gs, const CellPlan& pl, const Active& active,
+                int64_t NP, Sink& sink) {
+  const int64_t M = pl.p.M, K = pl.p.K, N = pl.p.N, Tr = pl.p.Tr(), R = pl.p.rows;
+  const bool dbl = pl.b.t_bound < (1LL << 53);
+  const auto ft = dbl ? at::kDouble : at::kLong;
+  std::vector<at::Tensor> w;
+  for (const auto& g : gs) {
+    at::Tensor g64 = g.to(at::kLong);
+    at::Tensor d = g64.select(0, 0) - g64.select(0, 1);  // [S, K, N]
+    at::Tensor wk = at::zeros({K, N}, g64.options());
+    for (int j = 0; j < pl.S; ++j) wk.add_(d.select(0, j), (int64_t)1 << (j * pl.p.cell_bits));
+    w.push_back(wk.to(ft));
+  }
+  for (int64_t m0 = 0; m0 < M; m0 += kLinearRows) {
+    const int64_t nm = std::min(kLinearRows, M - m0);
+    const at::Tensor xb = x.narrow(0, m0, nm).to(ft);
+    for (int64_t r = 0; r < Tr; ++r) {
+      const int64_t k0 = r * R, kr = std::min(R, K - k0);
+      for (size_t s = 0; s < gs.size(); ++s) {
+        if (!any_active(active[s], r, NP)) continue;
+        const at::Tensor t = at::mm(xb.narrow(1, k0, kr), w[s].narrow(0, k0, kr)).to(at::kLong).contiguous();
+        sink.tile(0, (int)s, r, m0, nm, t.data_ptr<int64_t>());
+      }
+    }
+    sink.done(0, m0, nm);
+  }
+}
+
+// ------------------------------------------------------------------ generic: ATen GEMMs, integer ADC
+template <typename code_t>
+void run_generic_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const CellPlan& pl, const Active& active,
+                   int64_t NP, Sink& sink) {
+  const int64_t M = pl.p.M, K = pl.p.K, N = pl.p.N, Tr = pl.p.Tr(), R = pl.p.rows, S = pl.S;
+  const auto gt = pl.b.pbound < (1LL << 24) ? at::kFloat : pl.b.pbound < (1LL << 53) ? at::kDouble : at::kLong;
+  // Conductances of every set as [K, 2 S N] (polarity, slice, column) in the exact type.
+  std::vector<at::Tensor> gk;
+  for (const auto& g : gs) gk.push_back(g.permute({2, 0, 1, 3}).reshape({K, 2 * S * N}).to(gt).contiguous());
+  const code_t* xp = x.data_ptr<code_t>();
+  const int64_t db = pl.p.dac_bits, cb = pl.p.cell_bits, mask = (1LL << db) - 1;
+  const int64_t n = pl.p.adc_levels, clip_f = pl.b.clip_f;
+  run_blocks(M, kGenericRows, [&](int w, int64_t m0, int64_t nm) {
+    std::vector<int64_t> t((size_t)(nm * N));
+    std::vector<int64_t> chunk((size_t)(nm * R));
+    for (int64_t r = 0; r < Tr; ++r) {
+      const int64_t k0 = r * R, kr = std::min(R, K - k0);
+      for (size_t s = 0; s < gs.size(); ++s) {
+        if (!any_active(active[s], r, NP)) continue;
+        std::fill(t.begin(), t.end(), 0);
+        const at::Tensor gr = gk[s].narrow(0, k0, kr);
+        for (int pol = 0; pol < pl.p.x_pols; ++pol) {
+          for (int i = 0; i < pl.p.chunks(); ++i) {
+            for (int64_t mi = 0; mi < nm; ++mi)
+              for (int64_t k = 0; k < kr; ++k) {
+                const int64_t v = (int64_t)xp[(m0 + mi) * K + k0 + k];
+                const int64_t mag = pol == 0 ? std::max<int64_t>(v, 0) : std::max<int64_t>(-v, 0);
+                chunk[(size_t)(mi * kr + k)] = (mag >> (i * db)) & mask;
+              }
+            const at::Tensor a = at::from_blob(chunk.data(), {nm, kr}, at::kLong).to(gt);
+            const at::Tensor ps = at::mm(a, gr).to(at::kLong).contiguous();  // [nm, 2 S N]
+            const int64_t* pp = ps.data_ptr<int64_t>();
+            for (int q = 0; q < 2; ++q)
+              for (int64_t j = 0; j < S; ++j) {
+                const int64_t scale = ((pol == q) ? 1 : -1) * ((int64_t)1 << (i * db + j * cb));
+                for (int64_t mi = 0; mi < nm; ++mi) {
+                  const int64_t* prow = pp + mi * 2 * S * N + (q * S + j) * N;
+                  int64_t* trow = t.data() + mi * N;
+                  for (int64_t c = 0; c < N; ++c) trow[c] += scale * adc_code(prow[c], n, clip_f);
+                }
+              }
+          }
+        }
+        sink.tile(w, (int)s, r, m0, nm, t.data());
+      }
+    }
+    sink.done(w, m0, nm);
+  });
+}
+
+// ------------------------------------------------------------------ fast: AVX2 int16 microkernel
+#if defined(__x86_64__)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+
+// Packs one row tile of the conductances of one set: dst[((q S + j) NP + np)][kp][16][2] int16,
+// element (k, col) at ((k / 2) * 16 + col) * 2 + k % 2, zero padded (odd k, columns past N).
+void pack_g_tile(const int32_t* g, int64_t S, int64_t K, int64_t N, int64_t k0, int64_t kr, int64_t NP, int16_t* dst) {
+  const int64_t kp = (kr + 1) / 2, panel = kp * kNR * 2;
+  std::memset(dst, 0, sizeof(int16_t) * (size_t)(2 * S * NP * panel));
+  for (int64_t q = 0; q < 2; ++q)
+    for (int64_t j = 0; j < S; ++j) {
+      const int32_t* src = g + ((q * S + j) * K + k0) * N;
+      for (int64_t k = 0; k < kr; ++k)
+        for (int64_t c = 0; c < N; ++c) {
+          int16_t* pan = dst + ((q * S + j) * NP + c / kNR) * panel;
+          pan[((k >> 1) * kNR + c % kNR) * 2 + (k & 1)] = (int16_t)src[k * N + c];
+        }
+    }
+}
+
+// Packs the input chunks of rows [m0, m0 + nm) of one row tile: dst[c][micro][kp][kMR][2] int16
+// (c = polarity * chunks + chunk), rows past nm and the odd k zero.
+template <typename code_t>
+void pack_x_tile(const code_t* x, int64_t K, int64_t m0, int64_t nm, int64_t k0, int64_t kr, const CellPlan& pl,
+                 int64_t nmicro, int16_t* dst) {
+  const int64_t kp = (kr + 1) / 2, cstride = nmicro * kp * kMR * 2;
+  const int db = pl.p.dac_bits, chunks = pl.p.chunks();
+  const int mask = (1 << db) - 1;
+  std::memset(dst, 0, sizeof(int16_t) * (size_t)(pl.C * cstride));
+  for (int64_t mi = 0; mi < nm; ++mi) {
+    const code_t* row = x + (m0 + mi) * K + k0;
+    int16_t* base = dst + (mi / kMR) * kp * kMR * 2 + (mi % kMR) * 2;
+    for (int64_t k = 0; k < kr; ++k) {
+      const int v = (int)row[k];
+      if (v == 0) continue;
+      const int pol = v < 0 ? 1 : 0, mag = v < 0 ? -v : v;
+      int16_t* e = base + (k >> 1) * kMR * 2 + (k & 1) + (int64_t)pol * chunks * cstride;
+      for (int i = 0; i < chunks; ++i) e[i * cstride] = (int16_t)((mag >> (i * db)) & mask);
+    }
+  }
+}
+
+struct FastConsts {
+  __m256 a, b;
+  __m256i cap, levels;
+};
+
+// P[6 x 16] = A[6 x 2kp] B[2kp x 16] (int16 pairs, int32 sums), then per element the ADC, the shift
+// and the signed add into t (row stride ldt).
+inline void micro_6x16(const int32_t* A, const int32_t* B, int64_t kp, const FastConsts& fc, int shift, bool neg,
+                       int32_t* t, int64_t ldt) {
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+          c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t k = 0; k < kp; ++k) {
+    const __m256i b0 = _mm256_load_si256((const __m256i*)(B + k * kNR));
+    const __m256i b1 = _mm256_load_si256((const __m256i*)(B + k * kNR + 8));
+    const int32_t* a = A + k * kMR;
+    __m256i av = _mm256_set1_epi32(a[0]);
+    c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(av, b0));
+    c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(av, b1));
+    av = _mm256_set1_epi32(a[1]);
+    c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(av, b0));
+    c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(av, b1));
+    av = _mm256_set1_epi32(a[2]);
+    c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(av, b0));
+    c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(av, b1));
+    av = _mm256_set1_epi32(a[3]);
+    c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(av, b0));
+    c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(av, b1));
+    av = _mm256_set1_epi32(a[4]);
+    c40 = _mm256_add_epi32(c40, _mm256_madd_epi16(av, b0));
+    c41 = _mm256_add_epi32(c41, _mm256_madd_epi16(av, b1));
+    av = _mm256_set1_epi32(a[5]);
+    c50 = _mm256_add_epi32(c50, _mm256_madd_epi16(av, b0));
+    c51 = _mm256_add_epi32(c51, _mm256_madd_epi16(av, b1));
+  }
+  const __m128i sh = _mm_cvtsi32_si128(shift);
+  auto put = [&](__m256i p, int32_t* dst) {
+    const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_min_epi32(p, fc.cap)), fc.a, fc.b);
+    const __m256i code = _mm256_sll_epi32(_mm256_min_epi32(_mm256_cvttps_epi32(f), fc.levels), sh);
+    const __m256i cur = _mm256_loadu_si256((const __m256i*)dst);
+    _mm256_storeu_si256((__m256i*)dst, neg ? _mm256_sub_epi32(cur, code) : _mm256_add_epi32(cur, code));
+  };
+  put(c00, t), put(c01, t + 8);
+  put(c10, t + ldt), put(c11, t + ldt + 8);
+  put(c20, t + 2 * ldt), put(c21, t + 2 * ldt + 8);
+  put(c30, t + 3 * ldt), put(c31, t + 3 * ldt + 8);
+  put(c40, t + 4 * ldt), put(c41, t + 4 * ldt + 8);
+  put(c50, t + 5 * ldt), put(c51, t + 5 * ldt + 8);
+}
+
+template <typename code_t>
+void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const CellPlan& pl, const Active& active,
+                int64_t NP, Sink& sink) {
+  const int64_t M = pl.p.M, K = pl.p.K, N = pl.p.N, Tr = pl.p.Tr(), R = pl.p.rows, S = pl.S;
+  const int64_t kp_max = (std::min(R, K) + 1) / 2, panel = kp_max * kNR * 2;  // int16 per panel (bound)
+  const int64_t tile_size = 2 * S * NP * panel;
+  // Packed conductances of every set and tile (32-byte aligned: the microkernel's aligned loads).
+  std::vector<at::Tensor> gp;
+  for (const auto& g : gs) {
+    const at::Tensor gc = g.contiguous();
+    at::Tensor buf = at::empty({Tr, tile_size + 16}, at::TensorOptions().dtype(at::kShort));
+    const int32_t* src = gc.data_ptr<int32_t>();
+    int16_t* b = buf.data_ptr<int16_t>();
+    at::parallel_for(0, Tr, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        int16_t* d = b + r * (tile_size + 16);
+        d += ((32 - ((uintptr_t)d & 31)) & 31) / 2;
+        const int64_t k0 = r * R, kr = std::min(R, K - k0);
+        pack_g_tile(src, S, K, N, k0, kr, NP, d);
+      }
+    });
+    gp.push_back(buf);
+  }
+  auto g_tile = [&](size_t s, int64_t r) {
+    int16_t* d = gp[s].data_ptr<int16_t>() + r * (tile_size + 16);
+    return d + ((32 - ((uintptr_t)d & 31)) & 31) / 2;
+  };
+  const code_t* xp = x.data_ptr<code_t>();
+  const FastConsts fc{_mm256_set1_ps(pl.a), _mm256_set1_ps(pl.bb), _mm256_set1_epi32(pl.cap),
+                      _mm256_set1_epi32((int)pl.p.adc_levels)};
+  const int64_t nmicro_max = (kFastRows + kMR - 1) / kMR, ldt = NP * kNR;
+  const int db = pl.p.dac_bits, cb = pl.p.cell_bits, chunks = pl.p.chunks();
+  run_blocks(M, kFastRows, [&](int w, int64_t m0, int64_t nm) {
+    std::vector<int16_t> xa((size_t)(pl.C * nmicro_max * kp_max * kMR * 2));
+    std::vector<int32_t> t32((size_t)(nmicro_max * kMR * ldt));
+    std::vector<int64_t> t64((size_t)(nm * N));
+    const int64_t nmicro = (nm + kMR - 1) / kMR;
+    for (int64_t r = 0; r < Tr; ++r) {
+      const int64_t k0 = r * R, kr = std::min(R, K - k0), kp = (kr + 1) / 2;
+      const int64_t pan = kp * kNR * 2, cstride = nmicro * kp * kMR * 2;
+      bool packed = false;
+      for (size_t s = 0; s < gs.size(); ++s) {
+        if (!any_active(active[s], r, NP)) continue;
+        if (!packed) pack_x_tile<code_t>(xp, K, m0, nm, k0, kr, pl, nmicro, xa.data());
+        packed = true;
+        std::fill(t32.begin(), t32.end(), 0);
+        const int16_t* gt = g_tile(s, r);
+        for (int q = 0; q < 2; ++q)
+          for (int64_t j = 0; j < S; ++j)
+            for (int64_t np = 0; np < NP; ++np) {
+              if (!active[s][(size_t)(r * NP + np)]) continue;
+              const int32_t* B = (const int32_t*)(gt + ((q * S + j) * NP + np) * pan);
+              for (int64_t mc = 0; mc < nmicro; ++mc)
+                for (int c = 0; c < pl.C; ++c) {
+                  const int pol = c / chunks, i = c % chunks;
+                  const int32_t* A = (const int32_t*)(xa.data() + c * cstride + mc * kp * kMR * 2);
+                  micro_6x16(A, B, kp, fc, (int)(i * db + j * cb), pol != q, t32.data() + mc * kMR * ldt + np * kNR,
+                             ldt);
+                }
+            }
+        for (int64_t mi = 0; mi < nm; ++mi)
+          for (int64_t c = 0; c < N; ++c) t64[(size_t)(mi * N + c)] = t32[(size_t)(mi * ldt + c)];
+        sink.tile(w, (int)s, r, m0, nm, t64.data());
+      }
+    }
+    sink.done(w, m0, nm);
+  });
+}
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // __x86_64__
+
+// ------------------------------------------------------------------ dispatch over the paths
+void run_cells(const at::Tensor& x_in, const std::vector<at::Tensor>& gs, const CellPlan& pl, const Active& active,
+               int64_t NP, Sink& sink) {
+  const at::Tensor x = x_in.contiguous();
+  if (pl.path == Path::kLinear) return run_linear(x, gs, pl, active, NP, sink);
+  const std::vector<at::Tensor> gc(gs.begin(), gs.end());
+  auto go = [&](auto tag) {
+    using code_t = decltype(tag);
+#if defined(__x86_64__)
+    if (pl.path == Path::kFast) return run_fast_t<code_t>(x, gc, pl, active, NP, sink);
+#endif
+    run_generic_t<code_t>(x, gc, pl, active, NP, sink);
+  };
+  switch (x.scalar_type()) {
+    case at::kByte: go(uint8_t()); break;
+    case at::kChar: go(int8_t()); break;
+    case at::kShort: go(int16_t()); break;
+    default: go(int32_t()); break;
+  }
+}
+
+int64_t panels(int64_t N) { return (N + kNR - 1) / kNR; }
+
+Active all_active(size_t sets, int64_t Tr, int64_t NP) {
+  return Active(sets, std::vector<char>((size_t)(Tr * NP), 1));
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ xbar_cell_tile_sums
+namespace {
+struct TileSumsSink : Sink {
+  int64_t* o;
+  int64_t M, N;
+  void tile(int, int, int64_t r, int64_t m0, int64_t nm, const int64_t* t) override {
+    std::memcpy(o + (r * M + m0) * N, t, sizeof(int64_t) * (size_t)(nm * N));
+  }
+  void done(int, int64_t, int64_t) override {}
+};
+}  // namespace
+
+at::Tensor xbar_cell_tile_sums_cpu(const at::Tensor& x_codes, const at::Tensor& g, int64_t rows, int64_t cols,
+                                   int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits,
+                                   int64_t cell_bits, int64_t adc_levels, int64_t adc_clip, int64_t frac_bits) {
+  const CellPlan pl = make_cell_plan(x_codes, {{g, "g"}}, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
+                                     cell_bits, adc_levels, adc_clip, frac_bits);
+  const int64_t M = pl.p.M, N = pl.p.N, Tr = pl.p.Tr();
+  const char* what = "xbar_cell_tile_sums: the output [Tr, M, N]";
+  mul_checked(mul_checked(Tr, M, what), N, what);
+  at::Tensor out = at::zeros({Tr, M, N}, x_codes.options().dtype(at::kLong));
+  if (out.numel() == 0) return out;
+  TileSumsSink sink;
+  sink.o = out.data_ptr<int64_t>();
+  sink.M = M;
+  sink.N = N;
+  run_cells(x_codes, {g}, pl, all_active(1, Tr, panels(N)), panels(N), sink);
+  return out;
+}
+
+// ------------------------------------------------------------------ xbar_cell_mvm
+namespace {
+template <typename scalar_t>
+struct MvmSink : Sink {
+  std::vector<const scalar_t*> coef;
+  scalar_t* out;
+  int64_t N;
+  std::vector<std::vector<double>> acc;  // per worker [rows of a block, N]
+  void tile(int w, int s, int64_t r, int64_t, int64_t nm, const int64_t* t) override {
+    double* a = acc[(size_t)w].data();
+    const scalar_t* c = coef[(size_t)s] + r * N;
+    for (int64_t mi = 0; mi < nm; ++mi) {
+      double* row = a + mi * N;
+      const int64_t* tr = t + mi * N;
+      for (int64_t n = 0; n < N; ++n) row[n] += (double)c[n] * (double)tr[n];
+    }
+  }
+  void done(int w, int64_t m0, int64_t nm) override {
+    std::vector<double>& a = acc[(size_t)w];
+    for (int64_t i = 0; i < nm * N; ++i) out[m0 * N + i] = (scalar_t)a[(size_t)i];
+    std::fill(a.begin(), a.begin() + nm * N, 0.0);
+  }
+};
+
+int64_t block_rows(const CellPlan& pl) {
+  return pl.path == Path::kLinear ? kLinearRows : pl.path == Path::kFast ? kFastRows : kGenericRows;
+}
+}  // namespace
+
+at::Tensor xbar_cell_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& gb, const std::optional<at::Tensor>& gt,
+                             const at::Tensor& coef_b, const std::optional<at::Tensor>& coef_t, int64_t rows,
+                             int64_t cols, int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits,
+                             int64_t cell_bits, int64_t adc_levels, int64_t adc_clip, int64_t frac_bits) {
+  TORCH_CHECK(gt.has_value() == coef_t.has_value(), "xbar_cell_mvm: gt and coef_t must be given together");
+  std::vector<std::pair<at::Tensor, const char*>> named{{gb, "gb"}};
+  if (gt.has_value()) named.push_back({*gt, "gt"});
+  const CellPlan pl = make_cell_plan(x_codes, named, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
+                                     cell_bits, adc_levels, adc_clip, frac_bits);
+  const int64_t M = pl.p.M, N = pl.p.N, Tr = pl.p.Tr(), NP = panels(N);
+  TORCH_CHECK(coef_b.scalar_type() == at::kFloat || coef_b.scalar_type() == at::kDouble,
+              "xbar_cell_mvm: coef_b must be float32 or float64, got ", coef_b.scalar_type());
+  TORCH_CHECK(coef_b.device().is_cpu(), "xbar_cell_mvm: coef_b must be a CPU tensor, got ", coef_b.device());
+  TORCH_CHECK(coef_b.dim() == 2 && coef_b.size(0) == Tr && coef_b.size(1) == N, "xbar_cell_mvm: coef_b must be [Tr, N] = [",
+              Tr, ", ", N, "], got ", coef_b.sizes());
+  std::vector<at::Tensor> gs{gb}, coef{coef_b.contiguous()};
+  if (coef_t.has_value()) {
+    TORCH_CHECK(coef_t->sizes() == coef_b.sizes() && coef_t->scalar_type() == coef_b.scalar_type() &&
+                    coef_t->device() == coef_b.device(),
+                "xbar_cell_mvm: coef_t must match coef_b in shape, dtype and device, got ", coef_t->scalar_type(), " ",
+                coef_t->sizes());
+    gs.push_back(*gt);
+    coef.push_back(coef_t->contiguous());
+  }
+  at::Tensor y = at::zeros({M, N}, coef_b.options());
+  if (y.numel() == 0 || Tr == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(coef_b.scalar_type(), "xbar_cell_mvm_cpu", [&] {
+    MvmSink<scalar_t> sink;
+    Active active(gs.size(), std::vector<char>((size_t)(Tr * NP), 0));
+    for (size_t s = 0; s < gs.size(); ++s) {
+      const scalar_t* c = coef[s].data_ptr<scalar_t>();
+      sink.coef.push_back(c);
+      for (int64_t r = 0; r < Tr; ++r)
+        for (int64_t n = 0; n < N; ++n)
+          if (c[r * N + n] != scalar_t(0)) active[s][(size_t)(r * NP + n / kNR)] = 1;
+    }
+    sink.out = y.data_ptr<scalar_t>();
+    sink.N = N;
+    const int64_t br = block_rows(pl);
+    const int64_t acc_rows = std::min(br, M);
+    sink.acc.assign((size_t)workers_for(M, br), std::vector<double>((size_t)mul_checked(acc_rows, N, "xbar_cell_mvm"), 0.0));
+    run_cells(x_codes, gs, pl, active, NP, sink);
+  });
+  return y;
+}
+
+// ------------------------------------------------------------------ xbar_cell_coef_grad
+namespace {
+struct CoefGradSink : Sink {
+  const double* gy;
+  int64_t N;
+  std::vector<std::vector<double>> part;  // per worker [Tr, N]
+  void tile(int w, int, int64_t r, int64_t m0, int64_t nm, const int64_t* t) override {
+    double* gr = part[(size_t)w].data() + r * N;
+    for (int64_t mi = 0; mi < nm; ++mi) {
+      const double* gm = gy + (m0 + mi) * N;
+      const int64_t* tr = t + mi * N;
+      for (int64_t n = 0; n < N; ++n) gr[n] += gm[n] * (double)tr[n];
+    }
+  }
+  void done(int, int64_t, int64_t) override {}
+};
+}  // namespace
+
+at::Tensor xbar_cell_coef_grad_cpu(const at::Tensor& x_codes, const at::Tensor& g, const at::Tensor& gy, int64_t rows,
+                                   int64_t cols, int64_t input_bits, bool input_signed, int64_t dac_bits,
+                                   int64_t weight_bits, int64_t cell_bits, int64_t adc_levels, int64_t adc_clip,
+                                   int64_t frac_bits) {
+  const CellPlan pl = make_cell_plan(x_codes, {{g, "g"}}, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
+                                     cell_bits, adc_levels, adc_clip, frac_bits);
+  const int64_t M = pl.p.M, N = pl.p.N, Tr = pl.p.Tr();
+  TORCH_CHECK(gy.dim() == 2 && gy.size(0) == M && gy.size(1) == N, "xbar_cell_coef_grad: gy must be [M, N] = [", M,
+              ", ", N, "], got ", gy.sizes());
+  TORCH_CHECK(gy.is_floating_point(), "xbar_cell_coef_grad: gy must be floating point, got ", gy.scalar_type());
+  TORCH_CHECK(gy.device().is_cpu(), "xbar_cell_coef_grad: gy must be a CPU tensor, got ", gy.device());
+  const int64_t g_size = mul_checked(Tr, N, "xbar_cell_coef_grad: the output [Tr, N]");
+  at::Tensor out = at::zeros({Tr, N}, gy.options().dtype(at::kDouble));
+  if (g_size == 0 || M == 0) return out;
+  const at::Tensor g64 = gy.to(at::kDouble).contiguous();
+  CoefGradSink sink;
+  sink.gy = g64.data_ptr<double>();
+  sink.N = N;
+  sink.part.assign((size_t)workers_for(M, block_rows(pl)), std::vector<double>((size_t)g_size, 0.0));
+  run_cells(x_codes, {g}, pl, all_active(1, Tr, panels(N)), panels(N), sink);
+  double* o = out.data_ptr<double>();
+  for (const auto& pt : sink.part)
+    for (int64_t i = 0; i < g_size; ++i) o[i] += pt[(size_t)i];
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace xma2
