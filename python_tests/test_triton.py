@@ -138,3 +138,51 @@ def test_adc_argument_checks(triton_be):
                       (dict(adc_clip=0), "adc_clip")]:
         with pytest.raises(RuntimeError, match=name):
             triton_be.tile_sums(x, w, replace(p, **bad))
+
+
+# ------------------------------------------------------------------ the triton_ops (torch.library.triton_op)
+def _small_op_args(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    cfg, p = make_params(CONFIGS[1])
+    x, w = make_codes(cfg, p.input_signed, 3, 30, 6, g)
+    _, wt = make_codes(cfg, p.input_signed, 1, 30, 6, g)
+    cb = torch.rand(2, 6, dtype=torch.float64, generator=g)
+    return p, [t.to(DEVICE) for t in (x, w, wt, cb, 3 * cb)]
+
+
+@pytest.mark.parametrize("op", ["triton_tile_sums", "triton_mvm"])
+def test_opcheck_triton_ops(triton_be, op):
+    """Schema, fake impl, autograd registration and the AOTAutograd decomposition agree with eager."""
+    from torch._library.triton import triton_ops_to_kernels
+    assert f"xma2_ops::{op}" in triton_ops_to_kernels  # registered by torch.library.triton_op
+    p, (x, w, wt, cb, ct) = _small_op_args(600)
+    args = (x, w, *p.as_args()) if op == "triton_tile_sums" else (x, w, wt, cb, ct, *p.as_args())
+    torch.library.opcheck(getattr(torch.ops.xma2_ops, op).default, args)
+    if op == "triton_tile_sums":
+        assert torch.equal(torch.ops.xma2_ops.triton_tile_sums(*args).cpu(), reference.tile_sums(x.cpu(), w.cpu(), p))
+
+
+def test_backend_calls_the_triton_ops_and_compiles(triton_be):
+    """The backend's mvm / tile_sums go through the triton_ops, and a torch.compile'd caller
+    (AOTAutograd decomposes the op into its body) gives the eager values."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    p, (x, w, wt, cb, ct) = _small_op_args(601)
+    with Log() as log:
+        y = triton_be.mvm(x, w, wt, cb, ct, p)
+        t = triton_be.tile_sums(x, w, p)
+    assert "xma2_ops.triton_mvm.default" in log.ops and "xma2_ops.triton_tile_sums.default" in log.ops
+    assert torch.equal(t.cpu(), reference.tile_sums(x.cpu(), w.cpu(), p))
+    torch.testing.assert_close(y.cpu(), _ops._reference_mvm(x.cpu(), w.cpu(), wt.cpu(), cb.cpu(), ct.cpu(), p),
+                               rtol=1e-12, atol=1e-12)
+    f = torch.compile(lambda *a: torch.ops.xma2_ops.triton_mvm(*a) * 2, backend="aot_eager", fullgraph=True)
+    assert torch.equal(f(x, w, wt, cb, ct, *p.as_args()), 2 * y)
