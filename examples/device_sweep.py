@@ -62,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--rates", type=float, nargs="+",
                    help="stuck-at rates, saf_low = saf_high = r (default 0 0.005 0.01 0.02 0.05)")
     p.add_argument("--chips", type=int, help="chips (device seeds 0..chips-1) per point (default 5)")
-    p.add_argument("--n-eval", type=int, help="test images per evaluation (default 300; the first of the "
+    p.add_argument("--n-eval", type=int, help="test images per evaluation (default 150; the first of the "
                                               "example's MNIST test split)")
     p.add_argument("--na-sigma", type=float, default=0.05, help="sigma_rel of the noise-aware fine-tune")
     p.add_argument("--ft-epochs", type=float, help="fine-tune epochs over the backbone's training set (default 1)")
@@ -70,18 +70,24 @@ def parse_args(argv=None):
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                    help="models to sweep (default: backbone noise-aware; ft-ideal is the fine-tune control)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for the backbone and the fine-tunes (0: torch default); evaluations use 1 "
+                        "per worker.  Default 1: on the shared 2-core test box two threads made these small ops "
+                        "several times slower (threads spinning against other processes)")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="processes for the sweep's evaluations (default: min(2, CPUs))")
+    p.add_argument("--eval-batch", type=int, default=25)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     q = args.quick
     args.sigmas = args.sigmas if args.sigmas is not None else ([0.0, 0.2] if q else [0.0, 0.02, 0.05, 0.1, 0.2])
     args.rates = args.rates if args.rates is not None else ([0.0, 0.05] if q else [0.0, 0.005, 0.01, 0.02, 0.05])
     args.chips = args.chips if args.chips is not None else (3 if q else 5)
-    args.n_eval = args.n_eval if args.n_eval is not None else (100 if q else 300)
+    args.n_eval = args.n_eval if args.n_eval is not None else (100 if q else 150)
     args.ft_epochs = args.ft_epochs if args.ft_epochs is not None else (0.25 if q else 1.0)
     args.variants = args.variants or ["backbone", "noise-aware"]
-    if args.chips < 1 or args.n_eval < 1:
-        raise SystemExit("--chips and --n-eval must be >= 1")
+    if min(args.chips, args.n_eval, args.workers, args.eval_batch) < 1:
+        raise SystemExit("--chips, --n-eval, --workers and --eval-batch must be >= 1")
     return args
 
 
@@ -143,43 +149,73 @@ def points(args) -> List[Tuple[str, float, DeviceModel]]:
             [("saf", r, DeviceModel(saf_low=r, saf_high=r)) for r in args.rates])
 
 
+_JOB_STATE: dict = {}  # models and test set of the sweep, inherited by forked workers
+
+
+def _evaluate_job(job: Tuple[str, int, int]) -> Tuple[str, int, int, float, float]:
+    """One evaluation: model ``name`` on sweep point ``p`` (index into points()), chip ``chip``.
+    Deterministic in (name, p, chip) whatever process runs it (the chip's draws are seeded)."""
+    name, p, chip = job
+    st = _JOB_STATE
+    torch.set_num_threads(1)
+    model = st["models"][name]
+    dev = st["points"][p][2]
+    set_device(model, dev)
+    xma2_ops.program(model, seed=chip)
+    t = time.perf_counter()
+    acc = tm.evaluate(model, st["test"], st["batch"], False, "")[0]
+    set_device(model, None)
+    return name, p, chip, acc, time.perf_counter() - t
+
+
 def sweep(models: Dict[str, nn.Module], test, args, progress: bool) -> Tuple[List[dict], Dict[str, float], float]:
-    """Accuracy of every model on every point and chip; returns rows, ideal accuracies and the
-    mean seconds of one evaluation on a non-ideal device."""
+    """Accuracy of every model on every point and chip (an ideal point too: every chip must give
+    the ideal accuracy); returns rows, ideal accuracies and the mean seconds of one evaluation on a
+    non-ideal device.  --workers forked processes, one torch thread each (the device path is many
+    small int64 ops: threads inside one evaluation help little, processes scale)."""
     ideal = {}
     for name, model in models.items():
         set_device(model, None)
-        ideal[name] = tm.evaluate(model, test, 100, False, "")[0]
+        ideal[name] = tm.evaluate(model, test, args.eval_batch, False, "")[0]
     pts = points(args)
-    todo = [(name, p) for name in models for p in pts]
+    _JOB_STATE.update(models=models, points=pts, test=test, batch=args.eval_batch)
+    # the slow (non-ideal) jobs first, so the workers finish together
+    jobs = sorted([(name, p, chip) for name in models for p in range(len(pts)) for chip in range(args.chips)],
+                  key=lambda j: pts[j[1]][2].ideal)
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(todo) * args.chips, desc="sweep")
-    rows, noisy_s, noisy_n = [], 0.0, 0
-    for name, (kind, value, dev) in todo:
-        model = models[name]
-        accs = []
-        for chip in range(args.chips):  # an ideal device too: every chip must give the ideal accuracy
-            set_device(model, dev)
-            xma2_ops.program(model, seed=chip)
-            t = time.perf_counter()
-            accs.append(tm.evaluate(model, test, 100, False, "")[0])
-            if not dev.ideal:
-                noisy_s += time.perf_counter() - t
-                noisy_n += 1
+        bar = tqdm(total=len(jobs), desc=f"sweep ({args.workers} worker{'s' * (args.workers > 1)})")
+    results = {}
+    if args.workers > 1:
+        import multiprocessing as mp
+        pool = mp.get_context("fork").Pool(args.workers)
+        it = pool.imap_unordered(_evaluate_job, jobs)
+    else:
+        pool, it = None, map(_evaluate_job, jobs)
+    try:
+        for name, p, chip, acc, secs in it:
+            results[(name, p, chip)] = (acc, secs)
             if bar is not None:
-                bar.set_postfix_str(f"{name} {kind}={value:g} chip {chip}: {accs[-1]:.1f}%")
+                bar.set_postfix_str(f"{name} {pts[p][0]}={pts[p][1]:g} chip {chip}: {acc:.1f}%")
                 bar.update()
-        rows.append({"model": name, "sweep": kind, "value": value, "chips": args.chips,
-                     "acc_mean": round(statistics.fmean(accs), 3),
-                     "acc_std": round(statistics.stdev(accs), 3) if len(accs) > 1 else 0.0,
-                     "acc_min": min(accs), "acc_max": max(accs), "ideal_acc": ideal[name],
-                     "n_eval": len(test[1]), "accs": " ".join(f"{a:.2f}" for a in accs)})
-        set_device(model, None)
-    if bar is not None:
-        bar.close()
-    return rows, ideal, noisy_s / max(1, noisy_n)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        if bar is not None:
+            bar.close()
+    rows = []
+    for name in models:
+        for p, (kind, value, dev) in enumerate(pts):
+            accs = [results[(name, p, c)][0] for c in range(args.chips)]
+            rows.append({"model": name, "sweep": kind, "value": value, "chips": args.chips,
+                         "acc_mean": round(statistics.fmean(accs), 3),
+                         "acc_std": round(statistics.stdev(accs), 3) if len(accs) > 1 else 0.0,
+                         "acc_min": min(accs), "acc_max": max(accs), "ideal_acc": ideal[name],
+                         "n_eval": len(test[1]), "accs": " ".join(f"{a:.2f}" for a in accs)})
+    noisy = [secs for (name, p, c), (_, secs) in results.items() if not pts[p][2].ideal]
+    return rows, ideal, sum(noisy) / max(1, len(noisy))
 
 
 def plot(rows: List[dict], ideal: Dict[str, float], path: Path, title: str) -> None:
@@ -240,7 +276,7 @@ def main(argv=None) -> List[dict]:
         w.writerows(rows)
     meta = {"args": vars(args), "ideal_acc": ideal, "wall_s": round(wall, 1), "backbone_s": round(t_backbone, 1),
             "fine_tune_s": round(t_ft, 1), "sweep_s": round(t_sweep, 1), "eval_s_noisy": round(eval_s, 2),
-            "threads": torch.get_num_threads(), "loadavg_start": load0, "loadavg_end": load1,
+            "threads": torch.get_num_threads(), "workers": args.workers, "loadavg_start": load0, "loadavg_end": load1,
             "n_eval": len(test[1]), "pes": sum(m.tiles[0] * m.tiles[1] for _, m in mta.xbar_layers(backbone))}
     (out / "device_sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     plot(rows, ideal, out / "device_sweep.png",

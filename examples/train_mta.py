@@ -372,10 +372,15 @@ def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str) -> 
     data = (data[0][:args.device_n_test], data[1][:args.device_n_test])
     accs = []
     ideal = evaluate(model, data, args.eval_batch, False, "")[0]  # the same images on ideal cells (paired drop)
-    with mta.use_config(model, with_device(dev)):
-        for chip in range(args.device_chips):
-            xma2_ops.program(model, seed=args.seed + chip)  # numbers the layers on the chip, draws its cells
-            accs.append(evaluate(model, data, args.eval_batch, progress, f"{desc} {args.device} chip {chip}")[0])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the device path is many small int64 ops: several threads were ~10x slower here
+    try:
+        with mta.use_config(model, with_device(dev)):
+            for chip in range(args.device_chips):
+                xma2_ops.program(model, seed=args.seed + chip)  # numbers the layers on the chip, draws its cells
+                accs.append(evaluate(model, data, args.eval_batch, progress, f"{desc} {args.device} chip {chip}")[0])
+    finally:
+        torch.set_num_threads(threads)
     mean = sum(accs) / len(accs)
     std = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5 if len(accs) > 1 else 0.0
     return ideal, mean, std
