@@ -272,3 +272,12 @@ def test_backend_without_cells_refuses_device_models_clearly():
     g = torch.zeros(2, 2, 8, 3, dtype=torch.int32)
     with pytest.raises(ValueError, match="'cuda' does not implement the device model"):
         be.cell_mvm(torch.zeros(2, 8, dtype=torch.int32), g, None, torch.ones(1, 3), None, p, 8)
+
+
+def test_sums_too_large_for_exact_arithmetic_are_refused():
+    """16-bit inputs and weights, 8-bit cells and DAC, an ideal ADC and 16 fractional bits: the
+    fixed-point tile sums would leave float64's exact range; refused, never wrapped."""
+    cfg = XbarConfig(rows=4096, cols=4, weight_bits=16, cell_bits=8, input_bits=16, dac_bits=8, adc_bits=None,
+                     device=DeviceModel(sigma_abs=0.01, frac_bits=16))
+    with pytest.raises(ValueError, match="too large for exact arithmetic"):
+        xma2_ops.xbar_linear(torch.rand(2, 4096), torch.randn(3, 4096), config=cfg)

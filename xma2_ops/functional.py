@@ -349,10 +349,13 @@ def _check_cell_sums(p: GemmParams, frac_bits: int, *gqs) -> None:
     2 P_F n + clip 2^F, float64 GEMMs below 2^53): refuse conductances that could break that."""
     g_max = max(int(g.max()) for g in gqs if g is not None and g.numel())
     p_max = p.rows * (2 ** p.dac_bits - 1) * g_max
-    if p_max >= 2 ** 52 or 2 * p_max * max(p.adc_levels, 1) + (p.adc_clip << frac_bits) >= 2 ** 62:
+    shifts = sum(2 ** (i * p.dac_bits + j * p.cell_bits) for i in range(p.chunks) for j in range(p.slices))
+    t_max = 2 * (p_max if p.adc_levels == 0 else p.adc_levels) * shifts  # |T_int| of one row tile (ideal ADC: P_F)
+    if (p_max >= 2 ** 52 or 2 * p_max * max(p.adc_levels, 1) + (p.adc_clip << frac_bits) >= 2 ** 62
+            or t_max >= 2 ** 53):
         raise ValueError(f"config.device: conductances up to {g_max / 2 ** frac_bits:.4g} level steps give partial "
-                         f"sums up to {p_max} (fixed point), too large for exact arithmetic: lower frac_bits, rows "
-                         f"or the variation")
+                         f"sums up to {p_max} and tile sums up to {t_max} (fixed point), too large for exact "
+                         f"arithmetic: lower frac_bits, rows or the variation")
 
 
 def _straight_through_term(x, weight, task_weight, pe_mask, col_scale, s_x, w_b: ProgrammedWeight,
