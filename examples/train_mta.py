@@ -364,10 +364,10 @@ def with_device(device: Optional[DeviceModel]):
 
 
 def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str) -> Tuple[float, float, float]:
-    """(ideal-cell accuracy, mean and std over chips of the accuracy) with the layers' config carrying DeviceModel.preset(args.device),
-    on the first --device-n-test test images, on --device-chips chips (device seeds seed+0, seed+1, ...:
-    the same chips for every method and task).  The layers' own config is restored afterwards (the
-    adapters and the ideal-cell accuracy do not depend on it)."""
+    """(ideal-cell accuracy, mean and std over chips of the accuracy) with the layers' config carrying
+    DeviceModel.preset(args.device), on the first --device-n-test test images, on --device-chips chips
+    (device seeds seed+0, seed+1, ...: the same chips for every method and task).  The layers' own
+    config is restored afterwards (the adapters and the ideal-cell accuracy do not depend on it)."""
     dev = DeviceModel.preset(args.device)
     data = (data[0][:args.device_n_test], data[1][:args.device_n_test])
     accs = []
