@@ -22,8 +22,8 @@ Fine-tunes run in weight-only mode (as the example trains), then the input range
 calibrated on ideal cells; every accuracy comes from the bit-exact quantised forward.
 Outputs under --out: device_sweep.csv, device_sweep.json (with wall time and load), device_sweep.png.
 
-    python examples/device_sweep.py               # default run (~10 min on 2 cores incl. the backbone)
-    python examples/device_sweep.py --quick       # CI: tiny backbone, 2 points per sweep, 3 chips (< 60 s)
+    python examples/device_sweep.py               # default run (85 s on 2 busy cores, backbone cached)
+    python examples/device_sweep.py --quick       # CI: tiny backbone, 2 points per sweep, 3 chips (7 s)
 """
 from __future__ import annotations
 
