@@ -266,23 +266,30 @@ void pack_g_tile(const int32_t* g, int64_t S, int64_t K, int64_t N, int64_t k0, 
   for (int64_t q = 0; q < 2; ++q)
     for (int64_t j = 0; j < S; ++j) {
       const int32_t* src = g + ((q * S + j) * K + k0) * N;
-      for (int64_t k = 0; k < kr; ++k)
-        for (int64_t c = 0; c < N; ++c) {
-          int16_t* pan = dst + ((q * S + j) * NP + c / kNR) * panel;
-          pan[((k >> 1) * kNR + c % kNR) * 2 + (k & 1)] = (int16_t)src[k * N + c];
+      int16_t* set_base = dst + (q * S + j) * NP * panel;
+      for (int64_t k = 0; k < kr; ++k) {
+        const int32_t* srow = src + k * N;
+        int16_t* kbase = set_base + (k >> 1) * kNR * 2 + (k & 1);
+        for (int64_t np = 0; np < NP; ++np) {
+          int16_t* d = kbase + np * panel;
+          const int64_t c0 = np * kNR, nc = std::min<int64_t>(kNR, N - c0);
+          for (int64_t c = 0; c < nc; ++c) d[c * 2] = (int16_t)srow[c0 + c];
         }
+      }
     }
 }
 
 // Packs the input chunks of rows [m0, m0 + nm) of one row tile: dst[c][micro][kp][kMR][2] int16
-// (c = polarity * chunks + chunk), rows past nm and the odd k zero.
+// (c = polarity * chunks + chunk), rows past nm and the odd k zero; nonzero[c * nmicro + micro] says
+// whether that panel holds a non-zero value (an all-zero one gives P = 0, code 0: skipped).
 template <typename code_t>
 void pack_x_tile(const code_t* x, int64_t K, int64_t m0, int64_t nm, int64_t k0, int64_t kr, const CellPlan& pl,
-                 int64_t nmicro, int16_t* dst) {
+                 int64_t nmicro, int16_t* dst, char* nonzero) {
   const int64_t kp = (kr + 1) / 2, cstride = nmicro * kp * kMR * 2;
   const int db = pl.p.dac_bits, chunks = pl.p.chunks();
   const int mask = (1 << db) - 1;
   std::memset(dst, 0, sizeof(int16_t) * (size_t)(pl.C * cstride));
+  std::memset(nonzero, 0, (size_t)(pl.C * nmicro));
   for (int64_t mi = 0; mi < nm; ++mi) {
     const code_t* row = x + (m0 + mi) * K + k0;
     int16_t* base = dst + (mi / kMR) * kp * kMR * 2 + (mi % kMR) * 2;
@@ -291,7 +298,12 @@ void pack_x_tile(const code_t* x, int64_t K, int64_t m0, int64_t nm, int64_t k0,
       if (v == 0) continue;
       const int pol = v < 0 ? 1 : 0, mag = v < 0 ? -v : v;
       int16_t* e = base + (k >> 1) * kMR * 2 + (k & 1) + (int64_t)pol * chunks * cstride;
-      for (int i = 0; i < chunks; ++i) e[i * cstride] = (int16_t)((mag >> (i * db)) & mask);
+      char* nz = nonzero + (int64_t)pol * chunks * nmicro + mi / kMR;
+      for (int i = 0; i < chunks; ++i) {
+        const int16_t val = (int16_t)((mag >> (i * db)) & mask);
+        e[i * cstride] = val;
+        nz[i * nmicro] |= val != 0;
+      }
     }
   }
 }
@@ -300,6 +312,16 @@ struct FastConsts {
   __m256 a, b;
   __m256i cap, levels;
 };
+
+// The ADC of 8 partial sums (clamped to cap, so the float32 formula checked on [0, cap] applies), shifted
+// by `sh` and added to (or subtracted from) 8 int32 tile sums.
+template <bool kNeg>
+__attribute__((always_inline)) inline void adc_add(__m256i p, const FastConsts& fc, __m128i sh, int32_t* dst) {
+  const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_min_epi32(p, fc.cap)), fc.a, fc.b);
+  const __m256i code = _mm256_sll_epi32(_mm256_min_epi32(_mm256_cvttps_epi32(f), fc.levels), sh);
+  const __m256i cur = _mm256_loadu_si256((const __m256i*)dst);
+  _mm256_storeu_si256((__m256i*)dst, kNeg ? _mm256_sub_epi32(cur, code) : _mm256_add_epi32(cur, code));
+}
 
 // P[6 x 16] = A[6 x 2kp] B[2kp x 16] (int16 pairs, int32 sums), then per element the ADC, the shift
 // and the signed add into t (row stride ldt).
@@ -331,18 +353,21 @@ inline void micro_6x16(const int32_t* A, const int32_t* B, int64_t kp, const Fas
     c51 = _mm256_add_epi32(c51, _mm256_madd_epi16(av, b1));
   }
   const __m128i sh = _mm_cvtsi32_si128(shift);
-  auto put = [&](__m256i p, int32_t* dst) {
-    const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_min_epi32(p, fc.cap)), fc.a, fc.b);
-    const __m256i code = _mm256_sll_epi32(_mm256_min_epi32(_mm256_cvttps_epi32(f), fc.levels), sh);
-    const __m256i cur = _mm256_loadu_si256((const __m256i*)dst);
-    _mm256_storeu_si256((__m256i*)dst, neg ? _mm256_sub_epi32(cur, code) : _mm256_add_epi32(cur, code));
-  };
-  put(c00, t), put(c01, t + 8);
-  put(c10, t + ldt), put(c11, t + ldt + 8);
-  put(c20, t + 2 * ldt), put(c21, t + 2 * ldt + 8);
-  put(c30, t + 3 * ldt), put(c31, t + 3 * ldt + 8);
-  put(c40, t + 4 * ldt), put(c41, t + 4 * ldt + 8);
-  put(c50, t + 5 * ldt), put(c51, t + 5 * ldt + 8);
+  if (neg) {
+    adc_add<true>(c00, fc, sh, t), adc_add<true>(c01, fc, sh, t + 8);
+    adc_add<true>(c10, fc, sh, t + ldt), adc_add<true>(c11, fc, sh, t + ldt + 8);
+    adc_add<true>(c20, fc, sh, t + 2 * ldt), adc_add<true>(c21, fc, sh, t + 2 * ldt + 8);
+    adc_add<true>(c30, fc, sh, t + 3 * ldt), adc_add<true>(c31, fc, sh, t + 3 * ldt + 8);
+    adc_add<true>(c40, fc, sh, t + 4 * ldt), adc_add<true>(c41, fc, sh, t + 4 * ldt + 8);
+    adc_add<true>(c50, fc, sh, t + 5 * ldt), adc_add<true>(c51, fc, sh, t + 5 * ldt + 8);
+  } else {
+    adc_add<false>(c00, fc, sh, t), adc_add<false>(c01, fc, sh, t + 8);
+    adc_add<false>(c10, fc, sh, t + ldt), adc_add<false>(c11, fc, sh, t + ldt + 8);
+    adc_add<false>(c20, fc, sh, t + 2 * ldt), adc_add<false>(c21, fc, sh, t + 2 * ldt + 8);
+    adc_add<false>(c30, fc, sh, t + 3 * ldt), adc_add<false>(c31, fc, sh, t + 3 * ldt + 8);
+    adc_add<false>(c40, fc, sh, t + 4 * ldt), adc_add<false>(c41, fc, sh, t + 4 * ldt + 8);
+    adc_add<false>(c50, fc, sh, t + 5 * ldt), adc_add<false>(c51, fc, sh, t + 5 * ldt + 8);
+  }
 }
 
 template <typename code_t>
@@ -379,6 +404,7 @@ void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
   const int db = pl.p.dac_bits, cb = pl.p.cell_bits, chunks = pl.p.chunks();
   run_blocks(M, kFastRows, [&](int w, int64_t m0, int64_t nm) {
     std::vector<int16_t> xa((size_t)(pl.C * nmicro_max * kp_max * kMR * 2));
+    std::vector<char> nonzero((size_t)(pl.C * nmicro_max));
     std::vector<int32_t> t32((size_t)(nmicro_max * kMR * ldt));
     std::vector<int64_t> t64((size_t)(nm * N));
     const int64_t nmicro = (nm + kMR - 1) / kMR;
@@ -388,7 +414,7 @@ void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
       bool packed = false;
       for (size_t s = 0; s < gs.size(); ++s) {
         if (!any_active(active[s], r, NP)) continue;
-        if (!packed) pack_x_tile<code_t>(xp, K, m0, nm, k0, kr, pl, nmicro, xa.data());
+        if (!packed) pack_x_tile<code_t>(xp, K, m0, nm, k0, kr, pl, nmicro, xa.data(), nonzero.data());
         packed = true;
         std::fill(t32.begin(), t32.end(), 0);
         const int16_t* gt = g_tile(s, r);
@@ -399,6 +425,7 @@ void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
               const int32_t* B = (const int32_t*)(gt + ((q * S + j) * NP + np) * pan);
               for (int64_t mc = 0; mc < nmicro; ++mc)
                 for (int c = 0; c < pl.C; ++c) {
+                  if (!nonzero[(size_t)(c * nmicro + mc)]) continue;
                   const int pol = c / chunks, i = c % chunks;
                   const int32_t* A = (const int32_t*)(xa.data() + c * cstride + mc * kp * kMR * 2);
                   micro_6x16(A, B, kp, fc, (int)(i * db + j * cb), pol != q, t32.data() + mc * kMR * ldt + np * kNR,
