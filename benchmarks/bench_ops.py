@@ -4,10 +4,16 @@
     python benchmarks/bench_ops.py --quick         # two small shapes, fewer repeats (a smoke test)
     python benchmarks/bench_ops.py --device cuda   # the cuda / triton backends vs cuDNN fp32 and bf16
     python benchmarks/bench_ops.py --threads 2
+    python benchmarks/bench_ops.py --threads 2 --modes default device --no-reference   # device model vs ideal cells
 
 Shapes: the 3x3 (stride 1, padding 1) convolutions of ResNet-18 on CIFAR (batch 32) and one
 ImageNet-style layer (batch 8, 64 channels, 56x56).  Modes: ideal (no quantisation), the default
-XbarConfig(), a 4-bit ADC, and a lossless ADC (adc_bits=None: every partial sum exact).
+XbarConfig(), a 4-bit ADC, a lossless ADC (adc_bits=None: every partial sum exact), and the default
+config on non-ideal cells (device: DeviceModel.preset("typical"), SPEC 7).  Through xbar_conv2d the
+device mode programs the cells (draws their variation, faults, drift and read noise) on every call;
+"eval ms" is an eval-mode XbarConv2d, which programs once and then only reads (read noise per call).
+After the table, the kernels alone: xbar_mvm (ideal cells) against xbar_cell_mvm (the typical
+device's conductances) on the same codes, and their ratio.
 Times are the median of --repeats calls after a warm-up call, in milliseconds, the calls of one
 shape taken in turns so that load changes on a shared machine hit all of them alike; "x conv" is the
 ratio to nn.Conv2d (fp32) of the same shape, forward or forward+backward.  fwd+bwd takes
@@ -28,7 +34,10 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 import xma2_ops
-from xma2_ops import XbarConfig
+from xma2_ops import DeviceModel, XbarConfig
+from xma2_ops import reference as ref
+from xma2_ops.config import GemmParams
+from xma2_ops.device import program_cells
 
 SHAPES = [  # (batch, channels, height = width)
     (32, 64, 32),
@@ -42,6 +51,7 @@ MODES = {
     "default": XbarConfig(),
     "adc4": XbarConfig(adc_bits=4),
     "lossless": XbarConfig(adc_bits=None),
+    "device": XbarConfig(device=DeviceModel.preset("typical")),
 }
 
 
@@ -91,6 +101,21 @@ def _xbar_fns(x, w, cfg: XbarConfig, backend: str):
     return fwd, lambda: fwd_bwd(False), lambda: fwd_bwd(True)
 
 
+def _eval_module_fwd(x, w, cfg: XbarConfig):
+    """Forward of an eval-mode XbarConv2d: calibrated and programmed by a first call, then reused."""
+    conv = torch.nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(w)
+    layer = xma2_ops.XbarConv2d.from_conv(conv, cfg).eval()
+
+    def fwd():
+        with torch.no_grad():
+            return layer(x)
+
+    fwd()
+    return fwd
+
+
 def _conv_fns(x, w, dtype=torch.float32):
     conv = torch.nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1, bias=False).to(x.device, dtype)
     with torch.no_grad():
@@ -114,9 +139,9 @@ def _row(cells: List[str], widths: List[int]) -> str:
 
 
 def bench_cpu(shapes, repeats: int, modes: List[str], with_reference: bool) -> None:
-    head = ["shape", "mode", "fwd ms", "x conv", "fwd+bwd ms", "x conv", "+mask ms", "x conv", "ref fwd ms*",
+    head = ["shape", "mode", "fwd ms", "x conv", "fwd+bwd ms", "x conv", "+mask ms", "x conv", "eval ms", "ref fwd ms*",
             "speed-up"]
-    widths = [20, 9, 9, 7, 11, 7, 9, 7, 12, 9]
+    widths = [20, 9, 9, 7, 11, 7, 9, 7, 8, 12, 9]
     print(_row(head, widths))
     for batch, ch, hw in shapes:
         x, w = _inputs(batch, ch, hw, "cpu")
@@ -126,13 +151,14 @@ def bench_cpu(shapes, repeats: int, modes: List[str], with_reference: bool) -> N
             fns.update({f"{mode}/f": fwd, f"{mode}/fb": fb})
             if MODES[mode].quantized:
                 fns[f"{mode}/fbm"] = fbm
+                fns[f"{mode}/eval"] = _eval_module_fwd(x, w, MODES[mode])
         t = _time_interleaved(fns, repeats, "cpu")
         name = f"{batch}x{ch}x{hw}x{hw}"
-        print(_row([name, "nn.Conv2d", f"{t['conv/f']:.1f}", "1.00", f"{t['conv/fb']:.1f}", "1.00", "", "", "", ""],
-                   widths))
+        print(_row([name, "nn.Conv2d", f"{t['conv/f']:.1f}", "1.00", f"{t['conv/fb']:.1f}", "1.00", "", "", "", "",
+                    ""], widths))
         for mode in modes:
             cfg = MODES[mode]
-            tf, tfb, tfbm = t[f"{mode}/f"], t[f"{mode}/fb"], t.get(f"{mode}/fbm")
+            tf, tfb, tfbm, tev = t[f"{mode}/f"], t[f"{mode}/fb"], t.get(f"{mode}/fbm"), t.get(f"{mode}/eval")
             ref_cell = speed_cell = "-"
             if with_reference and cfg.quantized:  # ideal mode runs the float conv on every backend
                 ref_fwd, _, _ = _xbar_fns(x[:1], w, cfg, "reference")
@@ -142,10 +168,48 @@ def bench_cpu(shapes, repeats: int, modes: List[str], with_reference: bool) -> N
                 ref_cell, speed_cell = f"{t_ref:.0f}", f"{t_ref / tf:.0f}x"
             print(_row([name, mode, f"{tf:.1f}", f"{tf / t['conv/f']:.2f}", f"{tfb:.1f}",
                         f"{tfb / t['conv/fb']:.2f}", f"{tfbm:.1f}" if tfbm else "-",
-                        f"{tfbm / t['conv/fb']:.2f}" if tfbm else "-", ref_cell, speed_cell], widths))
+                        f"{tfbm / t['conv/fb']:.2f}" if tfbm else "-", f"{tev:.1f}" if tev else "-", ref_cell,
+                        speed_cell], widths))
+        if "device" in modes and "default" in modes:
+            print(f"{name}: device / default = {t['device/f'] / t['default/f']:.2f} (xbar_conv2d fwd), "
+                  f"{t['device/fb'] / t['default/fb']:.2f} (fwd+bwd), {t['device/eval'] / t['default/eval']:.2f} "
+                  f"(eval-mode XbarConv2d fwd)")
     print("* reference backend: one call on one image (batch 1), multiplied by the batch size; "
           "speed-up = that / cpu fwd ms.  Ideal mode computes a float conv on every backend (no reference time).")
     print("Calls of one shape are timed in turns (one of each per round), medians of the rounds.")
+
+
+def bench_kernels(shapes, repeats: int) -> None:
+    """xbar_mvm (default XbarConfig, ideal cells) vs xbar_cell_mvm (same codes, the cells of
+    DeviceModel.preset("typical")) on the im2col codes of each shape: the kernels alone."""
+    cfg = XbarConfig()
+    dev = DeviceModel.preset("typical")
+    p = GemmParams.from_config(cfg, False)
+    print(f"\nkernels alone: xbar_mvm (ideal cells) vs xbar_cell_mvm (DeviceModel.preset('typical'), "
+          f"frac_bits {dev.frac_bits}), default XbarConfig(), uint8 codes")
+    head = ["shape", "M x K x N", "xbar_mvm ms", "cell_mvm ms", "ratio", "max G (levels)"]
+    widths = [20, 18, 12, 12, 7, 15]
+    print(_row(head, widths))
+    for batch, ch, hw in shapes:
+        x, w = _inputs(batch, ch, hw, "cpu")
+        s_x = ref.derived_scale(x, cfg.input_qmax(False))
+        xq = ref.quantize_input(x, s_x, cfg.input_bits, False).to(torch.uint8)
+        x_codes = torch.ops.xma2_ops.xbar_unfold_codes(xq, [3, 3], [1, 1], [1, 1], [1, 1])
+        wk = w.reshape(ch, -1)
+        w_codes = ref.quantize_weight(wk, ref.derived_scale(wk, cfg.weight_qmax), cfg.weight_bits).T
+        w_codes = w_codes.to(torch.int32).contiguous()
+        gq = program_cells(w_codes, cfg.weight_bits, cfg.cell_bits, dev, 0, 0).read(0)
+        tr = -(-w_codes.shape[0] // cfg.rows)
+        coef = torch.rand(tr, ch, generator=torch.Generator().manual_seed(1))
+        fns = {
+            "ideal": lambda: torch.ops.xma2_ops.xbar_mvm(x_codes, w_codes, None, coef, None, *p.as_args()),
+            "cells": lambda: torch.ops.xma2_ops.xbar_cell_mvm(x_codes, gq, None, coef, None, *p.as_args(),
+                                                               dev.frac_bits),
+        }
+        t = _time_interleaved(fns, repeats, "cpu")
+        m, k = x_codes.shape
+        print(_row([f"{batch}x{ch}x{hw}x{hw}", f"{m} x {k} x {ch}", f"{t['ideal']:.1f}", f"{t['cells']:.1f}",
+                    f"{t['cells'] / t['ideal']:.2f}", f"{float(gq.max()) / 2 ** dev.frac_bits:.2f}"], widths))
 
 
 def bench_cuda(shapes, repeats: int, modes: List[str]) -> None:
@@ -183,12 +247,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per entry (default 5, --quick 2)")
     ap.add_argument("--no-reference", action="store_true", help="skip timing the reference backend")
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=None, help="modes of the table (default: all)")
+    ap.add_argument("--no-kernels", action="store_true", help="skip the kernels-alone table (device model)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = args.repeats or (2 if args.quick else 5)
-    modes = ["ideal", "default", "lossless"] if args.quick else list(MODES)
+    modes = args.modes or (["ideal", "default", "lossless", "device"] if args.quick else list(MODES))
     cpu_name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -204,6 +270,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         bench_cuda(shapes, repeats, modes)
     else:
         bench_cpu(shapes, repeats, modes, not args.no_reference)
+        if not args.no_kernels:
+            bench_kernels(shapes, repeats)
 
 
 if __name__ == "__main__":
