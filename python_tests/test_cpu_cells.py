@@ -255,6 +255,24 @@ def test_large_rows_blocks_and_threads():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("adc_bits,isa", [(8, "auto"), (8, "scalar"), (None, "auto")])
+def test_very_long_rows(adc_bits, isa, monkeypatch):
+    """40000-row crossbars: fewer input rows per work item (the per-thread buffers stay small),
+    on the fast (int16), generic and ideal-ADC paths."""
+    monkeypatch.setenv("XMA2_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(8)
+    rows, k, n, m = 40000, 45000, 3, 60
+    pmax = rows * 3
+    p = GemmParams(rows, 2, 8, False, 1, 9, 2, 0 if adc_bits is None else 255, pmax // 3)
+    w = torch.randint(-255, 256, (k, n), generator=gen, dtype=torch.int32)
+    g = program_cells(w, 9, 2, dataclasses.replace(ALL_ON, frac_bits=4), 0, 0).read(0)
+    x = torch.randint(0, 256, (m, k), generator=gen, dtype=torch.int32).to(torch.uint8)
+    want = ref.cell_tile_sums(x, g, p, 4)
+    assert torch.equal(OPS.xbar_cell_tile_sums(x, g, *p.as_args(), 4), want)
+    cb = torch.randn(2, n, generator=gen, dtype=torch.float64)
+    assert torch.equal(OPS.xbar_cell_mvm(x, g, None, cb, None, *p.as_args(), 4), _combine(cb, want))
+
+
 def _combine(coef, t):
     acc = torch.zeros(t.shape[1:], dtype=torch.float64)
     for r in range(t.shape[0]):

@@ -44,9 +44,10 @@ namespace {
 
 constexpr int kMR = 6;                 // rows of the microkernel
 constexpr int kNR = 16;                // columns of the microkernel (two registers of 8 int32)
-constexpr int64_t kFastRows = 96;      // input rows per work item of the fast path (16 microkernel rows)
-constexpr int64_t kGenericRows = 256;  // input rows per work item of the generic path
-constexpr int64_t kLinearRows = 4096;  // input rows per GEMM of the ideal-ADC path
+// Input rows per work item (fewer for very long rows, so that per-thread buffers stay a few MiB).
+constexpr int64_t kFastRows = 96;      // fast path (16 microkernel rows)
+constexpr int64_t kGenericRows = 256;  // generic path
+constexpr int64_t kLinearRows = 4096;  // rows per GEMM of the ideal-ADC path
 constexpr int64_t kMaxAdcCheck = 1 << 22;  // largest P_F range whose float ADC is checked value by value
 
 enum class Path { kLinear, kFast, kGeneric };
@@ -58,6 +59,7 @@ struct CellPlan {
   Path path = Path::kGeneric;
   float a = 0.f, bb = 0.f;  // float ADC: code = min(trunc(fma(min(P, cap), a, bb)), n)
   int32_t cap = 0;
+  int64_t block_rows = 1;   // input rows per work item
 };
 
 // ------------------------------------------------------------------ the float32 ADC, checked
@@ -132,6 +134,15 @@ CellPlan make_cell_plan(const at::Tensor& x, const std::vector<std::pair<at::Ten
       pl.cap = (int32_t)cap;
     }
   }
+  const int64_t R = std::max<int64_t>(1, std::min<int64_t>(pl.p.rows, pl.p.K)), N = std::max<int64_t>(1, pl.p.N);
+  if (pl.path == Path::kLinear) {
+    pl.block_rows = std::clamp<int64_t>((1 << 23) / std::max(pl.p.K, N), 1, kLinearRows);
+  } else if (pl.path == Path::kFast) {  // int16 chunk panels: C * ceil(R / 2) * 4 bytes per row, <= ~8 MiB
+    const int64_t per_row = (int64_t)pl.C * ((R + 1) / 2) * 4;
+    pl.block_rows = std::clamp<int64_t>((1 << 23) / per_row / kMR * kMR, kMR, kFastRows);
+  } else {
+    pl.block_rows = std::clamp<int64_t>((1 << 20) / std::max(R, 2 * pl.S * N), 1, kGenericRows);
+  }
   return pl;
 }
 
@@ -184,8 +195,8 @@ void run_linear(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
     for (int j = 0; j < pl.S; ++j) wk.add_(d.select(0, j), (int64_t)1 << (j * pl.p.cell_bits));
     w.push_back(wk.to(ft));
   }
-  for (int64_t m0 = 0; m0 < M; m0 += kLinearRows) {
-    const int64_t nm = std::min(kLinearRows, M - m0);
+  for (int64_t m0 = 0; m0 < M; m0 += pl.block_rows) {
+    const int64_t nm = std::min(pl.block_rows, M - m0);
     const at::Tensor xb = x.narrow(0, m0, nm).to(ft);
     for (int64_t r = 0; r < Tr; ++r) {
       const int64_t k0 = r * R, kr = std::min(R, K - k0);
@@ -211,7 +222,7 @@ void run_generic_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const
   const code_t* xp = x.data_ptr<code_t>();
   const int64_t db = pl.p.dac_bits, cb = pl.p.cell_bits, mask = (1LL << db) - 1;
   const int64_t n = pl.p.adc_levels, clip_f = pl.b.clip_f;
-  run_blocks(M, kGenericRows, [&](int w, int64_t m0, int64_t nm) {
+  run_blocks(M, pl.block_rows, [&](int w, int64_t m0, int64_t nm) {
     std::vector<int64_t> t((size_t)(nm * N));
     std::vector<int64_t> chunk((size_t)(nm * R));
     for (int64_t r = 0; r < Tr; ++r) {
@@ -400,9 +411,9 @@ void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
   const code_t* xp = x.data_ptr<code_t>();
   const FastConsts fc{_mm256_set1_ps(pl.a), _mm256_set1_ps(pl.bb), _mm256_set1_epi32(pl.cap),
                       _mm256_set1_epi32((int)pl.p.adc_levels)};
-  const int64_t nmicro_max = (kFastRows + kMR - 1) / kMR, ldt = NP * kNR;
+  const int64_t nmicro_max = (pl.block_rows + kMR - 1) / kMR, ldt = NP * kNR;
   const int db = pl.p.dac_bits, cb = pl.p.cell_bits, chunks = pl.p.chunks();
-  run_blocks(M, kFastRows, [&](int w, int64_t m0, int64_t nm) {
+  run_blocks(M, pl.block_rows, [&](int w, int64_t m0, int64_t nm) {
     std::vector<int16_t> xa((size_t)(pl.C * nmicro_max * kp_max * kMR * 2));
     std::vector<char> nonzero((size_t)(pl.C * nmicro_max));
     std::vector<int32_t> t32((size_t)(nmicro_max * kMR * ldt));
@@ -531,9 +542,7 @@ struct MvmSink : Sink {
   }
 };
 
-int64_t block_rows(const CellPlan& pl) {
-  return pl.path == Path::kLinear ? kLinearRows : pl.path == Path::kFast ? kFastRows : kGenericRows;
-}
+int64_t block_rows(const CellPlan& pl) { return pl.block_rows; }
 }  // namespace
 
 at::Tensor xbar_cell_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& gb, const std::optional<at::Tensor>& gt,
