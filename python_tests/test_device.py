@@ -10,7 +10,6 @@ from scipy import stats
 
 import xma2_ops
 from xma2_ops import DeviceModel, XbarConfig, reference as ref
-from xma2_ops.cell_kernels import cell_tile_sums as gemm_cell_tile_sums
 from xma2_ops.config import GemmParams
 from xma2_ops.device import CellState, cell_levels, program_cells
 
@@ -41,6 +40,11 @@ def _params(rng: random.Random) -> GemmParams:
     levels = 0 if adc_bits is None else min(2 ** adc_bits - 1, clip)
     return GemmParams(rows, rng.randint(1, 6), rng.randint(2, 7), rng.random() < 0.5, db, rng.randint(2, 7), cb,
                       levels, clip)
+
+
+def gemm_cell_tile_sums(x, gq, p: GemmParams, frac_bits: int) -> torch.Tensor:
+    """The cpu backend's device-model tile sums (the C++ op)."""
+    return torch.ops.xma2_ops.xbar_cell_tile_sums(x, gq, *p.as_args(), frac_bits)
 
 
 def _x_codes(gen, m, k, p: GemmParams) -> torch.Tensor:

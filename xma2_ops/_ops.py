@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
-from . import cell_kernels, reference
+from . import reference
 from .config import GemmParams
 from .lowering import ConvLowering, LinearLowering
 
@@ -247,9 +247,7 @@ def _torch_op_cells(key: str) -> dict:
 
 
 if _HAS_C:
-    # Device model on the CPU: the C++ kernels when built, else exact float GEMMs through ATen.
-    _BACKENDS["cpu"] = dataclasses.replace(_torch_op_backend("cpu", ("cpu",)),
-                                           **(_torch_op_cells("CPU") or {"cell_tile_sums": cell_kernels.cell_tile_sums}))
+    _BACKENDS["cpu"] = dataclasses.replace(_torch_op_backend("cpu", ("cpu",)), **_torch_op_cells("CPU"))
     if torch._C._dispatch_has_kernel_for_dispatch_key("xma2_ops::xbar_mvm", "CUDA"):
         _BACKENDS["cuda"] = _torch_op_backend("cuda", ("cuda",))
 
