@@ -12,7 +12,7 @@ once in eager mode.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -153,7 +153,6 @@ class _WeightSlot:
     cache: Optional[ProgrammingCache]
     state: Optional[ProgrammedWeight] = None
     same_index: Optional[int] = None  # index of the "unchanged since programming" flag in the checks
-    finite_checked: bool = field(default=False)
 
     def program(self, target: "_Target", checks: _DataChecks) -> None:
         w = self.weight.detach()
@@ -234,8 +233,7 @@ def program_layer(weight: torch.Tensor, task_weight: Optional[torch.Tensor], con
 # ------------------------------------------------------------------ the shared body
 def _empty_output(x, weight, bias, lowering, task_weight, pe_mask, col_scale) -> torch.Tensor:
     """No input rows, no inputs (or only padding), or no outputs: y = bias (zero inputs give zero
-    partial sums and ADC codes),
-    still connected to every differentiable argument."""
+    partial sums and ADC codes), still connected to every differentiable argument."""
     y = x.new_zeros(lowering.out_shape)
     for t in (x, weight, task_weight, pe_mask, col_scale):
         if isinstance(t, torch.Tensor) and t.requires_grad:
