@@ -82,3 +82,17 @@ def random_conv_case(seed: int, quantized: bool = True, dtype=torch.float64) -> 
     if quantized and rng.random() < 0.3:  # a per-output-column scale that clips some weights
         weight_scale = weight.abs().reshape(cout, -1).amax(1) / (2 ** (cfg.weight_bits - 1) - 1) * 0.7
     return ConvCase(cfg, x, weight, bias, task_weight, pe_mask, col_scale, stride, padding, dilation, weight_scale)
+
+
+def ordered_mvm(x, wb, wt, cb, ct, p):
+    """The summation order every CPU path uses: row tile outer, then the base set, then the task
+    set, each term coef * T_int rounded to float64 and added in float64; one rounding at the end."""
+    from xma2_ops import reference as ref
+    tb = ref.tile_sums(x, wb, p).double()
+    tt = ref.tile_sums(x, wt, p).double() if wt is not None else None
+    acc = torch.zeros(x.shape[0], wb.shape[1], dtype=torch.float64)
+    for r in range(tb.shape[0]):
+        acc = acc + cb[r].double() * tb[r]
+        if wt is not None:
+            acc = acc + ct[r].double() * tt[r]
+    return acc.to(cb.dtype)

@@ -16,6 +16,8 @@ from xma2_ops import reference as ref
 from xma2_ops._ops import available_backends
 from xma2_ops.config import MAX_ADC_CLIP, GemmParams
 
+from helpers import ordered_mvm as _ordered_mvm
+
 pytestmark = pytest.mark.skipif("cpu" not in available_backends(), reason="C++ extension not built")
 
 N_CASES = int(os.environ.get("XMA2_FUZZ_CASES", "24"))
@@ -87,18 +89,6 @@ def _random_codes(rnd: random.Random, gen: torch.Generator, p: GemmParams, m: in
     if rnd.random() < 0.2:
         w = w.t().contiguous().t()
     return x, w
-
-
-def _ordered_mvm(x, wb, wt, cb, ct, p):
-    """Row tile outer, then base set, then task set, in float64 (the CPU kernel's order)."""
-    tb = ref.tile_sums(x, wb, p).double()
-    tt = ref.tile_sums(x, wt, p).double() if wt is not None else None
-    acc = torch.zeros(x.shape[0], wb.shape[1], dtype=torch.float64)
-    for r in range(tb.shape[0]):
-        acc = acc + cb[r].double() * tb[r]
-        if wt is not None:
-            acc = acc + ct[r].double() * tt[r]
-    return acc.to(cb.dtype)
 
 
 @pytest.mark.parametrize("case", range(N_CASES))

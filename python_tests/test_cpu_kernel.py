@@ -14,6 +14,8 @@ from xma2_ops import XbarConfig, reference as ref
 from xma2_ops._ops import available_backends, get_backend
 from xma2_ops.config import GemmParams
 
+from helpers import ordered_mvm as _ordered_mvm
+
 pytestmark = pytest.mark.skipif("cpu" not in available_backends(), reason="C++ extension not built")
 
 _LOSSY = GemmParams(rows=16, cols=8, input_bits=4, input_signed=False, dac_bits=1, weight_bits=4, cell_bits=1,
@@ -210,19 +212,6 @@ def test_many_weight_tensors_stay_correct(isa):
     for _ in range(2):
         for w, t in zip(ws, want):
             assert torch.equal(torch.ops.xma2_ops.xbar_tile_sums(x, w, *p.as_args()), t)
-
-
-def _ordered_mvm(x, wb, wt, cb, ct, p):
-    """The summation order every CPU path uses: row tile outer, then the base set, then the task
-    set, each term coef * T_int rounded to float64 and added in float64; one rounding at the end."""
-    tb = ref.tile_sums(x, wb, p).double()
-    tt = ref.tile_sums(x, wt, p).double() if wt is not None else None
-    acc = torch.zeros(x.shape[0], wb.shape[1], dtype=torch.float64)
-    for r in range(tb.shape[0]):
-        acc = acc + cb[r].double() * tb[r]
-        if wt is not None:
-            acc = acc + ct[r].double() * tt[r]
-    return acc.to(cb.dtype)
 
 
 def test_mvm_bits_do_not_depend_on_the_isa(monkeypatch):
