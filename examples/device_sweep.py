@@ -171,8 +171,8 @@ def _evaluate_job(job: Tuple[str, int, int]) -> Tuple[str, int, int, float, floa
 def sweep(models: Dict[str, nn.Module], test, args, progress: bool) -> Tuple[List[dict], Dict[str, float], float]:
     """Accuracy of every model on every point and chip (an ideal point too: every chip must give
     the ideal accuracy); returns rows, ideal accuracies and the mean seconds of one evaluation on a
-    non-ideal device.  --workers forked processes, one torch thread each (the device path is many
-    small int64 ops: threads inside one evaluation help little, processes scale)."""
+    non-ideal device.  --workers forked processes, one torch thread each (the evaluations are small:
+    whole evaluations in parallel scale better than threads inside one)."""
     ideal = {}
     for name, model in models.items():
         set_device(model, None)
