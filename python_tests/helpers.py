@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from xma2_ops import XbarConfig
 
@@ -96,3 +97,16 @@ def ordered_mvm(x, wb, wt, cb, ct, p):
         if wt is not None:
             acc = acc + ct[r].double() * tt[r]
     return acc.to(cb.dtype)
+
+
+
+class OpLog(TorchDispatchMode):
+    """Records the name of every op dispatched inside its ``with`` block (``.ops``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))

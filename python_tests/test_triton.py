@@ -167,16 +167,7 @@ def test_opcheck_triton_ops(triton_be, op):
 def test_backend_calls_the_triton_ops_and_compiles(triton_be):
     """The backend's mvm / tile_sums go through the triton_ops, and a torch.compile'd caller
     (AOTAutograd decomposes the op into its body) gives the eager values."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Log(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
+    from helpers import OpLog as Log
 
     p, (x, w, wt, cb, ct) = _small_op_args(601)
     with Log() as log:

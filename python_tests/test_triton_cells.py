@@ -236,16 +236,7 @@ def test_opcheck_cell_ops(tk, op):
 
 
 def test_entry_points_call_the_triton_ops(tk):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Log(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
+    from helpers import OpLog as Log
 
     p, (x, gq, gt, cb, ct) = _op_args(torch.Generator().manual_seed(2))
     with Log() as log:
