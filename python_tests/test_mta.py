@@ -254,6 +254,41 @@ def test_recalibrate_bn_is_the_plain_average_of_batch_statistics(data):
     assert model.b1.momentum == 0.1 and not model.training
 
 
+@pytest.mark.parametrize("hw_epochs", [0, 1, 2])
+def test_adc_aware_stage_trains_through_the_quantised_forward(data, hw_epochs):
+    """Schedule.hw_epochs: after the weight-only stage 2, that many epochs run in training mode
+    through the layers' own (quantised, ADC) config with the same trainable set; the BN
+    statistics are re-estimated with that forward; 0 keeps everything weight-only."""
+    model = make_model()
+    mta.prepare(model, mta.MethodSpec("xma2", budget=0.5, selection="sensitivity"), 10)
+    seen = []
+    model.c2.register_forward_pre_hook(lambda m, a: seen.append((m.training, m.config.quantized,
+                                                                 m.config.adc_bits is not None)))
+    batches = loader(data)
+    sched = mta.Schedule(stage2_epochs=1, hw_epochs=hw_epochs, bn_batches=2, sensitivity_batches=1)
+    before = [p.detach().clone() for _, ad in mta.adapters(model) for p in (ad.task_weight, ad.col_param)]
+    mta.fit(model, batches, sched, progress=False)
+    train_quant = [s for s in seen if s[0] and s[1]]
+    assert len(train_quant) == hw_epochs * len(batches)
+    assert all(s[2] for s in train_quant)  # with the ADC
+    assert sum(1 for s in seen if s[0] and not s[1]) == len(batches)  # stage 2, weight-only
+    # BN re-estimation: 2 batches in the forward that is evaluated (BN in training mode, layer in eval)
+    n_cal = min(sched.calib_batches, len(batches))  # the final input calibration: weight-only passes
+    evals = [s for s in seen if not s[0]]
+    assert [s[1] for s in evals[-n_cal:]] == [False] * n_cal
+    assert [s[1] for s in evals[-(2 + n_cal):-n_cal]] == [hw_epochs > 0] * 2
+    after = [p.detach() for _, ad in mta.adapters(model) for p in (ad.task_weight, ad.col_param)]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    assert model.c2.config == CFG  # the layers' own config is back
+
+
+def test_schedule_errors():
+    with pytest.raises(ValueError, match="hw_epochs"):
+        mta.Schedule(hw_epochs=-1)
+    with pytest.raises(ValueError, match="hw_lr_factor"):
+        mta.Schedule(hw_lr_factor=0.0)
+
+
 def test_spec_and_prepare_errors():
     with pytest.raises(ValueError, match="method"):
         mta.MethodSpec("lora")

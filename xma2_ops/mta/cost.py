@@ -18,6 +18,23 @@ scheme in Perez et al., "Optimization of Multi-Level Operation in RRAM Arrays fo
 Computing", Electronics 10(9):1084, 2021).  It is a placeholder to override with your
 device's number: every method's energy is linear in it, so ratios between methods are not.
 
+Inference cost (``report(model, example_input=x)``), per image and per layer, from the op's
+semantics (SPEC 2-4) and the positions M (output pixels) the layer computes for ``x``:
+  cycles        M * P * I: P input polarities (2 when the layer's inputs are signed), I input
+                chunks (DAC cycles per polarity).  A PE none of whose columns is converted
+                (every tier-2 scale 0) is not activated at all.
+  dac_conversions  cycles * (used rows of every active PE)
+  cell_reads    cycles * (used rows * used columns * S slices * 2 polarities, every active PE):
+                every cell of a driven row conducts, also in columns that are not converted
+  adc_conversions  cycles * (converted columns * S * 2, every PE): a column whose tier-2 scale
+                is 0 needs no conversion; re-programmed PEs convert all their columns
+  shift_adds    one digital shift-and-add per ADC code (SPEC 3), plus M per tier-2 column
+                scale that is neither 0 nor 1 (a shift, or a multiply for real scales)
+  energy        the counts times the per-operation figures of ``EnergyModel`` (defaults: ISAAC)
+  latency       cycles * read_cycle_s: the PEs, slices and polarities of a layer work in
+                parallel (each PE with its own ADC, as in ISAAC), layers one after the other
+                (no pipelining): an upper bound for a pipelined design's per-image latency.
+
 Mask memory (bits of task-specific state besides the digital head/BN): tier 1 one bit per PE,
 tier 2 ``bits`` per column entry of a frozen PE (1 for xbm, ShiftLevels.bits for xma/xma2),
 Piggyback one bit per weight, fine-tuning ``weight_bits`` per weight.  ``adapter_bits`` adds
@@ -26,18 +43,19 @@ the stored task weights (``weight_bits`` each) of re-programmed PEs.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from .. import reference as ref
 from ..config import XbarConfig
-from ..reference import expand_tiles
+from ..reference import column_tiles, expand_tiles
 from .masks import pe_extent, pe_sum, to_kn
-from .methods import TIER1, task_info, xbar_layers
+from .methods import TIER1, task_info, use_config, weight_only, xbar_layers
 
 PathLike = Union[str, os.PathLike]
 State = Dict[str, Tuple[torch.Tensor, torch.Tensor]]  # layer -> (pe mask bool [Tr,Tc], cell levels [K,N,2,S])
@@ -45,9 +63,46 @@ State = Dict[str, Tuple[torch.Tensor, torch.Tensor]]  # layer -> (pe mask bool [
 
 @dataclass(frozen=True)
 class EnergyModel:
-    """Energy constants (joules); see the module docstring for the default's source."""
+    """Energy (joules) and time (seconds) per operation; every field can be overridden.
+
+    Write: see the module docstring.  Inference figures are derived from the component table of
+    ISAAC (Shafiee et al., "ISAAC: A Convolutional Neural Network Accelerator with In-Situ Analog
+    Arithmetic in Crossbars", ISCA 2016, Table 6, 32 nm; per in-situ multiply-accumulate unit:
+    8 ADCs of 8 bits at 1.28 GS/s, 16 mW; 8 x 128 1-bit DACs, 4 mW; 8 crossbars of 128 x 128
+    2-bit cells, 2.4 mW, read in 100 ns; 4 shift-and-add units, 0.2 mW, 1.2 GHz):
+      adc_energy_j       16 mW / 8 / 1.28 GS/s = 1.5625 pJ per 8-bit conversion; other resolutions
+                         scale as 2^(bits - 8) (constant Walden figure of merit), an ideal ADC
+                         (adc_bits None) counts as the lossless resolution ceil(log2(Pmax + 1))
+      dac_energy_j       4 mW / 1024 x 100 ns = 0.39 pJ per 1-bit conversion; a db-bit DAC counts
+                         (2^db - 1) times that (an assumption: ISAAC only uses 1-bit DACs)
+      cell_read_energy_j 2.4 mW / 8 x 100 ns / (128 x 128) = 1.83 fJ per cell and read cycle
+      shift_add_energy_j 0.2 mW / 4 / 1.2 GHz = 0.042 pJ per operation
+      read_cycle_s       100 ns per crossbar read (one input chunk on every row)
+    """
 
     write_energy_j: float = 10e-12
+    adc_energy_j: float = 16e-3 / 8 / 1.28e9
+    adc_reference_bits: int = 8
+    dac_energy_j: float = 4e-3 / 1024 * 100e-9
+    cell_read_energy_j: float = 2.4e-3 / 8 * 100e-9 / (128 * 128)
+    shift_add_energy_j: float = 0.2e-3 / 4 / 1.2e9
+    read_cycle_s: float = 100e-9
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not (isinstance(v, (int, float)) and v >= 0 and v == v and v != float("inf")):
+                raise ValueError(f"EnergyModel.{f.name}: expected a finite number >= 0, got {v!r}")
+        if self.adc_reference_bits < 1:
+            raise ValueError(f"EnergyModel.adc_reference_bits: expected >= 1, got {self.adc_reference_bits}")
+
+    def adc_conversion_j(self, cfg: XbarConfig) -> float:
+        """Energy of one conversion of ``cfg``'s ADC (see the class docstring)."""
+        bits = cfg.adc_bits if cfg.adc_bits is not None else max(1, math.ceil(math.log2(cfg.pmax + 1)))
+        return self.adc_energy_j * 2.0 ** (bits - self.adc_reference_bits)
+
+    def dac_conversion_j(self, cfg: XbarConfig) -> float:
+        return self.dac_energy_j * (2 ** cfg.dac_bits - 1)
 
 
 @dataclass
@@ -63,6 +118,13 @@ class LayerCost:
     weights: int = 0
     piggyback_bits: int = 0
     finetune_bits: int = 0
+    # per inference (one image), computed when report() gets an example input (module docstring)
+    adc_conversions: int = 0
+    dac_conversions: int = 0
+    cell_reads: int = 0
+    shift_adds: int = 0
+    inference_energy_j: float = 0.0
+    latency_s: float = 0.0
 
     def __iadd__(self, o: "LayerCost") -> "LayerCost":
         for f in fields(self):
@@ -75,6 +137,7 @@ class LayerCost:
 class CostReport:
     method: str
     layers: List[LayerCost]
+    per_inference: bool = False  # the inference fields were computed (report(..., example_input=...))
     total: LayerCost = field(init=False)
 
     def __post_init__(self) -> None:
@@ -87,15 +150,19 @@ class CostReport:
         return self.total.reprogrammed_pes / max(1, self.total.pes)
 
     def as_dict(self) -> dict:
-        return {"method": self.method, "pe_fraction": self.pe_fraction, "total": asdict(self.total),
-                "layers": [asdict(lc) for lc in self.layers]}
+        return {"method": self.method, "pe_fraction": self.pe_fraction, "per_inference": self.per_inference,
+                "total": asdict(self.total), "layers": [asdict(lc) for lc in self.layers]}
 
     def table(self) -> str:
         cols = ["pes", "reprogrammed_pes", "cells_written", "cells_changed", "energy_j", "mask_bits", "adapter_bits"]
+        if self.per_inference:
+            cols += ["adc_conversions", "dac_conversions", "cell_reads", "shift_adds", "inference_energy_j",
+                     "latency_s"]
         width = max(len(lc.name) for lc in self.layers + [self.total])
-        lines = [f"{'layer':<{width}} " + " ".join(f"{c:>16}" for c in cols)]
+        lines = [f"{'layer':<{width}} " + " ".join(f"{c:>18}" for c in cols)]
         for lc in self.layers + [self.total]:
-            vals = [f"{getattr(lc, c):>16.3e}" if c == "energy_j" else f"{getattr(lc, c):>16d}" for c in cols]
+            vals = [f"{getattr(lc, c):>18.3e}" if isinstance(getattr(lc, c), float) else f"{getattr(lc, c):>18d}"
+                    for c in cols]
             lines.append(f"{lc.name:<{width}} " + " ".join(vals))
         return "\n".join(lines)
 
@@ -205,17 +272,97 @@ def _switch_cost(model: nn.Module, prev: State, new: State, energy: EnergyModel)
     return out
 
 
+@torch.no_grad()
+def _positions(model: nn.Module, example_input: torch.Tensor) -> Dict[str, int]:
+    """Output positions per image of every crossbar layer for ``example_input`` (a batch): one
+    cheap forward (eval mode, weight-only config; the positions do not depend on the config)."""
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2 or example_input.shape[0] < 1:
+        raise ValueError("example_input: expected a batch tensor [B, ...] with B >= 1, got "
+                         + (f"shape {tuple(example_input.shape)}" if isinstance(example_input, torch.Tensor)
+                            else type(example_input).__name__))
+    seen: Dict[str, int] = {}
+    batch = example_input.shape[0]
+
+    def hook(name):
+        def fn(mod, args, out):
+            seen[name] = out.numel() // (out.shape[1] if out.dim() == 4 else out.shape[-1]) // batch
+        return fn
+
+    layers = xbar_layers(model)
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers]
+    was_training = model.training
+    try:
+        model.eval()
+        with use_config(model, weight_only):
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    missing = [n for n, _ in layers if n not in seen]
+    if missing:
+        raise ValueError(f"example_input: the forward did not reach crossbar layer(s) {missing}")
+    return seen
+
+
+def _inference_cost(model: nn.Module, lcs: List[LayerCost], positions: Dict[str, int], energy: EnergyModel) -> None:
+    """Fill the per-inference fields of ``lcs`` (module docstring) for the current task."""
+    for lc, (name, layer) in zip(lcs, xbar_layers(model)):
+        cfg = layer.config
+        if not cfg.quantized:
+            raise ValueError(f"{name}: inference cost needs the quantised crossbar (config.input_bits and "
+                             f"weight_bits set), got {cfg}")
+        k, n = layer.weight[0].numel(), layer.weight.shape[0]
+        tr, tc = layer.tiles
+        pm, cs = torch.zeros(tr, tc), None
+        if layer.adapter is not None:
+            was = layer.adapter.training
+            layer.adapter.eval()
+            _, m, c = layer.adapter(layer)
+            layer.adapter.train(was)
+            pm = pm if m is None else m.detach().cpu().float()
+            cs = None if c is None else c.detach().cpu().float()
+        elif layer.pe_mask is not None or layer.col_scale is not None:
+            pm = pm if layer.pe_mask is None else layer.pe_mask.detach().cpu().float()
+            cs = None if layer.col_scale is None else layer.col_scale.detach().cpu().float()
+        ext = pe_extent(k, n, cfg.rows, cfg.cols)
+        alpha = torch.ones(tr, n) if cs is None else cs
+        # per PE and column: converted (re-programmed PE, or a frozen one with a nonzero scale)
+        reprog = column_tiles(pm > 0, n, cfg.cols)  # [Tr, N]
+        converted = reprog | (alpha != 0)
+        scaled = ~reprog & (alpha != 0) & (alpha != 1)
+        conv_pe = pe_sum(converted.float(), 1, cfg.cols).round().long()  # [Tr, Tc] converted columns
+        active = conv_pe > 0
+        signed = bool(layer.input_signed) if cfg.input_signed is None else cfg.input_signed
+        cycles = positions[name] * (2 if signed else 1) * cfg.input_chunks(signed)
+        slices = cfg.weight_slices
+        lc.dac_conversions = cycles * int(ext[..., 0][active].sum())
+        lc.cell_reads = cycles * int((ext[..., 0] * ext[..., 1])[active].sum()) * slices * 2
+        lc.adc_conversions = cycles * int(conv_pe.sum()) * slices * 2
+        lc.shift_adds = lc.adc_conversions + positions[name] * int(scaled.sum())
+        lc.inference_energy_j = (lc.adc_conversions * energy.adc_conversion_j(cfg)
+                                 + lc.dac_conversions * energy.dac_conversion_j(cfg)
+                                 + lc.cell_reads * energy.cell_read_energy_j
+                                 + lc.shift_adds * energy.shift_add_energy_j)
+        lc.latency_s = cycles * energy.read_cycle_s if bool(active.any()) else 0.0
+
+
 def report(model: nn.Module, previous_task: Union[None, PathLike, State] = None,
-           energy: EnergyModel = EnergyModel()) -> CostReport:
+           energy: EnergyModel = EnergyModel(), example_input: Optional[torch.Tensor] = None) -> CostReport:
     """Cost of running the current task of ``model``, starting from the backbone (default), from
-    the adapter file ``previous_task`` or from a :func:`deployed_state`."""
+    the adapter file ``previous_task`` or from a :func:`deployed_state`.  With ``example_input``
+    (a batch of inputs of the model) the report also counts the per-inference (per image)
+    operations, energy and latency of the current task (module docstring)."""
     if previous_task is None:
         prev = backbone_state(model)
     elif isinstance(previous_task, dict):
         prev = previous_task
     else:
         prev = task_state(model, previous_task)
-    return CostReport(task_info(model).spec.label, _switch_cost(model, prev, deployed_state(model), energy))
+    lcs = _switch_cost(model, prev, deployed_state(model), energy)
+    if example_input is not None:
+        _inference_cost(model, lcs, _positions(model, example_input), energy)
+    return CostReport(task_info(model).spec.label, lcs, per_inference=example_input is not None)
 
 
 def endurance(model: nn.Module, tasks: Sequence[PathLike], cycles: int = 1) -> Dict[str, torch.Tensor]:

@@ -26,9 +26,12 @@ Stage 2 trains the task weights of the selected PEs, the column scales of the ot
 and the BN (if task-specific).
 
 Training runs under ``train_config`` (default: the layer config with float inputs and no ADC,
-i.e. weight-only fake quantisation with straight-through gradients), because the bit-exact
-quantised forward is orders of magnitude slower on CPU; inputs ranges are calibrated afterwards
-and accuracy should be measured with the layers' own (quantised) config.
+i.e. weight-only fake quantisation with straight-through gradients), which is several times
+cheaper than the bit-exact quantised forward; then the last ``Schedule.hw_epochs`` epochs
+(ADC-aware stage, default 1) train through the layers' own config -- input quantiser, bit
+slices, ADC with its clip, straight-through gradients (SPEC 5) -- so that training ends on the
+hardware the accuracy is measured on.  Input ranges are calibrated before that stage and again
+at the end.
 """
 from __future__ import annotations
 
@@ -113,10 +116,13 @@ class Schedule:
     144 steps): higher rates for the few adapted weights than usual fine-tuning, and small rates
     for the discrete masks and shift scales, whose straight-through updates otherwise flip levels
     too often (piggyback/xbm at 1e-3 and xma at 3e-2 fell below the classifier baseline; xma2 at
-    lr_scale 3e-3 never left the level 1)."""
+    lr_scale 3e-3 never left the level 1).  ``hw_epochs`` more epochs follow stage 2 with the same
+trainable set through the layers' own config (see the module docstring); 0 trains weight-only."""
 
     stage1_epochs: int = 1
     stage2_epochs: int = 6
+    hw_epochs: int = 1        # ADC-aware final stage: epochs through the layers' own (quantised) config
+    hw_lr_factor: float = 0.3  # its learning rates, relative to stage 2 (a short fine-tune from there)
     sensitivity_batches: int = 4
     calib_batches: int = 4
     bn_batches: int = 16      # task BN statistics re-estimated with the final masks (0: keep running stats)
@@ -129,9 +135,12 @@ class Schedule:
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer: expected 'adam' or 'sgd', got {self.optimizer!r}")
-        for name in ("stage1_epochs", "stage2_epochs", "sensitivity_batches", "calib_batches", "bn_batches"):
+        for name in ("stage1_epochs", "stage2_epochs", "hw_epochs", "sensitivity_batches", "calib_batches",
+                     "bn_batches"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if not self.hw_lr_factor > 0:
+            raise ValueError(f"hw_lr_factor: expected > 0, got {self.hw_lr_factor}")
 
 
 # ------------------------------------------------------------------ the per-layer adapter
@@ -448,12 +457,27 @@ def fit(model: nn.Module, loader: Iterable, schedule: Schedule = Schedule(), *,
         groups = _param_groups(model, "final", schedule)
         _only_trainable(model, groups)
         _epochs(model, wrap(model), loader, groups, schedule.stage2_epochs, schedule, progress, desc, loss_fn)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if spec.task_bn and schedule.bn_batches > 0:
-            recalibrate_bn(model, calib_loader if calib_loader is not None else loader, schedule.bn_batches)
+    calib = calib_loader if calib_loader is not None else loader
+    hw_stage = schedule.hw_epochs > 0 and train_config is not None and _has_quantiser(model)
+    if hw_stage:
+        # ADC-aware stage: the input quantiser needs ranges for the task's data first
         _sync_distributed(model)
-    calibrate(model, calib_loader if calib_loader is not None else loader, schedule.calib_batches)
+        calibrate(model, calib, schedule.calib_batches)
+        groups = [dict(g, lr=g["lr"] * schedule.hw_lr_factor) for g in groups]
+        _epochs(model, wrap(model), loader, groups, schedule.hw_epochs, schedule, progress, desc + " adc-aware",
+                loss_fn)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if spec.task_bn and schedule.bn_batches > 0:
+        # statistics of the forward that will be evaluated: the ADC-aware one after that stage
+        with use_config(model, None if hw_stage else train_config):
+            recalibrate_bn(model, calib, schedule.bn_batches)
+    _sync_distributed(model)
+    calibrate(model, calib, schedule.calib_batches)
+
+
+def _has_quantiser(model: nn.Module) -> bool:
+    return any(m.config.quantized for _, m in xbar_layers(model))
 
 
 @torch.no_grad()
