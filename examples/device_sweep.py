@@ -1,6 +1,6 @@
 """Accuracy of the example backbone on imperfect ReRAM cells (docs/SPEC.md section 7, docs/DEVICE.md).
 
-The backbone of examples/train_mta.py (small ResNet, MNIST digits, 32x32 PEs, default XbarConfig
+The backbone of examples/train_mta.py (small ResNet, MNIST digits, 128x128 PEs, default XbarConfig
 otherwise; trained, or loaded from the cache under --out, by that example's own code) is
 evaluated with its quantised crossbar forward (eval mode) on many simulated chips:
 

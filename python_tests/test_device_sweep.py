@@ -75,7 +75,7 @@ def test_train_mta_device_option(tmp_path):
     costs none, on every chip; the layers' own config comes back without the device."""
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, str(ROOT / "examples" / "train_mta.py"), "--quick", "--tasks", "sk_digits",
-                        "--methods", "classifier", "xma2", "--shared-bn", "--also", "--device", "chen2017",
+                        "--methods", "classifier", "xma2", "--weight-only-also", "--also", "--device", "chen2017",
                         "--device-chips", "2", "--out", str(out), "--no-progress", "--threads", "1"],
                        env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
