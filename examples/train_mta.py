@@ -471,9 +471,6 @@ def backbone(args, src, out: Path, progress: bool) -> nn.Module:
     if cache.exists():
         model.load_state_dict(load_file(str(cache)))
         return model
-    if src is None:
-        raise SystemExit("--data-root without --backbone-weights: the backbone is trained on the built-in MNIST "
-                         "only for --arch small; give --backbone-weights FILE")
     torch.manual_seed(args.seed)
     loader = make_loader(src[0], args.batch, args.seed)
     net = ddp_wrap(model)
@@ -744,11 +741,15 @@ def main(argv=None) -> List[dict]:
     progress = not args.no_progress and rank == 0
     log = print if rank == 0 else (lambda *a, **k: None)
 
-    if args.arch != "small" and args.backbone_weights:
-        build_model(args, 10)  # reads the checkpoint's stem: the image geometry of the tasks
+    if args.arch != "small":
+        if args.data_root and not args.backbone_weights:
+            raise SystemExit(f"--arch {args.arch} --data-root needs --backbone-weights FILE (a torchvision "
+                             f"checkpoint): the built-in MNIST backbone is 28x28 grey")
+        if args.backbone_weights:
+            build_model(args, 10)  # reads the checkpoint's stem: the image geometry of the tasks
     tasks = folder_tasks(args) if args.data_root else builtin_tasks(args)
-    src = None
-    if not args.data_root:
+    src = None  # the source task (MNIST): trains the small backbone, or the resnets on the built-in tasks
+    if args.arch == "small" or not args.data_root:
         src = to_arch(args, _split(*load_mnist(), args.n_source, 500 if not args.quick else 100, args.seed))
     model = backbone(args, src, out, progress)
     cfg = xbar_config(args)
