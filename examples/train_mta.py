@@ -20,7 +20,8 @@ through the layers' own quantised forward (straight-through gradients), so train
 hardware that is evaluated; --weight-only-also repeats some methods without that stage.
 
     python examples/train_mta.py                  # full default run, one seed
-    python examples/train_mta.py --seeds 3        # the README table
+    python examples/train_mta.py --seeds 3 --budgets 0.1 --also xma2@10%/delta \
+        --weight-only-also xma2@10% finetune      # the README table
     python examples/train_mta.py --quick          # CI: tiny subsets, 1 epoch
     python examples/train_mta.py --data-root DIR  # one ImageFolder-style folder per task
     python examples/train_mta.py --arch resnet18 --backbone-weights resnet18.pth --data-root DIR
@@ -669,13 +670,14 @@ def parse_args(argv=None):
     p.add_argument("--budgets", type=float, nargs="+", help="tier-1 PE budgets (default 0.05 0.10 0.20; --quick 0.10)")
     p.add_argument("--selection", default="sensitivity", choices=["learned", "sensitivity"],
                    help="tier-1 selection of the budget sweep (sensitivity = |dL/dW * W| per PE)")
-    p.add_argument("--also", nargs="*", default=["xma2@10%/delta"],
-                   help="extra tier-1 runs METHOD@BUDGET/{learned,snip,delta} (other selections, for comparison)")
+    p.add_argument("--also", nargs="*",
+                   help="extra tier-1 runs METHOD@BUDGET/{learned,snip,delta} (other selections, for comparison; "
+                        "default none, --quick: xma2@10%%/delta)")
     p.add_argument("--shared-bn", nargs="*", default=[],
                    help="methods also run with the backbone's BN shared (task_bn=False), e.g. xma2@10%% finetune")
     p.add_argument("--weight-only-also", nargs="*",
-                   help="methods also run without the ADC-aware stage (the ablation; default xma2@10%% finetune, "
-                        "--quick: xma2@10%%)")
+                   help="methods also run without the ADC-aware stage (the ablation, e.g. xma2@10%% finetune; "
+                        "default none, --quick: xma2@10%%)")
     p.add_argument("--n-source", type=int, default=4000, help="MNIST training images for the backbone")
     p.add_argument("--n-train", type=int, default=1500, help="training images per task")
     p.add_argument("--n-test", type=int, default=1000, help="test images per task (quantised evaluation)")
@@ -722,8 +724,11 @@ def parse_args(argv=None):
         args.device_n_test = min(args.device_n_test, 50)
     if args.budgets is None:
         args.budgets = [0.10] if args.quick else [0.05, 0.10, 0.20]
+    # the smoke run exercises every kind of run; the full default keeps to the method sweep (time)
+    if args.also is None:
+        args.also = ["xma2@10%/delta"] if args.quick else []
     if args.weight_only_also is None:
-        args.weight_only_also = ["xma2@10%"] if args.quick else ["xma2@10%", "finetune"]
+        args.weight_only_also = ["xma2@10%"] if args.quick else []
     args.cifar = args.arch != "small" and not args.data_root  # refined by build_model from a checkpoint's stem
     return args
 
