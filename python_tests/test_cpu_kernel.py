@@ -1,6 +1,7 @@
 """The C++ CPU kernel against the readable reference, on every instruction-set path this machine
 runs (XMA2_CPU_ISA forces one): bit-exact tile sums, float64 mvm and coefficient gradients,
 odd sizes, every bit width, saturated / ideal / lossless ADCs, and the layer-level API."""
+import dataclasses
 import os
 import random
 import zlib
@@ -75,6 +76,12 @@ def _check_gemm(x, w, p: GemmParams, gen):
     gy = torch.randn(x.shape[0], n, generator=gen, dtype=torch.float64)
     g = torch.ops.xma2_ops.xbar_coef_grad(x, w, gy, *p.as_args())
     torch.testing.assert_close(g, torch.einsum("rmn,mn->rn", t_ref.double(), gy), rtol=1e-12, atol=1e-9)
+    # The packed form (made once per programmed weight) gives the same bits as packing per call.
+    packed = torch.ops.xma2_ops.xbar_pack_weights(w, *p.as_args())
+    assert torch.equal(torch.ops.xma2_ops.xbar_mvm_packed(x, w, packed, None, None, coef, None, *p.as_args()), y)
+    # (coef_grad sums per-thread partials, and threads take row blocks as they come: the same to rounding)
+    torch.testing.assert_close(torch.ops.xma2_ops.xbar_coef_grad_packed(x, w, packed, gy, *p.as_args()), g,
+                               rtol=1e-12, atol=1e-9)
 
 
 # rows, cols, input_bits, signed, dac_bits, weight_bits, cell_bits, adc_bits, adc_clip, (M, K, N)
@@ -200,6 +207,32 @@ def test_weight_changes_without_version_bump_are_seen(isa):
     w.data.neg_()
     y2 = torch.ops.xma2_ops.xbar_mvm(x, w, None, coef, None, *p.as_args())
     assert torch.equal(y2, -y1)
+
+
+def test_packed_weights_are_read_and_checked(isa):
+    """xbar_mvm_packed reads the packed form, not the codes (so a packed form of other codes gives
+    their result: the programmed state must keep the two together), and refuses a packed form made
+    for other parameters, or a damaged one."""
+    for p in (_params(32, 8, 4, True, 1, 5, 2, 4), _params(32, 8, 4, False, 1, 4, 1, None)):  # lossy, lossless
+        gen = torch.Generator().manual_seed(31)
+        x, w = _codes(gen, 9, 70, 11, p)
+        w2 = -w
+        coef = torch.randn(3, 11, generator=gen, dtype=torch.float64)
+        packed2 = torch.ops.xma2_ops.xbar_pack_weights(w2, *p.as_args())
+        y = torch.ops.xma2_ops.xbar_mvm_packed(x, w, packed2, None, None, coef, None, *p.as_args())
+        assert torch.equal(y, torch.ops.xma2_ops.xbar_mvm(x, w2, None, coef, None, *p.as_args()))
+        task = torch.ops.xma2_ops.xbar_mvm_packed(x, w, None, w, packed2, coef, coef, *p.as_args())
+        assert torch.equal(task, torch.ops.xma2_ops.xbar_mvm(x, w, w2, coef, coef, *p.as_args()))
+        other = dataclasses.replace(p, rows=p.rows + 32)
+        with pytest.raises(RuntimeError, match="wb_codes_packed is not the packed form"):
+            torch.ops.xma2_ops.xbar_mvm_packed(x, w, torch.ops.xma2_ops.xbar_pack_weights(w, *other.as_args()), None,
+                                               None, coef, None, *p.as_args())
+        for bad in (packed2[:-1], packed2.to(torch.int64), packed2.clone().index_fill_(0, torch.tensor([0]), 7)):
+            with pytest.raises(RuntimeError, match="is not the packed form"):
+                torch.ops.xma2_ops.xbar_mvm_packed(x, w, bad, None, None, coef, None, *p.as_args())
+    for p in (_params(32, 8, 4, True, 1, 5, 2, 4), _params(32, 8, 4, False, 1, 5, 1, None)):
+        with pytest.raises(RuntimeError, match=r"w_codes must hold codes in \[-15, 15\]"):
+            torch.ops.xma2_ops.xbar_pack_weights(torch.full((70, 3), 16, dtype=torch.int32), *p.as_args())
 
 
 def test_many_weight_tensors_stay_correct(isa):

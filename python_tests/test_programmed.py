@@ -235,3 +235,37 @@ def test_config_change_reprograms_in_eval():
     assert not torch.equal(y3, y8)
     assert torch.equal(y3, _stateless(layer, x))
     assert int(layer.programmed.codes.abs().max()) <= 3
+
+
+def _pack_calls(layer, x):
+    from helpers import OpLog
+    with OpLog() as log:
+        y = layer(x)
+    return y, sum("xbar_pack_weights" in op for op in log.ops)
+
+
+@pytest.mark.parametrize("cfg", [CFG, XbarConfig(rows=16, cols=4, adc_bits=None)], ids=["lossy", "lossless"])
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_packed_weights_follow_the_codes(kind, cfg):
+    """The kernel's packed weights live in the programmed state: made once (not on every eval
+    forward), always the packed form of the state's codes, and re-made with them after any weight
+    edit; an in-place write to the codes themselves re-packs too."""
+    layer, x = _layer(kind)
+    layer.config = cfg
+    y1, n1 = _pack_calls(layer, x)
+    y2, n2 = _pack_calls(layer, x)
+    assert (n1, n2) == (1, 0) and torch.equal(y1, y2)
+    state = layer.programmed
+    (packed,) = [v for _, v in state._packed.values()]
+    params = xma2_ops.config.GemmParams.from_config(cfg, bool(layer.input_signed))
+    assert torch.equal(packed, torch.ops.xma2_ops.xbar_pack_weights(state.codes, *params.as_args()))
+    layer.weight.data[0].neg_()  # no version bump: found by the content comparison, re-programmed and re-packed
+    y3, n3 = _pack_calls(layer, x)
+    assert n3 == 1 and layer.programmed is not state and not torch.equal(y3, y1)
+    assert torch.equal(y3, _stateless(layer, x))
+    (packed3,) = [v for _, v in layer.programmed._packed.values()]
+    assert torch.equal(packed3, torch.ops.xma2_ops.xbar_pack_weights(layer.programmed.codes, *params.as_args()))
+    with torch.no_grad():
+        layer.programmed.codes.neg_()  # (nothing in the package writes codes; a user's in-place write re-packs)
+    y4, n4 = _pack_calls(layer, x)
+    assert n4 == 1 and not torch.equal(y4, y3)

@@ -179,3 +179,23 @@ def test_backend_calls_the_triton_ops_and_compiles(triton_be):
                                rtol=1e-12, atol=1e-12)
     f = torch.compile(lambda *a: torch.ops.xma2_ops.triton_mvm(*a) * 2, backend="aot_eager", fullgraph=True)
     assert torch.equal(f(x, w, wt, cb, ct, *p.as_args()), 2 * y)
+
+
+def test_packed_mvm_checks_weights_once(triton_be):
+    """The layers' path (mvm_packed): weight codes checked once by pack_weights, the input codes'
+    range asserted on the device (no read-back), the same bits as mvm."""
+    cfg, p = make_params(CONFIGS[3])
+    x, w = make_codes(cfg, p.input_signed, 21, 70, 30, torch.Generator().manual_seed(5))
+    x, w = x.to(DEVICE), w.to(DEVICE)
+    tr = -(-70 // p.rows)
+    coef = torch.randn(tr, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    packed = triton_be.pack_weights(w, p)
+    y = triton_be.mvm_packed(x, w, packed, w, packed, coef, coef, p)
+    assert torch.equal(y, triton_be.mvm(x, w, w, coef, coef, p))
+    with pytest.raises(RuntimeError, match="w_codes must hold codes"):
+        triton_be.pack_weights(torch.full_like(w, 1 << 20), p)
+    with pytest.raises(RuntimeError, match="wb_packed is not the packed form"):
+        triton_be.mvm_packed(x, w, w.clone(), None, None, coef, None, p)
+    if DEVICE == "cpu":  # (on a GPU the device-side assertion would end the CUDA context)
+        with pytest.raises(RuntimeError, match="x_codes must hold codes"):
+            triton_be.mvm_packed(torch.full_like(x, 1 << 20), w, packed, None, None, coef, None, p)

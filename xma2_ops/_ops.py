@@ -88,6 +88,19 @@ if _HAS_C:
         tr = (x_codes.shape[1] + rows - 1) // rows
         return gy.new_empty((tr, w_codes.shape[1]), dtype=torch.float64)
 
+    @torch.library.register_fake("xma2_ops::xbar_pack_weights")
+    def _pack_weights_fake(w_codes, *args):
+        torch._check(w_codes.dim() == 2)
+        return w_codes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int32)
+
+    @torch.library.register_fake("xma2_ops::xbar_mvm_packed")
+    def _mvm_packed_fake(x_codes, wb_codes, wb_packed, wt_codes, wt_packed, coef_b, coef_t, *args):
+        return _mvm_fake(x_codes, wb_codes, wt_codes, coef_b, coef_t, *args)
+
+    @torch.library.register_fake("xma2_ops::xbar_coef_grad_packed")
+    def _coef_grad_packed_fake(x_codes, w_codes, w_packed, gy, *args):
+        return _coef_grad_fake(x_codes, w_codes, gy, *args)
+
     @torch.library.register_fake("xma2_ops::xbar_unfold_codes")
     def _unfold_codes_fake(x, kernel_size, dilation, padding, stride):
         torch._check(x.dim() == 4)
@@ -136,9 +149,24 @@ class Backend:
     cell_tile_sums: Optional[Callable[..., torch.Tensor]] = None
     cell_mvm_kernel: Optional[Callable[..., torch.Tensor]] = None
     cell_coef_grad: Optional[Callable[..., torch.Tensor]] = None
+    # The kernel's form of a weight's codes, made once per programmed weight (programmed.py):
+    # pack_weights(w_codes, params) -> Tensor; mvm_packed(x_codes, wb, wb_packed, wt, wt_packed, coef_b,
+    # coef_t, params) and coef_grad_packed(x_codes, w, w_packed, gy, params) read it instead of packing
+    # the codes on every call.  None: this backend packs per call (or needs no packing).
+    pack_weights: Optional[Callable[..., torch.Tensor]] = None
+    mvm_packed: Optional[Callable[..., torch.Tensor]] = None
+    coef_grad_packed: Optional[Callable[..., torch.Tensor]] = None
 
-    def coef_gradient(self, x_codes, w_codes, gy, p: GemmParams) -> torch.Tensor:
+    def mvm_with(self, x_codes, wb_codes, wb_packed, wt_codes, wt_packed, coef_b, coef_t, p: GemmParams):
+        """mvm, reading the packed weights when given (and this backend packs)."""
+        if self.mvm_packed is not None and (wb_packed is not None or wt_packed is not None):
+            return self.mvm_packed(x_codes, wb_codes, wb_packed, wt_codes, wt_packed, coef_b, coef_t, p)
+        return self.mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, p)
+
+    def coef_gradient(self, x_codes, w_codes, gy, p: GemmParams, w_packed=None) -> torch.Tensor:
         """G[r, n] = sum_m gy[m, n] T_int[r, m, n] in float64."""
+        if w_packed is not None and self.coef_grad_packed is not None:
+            return self.coef_grad_packed(x_codes, w_codes, w_packed, gy, p)
         if self.coef_grad is not None:
             return self.coef_grad(x_codes, w_codes, gy, p)
         return _coef_grad_from_tile_sums(self.tile_sums, x_codes, w_codes, gy, p)
@@ -213,13 +241,27 @@ def _torch_op_backend(name: str, devices: tuple) -> Backend:
 
     key = "CUDA" if "cuda" in devices else "CPU"
     coef_grad = unfold_codes = None
+    packed = {}
+    if torch._C._dispatch_has_kernel_for_dispatch_key("xma2_ops::xbar_pack_weights", key):
+        def pack_weights(w_codes, p: GemmParams):
+            return torch.ops.xma2_ops.xbar_pack_weights(w_codes, *p.as_args())
+
+        def mvm_packed(x_codes, wb_codes, wb_packed, wt_codes, wt_packed, coef_b, coef_t, p: GemmParams):
+            return torch.ops.xma2_ops.xbar_mvm_packed(x_codes, wb_codes, wb_packed, wt_codes, wt_packed, coef_b, coef_t,
+                                                      *p.as_args())
+
+        def coef_grad_packed(x_codes, w_codes, w_packed, gy, p: GemmParams):
+            return torch.ops.xma2_ops.xbar_coef_grad_packed(x_codes, w_codes, w_packed, gy, *p.as_args())
+
+        packed = dict(pack_weights=pack_weights, mvm_packed=mvm_packed, coef_grad_packed=coef_grad_packed)
     if torch._C._dispatch_has_kernel_for_dispatch_key("xma2_ops::xbar_coef_grad", key):
         def coef_grad(x_codes, w_codes, gy, p: GemmParams):
             return torch.ops.xma2_ops.xbar_coef_grad(x_codes, w_codes, gy, *p.as_args())
     if torch._C._dispatch_has_kernel_for_dispatch_key("xma2_ops::xbar_unfold_codes", key):
         def unfold_codes(x_codes, kernel_size, dilation, padding, stride):
             return torch.ops.xma2_ops.xbar_unfold_codes(x_codes, kernel_size, dilation, padding, stride)
-    return Backend(name, tile_sums, mvm, devices, coef_grad, small_codes=(key == "CPU"), unfold_codes=unfold_codes)
+    return Backend(name, tile_sums, mvm, devices, coef_grad, small_codes=(key == "CPU"), unfold_codes=unfold_codes,
+                   **packed)
 
 
 def _reference_cell_tile_sums(x_codes, gq, p: GemmParams, frac_bits: int) -> torch.Tensor:
@@ -258,7 +300,8 @@ def _load_triton() -> Optional[Backend]:
     except ImportError:
         return None
     return Backend("triton", mod.tile_sums, mod.mvm, mod.DEVICES, cell_tile_sums=getattr(mod, "cell_tile_sums", None),
-                   cell_mvm_kernel=getattr(mod, "cell_mvm", None))
+                   cell_mvm_kernel=getattr(mod, "cell_mvm", None), pack_weights=mod.pack_weights,
+                   mvm_packed=mod.mvm_packed)
 
 
 _TRITON = _load_triton()
@@ -318,21 +361,23 @@ def get_backend(name: Optional[str], device: torch.device) -> Backend:
 def _crossbar_mvm(x_codes: torch.Tensor, wb_codes: torch.Tensor, wt_codes: Optional[torch.Tensor],
                   coef_b: torch.Tensor, coef_t: Optional[torch.Tensor], rows: int, cols: int, input_bits: int,
                   input_signed: bool, dac_bits: int, weight_bits: int, cell_bits: int, adc_levels: int,
-                  adc_clip: int, backend: str) -> torch.Tensor:
+                  adc_clip: int, backend: str, wb_packed: Optional[torch.Tensor] = None,
+                  wt_packed: Optional[torch.Tensor] = None) -> torch.Tensor:
     p = GemmParams(rows, cols, input_bits, input_signed, dac_bits, weight_bits, cell_bits, adc_levels, adc_clip)
-    return get_backend(backend, x_codes.device).mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, p)
+    return get_backend(backend, x_codes.device).mvm_with(x_codes, wb_codes, wb_packed, wt_codes, wt_packed, coef_b,
+                                                         coef_t, p)
 
 
 @_crossbar_mvm.register_fake
-def _crossbar_mvm_fake(x_codes, wb_codes, wt_codes, coef_b, coef_t, *args):
+def _crossbar_mvm_fake(x_codes, wb_codes, wt_codes, coef_b, coef_t, *args, wb_packed=None, wt_packed=None):
     torch._check(x_codes.dim() == 2 and wb_codes.dim() == 2)
     torch._check(x_codes.shape[1] == wb_codes.shape[0])
     return coef_b.new_empty((x_codes.shape[0], wb_codes.shape[1]))
 
 
 def _crossbar_mvm_setup(ctx, inputs, output) -> None:
-    x_codes, wb_codes, wt_codes, coef_b, coef_t, *ints, backend = inputs
-    ctx.save_for_backward(x_codes, wb_codes, wt_codes)
+    x_codes, wb_codes, wt_codes, coef_b, coef_t, *ints, backend, wb_packed, wt_packed = inputs
+    ctx.save_for_backward(x_codes, wb_codes, wt_codes, wb_packed, wt_packed)
     ctx.params = GemmParams(*ints)
     ctx.backend = backend
     ctx.coef_dtype = coef_b.dtype
@@ -340,22 +385,25 @@ def _crossbar_mvm_setup(ctx, inputs, output) -> None:
 
 def _crossbar_mvm_backward(ctx, gy):
     # Exact: y is linear in the coefficients, dy/dcoef[r, n] = T_int[r, :, n] (SPEC 5).
-    x_codes, wb_codes, wt_codes = ctx.saved_tensors
+    x_codes, wb_codes, wt_codes, wb_packed, wt_packed = ctx.saved_tensors
     be = get_backend(ctx.backend, x_codes.device)
     g_b = g_t = None
     if ctx.needs_input_grad[3]:
-        g_b = be.coef_gradient(x_codes, wb_codes, gy, ctx.params).to(ctx.coef_dtype)
+        g_b = be.coef_gradient(x_codes, wb_codes, gy, ctx.params, wb_packed).to(ctx.coef_dtype)
     if wt_codes is not None and ctx.needs_input_grad[4]:
-        g_t = be.coef_gradient(x_codes, wt_codes, gy, ctx.params).to(ctx.coef_dtype)
-    return (None, None, None, g_b, g_t) + (None,) * 10
+        g_t = be.coef_gradient(x_codes, wt_codes, gy, ctx.params, wt_packed).to(ctx.coef_dtype)
+    return (None, None, None, g_b, g_t) + (None,) * 12
 
 
 _crossbar_mvm.register_autograd(_crossbar_mvm_backward, setup_context=_crossbar_mvm_setup)
 
 
-def crossbar_mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, p: GemmParams, backend: str) -> torch.Tensor:
-    """y [M, N] = sum_r coef_b T_b_int + coef_t T_t_int on ``backend``, differentiable in the coefficients."""
-    return torch.ops.xma2_ops.crossbar_mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, *p.as_args(), backend)
+def crossbar_mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, p: GemmParams, backend: str, wb_packed=None,
+                 wt_packed=None) -> torch.Tensor:
+    """y [M, N] = sum_r coef_b T_b_int + coef_t T_t_int on ``backend``, differentiable in the coefficients;
+    ``wb_packed``/``wt_packed``: the backend's packed forms of the codes (ProgrammedWeight.packed), or None."""
+    return torch.ops.xma2_ops.crossbar_mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, *p.as_args(), backend,
+                                           wb_packed, wt_packed)
 
 
 @torch.library.custom_op("xma2_ops::straight_through_conv2d", mutates_args=())

@@ -241,8 +241,35 @@ def _empty_output(x, weight, bias, lowering, task_weight, pe_mask, col_scale) ->
     return y if bias is None else lowering.add_bias(y, bias)
 
 
-def _xbar(x, weight, bias, lowering, config: XbarConfig, task_weight, pe_mask, col_scale, input_scale,
-          weight_scale, task_weight_scale, backend, *, signed: Union[None, bool, torch.Tensor] = None,
+class _Phase:
+    """Labels the stretches of a layer's forward for torch.profiler (``xbar.checks``, ``xbar.program``, ...;
+    benchmarks/bench_models.py sums them); does nothing unless a profiler runs (and never when compiling)."""
+
+    def __init__(self) -> None:
+        self._on = not torch.compiler.is_compiling() and torch._C._autograd._profiler_enabled()
+        self._current = None
+
+    def __call__(self, name: Optional[str]) -> None:
+        """Ends the current stretch and starts ``name`` (None: only ends)."""
+        if not self._on:
+            return
+        if self._current is not None:
+            self._current.__exit__(None, None, None)
+        self._current = torch.profiler.record_function(name) if name else None
+        if self._current is not None:
+            self._current.__enter__()
+
+
+def _xbar(*args, **kwargs) -> torch.Tensor:
+    phase = _Phase()
+    try:
+        return _xbar_body(phase, *args, **kwargs)
+    finally:
+        phase(None)
+
+
+def _xbar_body(phase: _Phase, x, weight, bias, lowering, config: XbarConfig, task_weight, pe_mask, col_scale,
+               input_scale, weight_scale, task_weight_scale, backend, *, signed: Union[None, bool, torch.Tensor] = None,
           caches: Tuple[Optional[ProgrammingCache], Optional[ProgrammingCache]] = (None, None),
           reuse: bool = False, on_sign: Optional[Callable[[bool], None]] = None,
           chip: Optional[ChipPosition] = None, cells: Optional[bool] = None) -> torch.Tensor:
@@ -256,6 +283,7 @@ def _xbar(x, weight, bias, lowering, config: XbarConfig, task_weight, pe_mask, c
         raise ValueError(f"x: the crossbar GEMM of this call would be [{m}, {k}] x [{k}, {n}], beyond any memory "
                          f"(check the input shape, padding and dilation)")
     check_backend_name(backend)
+    phase("xbar.checks")
     checks = _DataChecks()
     pe_mask, col_scale = _check_masks(config, k, n, x, task_weight, pe_mask, col_scale, checks)
     if m == 0 or k == 0 or n == 0 or x.numel() == 0:  # (x may be empty while padding makes rows)
@@ -263,6 +291,7 @@ def _xbar(x, weight, bias, lowering, config: XbarConfig, task_weight, pe_mask, c
         return _empty_output(x, weight, bias, lowering, task_weight, pe_mask, col_scale)
     if config.weight_bits is None:  # ideal crossbar: y = conv(x, W_eff)
         checks.run()
+        phase("xbar.float_forward")
         w_eff = effective_weight(weight, task_weight, pe_mask.to(x.dtype), col_scale.to(x.dtype), config.rows,
                                  config.cols)
         y = lowering.float_forward(x, w_eff)
@@ -279,7 +308,9 @@ def _xbar(x, weight, bias, lowering, config: XbarConfig, task_weight, pe_mask, c
         raise RuntimeError("config.device: the device model's random draws run outside torch.compile graphs; "
                            "compile a model without a device model, or run it eagerly")
     target = _target(config, cells, chip)
+    phase("xbar.program")
     _prepare_slots(slots, target, checks, reuse and not compiling)
+    phase("xbar.checks")
     quantized = config.quantized
     be = get_backend(backend, x.device) if quantized else None
     s_x = _scale_tensor("input_scale", input_scale, x, None, checks) if quantized else None
@@ -296,6 +327,7 @@ def _xbar(x, weight, bias, lowering, config: XbarConfig, task_weight, pe_mask, c
             sign_index = checks.value(signed)
         amax = torch.maximum(-lo, hi)
     vals = checks.run()
+    phase("xbar.program")
     _finish_slots(slots, target, vals, keep_source=reuse and not compiling)
     w_b = slots[0].state
     w_t = slots[1].state if task_weight is not None else None
@@ -305,6 +337,7 @@ def _xbar(x, weight, bias, lowering, config: XbarConfig, task_weight, pe_mask, c
     g_t = w_t.cells.read(read) if (cells and w_t is not None) else None
 
     if not quantized:  # weight-only: fake-quantised weights (as the cells hold them), straight-through gradient
+        phase("xbar.float_forward")
         cd = x.dtype
         wq_b = weight + (w_b.dequantized(cd, g_b) - weight).detach()
         wq_t = task_weight + (w_t.dequantized(cd, g_t) - task_weight).detach() if w_t is not None else None
@@ -319,13 +352,17 @@ def _xbar(x, weight, bias, lowering, config: XbarConfig, task_weight, pe_mask, c
     if on_sign is not None:
         on_sign(signed)
     params = GemmParams.from_config(config, signed)
+    phase("xbar.quantize_input")
     cd = compute_dtype(x)
     if s_x is None:
         s_x = ref.derived_scale(x, config.input_qmax(signed), amax.to(cd))
     elif s_x.dim():
         s_x = s_x.reshape(())
     x_int = ref.quantize_input(x.detach().to(cd), s_x, params.input_bits, signed)
-    x_codes = lowering.unfold_codes(x_int.to(_code_dtype(params, be)), be)
+    x_int = x_int.to(_code_dtype(params, be))
+    phase("xbar.unfold_codes")
+    x_codes = lowering.unfold_codes(x_int, be)
+    phase("xbar.kernel")
     coef_b, coef_t = coefficients(pe_mask, col_scale, s_x, w_b.scale, w_t.scale if w_t is not None else None,
                                   params.cols, config.tile_sum_unit(cells), cd, w_t is not None)
     if cells:
@@ -333,12 +370,16 @@ def _xbar(x, weight, bias, lowering, config: XbarConfig, task_weight, pe_mask, c
         _check_cell_sums(params, frac_bits, g_b, g_t)
         y = crossbar_mvm_cells(x_codes, g_b, g_t, coef_b, coef_t, params, frac_bits, be.name)
     else:
-        y = crossbar_mvm(x_codes, w_b.codes, w_t.codes if w_t is not None else None, coef_b, coef_t, params, be.name)
+        y = crossbar_mvm(x_codes, w_b.codes, w_t.codes if w_t is not None else None, coef_b, coef_t, params, be.name,
+                         w_b.packed(be, params), w_t.packed(be, params) if w_t is not None else None)
+    phase("xbar.fold_output")
     y = lowering.fold_output(y.to(x.dtype))
+    phase("xbar.straight_through")
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (task_weight is not None and task_weight.requires_grad)):
         y = y + _straight_through_term(x, weight, task_weight, pe_mask, col_scale, s_x, w_b, w_t, params, lowering,
                                        g_b, g_t)
+    phase(None)
     return y if bias is None else lowering.add_bias(y, bias)
 
 

@@ -107,11 +107,15 @@ class _XbarMixin:
         if not self.config.quantized:
             return
         with torch.no_grad():
-            amax = x.detach().abs().amax().float() if x.numel() else x.new_zeros((), dtype=torch.float32)
+            if x.numel():
+                lo, hi = torch.aminmax(x.detach())  # one pass gives the range and the sign
+                amax = torch.maximum(-lo, hi).float()
+            else:
+                lo, amax = None, x.new_zeros((), dtype=torch.float32)
             learn = torch.ones((), dtype=torch.bool, device=x.device) if self.training else self.input_range == 0
             self.input_range.copy_(torch.where(learn, torch.maximum(self.input_range, amax), self.input_range))
-            if self.config.input_signed is None and x.numel():
-                self.input_signed.logical_or_(learn & (x < 0).any())
+            if self.config.input_signed is None and lo is not None:
+                self.input_signed.logical_or_(learn & (lo < 0))
 
     def _input_sign(self):
         """The calibrated sign: eagerly, the buffer itself (read in the op's one synchronisation, which

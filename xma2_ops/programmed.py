@@ -17,7 +17,8 @@ Who programs:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -59,6 +60,12 @@ class ProgrammedWeight:
     shape   the float weight's shape (to map gradients and dequantised weights back).
     cells   with a non-ideal device model (SPEC 7): the programmed cells' conductances; else None.
     key     what the programming depended on besides the weight (bits, cells, device).
+
+    ``packed(backend, params)`` is the backend's kernel form of ``codes`` (bit planes, tile bytes),
+    made from these codes on first use and kept in this object only: it lives and dies with the codes
+    (re-programming makes a new ProgrammedWeight), so it cannot be stale.  The codes are read-only;
+    an in-place write to them (which no code of the package makes) is still seen by their version
+    counter and re-packs.
     """
 
     codes: torch.Tensor
@@ -67,6 +74,20 @@ class ProgrammedWeight:
     shape: tuple
     cells: Optional[CellState] = None
     key: tuple = ()
+    _packed: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def packed(self, backend, params) -> Optional[torch.Tensor]:
+        """``backend.pack_weights(codes, params)``, made once per (backend, params, XMA2_CPU_ISA); None
+        when the backend packs per call, and under torch.compile (the op then packs inside the graph)."""
+        if backend.pack_weights is None or torch.compiler.is_compiling():
+            return None
+        key = (backend.name, params.as_args(), os.environ.get("XMA2_CPU_ISA", ""))
+        version = _version_of(self.codes)
+        hit = self._packed.get(key)
+        if hit is None or hit[0] != version:
+            hit = (version, backend.pack_weights(self.codes, params))
+            self._packed[key] = hit
+        return hit[1]
 
     def dequantized(self, dtype: torch.dtype, gq: Optional[torch.Tensor] = None) -> torch.Tensor:
         """s * codes in the weight's own layout [N, ...]: the weight the cells hold, as a float
@@ -74,6 +95,15 @@ class ProgrammedWeight:
         s = self.scale.reshape(-1, 1)
         codes = self.codes if gq is None else cell_weight_codes(gq, self.cells.cell_bits, self.cells.device.frac_bits)
         return (codes.T.to(s.dtype) * s).reshape(self.shape).to(dtype)
+
+
+def _version_of(t: torch.Tensor) -> int:
+    """t's version counter (bumped by in-place writes); -1 for inference tensors, which have none
+    (and cannot be written outside inference mode)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
 
 
 def program_key(weight_bits: int, cell_bits: int, device: Optional[DeviceModel]) -> tuple:

@@ -684,6 +684,42 @@ def mvm(x_codes: torch.Tensor, wb_codes: torch.Tensor, wt_codes: Optional[torch.
     return torch.ops.xma2_ops.triton_mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, *p.as_args())
 
 
+def pack_weights(w_codes: torch.Tensor, p: GemmParams) -> torch.Tensor:
+    """The programmed weight's form for ``mvm_packed``: the int32 codes themselves, their range checked
+    here, once per programmed weight (xma2_ops/programmed.py), instead of on every call."""
+    if w_codes.dim() != 2 or w_codes.dtype != torch.int32:
+        raise RuntimeError(f"xbar: w_codes must be int32 [K, N], got {w_codes.dtype} {tuple(w_codes.shape)}")
+    _check_params(p)
+    qw = (1 << (p.weight_bits - 1)) - 1
+    _check_codes("w_codes", w_codes, -qw, qw)
+    return w_codes
+
+
+def mvm_packed(x_codes: torch.Tensor, wb_codes: torch.Tensor, wb_packed: Optional[torch.Tensor],
+               wt_codes: Optional[torch.Tensor], wt_packed: Optional[torch.Tensor], coef_b: torch.Tensor,
+               coef_t: Optional[torch.Tensor], p: GemmParams) -> torch.Tensor:
+    """``mvm`` without a host synchronisation (the layers' path on CUDA): the weights were checked by
+    ``pack_weights``; the input codes' range is asserted on the device (``torch._assert_async``: an
+    out-of-range code stops the program with a device-side assertion instead of being read back)."""
+    for name, codes, packed in (("wb", wb_codes, wb_packed), ("wt", wt_codes, wt_packed)):
+        if codes is not None and packed is not None and not (
+                packed.shape == codes.shape and packed.dtype == codes.dtype and packed.device == codes.device
+                and packed.data_ptr() == codes.data_ptr()):
+            raise RuntimeError(f"xbar: {name}_packed is not the packed form of {name}_codes (pack_weights)")
+    if (wb_packed is None) or (wt_codes is not None and wt_packed is None):
+        return mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, p)
+    _check(x_codes, wb_codes, p)
+    m, k = x_codes.shape
+    _check_coefs(x_codes, wb_codes.shape[1], -(-k // p.rows), ("wb_codes", "wt_codes"), wb_codes, wt_codes, coef_b,
+                 coef_t, "xbar_mvm")
+    if x_codes.numel():
+        qx = (1 << p.x_bits) - 1
+        lo, hi = torch.aminmax(x_codes)
+        torch._assert_async((lo >= (-qx if p.input_signed else 0)) & (hi <= qx),
+                            f"xbar: x_codes must hold codes in [{-qx if p.input_signed else 0}, {qx}]")
+    return torch.ops.xma2_ops.triton_mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, *p.as_args())
+
+
 def cell_tile_sums(x_codes: torch.Tensor, gq: torch.Tensor, p: GemmParams, frac_bits: int) -> torch.Tensor:
     """T_int [Tr, M, N] int64 over the cells' fixed-point conductances ``gq`` [2, S, K, N] int32
     (SPEC 7.2; the contract of reference.cell_tile_sums: with the ideal ADC T_int is in units of 2^-F)."""

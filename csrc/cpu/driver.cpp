@@ -97,8 +97,8 @@ void run_quantized(const CodesView& x, const Plan& pl, const Isa& isa, const std
         const uint32_t* xr = xplanes.data() + r * (stride / Tr);
         for (size_t s = 0; s < sets.size(); ++s) {
           const WeightPlanes& wp = sets[s].planes;
-          for (int64_t nb = 0; nb < wp.blocks; ++nb) {
-            if (!sets[s].active[(size_t)(r * wp.blocks + nb)]) continue;
+          for (int64_t nb = 0; nb < wp.g.blocks; ++nb) {
+            if (!sets[s].active[(size_t)(r * wp.g.blocks + nb)]) continue;
             isa.block(pl, xr, stride, nm, wp.at(r, nb), t.data());
             epi((int)s, r, nb * L, m0, nm, t.data());
           }

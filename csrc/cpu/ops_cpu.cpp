@@ -16,7 +16,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "../xbar_check.h"
@@ -42,20 +44,91 @@ CodesView codes_view(const at::Tensor& x) {
   return {x.data_ptr(), t, x.stride(0), x.stride(1)};
 }
 
-Plan checked_plan(const at::Tensor& x, const at::Tensor& w, int64_t rows, int64_t cols, int64_t input_bits,
-                  bool input_signed, int64_t dac_bits, int64_t weight_bits, int64_t cell_bits, int64_t adc_levels,
-                  int64_t adc_clip) {
-  return make_plan(make_params_checked(x, w, rows, cols, input_bits, input_signed, dac_bits, weight_bits, cell_bits,
-                                       adc_levels, adc_clip));
+// How a call computes: one exact float GEMM per tile (lossless without AMX: isa == nullptr), or the
+// quantised driver with an instruction set.
+struct Route {
+  Plan pl;
+  const Isa* isa;
+};
+
+Route route_of(const XbarParams& p) {
+  Route rt{make_plan(p), nullptr};
+  rt.isa = rt.pl.lossless ? lossless_on_amx(rt.pl) : &choose_isa(rt.pl);
+  return rt;
+}
+
+Route checked_route(const at::Tensor& x, const at::Tensor& w, int64_t rows, int64_t cols, int64_t input_bits,
+                    bool input_signed, int64_t dac_bits, int64_t weight_bits, int64_t cell_bits, int64_t adc_levels,
+                    int64_t adc_clip) {
+  return route_of(make_params_checked(x, w, rows, cols, input_bits, input_signed, dac_bits, weight_bits, cell_bits,
+                                      adc_levels, adc_clip));
+}
+
+// Float type in which every T_int of one tile (|T| <= rows * Qx * Qw) is exact.
+at::ScalarType exact_float(const Plan& pl) {
+  const double bound = (double)pl.p.rows * ((1LL << pl.p.x_bits) - 1) * ((1LL << pl.p.w_bits) - 1);
+  return bound < 16777216.0 ? at::kFloat : at::kDouble;
+}
+
+// ------------------------------------------------------------------ packed weights (xbar_pack_weights)
+// The kernel's form of one weight's codes, made once per programmed weight: an int32 tensor of a
+// header (the route and everything the layout depends on, compared at every use) followed by the
+// packed words (pack.h) on the quantised route, or by the codes as the exact float type [K, N] (their
+// bits) on the GEMM route.
+constexpr int64_t kPackedHeader = 16;
+constexpr int32_t kPackedMagic = 0x31504258;  // "XBP1"
+
+std::vector<int64_t> packed_header(const Route& rt) {
+  const Plan& pl = rt.pl;
+  if (!rt.isa) {
+    const bool dbl = exact_float(pl) == at::kDouble;
+    return {kPackedMagic, 0, pl.p.rows, pl.p.w_bits, pl.p.x_bits, dbl ? 1 : 0, 0, 0, pl.p.K, pl.p.N, 0, 0,
+            pl.p.K * pl.p.N * (dbl ? 2 : 1), 0, 0, 0};
+  }
+  const Isa& isa = *rt.isa;
+  const WeightGeometry g = weight_geometry(pl, isa);
+  const std::string name = isa.name;
+  const int64_t id = name == "scalar" ? 1 : name == "avx2" ? 2 : name == "avx512" ? 3 : name == "amx" ? 4 : 5;
+  return {kPackedMagic, id, pl.p.rows, pl.p.w_bits, pl.p.cell_bits, pl.words, pl.kpad, isa.lanes, pl.p.K, pl.p.N,
+          g.blocks, g.per_block, g.words, pl.identity ? 1 : 0, 0, 0};
+}
+
+// The words after the header of `packed`, checked to be the packed form for this route, or a RuntimeError.
+const int32_t* packed_words(const at::Tensor& packed, const Route& rt, const char* name) {
+  const std::vector<int64_t> want = packed_header(rt);
+  bool ok = packed.device().is_cpu() && packed.scalar_type() == at::kInt && packed.dim() == 1 &&
+            packed.is_contiguous() && packed.numel() == kPackedHeader + want[12];
+  const int32_t* h = ok ? packed.data_ptr<int32_t>() : nullptr;
+  for (int64_t i = 0; ok && i < kPackedHeader; ++i) ok = (int64_t)h[i] == want[(size_t)i];
+  TORCH_CHECK(ok, "xbar: ", name, "_packed is not the packed form of ", name, " for these parameters and this "
+              "instruction set (make it with xbar_pack_weights of the same codes and arguments)");
+  return h + kPackedHeader;
+}
+
+// Packed planes of one set: from `packed` when given (checked), else packed from the codes now.  The
+// tensors must outlive the planes.
+WeightPlanes weight_planes(const at::Tensor& w, const at::Tensor& packed, const Route& rt, const char* name) {
+  WeightPlanes wp;
+  wp.g = weight_geometry(rt.pl, *rt.isa);
+  if (packed.defined()) {
+    wp.words = reinterpret_cast<const uint32_t*>(packed_words(packed, rt, name));
+    return wp;
+  }
+  const at::Tensor wc = w.contiguous();
+  wp.owned.resize((size_t)wp.g.words);
+  pack_weights(wc.data_ptr<int32_t>(), rt.pl, *rt.isa, name, wp.owned.data());
+  wp.words = wp.owned.data();
+  return wp;
 }
 
 // Packed weights of one set, and the (tile, lane block) pairs whose coefficients are not all zero
 // (all when coef is undefined).
 template <typename scalar_t>
-WeightSet weight_set(const at::Tensor& w, const at::Tensor& coef, const Plan& pl, const Isa& isa, const char* name) {
-  const at::Tensor wc = w.contiguous();
-  WeightSet ws{pack_weights(wc.data_ptr<int32_t>(), pl, isa, name), {}};
-  const int64_t Tr = pl.p.Tr(), N = pl.p.N, blocks = ws.planes.blocks, lanes = isa.lanes;
+WeightSet weight_set(const at::Tensor& w, const at::Tensor& packed, const at::Tensor& coef, const Route& rt,
+                     const char* name) {
+  WeightSet ws;
+  ws.planes = weight_planes(w, packed, rt, name);
+  const int64_t Tr = rt.pl.p.Tr(), N = rt.pl.p.N, blocks = ws.planes.g.blocks, lanes = rt.isa->lanes;
   ws.active.assign((size_t)(Tr * blocks), coef.defined() ? 0 : 1);
   if (coef.defined()) {
     const scalar_t* c = coef.data_ptr<scalar_t>();
@@ -66,40 +139,67 @@ WeightSet weight_set(const at::Tensor& w, const at::Tensor& coef, const Plan& pl
   return ws;
 }
 
-void check_codes(const at::Tensor& x, const at::Tensor& w, const Plan& pl, const char* w_name) {
-  check_input_codes(x, pl.p);
-  check_weight_codes(w, pl.p, w_name);
+// The weights of the GEMM route in the exact float type [K, N]: from `packed` when given (checked),
+// else converted now (after the range check).
+at::Tensor gemm_weights(const at::Tensor& w, const at::Tensor& packed, const Route& rt, const char* name) {
+  const auto ft = exact_float(rt.pl);
+  if (!packed.defined()) {
+    check_weight_codes(w, rt.pl.p, name);
+    return w.to(ft);
+  }
+  packed_words(packed, rt, name);
+  return packed.narrow(0, kPackedHeader, packed.numel() - kPackedHeader).view(ft).view({rt.pl.p.K, rt.pl.p.N});
 }
 
-// Float type in which every T_int of one tile (|T| <= rows * Qx * Qw) is exact.
-at::ScalarType exact_float(const Plan& pl) {
-  const double bound = (double)pl.p.rows * ((1LL << pl.p.x_bits) - 1) * ((1LL << pl.p.w_bits) - 1);
-  return bound < 16777216.0 ? at::kFloat : at::kDouble;
+at::Tensor xbar_pack_weights_cpu(const at::Tensor& w_codes, int64_t rows, int64_t cols, int64_t input_bits,
+                                 bool input_signed, int64_t dac_bits, int64_t weight_bits, int64_t cell_bits,
+                                 int64_t adc_levels, int64_t adc_clip) {
+  TORCH_CHECK(w_codes.dim() == 2, "xbar_pack_weights: w_codes must be [K, N], got ", w_codes.sizes());
+  const at::Tensor no_rows = at::empty({0, w_codes.size(0)}, w_codes.options().dtype(at::kByte));
+  const Route rt = checked_route(no_rows, w_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
+                                 cell_bits, adc_levels, adc_clip);
+  const std::vector<int64_t> header = packed_header(rt);
+  for (const int64_t v : header)
+    TORCH_CHECK(v >= INT32_MIN && v <= INT32_MAX, "xbar_pack_weights: w_codes ", w_codes.sizes(),
+                " is too large to pack (a header field is ", v, ")");
+  at::Tensor out = at::empty({add_checked(kPackedHeader, header[12], "xbar_pack_weights")},
+                             w_codes.options().dtype(at::kInt));
+  int32_t* o = out.data_ptr<int32_t>();
+  for (int64_t i = 0; i < kPackedHeader; ++i) o[i] = (int32_t)header[(size_t)i];
+  if (!rt.isa) {
+    const auto ft = exact_float(rt.pl);
+    out.narrow(0, kPackedHeader, header[12]).view(ft).view({rt.pl.p.K, rt.pl.p.N}).copy_(
+        gemm_weights(w_codes, at::Tensor(), rt, "w_codes"));
+    return out;
+  }
+  const at::Tensor wc = w_codes.contiguous();
+  pack_weights(wc.data_ptr<int32_t>(), rt.pl, *rt.isa, "w_codes", reinterpret_cast<uint32_t*>(o + kPackedHeader));
+  return out;
 }
 
 // ------------------------------------------------------------------ xbar_tile_sums
 at::Tensor xbar_tile_sums_cpu(const at::Tensor& x_codes, const at::Tensor& w_codes, int64_t rows, int64_t cols,
                               int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits,
                               int64_t cell_bits, int64_t adc_levels, int64_t adc_clip) {
-  Plan pl = checked_plan(x_codes, w_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits, cell_bits,
-                         adc_levels, adc_clip);
+  const Route rt = checked_route(x_codes, w_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
+                                 cell_bits, adc_levels, adc_clip);
+  const Plan& pl = rt.pl;
   const int64_t M = pl.p.M, N = pl.p.N, Tr = pl.p.Tr();
   mul_checked(mul_checked(Tr, M, "xbar_tile_sums: the output [Tr, M, N]"), N, "xbar_tile_sums: the output [Tr, M, N]");
   at::Tensor out = at::empty({Tr, M, N}, x_codes.options().dtype(at::kLong));
-  const Isa* amx_lossless = pl.lossless ? lossless_on_amx(pl) : nullptr;
-  if (pl.lossless && !amx_lossless) {
-    check_codes(x_codes, w_codes, pl, "w_codes");
+  if (!rt.isa) {
+    check_input_codes(x_codes, pl.p);
     const auto ft = exact_float(pl);
-    const at::Tensor wf = w_codes.to(ft);
+    const at::Tensor wf = gemm_weights(w_codes, at::Tensor(), rt, "w_codes");
     for (int64_t r = 0; r < Tr; ++r) {
       const int64_t k0 = r * pl.p.rows, kr = std::min<int64_t>(pl.p.rows, pl.p.K - k0);
       out[r].copy_(at::mm(x_codes.narrow(1, k0, kr).to(ft), wf.narrow(0, k0, kr)));
     }
     return out;
   }
-  const Isa& isa = amx_lossless ? *amx_lossless : choose_isa(pl);
+  const Isa& isa = *rt.isa;
   std::vector<WeightSet> sets;
-  sets.push_back(weight_set<float>(w_codes, at::Tensor(), pl, isa, "w_codes"));
+  sets.push_back(weight_set<float>(w_codes, at::Tensor(), at::Tensor(), rt, "w_codes"));
   int64_t* o = out.data_ptr<int64_t>();
   const int64_t L = isa.lanes;
   run_quantized(codes_view(x_codes), pl, isa, sets,
@@ -116,14 +216,16 @@ at::Tensor xbar_tile_sums_cpu(const at::Tensor& x_codes, const at::Tensor& w_cod
 // Quantised (or lossless on AMX): the driver hands each (row tile, set, lane block) to the
 // epilogue in that order; every output element of a row block gets its terms added in float64.
 template <typename scalar_t>
-void mvm_quantized(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& coef,
-                   const Plan& pl, const Isa& isa, at::Tensor& y) {
+void mvm_quantized(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& packed,
+                   const std::vector<at::Tensor>& coef, const Route& rt, at::Tensor& y) {
   static const char* kNames[2] = {"wb_codes", "wt_codes"};
+  const Plan& pl = rt.pl;
+  const Isa& isa = *rt.isa;
   const int64_t N = pl.p.N, L = isa.lanes;
   std::vector<WeightSet> sets;
   std::vector<const scalar_t*> cp;
   for (size_t s = 0; s < w.size(); ++s) {
-    sets.push_back(weight_set<scalar_t>(w[s], coef[s], pl, isa, kNames[s]));
+    sets.push_back(weight_set<scalar_t>(w[s], packed[s], coef[s], rt, kNames[s]));
     cp.push_back(coef[s].data_ptr<scalar_t>());
   }
   scalar_t* out = y.data_ptr<scalar_t>();
@@ -148,55 +250,82 @@ void mvm_quantized(const at::Tensor& x, const std::vector<at::Tensor>& w, const 
 }
 
 // Lossless: T_int of each tile is one exact float GEMM (the sum of x_int * w_int), combined with its
-// coefficients in float64 per block of input rows in the order of the quantised path (row tile
-// outer, then the sets), so both paths give the same bits.
-template <typename scalar_t>
-void mvm_lossless(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& coef,
-                  const Plan& pl, at::Tensor& y) {
-  const auto ft = exact_float(pl);
+// coefficients in float64 per input row in the order of the quantised path (row tile outer, then the
+// sets), so both paths give the same bits.  One parallel region per call: blocks of rows are handed
+// out one at a time (as in the quantised driver), and each thread runs its blocks' small GEMMs itself
+// (ATen does not nest parallel regions): no region per tile, nothing that spins while a core is busy
+// with another process.
+template <typename scalar_t, typename ft_t>
+void mvm_lossless_t(const at::Tensor& x, const std::vector<at::Tensor>& wf, const std::vector<at::Tensor>& coef,
+                    const std::vector<std::vector<char>>& row_used, const Plan& pl, at::ScalarType ft, at::Tensor& y) {
   const int64_t M = pl.p.M, N = pl.p.N, Tr = pl.p.Tr(), R = pl.p.rows;
+  // rows per block: about 2^18 GEMM outputs, at least 16 rows
+  const int64_t block = std::max<int64_t>(16, std::min<int64_t>(kGemmRowBlock, (1 << 18) / std::max<int64_t>(N, 1)));
+  const int64_t blocks = (M + block - 1) / block;
+  scalar_t* out = y.data_ptr<scalar_t>();
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), blocks), 1, [&](int64_t, int64_t) {
+    std::vector<double> acc;
+    for (int64_t blk = next++; blk < blocks; blk = next++) {
+      const int64_t m0 = blk * block, nm = std::min(block, M - m0);
+      const at::Tensor xb = x.narrow(0, m0, nm).to(ft);
+      acc.assign((size_t)(nm * N), 0.0);
+      for (int64_t r = 0; r < Tr; ++r) {
+        const int64_t k0 = r * R, kr = std::min(R, pl.p.K - k0);
+        for (size_t s = 0; s < wf.size(); ++s) {
+          if (!row_used[s][(size_t)r]) continue;  // every PE of this tile row is skipped
+          const scalar_t* c = coef[s].data_ptr<scalar_t>() + r * N;
+          const at::Tensor t = at::mm(xb.narrow(1, k0, kr), wf[s].narrow(0, k0, kr)).contiguous();
+          const ft_t* tp = t.data_ptr<ft_t>();  // exact integers
+          for (int64_t mi = 0; mi < nm; ++mi) {
+            double* a = acc.data() + mi * N;
+            const ft_t* tm = tp + mi * N;
+            for (int64_t n = 0; n < N; ++n) a[n] += (double)c[n] * (double)tm[n];
+          }
+        }
+      }
+      for (int64_t i = 0; i < nm * N; ++i) out[m0 * N + i] = (scalar_t)acc[(size_t)i];
+    }
+  });
+}
+
+template <typename scalar_t>
+void mvm_lossless(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& packed,
+                  const std::vector<at::Tensor>& coef, const Route& rt, at::Tensor& y) {
+  static const char* kNames[2] = {"wb_codes", "wt_codes"};
+  const Plan& pl = rt.pl;
+  const auto ft = exact_float(pl);
+  const int64_t Tr = pl.p.Tr();
   std::vector<at::Tensor> wf;
   std::vector<std::vector<char>> row_used;  // tile rows with a non-zero coefficient
   for (size_t s = 0; s < w.size(); ++s) {
-    wf.push_back(w[s].to(ft));
+    wf.push_back(gemm_weights(w[s], packed[s], rt, kNames[s]));
     const at::Tensor used = coef[s].ne(0).any(1).contiguous();
     row_used.emplace_back(used.data_ptr<bool>(), used.data_ptr<bool>() + Tr);
   }
-  scalar_t* out = y.data_ptr<scalar_t>();
-  std::vector<double> acc;
-  for (int64_t m0 = 0; m0 < M; m0 += kGemmRowBlock) {
-    const int64_t nm = std::min(kGemmRowBlock, M - m0);
-    const at::Tensor xb = x.narrow(0, m0, nm).to(ft);
-    acc.assign((size_t)(nm * N), 0.0);
-    for (int64_t r = 0; r < Tr; ++r) {
-      const int64_t k0 = r * R, kr = std::min(R, pl.p.K - k0);
-      for (size_t s = 0; s < w.size(); ++s) {
-        if (!row_used[s][(size_t)r]) continue;  // every PE of this tile row is skipped
-        const scalar_t* c = coef[s].data_ptr<scalar_t>() + r * N;
-        const at::Tensor t = at::mm(xb.narrow(1, k0, kr), wf[s].narrow(0, k0, kr)).to(at::kDouble).contiguous();
-        const double* tp = t.data_ptr<double>();
-        at::parallel_for(0, nm, 64, [&](int64_t a, int64_t b) {
-          for (int64_t mi = a; mi < b; ++mi)
-            for (int64_t n = 0; n < N; ++n) acc[(size_t)(mi * N + n)] += (double)c[n] * tp[mi * N + n];
-        });
-      }
-    }
-    for (int64_t i = 0; i < nm * N; ++i) out[m0 * N + i] = (scalar_t)acc[(size_t)i];
-  }
+  if (ft == at::kFloat) mvm_lossless_t<scalar_t, float>(x, wf, coef, row_used, pl, ft, y);
+  else mvm_lossless_t<scalar_t, double>(x, wf, coef, row_used, pl, ft, y);
 }
 
-at::Tensor xbar_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& wb_codes, const std::optional<at::Tensor>& wt_codes,
-                        const at::Tensor& coef_b, const std::optional<at::Tensor>& coef_t, int64_t rows, int64_t cols,
-                        int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits, int64_t cell_bits,
-                        int64_t adc_levels, int64_t adc_clip) {
-  Plan pl = checked_plan(x_codes, wb_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits, cell_bits,
-                         adc_levels, adc_clip);
+at::Tensor opt_tensor(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+
+// xbar_mvm with the packed forms of the weights (xbar_pack_weights) when given: no per-call packing.
+at::Tensor xbar_mvm_packed_cpu(const at::Tensor& x_codes, const at::Tensor& wb_codes,
+                               const std::optional<at::Tensor>& wb_packed, const std::optional<at::Tensor>& wt_codes,
+                               const std::optional<at::Tensor>& wt_packed, const at::Tensor& coef_b,
+                               const std::optional<at::Tensor>& coef_t, int64_t rows, int64_t cols, int64_t input_bits,
+                               bool input_signed, int64_t dac_bits, int64_t weight_bits, int64_t cell_bits,
+                               int64_t adc_levels, int64_t adc_clip) {
+  const Route rt = checked_route(x_codes, wb_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
+                                 cell_bits, adc_levels, adc_clip);
+  const Plan& pl = rt.pl;
   TORCH_CHECK(wt_codes.has_value() == coef_t.has_value(), "xbar_mvm: wt_codes and coef_t must be given together");
+  TORCH_CHECK(!wt_packed.has_value() || wt_codes.has_value(), "xbar_mvm: wt_packed given without wt_codes");
   TORCH_CHECK(coef_b.scalar_type() == at::kFloat || coef_b.scalar_type() == at::kDouble,
               "xbar_mvm: coef_b must be float32 or float64, got ", coef_b.scalar_type());
   TORCH_CHECK(coef_b.dim() == 2 && coef_b.size(0) == pl.p.Tr() && coef_b.size(1) == pl.p.N,
               "xbar_mvm: coef_b must be [Tr, N] = [", pl.p.Tr(), ", ", pl.p.N, "], got ", coef_b.sizes());
-  std::vector<at::Tensor> w{wb_codes}, coef{coef_b.contiguous()};
+  std::vector<at::Tensor> w{wb_codes}, packed{opt_tensor(wb_packed)}, coef{coef_b.contiguous()};
   if (coef_t.has_value()) {
     TORCH_CHECK(wt_codes->sizes() == wb_codes.sizes() && wt_codes->scalar_type() == at::kInt,
                 "xbar_mvm: wt_codes must be int32 of shape ", wb_codes.sizes(), ", got ", wt_codes->scalar_type(), " ",
@@ -204,52 +333,58 @@ at::Tensor xbar_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& wb_codes, c
     TORCH_CHECK(coef_t->sizes() == coef_b.sizes() && coef_t->scalar_type() == coef_b.scalar_type(),
                 "xbar_mvm: coef_t must match coef_b in shape and dtype");
     w.push_back(*wt_codes);
+    packed.push_back(opt_tensor(wt_packed));
     coef.push_back(coef_t->contiguous());
   }
-  const Isa* amx_lossless = pl.lossless ? lossless_on_amx(pl) : nullptr;
-  const bool gemm = pl.lossless && !amx_lossless;
-  if (gemm) {
-    check_codes(x_codes, w[0], pl, "wb_codes");
-    if (w.size() > 1) check_weight_codes(w[1], pl.p, "wt_codes");
-  }
+  if (!rt.isa) check_input_codes(x_codes, pl.p);
   at::Tensor y = at::empty({pl.p.M, pl.p.N}, coef_b.options());
   AT_DISPATCH_FLOATING_TYPES(coef_b.scalar_type(), "xbar_mvm_cpu", [&] {
-    if (gemm) mvm_lossless<scalar_t>(x_codes, w, coef, pl, y);
-    else mvm_quantized<scalar_t>(x_codes, w, coef, pl, amx_lossless ? *amx_lossless : choose_isa(pl), y);
+    if (!rt.isa) mvm_lossless<scalar_t>(x_codes, w, packed, coef, rt, y);
+    else mvm_quantized<scalar_t>(x_codes, w, packed, coef, rt, y);
   });
   return y;
 }
 
+at::Tensor xbar_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& wb_codes, const std::optional<at::Tensor>& wt_codes,
+                        const at::Tensor& coef_b, const std::optional<at::Tensor>& coef_t, int64_t rows, int64_t cols,
+                        int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits, int64_t cell_bits,
+                        int64_t adc_levels, int64_t adc_clip) {
+  return xbar_mvm_packed_cpu(x_codes, wb_codes, std::nullopt, wt_codes, std::nullopt, coef_b, coef_t, rows, cols,
+                             input_bits, input_signed, dac_bits, weight_bits, cell_bits, adc_levels, adc_clip);
+}
+
 // ------------------------------------------------------------------ xbar_coef_grad
 // G[r, n] = sum_m gy[m, n] * T_int[r, m, n] (float64), without materialising T_int.
-at::Tensor xbar_coef_grad_cpu(const at::Tensor& x_codes, const at::Tensor& w_codes, const at::Tensor& gy, int64_t rows,
-                              int64_t cols, int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits,
-                              int64_t cell_bits, int64_t adc_levels, int64_t adc_clip) {
-  Plan pl = checked_plan(x_codes, w_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits, cell_bits,
-                         adc_levels, adc_clip);
+at::Tensor xbar_coef_grad_packed_cpu(const at::Tensor& x_codes, const at::Tensor& w_codes,
+                                     const std::optional<at::Tensor>& w_packed, const at::Tensor& gy, int64_t rows,
+                                     int64_t cols, int64_t input_bits, bool input_signed, int64_t dac_bits,
+                                     int64_t weight_bits, int64_t cell_bits, int64_t adc_levels, int64_t adc_clip) {
+  const Route rt = checked_route(x_codes, w_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
+                                 cell_bits, adc_levels, adc_clip);
+  const Plan& pl = rt.pl;
   const int64_t M = pl.p.M, N = pl.p.N, Tr = pl.p.Tr();
   TORCH_CHECK(gy.dim() == 2 && gy.size(0) == M && gy.size(1) == N, "xbar_coef_grad: gy must be [M, N] = [", M, ", ",
               N, "], got ", gy.sizes());
   TORCH_CHECK(gy.is_floating_point(), "xbar_coef_grad: gy must be floating point, got ", gy.scalar_type());
   const int64_t g_size = mul_checked(Tr, N, "xbar_coef_grad: the output [Tr, N]");
   const at::Tensor g64 = gy.to(at::kDouble).contiguous();
-  const Isa* amx_lossless = pl.lossless ? lossless_on_amx(pl) : nullptr;
-  if (pl.lossless && !amx_lossless) {
+  if (!rt.isa) {
     // sum_m gy[m, n] sum_{k in r} x[m, k] w[k, n] = sum_{k in r} w[k, n] (X^T gy)[k, n]
-    check_codes(x_codes, w_codes, pl, "w_codes");
+    check_input_codes(x_codes, pl.p);
+    const at::Tensor wf = gemm_weights(w_codes, opt_tensor(w_packed), rt, "w_codes");
     at::Tensor z = at::zeros({pl.p.K, N}, g64.options());
     for (int64_t m0 = 0; m0 < M; m0 += kGemmRowBlock) {
       const int64_t nm = std::min(kGemmRowBlock, M - m0);
       z.addmm_(x_codes.narrow(0, m0, nm).to(at::kDouble).t(), g64.narrow(0, m0, nm));
     }
     const int64_t pad = Tr * pl.p.rows - pl.p.K;
-    at::Tensor prod = at::constant_pad_nd(z.mul_(w_codes.to(at::kDouble)), {0, 0, 0, pad});
+    at::Tensor prod = at::constant_pad_nd(z.mul_(wf.to(at::kDouble)), {0, 0, 0, pad});
     return prod.view({Tr, pl.p.rows, N}).sum(1);
   }
-  const Isa& isa = amx_lossless ? *amx_lossless : choose_isa(pl);
+  const Isa& isa = *rt.isa;
   const int64_t L = isa.lanes;
   std::vector<WeightSet> sets;
-  sets.push_back(weight_set<float>(w_codes, at::Tensor(), pl, isa, "w_codes"));
+  sets.push_back(weight_set<float>(w_codes, opt_tensor(w_packed), at::Tensor(), rt, "w_codes"));
   const double* g = g64.data_ptr<double>();
   // One partial G per thread, summed at the end.
   std::vector<std::vector<double>> part((size_t)at::get_num_threads(), std::vector<double>((size_t)g_size, 0.0));
@@ -271,6 +406,13 @@ at::Tensor xbar_coef_grad_cpu(const at::Tensor& x_codes, const at::Tensor& w_cod
   return out;
 }
 
+at::Tensor xbar_coef_grad_cpu(const at::Tensor& x_codes, const at::Tensor& w_codes, const at::Tensor& gy, int64_t rows,
+                              int64_t cols, int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits,
+                              int64_t cell_bits, int64_t adc_levels, int64_t adc_clip) {
+  return xbar_coef_grad_packed_cpu(x_codes, w_codes, std::nullopt, gy, rows, cols, input_bits, input_signed, dac_bits,
+                                   weight_bits, cell_bits, adc_levels, adc_clip);
+}
+
 }  // namespace
 }  // namespace cpu
 
@@ -278,6 +420,9 @@ TORCH_LIBRARY_IMPL(xma2_ops, CPU, m) {
   m.impl("xbar_tile_sums", &cpu::xbar_tile_sums_cpu);
   m.impl("xbar_mvm", &cpu::xbar_mvm_cpu);
   m.impl("xbar_coef_grad", &cpu::xbar_coef_grad_cpu);
+  m.impl("xbar_pack_weights", &cpu::xbar_pack_weights_cpu);
+  m.impl("xbar_mvm_packed", &cpu::xbar_mvm_packed_cpu);
+  m.impl("xbar_coef_grad_packed", &cpu::xbar_coef_grad_packed_cpu);
   m.impl("xbar_unfold_codes", &cpu::xbar_unfold_codes_cpu);
   // The device model (SPEC 7.2): cells.cpp.
   m.impl("xbar_cell_tile_sums", &cpu::xbar_cell_tile_sums_cpu);

@@ -103,40 +103,45 @@ void pack_input_rows(const CodesView& x, const Plan& pl, const Isa& isa, int64_t
   }
 }
 
-WeightPlanes pack_weights(const int32_t* w, const Plan& pl, const Isa& isa, const char* name) {
+WeightGeometry weight_geometry(const Plan& pl, const Isa& isa) {
+  WeightGeometry g;
   const int64_t N = pl.p.N, Tr = pl.p.Tr();
-  WeightPlanes wp;
+  if (isa.amx) {  // [pol * S + slice][kstep][k / 4 % 16][column][k % 4] bytes per (tile, 16-column block)
+    g.blocks = (N + 15) / 16;
+    g.per_block = mul(2 * pl.p.slices() * 256, pl.kpad / 64);
+  } else {  // bit planes [pol][bit][word][lane] per (tile, lane block)
+    g.blocks = (N + isa.lanes - 1) / isa.lanes;
+    g.per_block = (int64_t)2 * pl.p.w_bits * pl.words * isa.lanes;
+  }
+  g.words = mul(mul(Tr, g.blocks), g.per_block);
+  return g;
+}
+
+void pack_weights(const int32_t* w, const Plan& pl, const Isa& isa, const char* name, uint32_t* dst) {
+  const WeightGeometry g = weight_geometry(pl, isa);
+  std::fill(dst, dst + g.words, 0u);
   if (isa.amx) {
-    // [pol * S + slice][kstep][k / 4 % 16][column][k % 4] bytes per (tile, 16-column block)
     const int64_t KS = pl.kpad / 64;
     const int S = pl.p.slices(), cb = pl.p.cell_bits;
-    wp.blocks = (N + 15) / 16;
-    wp.per_block = mul(2 * S * 256, KS);
-    wp.data.assign((size_t)mul(mul(Tr, wp.blocks), wp.per_block), 0);
     for_each_weight(w, pl, name, [&](int64_t v, int64_t r, int64_t kk, int64_t n) {
       const int pol = v > 0 ? 0 : 1;
       const uint32_t mag = (uint32_t)(v > 0 ? v : -v);
-      uint8_t* base = reinterpret_cast<uint8_t*>(wp.data.data() + (r * wp.blocks + n / 16) * wp.per_block);
+      uint8_t* base = reinterpret_cast<uint8_t*>(dst + (r * g.blocks + n / 16) * g.per_block);
       for (int j = 0; j < S; ++j)
         base[(((int64_t)(pol * S + j) * KS + kk / 64) * 16 + kk % 64 / 4) * 64 + n % 16 * 4 + kk % 4] =
             (uint8_t)bit_field((int32_t)mag, j, cb);
     });
-    return wp;
+    return;
   }
-  // bit planes [pol][bit][word][lane] per (tile, lane block)
   const int64_t lanes = isa.lanes;
   const int W = pl.words, wbits = pl.p.w_bits;
-  wp.blocks = (N + lanes - 1) / lanes;
-  wp.per_block = (int64_t)2 * wbits * W * lanes;
-  wp.data.assign((size_t)mul(mul(Tr, wp.blocks), wp.per_block), 0);
   for_each_weight(w, pl, name, [&](int64_t v, int64_t r, int64_t kk, int64_t n) {
     const int pol = v > 0 ? 0 : 1;
     const uint32_t mag = (uint32_t)(v > 0 ? v : -v);
-    uint32_t* base = wp.data.data() + (r * wp.blocks + n / lanes) * wp.per_block + n % lanes;
+    uint32_t* base = dst + (r * g.blocks + n / lanes) * g.per_block + n % lanes;
     for (int b = 0; b < wbits; ++b)
       if ((mag >> b) & 1u) base[((int64_t)(pol * wbits + b) * W + kk / 32) * lanes] |= 1u << (kk % 32);
   });
-  return wp;
 }
 
 }  // namespace cpu

@@ -3,6 +3,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 namespace xma2 {
 namespace cpu {
@@ -18,9 +21,22 @@ bool vector_adc_exact(const XbarParams& p, Adc& adc) {
   adc.b = (float)(0.5 + 0.25 / (double)p.adc_clip);  // the quarter step keeps exact halves from rounding down
   const int64_t pcap = std::min(pmax, p.adc_clip);
   if (pmax >= (1LL << 24) || pcap > (1 << 20)) return false;  // float P, and a bounded check
-  for (int64_t v = 0; v <= pcap; ++v)  // unclamped: up to clip the code needs no clamp either
-    if ((int64_t)std::fma((float)v, adc.a, adc.b) != adc_code(v, p.adc_levels, p.adc_clip)) return false;
-  return true;
+  // The answer depends only on (levels, clip, pcap): checked once per process for each (up to 2^20
+  // steps), not on every call.
+  static std::mutex mu;
+  static std::map<std::tuple<int64_t, int64_t, int64_t>, bool> known;
+  const auto key = std::make_tuple((int64_t)p.adc_levels, p.adc_clip, pcap);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    const auto it = known.find(key);
+    if (it != known.end()) return it->second;
+  }
+  bool exact = true;
+  for (int64_t v = 0; v <= pcap && exact; ++v)  // unclamped: up to clip the code needs no clamp either
+    exact = (int64_t)std::fma((float)v, adc.a, adc.b) == adc_code(v, p.adc_levels, p.adc_clip);
+  std::lock_guard<std::mutex> lock(mu);
+  known[key] = exact;
+  return exact;
 }
 
 }  // namespace
