@@ -82,7 +82,7 @@ class BasicBlock(nn.Module):
 
 class SmallResNet(nn.Module):
     """ResNet for 28x28 grey images: stem (stride 2) -> 14x14 -> 7x7 -> 4x4 -> 2x2, one basic block
-    per stage, widths w, 2w, 4w, 8w (w = 24: 68 PEs of 128x128, 248 of 64x64, 870 of 32x32)."""
+    per stage, widths w, 2w, 4w, 8w (w = 24: 68 PEs of 128x128, 194 of 64x64, 692 of 32x32)."""
 
     def __init__(self, width: int = 24, num_classes: int = 10) -> None:
         super().__init__()
