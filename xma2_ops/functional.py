@@ -261,6 +261,7 @@ class _Phase:
 
 
 def _xbar(*args, **kwargs) -> torch.Tensor:
+    """The shared body of xbar_conv2d / xbar_linear and the layers (_xbar_body), its phases labelled."""
     phase = _Phase()
     try:
         return _xbar_body(phase, *args, **kwargs)
@@ -269,10 +270,11 @@ def _xbar(*args, **kwargs) -> torch.Tensor:
 
 
 def _xbar_body(phase: _Phase, x, weight, bias, lowering, config: XbarConfig, task_weight, pe_mask, col_scale,
-               input_scale, weight_scale, task_weight_scale, backend, *, signed: Union[None, bool, torch.Tensor] = None,
-          caches: Tuple[Optional[ProgrammingCache], Optional[ProgrammingCache]] = (None, None),
-          reuse: bool = False, on_sign: Optional[Callable[[bool], None]] = None,
-          chip: Optional[ChipPosition] = None, cells: Optional[bool] = None) -> torch.Tensor:
+               input_scale, weight_scale, task_weight_scale, backend, *,
+               signed: Union[None, bool, torch.Tensor] = None,
+               caches: Tuple[Optional[ProgrammingCache], Optional[ProgrammingCache]] = (None, None),
+               reuse: bool = False, on_sign: Optional[Callable[[bool], None]] = None,
+               chip: Optional[ChipPosition] = None, cells: Optional[bool] = None) -> torch.Tensor:
     """``signed``/``caches``/``reuse``/``on_sign``/``chip``/``cells`` are the layers' own: the input
     sign decided at calibration (a bool, or a 0-dim bool tensor read in the one synchronisation),
     their programmed-state caches, whether a cached state may be reused (eval mode), a callback
