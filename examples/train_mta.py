@@ -418,9 +418,7 @@ def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str) -> 
                 accs.append(evaluate(model, data, args.eval_batch, progress, f"{desc} {args.device} chip {chip}")[0])
     finally:
         torch.set_num_threads(threads)
-    mean = sum(accs) / len(accs)
-    std = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5 if len(accs) > 1 else 0.0
-    return ideal, mean, std
+    return (ideal,) + _mean_std(accs)
 
 
 class noise_aware_training:

@@ -184,6 +184,18 @@ def _cell_levels(w: torch.Tensor, cfg: XbarConfig) -> torch.Tensor:
                         for p in pols], -2)
 
 
+@torch.no_grad()
+def _deployed_adapter(layer: nn.Module):
+    """``layer.adapter(layer)`` in its deployed (eval-mode) form: (task_weight, pe_mask, col_scale)."""
+    ad = layer.adapter
+    was = ad.training
+    ad.eval()
+    try:
+        return ad(layer)
+    finally:
+        ad.train(was)
+
+
 def deployed_state(model: nn.Module) -> State:
     """What every PE of the current task stores: (re-programmed mask, cell levels)."""
     state: State = {}
@@ -195,13 +207,8 @@ def deployed_state(model: nn.Module) -> State:
         tr, tc = layer.tiles
         base = _cell_levels(layer.weight.cpu(), cfg)
         mask = torch.zeros(tr, tc, dtype=torch.bool)
-        ad = layer.adapter
-        if ad is not None:
-            was = ad.training
-            ad.eval()
-            with torch.no_grad():
-                w_t, pm, _ = ad(layer)
-            ad.train(was)
+        if layer.adapter is not None:
+            w_t, pm, _ = _deployed_adapter(layer)
             if pm is not None and w_t is not None:
                 mask = pm.detach().cpu() > 0
                 task = _cell_levels(w_t.cpu(), cfg)
@@ -316,10 +323,7 @@ def _inference_cost(model: nn.Module, lcs: List[LayerCost], positions: Dict[str,
         tr, tc = layer.tiles
         pm, cs = torch.zeros(tr, tc), None
         if layer.adapter is not None:
-            was = layer.adapter.training
-            layer.adapter.eval()
-            _, m, c = layer.adapter(layer)
-            layer.adapter.train(was)
+            _, m, c = _deployed_adapter(layer)
             pm = pm if m is None else m.detach().cpu().float()
             cs = None if c is None else c.detach().cpu().float()
         elif layer.pe_mask is not None or layer.col_scale is not None:
