@@ -8,7 +8,7 @@
 Cases (``--cases``):
 - ``resnet18-b64`` / ``resnet18-b1``: ``models.resnet18(num_classes=10, cifar=True)`` on
   3x32x32 images, batch 64 / 1; every conv and the fc on 128x128 crossbars (21 crossbar layers).
-- ``small-x32`` / ``small-x128``: the backbone of ``examples/train_mta.py`` (``SmallResNet``, width 12,
+- ``small-x32`` / ``small-x128``: the backbone of ``examples/train_mta.py`` (``SmallResNet``, width 24,
   imported from the example) on its evaluation batch (100 images of 1x28x28), convs on 32x32 or
   128x128 crossbars, the fc head digital (as in the example).
 - ``layer``: one 3x3 convolution, 64 -> 64 channels, batch 32 of 32x32 (the first shape of
@@ -90,8 +90,8 @@ class _Layer(nn.Module):
 CASES: Dict[str, Tuple[Callable[[], nn.Module], Tuple[int, ...], int, bool]] = {
     "resnet18-b64": (lambda: models.resnet18(num_classes=10, cifar=True), (64, 3, 32, 32), 128, True),
     "resnet18-b1": (lambda: models.resnet18(num_classes=10, cifar=True), (1, 3, 32, 32), 128, True),
-    "small-x32": (lambda: _small_resnet_class()(12, 10), (100, 1, 28, 28), 32, False),
-    "small-x128": (lambda: _small_resnet_class()(12, 10), (100, 1, 28, 28), 128, False),
+    "small-x32": (lambda: _small_resnet_class()(24, 10), (100, 1, 28, 28), 32, False),
+    "small-x128": (lambda: _small_resnet_class()(24, 10), (100, 1, 28, 28), 128, False),
     "layer": (_Layer, (32, 64, 32, 32), 128, True),
     "tiny": (_Tiny, (8, 1, 8, 8), 32, True),
 }

@@ -21,6 +21,8 @@ CONFIGS = [
     (5, 3, 6, 1, 5, 1, 3, 7, True),            # tiny crossbars, many partial sums
     (31, 13, 8, 3, 7, 2, 5, 100, False),       # odd sizes everywhere
     (64, 16, 7, 3, 7, 3, 24, 2**32 - 1, True),  # clip and ADC arithmetic beyond int32 (MAX_ADC_CLIP = 2**32)
+    (128, 128, 8, 2, 8, 1, 8, None, False),    # the default XbarConfig: 128 rows, lossy 8-bit ADC at Pmax
+    (96, 24, 16, 1, 16, 1, 6, None, False),    # 16-bit unsigned inputs, 15 weight slices: |T_int| >= 2^31
 ]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 from .device import DeviceModel
 
@@ -164,11 +164,7 @@ class XbarConfig:
 
     def tile_sum_bound(self, signed: bool) -> int:
         """Upper bound of |T_int| of one row tile (codes times shifts, before any float)."""
-        per_sum = self.adc_levels if self.adc_bits is not None else self.pmax
-        chunks = self.input_chunks(signed)
-        shifts = sum(2 ** (i * self.dac_bits + j * self.cell_bits)
-                     for i in range(chunks) for j in range(self.weight_slices))
-        return 2 * per_sum * shifts  # at most one positive and one negative product sign survive per pair
+        return GemmParams.from_config(self, signed).tile_sum_bound
 
     def tiles(self, k: int, n: int) -> tuple[int, int]:
         """(Tr, Tc) for a [K, N] weight matrix."""
@@ -233,3 +229,38 @@ class GemmParams:
     def adc_identity(self) -> bool:
         """Every ADC code equals its partial sum (config.adc_is_identity)."""
         return adc_is_identity(self.adc_levels, self.adc_clip, self.pmax)
+
+    @property
+    def tile_sum_bound(self) -> int:
+        """Upper bound of |T_int| of one row tile (codes times shifts, before any float)."""
+        per_sum = self.adc_levels if self.adc_levels else self.pmax
+        shifts = sum(2 ** (i * self.dac_bits + j * self.cell_bits)
+                     for i in range(self.chunks) for j in range(self.slices))
+        # Each sign of x_p * w_q products comes from two (input, weight) polarity pairs, whose sums
+        # share one bound: the positive and the negative part of T are each at most per_sum * shifts * 2.
+        return 2 * per_sum * shifts
+
+
+def adc_multiply_shift(levels: int, clip: int, pmax: int) -> Optional[Tuple[int, int]]:
+    """The ADC of SPEC 3 without a division, for kernels where an integer division is slow (GPUs):
+    ``(mult, shift)`` with, for every partial sum 0 <= P <= pmax and N = 2 P n + clip,
+
+        floor(N / (2 clip)) == (N * mult) >> shift,   N < 2^31,  mult < 2^31,  shift >= 32,
+
+    so that the code is one 32-bit multiply-high (``umulhi(N, mult) >> (shift - 32)``) and a clamp to
+    n.  None when these bounds cannot hold (a lossless or an ideal ADC, or N too large): kernels then
+    divide.  Why it is exact: with D = 2 clip, shift = max(32, bitlength(N_max D)) and
+    mult = ceil(2^shift / D), the error e = mult D - 2^shift is in [0, D), so
+    N mult / 2^shift = N / D + N e / (D 2^shift) with N e < N_max D < 2^shift: the extra term is below
+    1 / D and cannot carry floor(N / D) to the next integer (N / D is at most 1 - 1/D above it)."""
+    if levels == 0:
+        return None
+    d = 2 * clip
+    n_max = 2 * pmax * levels + clip
+    if n_max >= 1 << 31:
+        return None
+    shift = max(32, (n_max * d).bit_length())
+    mult = -(-(1 << shift) // d)
+    if mult >= 1 << 31:
+        return None
+    return mult, shift

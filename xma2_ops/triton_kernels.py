@@ -1,10 +1,12 @@
 """Backend "triton": one fused Triton kernel per call for the quantised crossbar GEMM.
 
 Each program owns an output block [BLOCK_M, BLOCK_N] and walks the row tiles.  Per row tile it
-loads the integer codes (once, when the row tile fits one K block), expands input polarities and
-DAC chunks and weight polarities and cell slices in registers, computes every analog partial sum
-with ``tl.dot``, applies the ADC of docs/SPEC.md section 3, shift-adds the codes into T_int (int64)
-and either stores T_int (``tile_sums``) or accumulates ``coef[r, n] * T_int`` in float64 (``mvm``).
+loads the integer codes (once, narrowed to 8 or 16 bits where they fit, when the row tile fits one
+K block: up to 128 rows), expands input polarities and DAC chunks and weight polarities and cell
+slices in registers, computes every analog partial sum with ``tl.dot``, applies the ADC of
+docs/SPEC.md section 3 (a 32-bit multiply-high where ``config.adc_multiply_shift`` allows, else an
+int64 division), shift-adds the codes into T_int (int32 where its bound allows, else int64) and
+either stores T_int (``tile_sums``) or accumulates ``coef[r, n] * T_int`` in float64 (``mvm``).
 
 Exactness of the dots: every operand is an int8 tensor with values in [-128, 127] and the dot
 accumulates in int32 (int8 x int8 -> int32 is exact and runs on tensor cores).  Chunks and slices
@@ -37,7 +39,7 @@ try:
 except Exception as err:  # any failure to load Triton means: no triton backend (``_ops`` skips it)
     raise ImportError(f"xma2_ops.triton_kernels needs Triton: {err}") from err
 
-from .config import MAX_ADC_CLIP, GemmParams
+from .config import MAX_ADC_CLIP, GemmParams, adc_multiply_shift
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICES = ("cuda", "cpu") if _INTERPRET else ("cuda",)
@@ -50,12 +52,17 @@ _MAX_ADC_LEVELS = (1 << 24) - 1  # n = min(2^adc_bits - 1, clip) with adc_bits <
 _MAX_FRAC_BITS = 16  # DeviceModel.frac_bits
 _MAX_G_DIGITS = 5  # base-128 digits of an int32 conductance (< 2^31 <= 2^35)
 # Tile sizes picked from ptxas register/spill reports for sm_80 and sm_90 (Triton compiled ahead of
-# time, no GPU timings yet): a 64 x 64 output block with 8 warps keeps spills small while the row tile's
-# codes stay in registers up to 64 rows; longer row tiles stream K in steps of 32.
+# time, scripts/check_triton_compile.py prints them; no GPU timings yet): a 64 x 64 output block with
+# 8 warps; a row tile of up to 128 rows (the default crossbar) has its codes loaded once and kept in
+# registers, with a 64 x 32 block above 64 rows (no spills at the default config; 64 x 64 spills
+# ~200 bytes); longer row tiles stream K in steps of 32.  The cell kernel (int32 conductances of up to
+# 5 base-128 digits) keeps its codes in registers up to 64 rows.
 _BLOCK_M = 64
 _BLOCK_N = 64
+_BLOCK_N_WIDE_K = 32
 _NUM_WARPS = 8
-_MAX_SINGLE_K = 64
+_MAX_SINGLE_K = 128
+_CELL_MAX_SINGLE_K = 64
 _STREAM_K = 32
 
 
@@ -113,19 +120,24 @@ def _load_codes(x_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, k0, k_end, sxm, sxk, s
 
 @triton.jit
 def _row_tile_sum(x_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, k0, k_end, sxm, sxk, swk, swn,
-                  chunks, slices, adc_levels, adc_clip, adc_den,
+                  chunks, slices, adc_levels, adc_clip, adc_den, adc_mult, adc_shift,
                   X_POLS: tl.constexpr, DB: tl.constexpr, CB: tl.constexpr, LOSSLESS: tl.constexpr,
                   X_DIGITS: tl.constexpr, W_DIGITS: tl.constexpr, SINGLE_K: tl.constexpr,
+                  X_T: tl.constexpr, W_T: tl.constexpr, ADC_MUL: tl.constexpr, T_T: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """T_int [BLOCK_M, BLOCK_N] (int64) of one row tile [k0, k_end) (SPEC 3)."""
-    t = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int64)
     if LOSSLESS:
+        t = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int64)
         for kb in range(k0, k_end, BLOCK_K):
             x, w = _load_codes(x_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, kb, k_end, sxm, sxk, swk, swn, BLOCK_K)
             t += _digit_dot(x, w, X_DIGITS, W_DIGITS)
     else:
-        if SINGLE_K:  # the whole row tile stays in registers for every (polarity, chunk, slice)
+        t = tl.zeros([BLOCK_M, BLOCK_N], dtype=T_T)  # int32 where the host's bound on |T_int| allows
+        if SINGLE_K:  # the row tile's codes are loaded once and kept, narrowed to X_T / W_T, for every
+            # (polarity, chunk, slice)
             x, w = _load_codes(x_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, k0, k_end, sxm, sxk, swk, swn, BLOCK_K)
+            x = x.to(X_T)
+            w = w.to(W_T)
         for px in range(X_POLS):
             sx = 1 - 2 * px  # polarity p of the input: max(sx * x, 0)
             for q in range(2):
@@ -152,17 +164,22 @@ def _row_tile_sum(x_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, k0, k_end, sxm, sxk,
                                 else:
                                     p += tl.dot(xc.to(tl.int8), wc.to(tl.int8), out_dtype=tl.int32).to(tl.int64)
                         # ADC: clamp(floor((2 P n + clip) / (2 clip)), 0, n); P >= 0 so // is floor
-                        code = tl.minimum((2 * p * adc_levels + adc_clip) // adc_den, adc_levels)
-                        t += (sx * sw) * (code << (i * DB + j * CB))
-    return t
+                        if ADC_MUL:  # the same codes by a multiply-high (config.adc_multiply_shift): all int32
+                            num = p.to(tl.int32) * (2 * adc_levels) + adc_clip
+                            code = tl.minimum(tl.umulhi(num, adc_mult) >> adc_shift, adc_levels)
+                        else:  # int64 division (slow on GPUs)
+                            code = tl.minimum((2 * p * adc_levels + adc_clip) // adc_den, adc_levels)
+                        t += (sx * sw) * (code.to(T_T) << (i * DB + j * CB))
+    return t.to(tl.int64)
 
 
 @triton.jit
 def _xbar_kernel(x_ptr, wb_ptr, wt_ptr, cb_ptr, ct_ptr, out_ptr,
                  M, N, K, plane, sxm, sxk, swk, swn,
-                 rows, n_tiles, chunks, slices, adc_levels, adc_clip, adc_den,
+                 rows, n_tiles, chunks, slices, adc_levels, adc_clip, adc_den, adc_mult, adc_shift,
                  X_POLS: tl.constexpr, DB: tl.constexpr, CB: tl.constexpr, LOSSLESS: tl.constexpr,
                  X_DIGITS: tl.constexpr, W_DIGITS: tl.constexpr, SINGLE_K: tl.constexpr,
+                 X_T: tl.constexpr, W_T: tl.constexpr, ADC_MUL: tl.constexpr, T_T: tl.constexpr,
                  MVM: tl.constexpr, HAS_T: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """MVM: y[m, n] = sum_r cb[r, n] T_b[r, m, n] + ct[r, n] T_t[r, m, n] (float64 accumulation);
@@ -183,20 +200,23 @@ def _xbar_kernel(x_ptr, wb_ptr, wt_ptr, cb_ptr, ct_ptr, out_ptr,
             coef = tl.load(cb_ptr + r * N + offs_n, mask=n_ok, other=0.0).to(tl.float64)
             if tl.max(tl.abs(coef), axis=0) != 0:
                 t = _row_tile_sum(x_ptr, wb_ptr, offs_m, offs_n, m_ok, n_ok, k0, k_end, sxm, sxk, swk, swn,
-                                  chunks, slices, adc_levels, adc_clip, adc_den, X_POLS, DB, CB, LOSSLESS,
-                                  X_DIGITS, W_DIGITS, SINGLE_K, BLOCK_M, BLOCK_N, BLOCK_K)
+                                  chunks, slices, adc_levels, adc_clip, adc_den, adc_mult, adc_shift, X_POLS, DB, CB,
+                                  LOSSLESS, X_DIGITS, W_DIGITS, SINGLE_K, X_T, W_T, ADC_MUL, T_T, BLOCK_M, BLOCK_N,
+                                  BLOCK_K)
                 acc += coef[None, :] * t.to(tl.float64)
             if HAS_T:
                 coef = tl.load(ct_ptr + r * N + offs_n, mask=n_ok, other=0.0).to(tl.float64)
                 if tl.max(tl.abs(coef), axis=0) != 0:
                     t = _row_tile_sum(x_ptr, wt_ptr, offs_m, offs_n, m_ok, n_ok, k0, k_end, sxm, sxk, swk, swn,
-                                      chunks, slices, adc_levels, adc_clip, adc_den, X_POLS, DB, CB, LOSSLESS,
-                                      X_DIGITS, W_DIGITS, SINGLE_K, BLOCK_M, BLOCK_N, BLOCK_K)
+                                      chunks, slices, adc_levels, adc_clip, adc_den, adc_mult, adc_shift, X_POLS, DB, CB,
+                                      LOSSLESS, X_DIGITS, W_DIGITS, SINGLE_K, X_T, W_T, ADC_MUL, T_T, BLOCK_M, BLOCK_N,
+                                      BLOCK_K)
                     acc += coef[None, :] * t.to(tl.float64)
         else:
             t = _row_tile_sum(x_ptr, wb_ptr, offs_m, offs_n, m_ok, n_ok, k0, k_end, sxm, sxk, swk, swn,
-                              chunks, slices, adc_levels, adc_clip, adc_den, X_POLS, DB, CB, LOSSLESS,
-                              X_DIGITS, W_DIGITS, SINGLE_K, BLOCK_M, BLOCK_N, BLOCK_K)
+                              chunks, slices, adc_levels, adc_clip, adc_den, adc_mult, adc_shift, X_POLS, DB, CB,
+                              LOSSLESS, X_DIGITS, W_DIGITS, SINGLE_K, X_T, W_T, ADC_MUL, T_T, BLOCK_M, BLOCK_N,
+                              BLOCK_K)
             tl.store(t_ptrs, t, mask=out_ok)
             t_ptrs += plane
     if MVM:
@@ -477,18 +497,30 @@ def _xbar_launch(kernel, x_codes: torch.Tensor, wb_codes: torch.Tensor, wt_codes
     block_k = max(32, triton.next_power_of_2(p.rows)) if single_k else _STREAM_K
     levels = max(p.adc_levels, 1)  # unused when lossless (levels 0 is the ideal ADC)
     signed_digits = 7  # base-128 digits: |code| < 2^bits needs ceil(bits / 7) of them
-    grid = (triton.cdiv(m, _BLOCK_M), triton.cdiv(n, _BLOCK_N))
+    adc_mul = None if p.adc_identity else adc_multiply_shift(p.adc_levels, p.adc_clip, p.pmax)
+    mult, shift = adc_mul if adc_mul else (1, 32)
+    block_n = _BLOCK_N_WIDE_K if single_k and block_k > 64 else _BLOCK_N
+    grid = (triton.cdiv(m, _BLOCK_M), triton.cdiv(n, block_n))
     kernel[grid](
         x_codes, wb_codes, wt_codes if wt_codes is not None else wb_codes,
         coef_b if coef_b is not None else out, coef_t if coef_t is not None else out, out,
         m, n, k, m * n, x_codes.stride(0), x_codes.stride(1), wb_codes.stride(0), wb_codes.stride(1),
-        p.rows, n_tiles, p.chunks, p.slices, levels, p.adc_clip, 2 * p.adc_clip,
+        p.rows, n_tiles, p.chunks, p.slices, levels, p.adc_clip, 2 * p.adc_clip, mult, shift - 32,
         X_POLS=2 if p.input_signed else 1, DB=p.dac_bits, CB=p.cell_bits, LOSSLESS=p.adc_identity,
         X_DIGITS=-(-p.x_bits // signed_digits), W_DIGITS=-(-(p.weight_bits - 1) // signed_digits),
-        SINGLE_K=single_k, MVM=coef_b is not None, HAS_T=wt_codes is not None,
-        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=block_k,
+        SINGLE_K=single_k, X_T=_narrow_x(p), W_T=tl.int8 if p.weight_bits <= 8 else tl.int16,
+        ADC_MUL=adc_mul is not None, T_T=tl.int32 if p.tile_sum_bound < 1 << 31 else tl.int64,
+        MVM=coef_b is not None, HAS_T=wt_codes is not None,
+        BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=_NUM_WARPS,
     )
+
+
+def _narrow_x(p: GemmParams):
+    """The narrowest integer type that holds every input code (|code| <= 2^x_bits - 1)."""
+    if not p.input_signed and p.x_bits <= 8:
+        return tl.uint8
+    return tl.int16 if p.x_bits <= 15 else tl.int32
 
 
 def _cell_launch(kernel, x_codes: torch.Tensor, gb: torch.Tensor, gt: Optional[torch.Tensor],
@@ -497,7 +529,7 @@ def _cell_launch(kernel, x_codes: torch.Tensor, gb: torch.Tensor, gt: Optional[t
     m, k = x_codes.shape
     n = gb.shape[3]
     n_tiles = -(-k // p.rows)
-    single_k = p.rows <= _MAX_SINGLE_K
+    single_k = p.rows <= _CELL_MAX_SINGLE_K
     block_k = max(32, triton.next_power_of_2(p.rows)) if single_k else _STREAM_K
     ideal = p.adc_levels == 0
     xw = 7 if ideal else p.dac_bits  # ideal ADC: base-128 digits of the input instead of DAC chunks
