@@ -14,12 +14,12 @@ from xma2_ops import XbarConfig, reference as ref
 CFG = XbarConfig(rows=16, cols=4)
 
 
-def _layer(kind: str, seed: int = 0):
+def _layer(kind: str, seed: int = 0, config: XbarConfig = CFG):
     torch.manual_seed(seed)
     if kind == "conv":
-        layer, x = xma2_ops.XbarConv2d(3, 6, 3, padding=1, config=CFG), torch.randn(2, 3, 6, 6)
+        layer, x = xma2_ops.XbarConv2d(3, 6, 3, padding=1, config=config), torch.randn(2, 3, 6, 6)
     else:
-        layer, x = xma2_ops.XbarLinear(20, 7, config=CFG), torch.randn(5, 20)
+        layer, x = xma2_ops.XbarLinear(20, 7, config=config), torch.randn(5, 20)
     layer(x)  # calibrates the input range on a first batch
     layer.eval()
     return layer, x
@@ -75,12 +75,15 @@ EDITS = [_edit_data_neg, _edit_data_mul, _edit_numpy, _edit_prune, _edit_in_plac
          _edit_load_state_dict, _edit_to]
 
 
+@pytest.mark.parametrize("config", [CFG, XbarConfig(rows=16, cols=4, input_bits=None, adc_bits=None)],
+                         ids=["quantised", "weight-only"])
 @pytest.mark.parametrize("kind", ["conv", "linear"])
 @pytest.mark.parametrize("edit", EDITS, ids=lambda f: f.__name__[6:])
-def test_eval_layer_sees_every_weight_edit(kind, edit):
-    """Eval mode keeps the programmed state, but every way of changing the weight is seen; the
-    first five edits do not bump the version counter (the old caches returned the stale output)."""
-    layer, x = _layer(kind)
+def test_eval_layer_sees_every_weight_edit(kind, edit, config):
+    """Eval mode keeps the programmed state (and, weight-only, its dequantised weight), but every way
+    of changing the weight is seen; the first five edits do not bump the version counter (the old
+    caches returned the stale output)."""
+    layer, x = _layer(kind, config=config)
     before = layer(x)
     version = layer.weight._version
     edit(layer)

@@ -287,6 +287,7 @@ def _xbar_body(phase: _Phase, x, weight, bias, lowering, config: XbarConfig, tas
     check_backend_name(backend)
     phase("xbar.checks")
     checks = _DataChecks()
+    no_masks = task_weight is None and pe_mask is None and col_scale is None  # W_eff = W
     pe_mask, col_scale = _check_masks(config, k, n, x, task_weight, pe_mask, col_scale, checks)
     if m == 0 or k == 0 or n == 0 or x.numel() == 0:  # (x may be empty while padding makes rows)
         checks.run()
@@ -294,8 +295,8 @@ def _xbar_body(phase: _Phase, x, weight, bias, lowering, config: XbarConfig, tas
     if config.weight_bits is None:  # ideal crossbar: y = conv(x, W_eff)
         checks.run()
         phase("xbar.float_forward")
-        w_eff = effective_weight(weight, task_weight, pe_mask.to(x.dtype), col_scale.to(x.dtype), config.rows,
-                                 config.cols)
+        w_eff = weight if no_masks else effective_weight(weight, task_weight, pe_mask.to(x.dtype),
+                                                         col_scale.to(x.dtype), config.rows, config.cols)
         y = lowering.float_forward(x, w_eff)
         return y if bias is None else lowering.add_bias(y, bias)
 
@@ -340,10 +341,10 @@ def _xbar_body(phase: _Phase, x, weight, bias, lowering, config: XbarConfig, tas
 
     if not quantized:  # weight-only: fake-quantised weights (as the cells hold them), straight-through gradient
         phase("xbar.float_forward")
-        cd = x.dtype
-        wq_b = weight + (w_b.dequantized(cd, g_b) - weight).detach()
-        wq_t = task_weight + (w_t.dequantized(cd, g_t) - task_weight).detach() if w_t is not None else None
-        w_eff = effective_weight(wq_b, wq_t, pe_mask.to(x.dtype), col_scale.to(x.dtype), config.rows, config.cols)
+        wq_b = _fake_quantized(weight, w_b, g_b)
+        wq_t = _fake_quantized(task_weight, w_t, g_t) if w_t is not None else None
+        w_eff = wq_b if no_masks else effective_weight(wq_b, wq_t, pe_mask.to(x.dtype), col_scale.to(x.dtype),
+                                                       config.rows, config.cols)
         y = lowering.float_forward(x, w_eff)
         return y if bias is None else lowering.add_bias(y, bias)
 
@@ -385,6 +386,15 @@ def _xbar_body(phase: _Phase, x, weight, bias, lowering, config: XbarConfig, tas
     return y if bias is None else lowering.add_bias(y, bias)
 
 
+def _fake_quantized(weight: torch.Tensor, state: ProgrammedWeight, gq: Optional[torch.Tensor]) -> torch.Tensor:
+    """The weight the cells hold, in the weight's dtype, with the straight-through gradient to ``weight``
+    when one is needed (without one: the programmed state's own dequantised copy, no per-call work)."""
+    wq = state.dequantized(weight.dtype, gq)
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return weight + (wq - weight).detach()
+    return wq
+
+
 def _check_cell_sums(p: GemmParams, frac_bits: int, *gqs) -> None:
     """Every partial sum P_F of the cells must be exact in every backend (int64 ADC arithmetic with
     2 P_F n + clip 2^F, float64 GEMMs below 2^53): refuse conductances that could break that."""
@@ -410,8 +420,8 @@ def _straight_through_term(x, weight, task_weight, pe_mask, col_scale, s_x, w_b:
     keep = ref.input_in_range(xc.detach(), s_x, params.input_bits, params.input_signed).to(x.dtype)
     x_deq = (ref.quantize_input(xc.detach(), s_x, params.input_bits, params.input_signed) * s_x).to(x.dtype)
     x_ste = x * keep + (x_deq - x * keep).detach()
-    wq_b = weight + (w_b.dequantized(x.dtype, g_b) - weight).detach()
-    wq_t = task_weight + (w_t.dequantized(x.dtype, g_t) - task_weight).detach() if w_t is not None else None
+    wq_b = _fake_quantized(weight, w_b, g_b)
+    wq_t = _fake_quantized(task_weight, w_t, g_t) if w_t is not None else None
     m, a = pe_mask.detach().to(x.dtype), col_scale.detach().to(x.dtype)
     w_eff = effective_weight(wq_b, wq_t, m, a, params.rows, params.cols)
     return straight_through(x_ste, w_eff, lowering)

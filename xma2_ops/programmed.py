@@ -75,6 +75,7 @@ class ProgrammedWeight:
     cells: Optional[CellState] = None
     key: tuple = ()
     _packed: dict = field(default_factory=dict, compare=False, repr=False)
+    _dequantized: dict = field(default_factory=dict, compare=False, repr=False)
 
     def packed(self, backend, params) -> Optional[torch.Tensor]:
         """``backend.pack_weights(codes, params)``, made once per (backend, params, XMA2_CPU_ISA); None
@@ -91,10 +92,26 @@ class ProgrammedWeight:
 
     def dequantized(self, dtype: torch.dtype, gq: Optional[torch.Tensor] = None) -> torch.Tensor:
         """s * codes in the weight's own layout [N, ...]: the weight the cells hold, as a float
-        weight (from the conductances ``gq`` of one read when the cells are non-ideal)."""
+        weight (from the conductances ``gq`` of one read when the cells are non-ideal).  From the
+        codes it is made once per dtype and kept here, like ``packed`` (a fresh read's is not)."""
         s = self.scale.reshape(-1, 1)
-        codes = self.codes if gq is None else cell_weight_codes(gq, self.cells.cell_bits, self.cells.device.frac_bits)
-        return (codes.T.to(s.dtype) * s).reshape(self.shape).to(dtype)
+        if gq is not None:
+            return _weight_layout(cell_weight_codes(gq, self.cells.cell_bits, self.cells.device.frac_bits), s,
+                                  self.shape, dtype)
+        if torch.compiler.is_compiling():
+            return _weight_layout(self.codes, s, self.shape, dtype)
+        version = (_version_of(self.codes), _version_of(self.scale))
+        hit = self._dequantized.get(dtype)
+        if hit is None or hit[0] != version:
+            hit = (version, _weight_layout(self.codes, s, self.shape, dtype))
+            self._dequantized[dtype] = hit
+        return hit[1]
+
+
+def _weight_layout(codes: torch.Tensor, s: torch.Tensor, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """s * codes [K, N] as a contiguous float weight [N, ...] (a transposed view would make every
+    convolution with it copy or take a slow path)."""
+    return (codes.T.to(s.dtype) * s).contiguous().reshape(shape).to(dtype)
 
 
 def _version_of(t: torch.Tensor) -> int:

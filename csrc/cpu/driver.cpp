@@ -78,18 +78,29 @@ void run_quantized(const CodesView& x, const Plan& pl, const Isa& isa, const std
   int64_t plane_words = 0;
   TORCH_CHECK(!__builtin_mul_overflow(stride, kRowBlock, &plane_words), "xbar: packed input size overflows int64");
   std::atomic<bool> bad{false};
-  // Row blocks are handed out one at a time rather than in equal shares: on a machine shared with
-  // other processes, a thread whose core is busy then takes fewer blocks instead of stalling all.
+  // Work items are (row block, group of lane blocks), handed out one at a time rather than in equal
+  // shares: on a machine shared with other processes, a thread whose core is busy then takes fewer
+  // items instead of stalling all.  Few row blocks (small batches, late layers: M = 16 at batch 1) are
+  // split over the output columns too, so that every thread has work; each item packs its input rows.
   const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+  const int64_t lane_blocks = sets.empty() ? 1 : std::max<int64_t>(sets[0].planes.g.blocks, 1);
+  const int64_t threads = at::get_num_threads();
+  const int64_t groups = blocks >= 4 * threads ? 1 : std::min(lane_blocks, (4 * threads + blocks - 1) / blocks);
+  const int64_t per_group = (lane_blocks + groups - 1) / groups;
+  const int64_t items = blocks * groups;
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), blocks), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, std::min(threads, items), 1, [&](int64_t, int64_t) {
     std::vector<uint16_t> mags;
     std::vector<uint32_t> xplanes((size_t)plane_words);
     std::vector<int64_t> t((size_t)(kRowBlock * L));
-    for (int64_t blk = next++; blk < blocks; blk = next++) {
+    for (int64_t item = next++; item < items; item = next++) {
+      const int64_t blk = item / groups, nb0 = (item % groups) * per_group;
+      const int64_t nb1 = std::min(lane_blocks, nb0 + per_group);
       const int64_t m0 = blk * kRowBlock, nm = std::min(kRowBlock, M - m0);
+      const int64_t n0 = nb0 * L, n1 = std::min(pl.p.N, nb1 * L);
+      if (nb0 >= nb1) continue;
       if (Tr == 0) {  // K == 0: no codes, every T_int is 0
-        done(m0, nm);
+        done(m0, nm, n0, n1);
         continue;
       }
       pack_input_rows(x, pl, isa, m0, nm, mags, xplanes.data(), bad);
@@ -97,14 +108,14 @@ void run_quantized(const CodesView& x, const Plan& pl, const Isa& isa, const std
         const uint32_t* xr = xplanes.data() + r * (stride / Tr);
         for (size_t s = 0; s < sets.size(); ++s) {
           const WeightPlanes& wp = sets[s].planes;
-          for (int64_t nb = 0; nb < wp.g.blocks; ++nb) {
+          for (int64_t nb = nb0; nb < nb1; ++nb) {
             if (!sets[s].active[(size_t)(r * wp.g.blocks + nb)]) continue;
             isa.block(pl, xr, stride, nm, wp.at(r, nb), t.data());
             epi((int)s, r, nb * L, m0, nm, t.data());
           }
         }
       }
-      done(m0, nm);
+      done(m0, nm, n0, n1);
     }
   });
   TORCH_CHECK(!bad, "xbar: x_codes must hold codes in [", pl.p.x_pols == 2 ? -((1LL << pl.p.x_bits) - 1) : 0, ", ",

@@ -33,12 +33,13 @@ struct WeightSet {
 // Per (set, tile r, lane block n0), T[mi * L + lane] = T_int[r, m0 + mi, n0 + lane] (lanes past N
 // hold zeros).
 using TileEpilogue = std::function<void(int set, int64_t r, int64_t n0, int64_t m0, int64_t nm, const int64_t* t)>;
-using BlockDone = std::function<void(int64_t m0, int64_t nm)>;
+using BlockDone = std::function<void(int64_t m0, int64_t nm, int64_t n0, int64_t n1)>;
 
-// Calls epi for every needed (tile, set, lane block) of each block of kRowBlock input rows, in this
-// order: row tile outer, then the weight sets in order, then lane blocks (so every output element
-// sees its terms in the order row tile, base set, task set); then done(m0, nm) on the same thread.
-// Row blocks run in parallel.  Refuses input codes outside the range.
+// Calls epi for every needed (tile, set, lane block) of each work item -- a block of kRowBlock input
+// rows and a range of lane blocks (output columns [n0, n1)) -- in this order: row tile outer, then
+// the weight sets in order, then lane blocks (so every output element sees its terms in the order row
+// tile, base set, task set); then done(m0, nm, n0, n1) on the same thread.  Work items run in
+// parallel; one output element belongs to one item.  Refuses input codes outside the range.
 void run_quantized(const CodesView& x, const Plan& pl, const Isa& isa, const std::vector<WeightSet>& sets,
                    const TileEpilogue& epi, const BlockDone& done);
 

@@ -208,7 +208,7 @@ at::Tensor xbar_tile_sums_cpu(const at::Tensor& x_codes, const at::Tensor& w_cod
                   for (int64_t mi = 0; mi < nm; ++mi)
                     std::memcpy(o + (r * M + m0 + mi) * N + n0, t + mi * L, sizeof(int64_t) * nl);
                 },
-                [](int64_t, int64_t) {});
+                [](int64_t, int64_t, int64_t, int64_t) {});
   return out;
 }
 
@@ -242,10 +242,13 @@ void mvm_quantized(const at::Tensor& x, const std::vector<at::Tensor>& w, const 
                     for (int64_t l = 0; l < nl; ++l) row[l] += (double)c[l] * (double)tr[l];
                   }
                 },
-                [&](int64_t m0, int64_t nm) {
+                [&](int64_t m0, int64_t nm, int64_t n0, int64_t n1) {
                   std::vector<double>& a = acc[(size_t)at::get_thread_num()];
-                  for (int64_t i = 0; i < nm * N; ++i) out[m0 * N + i] = (scalar_t)a[(size_t)i];
-                  std::fill(a.begin(), a.end(), 0.0);
+                  for (int64_t mi = 0; mi < nm; ++mi) {
+                    double* row = a.data() + mi * N;
+                    for (int64_t n = n0; n < n1; ++n) out[(m0 + mi) * N + n] = (scalar_t)row[n];
+                    std::fill(row + n0, row + n1, 0.0);
+                  }
                 });
 }
 
@@ -262,29 +265,39 @@ void mvm_lossless_t(const at::Tensor& x, const std::vector<at::Tensor>& wf, cons
   // rows per block: about 2^18 GEMM outputs, at least 16 rows
   const int64_t block = std::max<int64_t>(16, std::min<int64_t>(kGemmRowBlock, (1 << 18) / std::max<int64_t>(N, 1)));
   const int64_t blocks = (M + block - 1) / block;
+  // Few row blocks (small batches): the columns are split too, in groups of at least 64, so that
+  // every thread has work (as in the quantised driver).
+  const int64_t threads = at::get_num_threads();
+  const int64_t groups = blocks >= 4 * threads ? 1
+                                                : std::max<int64_t>(1, std::min((N + 63) / 64, (4 * threads + blocks - 1) / blocks));
+  const int64_t width = (N + groups - 1) / groups;
+  const int64_t items = blocks * groups;
   scalar_t* out = y.data_ptr<scalar_t>();
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), blocks), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, std::min(threads, items), 1, [&](int64_t, int64_t) {
     std::vector<double> acc;
-    for (int64_t blk = next++; blk < blocks; blk = next++) {
+    for (int64_t item = next++; item < items; item = next++) {
+      const int64_t blk = item / groups, n0 = (item % groups) * width, nw = std::min(width, N - n0);
+      if (nw <= 0) continue;
       const int64_t m0 = blk * block, nm = std::min(block, M - m0);
       const at::Tensor xb = x.narrow(0, m0, nm).to(ft);
-      acc.assign((size_t)(nm * N), 0.0);
+      acc.assign((size_t)(nm * nw), 0.0);
       for (int64_t r = 0; r < Tr; ++r) {
         const int64_t k0 = r * R, kr = std::min(R, pl.p.K - k0);
         for (size_t s = 0; s < wf.size(); ++s) {
           if (!row_used[s][(size_t)r]) continue;  // every PE of this tile row is skipped
-          const scalar_t* c = coef[s].data_ptr<scalar_t>() + r * N;
-          const at::Tensor t = at::mm(xb.narrow(1, k0, kr), wf[s].narrow(0, k0, kr)).contiguous();
+          const scalar_t* c = coef[s].data_ptr<scalar_t>() + r * N + n0;
+          const at::Tensor t = at::mm(xb.narrow(1, k0, kr), wf[s].narrow(0, k0, kr).narrow(1, n0, nw)).contiguous();
           const ft_t* tp = t.data_ptr<ft_t>();  // exact integers
           for (int64_t mi = 0; mi < nm; ++mi) {
-            double* a = acc.data() + mi * N;
-            const ft_t* tm = tp + mi * N;
-            for (int64_t n = 0; n < N; ++n) a[n] += (double)c[n] * (double)tm[n];
+            double* a = acc.data() + mi * nw;
+            const ft_t* tm = tp + mi * nw;
+            for (int64_t n = 0; n < nw; ++n) a[n] += (double)c[n] * (double)tm[n];
           }
         }
       }
-      for (int64_t i = 0; i < nm * N; ++i) out[m0 * N + i] = (scalar_t)acc[(size_t)i];
+      for (int64_t mi = 0; mi < nm; ++mi)
+        for (int64_t n = 0; n < nw; ++n) out[(m0 + mi) * N + n0 + n] = (scalar_t)acc[(size_t)(mi * nw + n)];
     }
   });
 }
@@ -398,7 +411,7 @@ at::Tensor xbar_coef_grad_packed_cpu(const at::Tensor& x_codes, const at::Tensor
                     for (int64_t l = 0; l < nl; ++l) gr[l] += gm[l] * (double)tr[l];
                   }
                 },
-                [](int64_t, int64_t) {});
+                [](int64_t, int64_t, int64_t, int64_t) {});
   at::Tensor out = at::zeros({Tr, N}, g64.options());
   double* o = out.data_ptr<double>();
   for (const auto& pt : part)
