@@ -233,6 +233,10 @@ def test_packed_weights_are_read_and_checked(isa):
     for p in (_params(32, 8, 4, True, 1, 5, 2, 4), _params(32, 8, 4, False, 1, 5, 1, None)):
         with pytest.raises(RuntimeError, match=r"w_codes must hold codes in \[-15, 15\]"):
             torch.ops.xma2_ops.xbar_pack_weights(torch.full((70, 3), 16, dtype=torch.int32), *p.as_args())
+        one_bad = torch.zeros(70, 3, dtype=torch.int32)
+        one_bad[69, 2] = -16  # the last row of a partial tile, the last column of a partial lane block
+        with pytest.raises(RuntimeError, match=r"w_codes must hold codes in \[-15, 15\]"):
+            torch.ops.xma2_ops.xbar_pack_weights(one_bad, *p.as_args())
 
 
 def test_many_weight_tensors_stay_correct(isa):

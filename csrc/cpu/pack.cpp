@@ -78,6 +78,42 @@ void for_each_weight(const int32_t* c, const Plan& pl, const char* name, Set set
   TORCH_CHECK(!bad, "xbar: ", name, " must hold codes in [", -q, ", ", q, "]");
 }
 
+// The bit planes [pol][bit][word][lane] of one (row tile r, lane block nb): each word built in
+// registers from 32 rows of L columns and written once (no read-modify-write of scattered words);
+// out-of-range codes set `bad`.
+template <int L>
+void planes_block(const int32_t* w, const Plan& pl, int64_t r, int64_t nb, uint32_t* out, bool& bad) {
+  const int64_t K = pl.p.K, N = pl.p.N, R = pl.p.rows;
+  const int W = pl.words, wbits = pl.p.w_bits;
+  const int32_t q = (int32_t)((1LL << wbits) - 1);
+  const int64_t n0 = nb * L, nl = std::min<int64_t>(L, N - n0);
+  const int64_t k0 = r * R, kr = std::min(R, K - k0);
+  constexpr int kMaxBits = 16;
+  for (int wd = 0; wd < W; ++wd) {
+    uint32_t acc[2][kMaxBits][L] = {};
+    const int64_t kb = (int64_t)wd * 32, ke = std::min<int64_t>(kr, kb + 32);
+    for (int64_t kk = kb; kk < ke; ++kk) {
+      const int32_t* row = w + (k0 + kk) * N + n0;
+      const int sh = (int)(kk - kb);
+      uint32_t pos[L], neg[L];
+      for (int l = 0; l < L; ++l) {
+        const int32_t v = l < nl ? row[l] : 0;
+        bad |= v < -q || v > q;
+        pos[l] = (uint32_t)(v > 0 ? v : 0);
+        neg[l] = (uint32_t)(v < 0 ? -v : 0);
+      }
+      for (int b = 0; b < wbits; ++b)
+        for (int l = 0; l < L; ++l) {
+          acc[0][b][l] |= ((pos[l] >> b) & 1u) << sh;
+          acc[1][b][l] |= ((neg[l] >> b) & 1u) << sh;
+        }
+    }
+    for (int pol = 0; pol < 2; ++pol)
+      for (int b = 0; b < wbits; ++b)
+        std::memcpy(out + ((int64_t)(pol * wbits + b) * W + wd) * L, acc[pol][b], sizeof(uint32_t) * L);
+  }
+}
+
 }  // namespace
 
 void pack_input_rows(const CodesView& x, const Plan& pl, const Isa& isa, int64_t m0, int64_t nm,
@@ -119,8 +155,8 @@ WeightGeometry weight_geometry(const Plan& pl, const Isa& isa) {
 
 void pack_weights(const int32_t* w, const Plan& pl, const Isa& isa, const char* name, uint32_t* dst) {
   const WeightGeometry g = weight_geometry(pl, isa);
-  std::fill(dst, dst + g.words, 0u);
   if (isa.amx) {
+    std::fill(dst, dst + g.words, 0u);
     const int64_t KS = pl.kpad / 64;
     const int S = pl.p.slices(), cb = pl.p.cell_bits;
     for_each_weight(w, pl, name, [&](int64_t v, int64_t r, int64_t kk, int64_t n) {
@@ -133,15 +169,23 @@ void pack_weights(const int32_t* w, const Plan& pl, const Isa& isa, const char* 
     });
     return;
   }
-  const int64_t lanes = isa.lanes;
-  const int W = pl.words, wbits = pl.p.w_bits;
-  for_each_weight(w, pl, name, [&](int64_t v, int64_t r, int64_t kk, int64_t n) {
-    const int pol = v > 0 ? 0 : 1;
-    const uint32_t mag = (uint32_t)(v > 0 ? v : -v);
-    uint32_t* base = dst + (r * g.blocks + n / lanes) * g.per_block + n % lanes;
-    for (int b = 0; b < wbits; ++b)
-      if ((mag >> b) & 1u) base[((int64_t)(pol * wbits + b) * W + kk / 32) * lanes] |= 1u << (kk % 32);
+  std::atomic<bool> bad{false};
+  const int64_t items = pl.p.Tr() * g.blocks;
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    bool b = false;
+    for (int64_t i = i0; i < i1; ++i) {
+      uint32_t* out = dst + i * g.per_block;
+      switch (isa.lanes) {
+        case 1: planes_block<1>(w, pl, i / g.blocks, i % g.blocks, out, b); break;
+        case 8: planes_block<8>(w, pl, i / g.blocks, i % g.blocks, out, b); break;
+        case 16: planes_block<16>(w, pl, i / g.blocks, i % g.blocks, out, b); break;
+        default: TORCH_CHECK(false, "xbar: no weight packing for ", isa.lanes, " lanes");
+      }
+    }
+    if (b) bad = true;
   });
+  const int64_t q = (1LL << pl.p.w_bits) - 1;
+  TORCH_CHECK(!bad, "xbar: ", name, " must hold codes in [", -q, ", ", q, "]");
 }
 
 }  // namespace cpu
