@@ -4,6 +4,7 @@
     python benchmarks/bench_models.py --quick             # tiny model, 1 round, no RSS probes (seconds)
     python benchmarks/bench_models.py --cases small-x32 --busy 1   # the example's evaluation with a busy process
     python benchmarks/bench_models.py --profile resnet18-b64       # + where the time goes (torch.profiler)
+    python benchmarks/bench_models.py --device cuda --no-rss       # on a GPU (scripts/gpu_check.sh)
 
 Cases (``--cases``):
 - ``resnet18-b64`` / ``resnet18-b1``: ``models.resnet18(num_classes=10, cifar=True)`` on
@@ -134,12 +135,19 @@ def converted(model: nn.Module, case: str, config: str) -> nn.Module:
     return xma2_ops.convert(copy.deepcopy(model), cfg, skip=skip)
 
 
+def _sync(x: torch.Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
 def inference_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     model.eval()
 
     def run():
         with torch.no_grad():
-            return model(x)
+            y = model(x)
+        _sync(x)
+        return y
 
     return run
 
@@ -155,6 +163,7 @@ def train_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[],
         F.cross_entropy(model(x), y).backward()
         opt.step()
         model.load_state_dict(bn_state, strict=False)
+        _sync(x)
 
     return run
 
@@ -208,8 +217,9 @@ def measure_rss(case: str, config: str, mode: str, threads: int) -> float:
 
 # ------------------------------------------------------------------ the table
 def bench_case(case: str, configs: List[str], repeats: int, threads: int, rss: bool,
-               busy: int = 0) -> Dict[str, float]:
+               busy: int = 0, device: str = "cpu") -> Dict[str, float]:
     model, x, y = float_model(case)
+    model, x, y = model.to(device), x.to(device), y.to(device)
     batch = x.shape[0]
     infer = {"float": inference_fn(model, x)}
     train = {"float": train_fn(copy.deepcopy(model), x, y)}
@@ -225,7 +235,8 @@ def bench_case(case: str, configs: List[str], repeats: int, threads: int, rss: b
     finally:
         _stop_busy(procs)
     _, shape, size, _ = CASES[case]
-    print(f"\n{case}: input {tuple(shape)}, {size}x{size} crossbars, {threads} threads, {repeats} rounds"
+    where = f"{threads} threads" if device == "cpu" else torch.cuda.get_device_name(device)
+    print(f"\n{case}: input {tuple(shape)}, {size}x{size} crossbars, {where}, {repeats} rounds"
           f"{f', {busy} busy process(es)' if busy else ''}; {_load()} (after)")
     head = ["config", "infer ms", "img/s", "x float", "train ms", "x float", "peak MB", "x float", "train MB",
             "x float"]
@@ -294,6 +305,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--cases", nargs="+", choices=list(CASES), default=None)
     ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: the models and inputs on that device "
+                                                    "(no RSS probes on cuda; the layers use their default backend)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3, --quick 1)")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--busy", type=int, default=0, help="also time with N busy-looping processes running")
@@ -308,15 +321,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     cases = args.cases or (["tiny"] if args.quick else ["resnet18-b64", "resnet18-b1", "small-x32", "small-x128"])
     configs = args.configs or list(CONFIGS)
     repeats = args.repeats or (1 if args.quick else 3)
-    rss = not (args.quick or args.no_rss)
+    rss = not (args.quick or args.no_rss or args.device != "cpu")
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?") \
         if os.path.exists("/proc/cpuinfo") else "?"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {cpu}, {os.cpu_count()} cores, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, {_load()}")
     for case in cases:
-        quiet = bench_case(case, configs, repeats, args.threads, rss)
+        quiet = bench_case(case, configs, repeats, args.threads, rss, device=args.device)
         if args.busy:
-            loaded = bench_case(case, configs, repeats, args.threads, False, args.busy)
+            loaded = bench_case(case, configs, repeats, args.threads, False, args.busy, args.device)
             print(f"{case}: slowdown with {args.busy} busy process(es): " + ", ".join(
                 f"{k} {loaded[k] / quiet[k]:.2f}x" for k in quiet))
     if args.profile is not None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with a GPU, a CUDA build of torch, Triton and nvcc (no network needed):
 # build and install xma2_ops with its CUDA kernels, run the GPU tests, then the GPU benchmark.
-# Each step has its own time limit (170 + 200 + 80 s, plus ~20 s of compile checks): under 8 minutes.
+# Each step has its own time limit (140 + 160 + 60 + 60 s, plus ~40 s of compile checks): under 8 minutes.
 #   usage: scripts/gpu_check.sh            (PYTHON=... to pick the interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,13 +30,13 @@ scripts/check_cuda_compile.sh
 
 echo "gpu_check: building (pip install --no-build-isolation .)"
 export XMA2_CUDA=1  # build the CUDA kernels, and test_cuda.py fails (not skips) without them
-MAX_JOBS="${MAX_JOBS:-8}" timeout 170 "$PYTHON" -m pip install --no-build-isolation --no-deps -q .
+MAX_JOBS="${MAX_JOBS:-8}" timeout 140 "$PYTHON" -m pip install --no-build-isolation --no-deps -q .
 
 # Run from outside the source tree so that the installed package (with _C) is the one tested.
 tests="$(pwd)/python_tests"
 cd /tmp
 echo "gpu_check: GPU tests"
-timeout 200 "$PYTHON" -m pytest -q -rs "$tests/test_cuda.py" "$tests/test_triton.py"
+timeout 160 "$PYTHON" -m pytest -q -rs "$tests/test_cuda.py" "$tests/test_triton.py"
 cd - >/dev/null
 
 echo "gpu_check: benchmark"
@@ -44,5 +44,8 @@ if [[ ! -f benchmarks/bench_ops.py ]]; then
   echo "gpu_check: benchmarks/bench_ops.py is missing" >&2
   exit 1
 fi
-timeout 80 "$PYTHON" benchmarks/bench_ops.py --device cuda
+timeout 60 "$PYTHON" benchmarks/bench_ops.py --device cuda
+echo "gpu_check: whole networks (ResNet-18, batch 64 and 1; the layers' default backend on CUDA)"
+timeout 60 "$PYTHON" benchmarks/bench_models.py --device cuda --cases resnet18-b64 resnet18-b1 \
+  --configs default lossless ideal --repeats 3
 echo "gpu_check: OK"
