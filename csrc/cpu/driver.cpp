@@ -83,9 +83,11 @@ void run_quantized(const CodesView& x, const Plan& pl, const Isa& isa, const std
   // items instead of stalling all.  Few row blocks (small batches, late layers: M = 16 at batch 1) are
   // split over the output columns too, so that every thread has work; each item packs its input rows.
   const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
-  const int64_t lane_blocks = sets.empty() ? 1 : std::max<int64_t>(sets[0].planes.g.blocks, 1);
+  const int64_t lane_blocks = sets.empty() ? 0 : sets[0].planes.g.blocks;  // 0 when N == 0
   const int64_t threads = at::get_num_threads();
-  const int64_t groups = blocks >= 4 * threads ? 1 : std::min(lane_blocks, (4 * threads + blocks - 1) / blocks);
+  const int64_t groups = blocks == 0 || lane_blocks == 0 || blocks >= 4 * threads
+                             ? 1
+                             : std::min(lane_blocks, (4 * threads + blocks - 1) / blocks);
   const int64_t per_group = (lane_blocks + groups - 1) / groups;
   const int64_t items = blocks * groups;
   std::atomic<int64_t> next{0};
@@ -98,7 +100,7 @@ void run_quantized(const CodesView& x, const Plan& pl, const Isa& isa, const std
       const int64_t nb1 = std::min(lane_blocks, nb0 + per_group);
       const int64_t m0 = blk * kRowBlock, nm = std::min(kRowBlock, M - m0);
       const int64_t n0 = nb0 * L, n1 = std::min(pl.p.N, nb1 * L);
-      if (nb0 >= nb1) continue;
+      if (nb0 >= nb1 && lane_blocks > 0) continue;  // an empty group (its rows are packed by the others)
       if (Tr == 0) {  // K == 0: no codes, every T_int is 0
         done(m0, nm, n0, n1);
         continue;

@@ -268,8 +268,9 @@ void mvm_lossless_t(const at::Tensor& x, const std::vector<at::Tensor>& wf, cons
   // Few row blocks (small batches): the columns are split too, in groups of at least 64, so that
   // every thread has work (as in the quantised driver).
   const int64_t threads = at::get_num_threads();
-  const int64_t groups = blocks >= 4 * threads ? 1
-                                                : std::max<int64_t>(1, std::min((N + 63) / 64, (4 * threads + blocks - 1) / blocks));
+  const int64_t groups = blocks == 0 || blocks >= 4 * threads
+                             ? 1
+                             : std::max<int64_t>(1, std::min((N + 63) / 64, (4 * threads + blocks - 1) / blocks));
   const int64_t width = (N + groups - 1) / groups;
   const int64_t items = blocks * groups;
   scalar_t* out = y.data_ptr<scalar_t>();
