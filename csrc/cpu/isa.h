@@ -3,6 +3,8 @@
 #pragma once
 #include <stdint.h>
 
+#include <type_traits>  // (xbar_cpu_block.h, included inside the ISA namespaces)
+
 #include "plan.h"
 
 namespace xma2 {

@@ -23,16 +23,23 @@ struct V {
   using Cnt = __m256i;
   using Acc = __m256i;
   static Cnt zero() { return _mm256_setzero_si256(); }
-  // AVX2 has no vector popcount: nibble lookup per byte, then bytes summed into their dword.
-  static Cnt popcnt_and(uint32_t x, const uint32_t* w) {
+  // AVX2 has no vector popcount: nibble lookup per byte (popcount_bytes), then bytes summed into
+  // their dword (widen: two multiply-adds).  The block kernel adds the byte counts of up to
+  // kMaxByteWords words (at most 8 each) before widening once.
+  static constexpr int kMaxByteWords = 31;
+  static __m256i popcount_bytes(uint32_t x, const uint32_t* w) {
     const __m256i v = _mm256_and_si256(_mm256_set1_epi32((int)x), _mm256_loadu_si256((const __m256i*)w));
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                          0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
     const __m256i nib = _mm256_set1_epi8(0x0f);
-    const __m256i bytes = _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(v, nib)),
-                                          _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), nib)));
+    return _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(v, nib)),
+                           _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), nib)));
+  }
+  static __m256i add_bytes(__m256i a, __m256i b) { return _mm256_add_epi8(a, b); }
+  static Cnt widen(__m256i bytes) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(bytes, _mm256_set1_epi8(1)), _mm256_set1_epi16(1));
   }
+  static Cnt popcnt_and(uint32_t x, const uint32_t* w) { return widen(popcount_bytes(x, w)); }
   static Cnt add(Cnt a, Cnt b) { return _mm256_add_epi32(a, b); }
   // Shift counts as vectors: a variable shift (vpsllvd) is one cheap instruction, unlike a shift
   // by a count moved from a general register.

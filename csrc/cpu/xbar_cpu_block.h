@@ -10,12 +10,38 @@
 //   Acc  (tile sums T)     zero_acc(), add_code(k, T, P, s, negative) = T +- (ADC code of P << s),
 //                          store(int64_t*, T)
 //   planes32(mags, nbits, dst, stride): bit planes of 32 uint16 magnitudes, dst[a*stride] = plane a.
+// and optionally (AVX2, no vector popcount): kMaxByteWords, popcount_bytes(x_word, lane_words) = the
+//   per-byte counts, add_bytes, widen(bytes) = Cnt, so that the counts of a plane's words are added
+//   as bytes and widened once per plane pair instead of once per word.
 
 // T_int[r, m, n] for `nm` rows m and L columns n of one row tile (SPEC section 3), into
 // out[mi * L + lane].  xp: the rows' bit planes of this tile, `x_stride` words apart, each
 // [pol][bit][word]; wp: the lane block's weight planes [pol][bit][word][lane].
 // kW > 0: the words per plane (rows / 32, rounded up) known at compile time, so that the word
 // loop unrolls; 0: read from the plan.
+template <typename T, typename = void>
+constexpr bool kByteCounts = false;
+template <typename T>
+constexpr bool kByteCounts<T, std::void_t<decltype(T::kMaxByteWords)>> = true;
+
+// sum over the W words of popcount(x plane word & weight plane word), per lane.
+template <typename VV, int kW>
+inline typename VV::Cnt plane_pair_count(const uint32_t* xw, const uint32_t* ww, int W) {
+  constexpr int L = VV::kLanes;
+  if constexpr (kByteCounts<VV> && kW > 0) {
+    static_assert(kW <= VV::kMaxByteWords, "the byte counts of kW words must fit a byte");
+    auto bytes = VV::popcount_bytes(xw[0], ww);
+#pragma GCC unroll 4
+    for (int w = 1; w < kW; ++w) bytes = VV::add_bytes(bytes, VV::popcount_bytes(xw[w], ww + w * L));
+    return VV::widen(bytes);
+  } else {
+    typename VV::Cnt c = VV::popcnt_and(xw[0], ww);
+#pragma GCC unroll 4
+    for (int w = 1; w < W; ++w) c = VV::add(c, VV::popcnt_and(xw[w], ww + w * L));
+    return c;
+  }
+}
+
 template <int kW>
 inline void block_tile_sums_w(const Plan& pl, const uint32_t* xp, int64_t x_stride, int64_t nm, const uint32_t* wp,
                               int64_t* out) {
@@ -42,10 +68,7 @@ inline void block_tile_sums_w(const Plan& pl, const uint32_t* xp, int64_t x_stri
               const uint32_t* xw = xm + (px * xb + a) * W;
               for (int b = b0; b < b1; ++b) {
                 const uint32_t* ww = wp + (int64_t)(qw * wbits + b) * W * L;
-                typename V::Cnt c = V::popcnt_and(xw[0], ww);
-#pragma GCC unroll 4
-                for (int w = 1; w < W; ++w) c = V::add(c, V::popcnt_and(xw[w], ww + w * L));
-                p = V::add_shifted(k, p, c, (a - a0) + (b - b0));
+                p = V::add_shifted(k, p, plane_pair_count<V, kW>(xw, ww, W), (a - a0) + (b - b0));
               }
             }
             t = V::add_code(k, t, p, i * db + j * cb, px != qw);
