@@ -731,6 +731,16 @@ def parse_args(argv=None):
     return args
 
 
+def busy_hint(log) -> None:
+    """On a machine that other jobs keep busy, libgomp's default spinning after every parallel region
+    makes this run 2-3x slower than the cores it loses (BENCHMARKS.md): say how to avoid it."""
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > 0.5 * cores and not ({"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ)):
+        log(f"note: load average {load:.1f} on {cores} cores: on a shared machine set GOMP_SPINCOUNT=1000 (or "
+            f"OMP_WAIT_POLICY=PASSIVE) before Python starts, or use --threads 1 (README, Performance)")
+
+
 def main(argv=None) -> List[dict]:
     args = parse_args(argv)
     t0 = time.time()
@@ -743,6 +753,7 @@ def main(argv=None) -> List[dict]:
     (out / "adapters").mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress and rank == 0
     log = print if rank == 0 else (lambda *a, **k: None)
+    busy_hint(log)
 
     if args.arch != "small":
         if args.data_root and not args.backbone_weights:

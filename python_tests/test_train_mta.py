@@ -224,3 +224,20 @@ def test_resnet_archs_load_torchvision_keys(tmp_path):
         mod.build_model(mod.parse_args(["--arch", "resnet18", "--backbone-weights", str(bad)]), 10)
     with pytest.raises(SystemExit, match="--backbone-weights"):
         mod.main(["--arch", "resnet50", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path)])
+
+
+def test_busy_hint_only_on_a_loaded_machine_without_a_spin_setting(monkeypatch):
+    ex = _example()
+    monkeypatch.setattr(ex.os, "cpu_count", lambda: 2)
+    for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(var, raising=False)
+    lines = []
+    monkeypatch.setattr(ex.os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    ex.busy_hint(lines.append)
+    assert len(lines) == 1 and "GOMP_SPINCOUNT=1000" in lines[0] and "load average 3.0 on 2 cores" in lines[0]
+    monkeypatch.setattr(ex.os, "getloadavg", lambda: (0.4, 0.4, 0.4))
+    ex.busy_hint(lines.append)
+    monkeypatch.setattr(ex.os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
+    ex.busy_hint(lines.append)
+    assert len(lines) == 1
