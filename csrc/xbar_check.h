@@ -4,6 +4,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <optional>
+
 #include "xbar_quant.h"
 
 namespace xma2 {
@@ -83,6 +85,26 @@ inline void check_input_codes(const at::Tensor& x, const XbarParams& p) {
 inline void check_weight_codes(const at::Tensor& w, const XbarParams& p, const char* name) {
   const int64_t q = (1LL << p.w_bits) - 1;
   check_code_range(w, -q, q, name);
+}
+
+// The coefficients of an mvm op (xbar_mvm, xbar_cell_mvm; every backend): coef_b float32 or float64
+// [Tr, N], coef_t (given with the task weights) like coef_b.  Devices are the caller's to check.
+inline void check_mvm_coefs(const char* op, const at::Tensor& coef_b, const std::optional<at::Tensor>& coef_t,
+                            int64_t Tr, int64_t N) {
+  TORCH_CHECK(coef_b.scalar_type() == at::kFloat || coef_b.scalar_type() == at::kDouble, op,
+              ": coef_b must be float32 or float64, got ", coef_b.scalar_type());
+  TORCH_CHECK(coef_b.dim() == 2 && coef_b.size(0) == Tr && coef_b.size(1) == N, op, ": coef_b must be [Tr, N] = [",
+              Tr, ", ", N, "], got ", coef_b.sizes());
+  if (coef_t.has_value())
+    TORCH_CHECK(coef_t->sizes() == coef_b.sizes() && coef_t->scalar_type() == coef_b.scalar_type(), op,
+                ": coef_t must match coef_b in shape and dtype, got ", coef_t->scalar_type(), " ", coef_t->sizes());
+}
+
+// The task weight codes of xbar_mvm beside the base ones: int32 of the same shape.
+inline void check_task_codes(const at::Tensor& wb_codes, const at::Tensor& wt_codes) {
+  TORCH_CHECK(wt_codes.sizes() == wb_codes.sizes() && wt_codes.scalar_type() == at::kInt,
+              "xbar_mvm: wt_codes must be int32 of shape ", wb_codes.sizes(), ", got ", wt_codes.scalar_type(), " ",
+              wt_codes.sizes());
 }
 
 // ------------------------------------------------------------------ device-model cells (SPEC 7.2)

@@ -259,14 +259,14 @@ def test_packed_weights_follow_the_codes(kind, cfg):
     y2, n2 = _pack_calls(layer, x)
     assert (n1, n2) == (1, 0) and torch.equal(y1, y2)
     state = layer.programmed
-    (packed,) = [v for _, v in state._packed.values()]
+    (packed,) = [v for k, (_, v) in state._kept.items() if k[0] == "packed"]
     params = xma2_ops.config.GemmParams.from_config(cfg, bool(layer.input_signed))
     assert torch.equal(packed, torch.ops.xma2_ops.xbar_pack_weights(state.codes, *params.as_args()))
     layer.weight.data[0].neg_()  # no version bump: found by the content comparison, re-programmed and re-packed
     y3, n3 = _pack_calls(layer, x)
     assert n3 == 1 and layer.programmed is not state and not torch.equal(y3, y1)
     assert torch.equal(y3, _stateless(layer, x))
-    (packed3,) = [v for _, v in layer.programmed._packed.values()]
+    (packed3,) = [v for k, (_, v) in layer.programmed._kept.items() if k[0] == "packed"]
     assert torch.equal(packed3, torch.ops.xma2_ops.xbar_pack_weights(layer.programmed.codes, *params.as_args()))
     with torch.no_grad():
         layer.programmed.codes.neg_()  # (nothing in the package writes codes; a user's in-place write re-packs)

@@ -74,21 +74,24 @@ class ProgrammedWeight:
     shape: tuple
     cells: Optional[CellState] = None
     key: tuple = ()
-    _packed: dict = field(default_factory=dict, compare=False, repr=False)
-    _dequantized: dict = field(default_factory=dict, compare=False, repr=False)
+    _kept: dict = field(default_factory=dict, compare=False, repr=False)  # key -> (version, derived form)
+
+    def _keep(self, key: tuple, version: tuple, make):
+        """``make()``, kept here under ``key`` until ``version`` changes (the codes or the scale were
+        written in place)."""
+        hit = self._kept.get(key)
+        if hit is None or hit[0] != version:
+            hit = (version, make())
+            self._kept[key] = hit
+        return hit[1]
 
     def packed(self, backend, params) -> Optional[torch.Tensor]:
         """``backend.pack_weights(codes, params)``, made once per (backend, params, XMA2_CPU_ISA); None
         when the backend packs per call, and under torch.compile (the op then packs inside the graph)."""
         if backend.pack_weights is None or torch.compiler.is_compiling():
             return None
-        key = (backend.name, params.as_args(), os.environ.get("XMA2_CPU_ISA", ""))
-        version = _version_of(self.codes)
-        hit = self._packed.get(key)
-        if hit is None or hit[0] != version:
-            hit = (version, backend.pack_weights(self.codes, params))
-            self._packed[key] = hit
-        return hit[1]
+        key = ("packed", backend.name, params.as_args(), os.environ.get("XMA2_CPU_ISA", ""))
+        return self._keep(key, (_version_of(self.codes),), lambda: backend.pack_weights(self.codes, params))
 
     def dequantized(self, dtype: torch.dtype, gq: Optional[torch.Tensor] = None) -> torch.Tensor:
         """s * codes in the weight's own layout [N, ...]: the weight the cells hold, as a float
@@ -100,12 +103,8 @@ class ProgrammedWeight:
                                   self.shape, dtype)
         if torch.compiler.is_compiling():
             return _weight_layout(self.codes, s, self.shape, dtype)
-        version = (_version_of(self.codes), _version_of(self.scale))
-        hit = self._dequantized.get(dtype)
-        if hit is None or hit[0] != version:
-            hit = (version, _weight_layout(self.codes, s, self.shape, dtype))
-            self._dequantized[dtype] = hit
-        return hit[1]
+        return self._keep(("dequantized", dtype), (_version_of(self.codes), _version_of(self.scale)),
+                          lambda: _weight_layout(self.codes, s, self.shape, dtype))
 
 
 def _weight_layout(codes: torch.Tensor, s: torch.Tensor, shape: tuple, dtype: torch.dtype) -> torch.Tensor:

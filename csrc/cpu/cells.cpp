@@ -555,17 +555,12 @@ at::Tensor xbar_cell_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& gb, co
   const CellPlan pl = make_cell_plan(x_codes, named, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
                                      cell_bits, adc_levels, adc_clip, frac_bits);
   const int64_t M = pl.p.M, N = pl.p.N, Tr = pl.p.Tr(), NP = panels(N);
-  TORCH_CHECK(coef_b.scalar_type() == at::kFloat || coef_b.scalar_type() == at::kDouble,
-              "xbar_cell_mvm: coef_b must be float32 or float64, got ", coef_b.scalar_type());
+  check_mvm_coefs("xbar_cell_mvm", coef_b, coef_t, Tr, N);
   TORCH_CHECK(coef_b.device().is_cpu(), "xbar_cell_mvm: coef_b must be a CPU tensor, got ", coef_b.device());
-  TORCH_CHECK(coef_b.dim() == 2 && coef_b.size(0) == Tr && coef_b.size(1) == N, "xbar_cell_mvm: coef_b must be [Tr, N] = [",
-              Tr, ", ", N, "], got ", coef_b.sizes());
   std::vector<at::Tensor> gs{gb}, coef{coef_b.contiguous()};
   if (coef_t.has_value()) {
-    TORCH_CHECK(coef_t->sizes() == coef_b.sizes() && coef_t->scalar_type() == coef_b.scalar_type() &&
-                    coef_t->device() == coef_b.device(),
-                "xbar_cell_mvm: coef_t must match coef_b in shape, dtype and device, got ", coef_t->scalar_type(), " ",
-                coef_t->sizes());
+    TORCH_CHECK(coef_t->device() == coef_b.device(), "xbar_cell_mvm: coef_t must be on coef_b's device, got ",
+                coef_t->device());
     gs.push_back(*gt);
     coef.push_back(coef_t->contiguous());
   }

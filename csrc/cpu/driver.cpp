@@ -71,6 +71,12 @@ const Isa* lossless_on_amx(Plan& pl) {
 #endif
 }
 
+int64_t column_groups(int64_t row_blocks, int64_t column_units) {
+  const int64_t threads = at::get_num_threads();
+  if (row_blocks == 0 || column_units == 0 || row_blocks >= 4 * threads) return 1;
+  return std::min(column_units, (4 * threads + row_blocks - 1) / row_blocks);
+}
+
 void run_quantized(const CodesView& x, const Plan& pl, const Isa& isa, const std::vector<WeightSet>& sets,
                    const TileEpilogue& epi, const BlockDone& done) {
   const int64_t M = pl.p.M, Tr = pl.p.Tr(), L = isa.lanes;
@@ -85,9 +91,7 @@ void run_quantized(const CodesView& x, const Plan& pl, const Isa& isa, const std
   const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
   const int64_t lane_blocks = sets.empty() ? 0 : sets[0].planes.g.blocks;  // 0 when N == 0
   const int64_t threads = at::get_num_threads();
-  const int64_t groups = blocks == 0 || lane_blocks == 0 || blocks >= 4 * threads
-                             ? 1
-                             : std::min(lane_blocks, (4 * threads + blocks - 1) / blocks);
+  const int64_t groups = column_groups(blocks, lane_blocks);
   const int64_t per_group = (lane_blocks + groups - 1) / groups;
   const int64_t items = blocks * groups;
   std::atomic<int64_t> next{0};

@@ -35,6 +35,11 @@ struct WeightSet {
 using TileEpilogue = std::function<void(int set, int64_t r, int64_t n0, int64_t m0, int64_t nm, const int64_t* t)>;
 using BlockDone = std::function<void(int64_t m0, int64_t nm, int64_t n0, int64_t n1)>;
 
+// Into how many groups of output columns each of `row_blocks` row blocks is split so that every
+// thread has work: 1 with at least 4 row blocks per thread (or nothing to split), else up to
+// `column_units` (the smallest column ranges the caller hands out).
+int64_t column_groups(int64_t row_blocks, int64_t column_units);
+
 // Calls epi for every needed (tile, set, lane block) of each work item -- a block of kRowBlock input
 // rows and a range of lane blocks (output columns [n0, n1)) -- in this order: row tile outer, then
 // the weight sets in order, then lane blocks (so every output element sees its terms in the order row

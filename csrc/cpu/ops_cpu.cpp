@@ -268,9 +268,7 @@ void mvm_lossless_t(const at::Tensor& x, const std::vector<at::Tensor>& wf, cons
   // Few row blocks (small batches): the columns are split too, in groups of at least 64, so that
   // every thread has work (as in the quantised driver).
   const int64_t threads = at::get_num_threads();
-  const int64_t groups = blocks == 0 || blocks >= 4 * threads
-                             ? 1
-                             : std::max<int64_t>(1, std::min((N + 63) / 64, (4 * threads + blocks - 1) / blocks));
+  const int64_t groups = column_groups(blocks, (N + 63) / 64);
   const int64_t width = (N + groups - 1) / groups;
   const int64_t items = blocks * groups;
   scalar_t* out = y.data_ptr<scalar_t>();
@@ -335,17 +333,10 @@ at::Tensor xbar_mvm_packed_cpu(const at::Tensor& x_codes, const at::Tensor& wb_c
   const Plan& pl = rt.pl;
   TORCH_CHECK(wt_codes.has_value() == coef_t.has_value(), "xbar_mvm: wt_codes and coef_t must be given together");
   TORCH_CHECK(!wt_packed.has_value() || wt_codes.has_value(), "xbar_mvm: wt_packed given without wt_codes");
-  TORCH_CHECK(coef_b.scalar_type() == at::kFloat || coef_b.scalar_type() == at::kDouble,
-              "xbar_mvm: coef_b must be float32 or float64, got ", coef_b.scalar_type());
-  TORCH_CHECK(coef_b.dim() == 2 && coef_b.size(0) == pl.p.Tr() && coef_b.size(1) == pl.p.N,
-              "xbar_mvm: coef_b must be [Tr, N] = [", pl.p.Tr(), ", ", pl.p.N, "], got ", coef_b.sizes());
+  check_mvm_coefs("xbar_mvm", coef_b, coef_t, pl.p.Tr(), pl.p.N);
   std::vector<at::Tensor> w{wb_codes}, packed{opt_tensor(wb_packed)}, coef{coef_b.contiguous()};
   if (coef_t.has_value()) {
-    TORCH_CHECK(wt_codes->sizes() == wb_codes.sizes() && wt_codes->scalar_type() == at::kInt,
-                "xbar_mvm: wt_codes must be int32 of shape ", wb_codes.sizes(), ", got ", wt_codes->scalar_type(), " ",
-                wt_codes->sizes());
-    TORCH_CHECK(coef_t->sizes() == coef_b.sizes() && coef_t->scalar_type() == coef_b.scalar_type(),
-                "xbar_mvm: coef_t must match coef_b in shape and dtype");
+    check_task_codes(wb_codes, *wt_codes);
     w.push_back(*wt_codes);
     packed.push_back(opt_tensor(wt_packed));
     coef.push_back(coef_t->contiguous());

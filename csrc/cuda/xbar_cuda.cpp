@@ -61,16 +61,10 @@ at::Tensor xbar_mvm_cuda(const at::Tensor& x_codes, const at::Tensor& wb_codes,
   check_weight_codes(wb_codes, p, "wb_codes");
   const int64_t tr = p.Tr();
   TORCH_CHECK(wt_codes.has_value() == coef_t.has_value(), "xbar_mvm: wt_codes and coef_t must be given together");
-  TORCH_CHECK(coef_b.scalar_type() == at::kFloat || coef_b.scalar_type() == at::kDouble,
-              "xbar_mvm: coef_b must be float32 or float64, got ", coef_b.scalar_type());
-  TORCH_CHECK(coef_b.dim() == 2 && coef_b.size(0) == tr && coef_b.size(1) == p.N,
-              "xbar_mvm: coef_b must be [Tr, N] = [", tr, ", ", p.N, "], got ", coef_b.sizes());
+  check_mvm_coefs("xbar_mvm", coef_b, coef_t, tr, p.N);
   check_cuda(coef_b, x_codes, "coef_b");
   if (coef_t.has_value()) {
-    TORCH_CHECK(wt_codes->sizes() == wb_codes.sizes() && wt_codes->scalar_type() == at::kInt,
-                "xbar_mvm: wt_codes must be int32 of shape ", wb_codes.sizes(), ", got ", wt_codes->sizes());
-    TORCH_CHECK(coef_t->sizes() == coef_b.sizes() && coef_t->scalar_type() == coef_b.scalar_type(),
-                "xbar_mvm: coef_t must match coef_b in shape and dtype");
+    check_task_codes(wb_codes, *wt_codes);
     check_cuda(*wt_codes, x_codes, "wt_codes");
     check_cuda(*coef_t, x_codes, "coef_t");
     check_weight_codes(*wt_codes, p, "wt_codes");
