@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
-from . import reference
+from . import periphery, reference
 from .config import GemmParams
 from .lowering import ConvLowering, LinearLowering
 
@@ -312,6 +312,40 @@ if _TRITON is not None:
 _ALL_BACKENDS = ("cpu", "cuda", "triton", "reference")
 
 
+def _periphery_backend() -> Backend:
+    """What cpu, cuda and triton run under a non-default periphery (SPEC 8): periphery.py's exact
+    GEMM-per-conversion form, the same bits on every device (the kernels compute Sections 2-3 only)."""
+    def mvm(x_codes, wb, wt, coef_b, coef_t, p):
+        return periphery.mvm(lambda x, w: periphery.tile_sums(x, w, p), wb, wt, x_codes, coef_b, coef_t, wb.shape[1])
+
+    def coef_grad(x_codes, w, gy, p):
+        return periphery.coef_grad(lambda x, w_: periphery.tile_sums(x, w_, p), w, x_codes, gy, coef_rows(w, p))
+
+    def cell_mvm(x_codes, gb, gt, coef_b, coef_t, p, frac_bits):
+        return periphery.mvm(lambda x, g: periphery.cell_tile_sums(x, g, p, frac_bits), gb, gt, x_codes, coef_b,
+                             coef_t, gb.shape[3])
+
+    def cell_coef_grad(x_codes, g, gy, p, frac_bits):
+        return periphery.coef_grad(lambda x, g_: periphery.cell_tile_sums(x, g_, p, frac_bits), g, x_codes, gy,
+                                   -(-x_codes.shape[1] // p.rows))
+
+    def coef_rows(w, p):
+        return -(-w.shape[0] // p.rows)
+
+    return Backend("periphery", periphery.tile_sums, mvm, ("cpu", "cuda"), coef_grad=coef_grad, small_codes=True,
+                   cell_tile_sums=periphery.cell_tile_sums, cell_mvm_kernel=cell_mvm, cell_coef_grad=cell_coef_grad)
+
+
+_PERIPHERY = _periphery_backend()
+
+
+def backend_for(name: Optional[str], device: torch.device, p: GemmParams) -> Backend:
+    """get_backend, with a non-default periphery (SPEC 8) run by periphery.py on every backend but the
+    reference (whose own loops compute section 8 literally)."""
+    be = get_backend(name, device)
+    return _PERIPHERY if p.periphery and be.name != "reference" else be
+
+
 def _missing_reason(name: str) -> str:
     if name == "cpu":
         return _C_HINT.format(err=_C_ERROR)
@@ -361,10 +395,11 @@ def get_backend(name: Optional[str], device: torch.device) -> Backend:
 def _crossbar_mvm(x_codes: torch.Tensor, wb_codes: torch.Tensor, wt_codes: Optional[torch.Tensor],
                   coef_b: torch.Tensor, coef_t: Optional[torch.Tensor], rows: int, cols: int, input_bits: int,
                   input_signed: bool, dac_bits: int, weight_bits: int, cell_bits: int, adc_levels: int,
-                  adc_clip: int, backend: str, wb_packed: Optional[torch.Tensor] = None,
+                  adc_clip: int, periphery: int, backend: str, wb_packed: Optional[torch.Tensor] = None,
                   wt_packed: Optional[torch.Tensor] = None) -> torch.Tensor:
-    p = GemmParams(rows, cols, input_bits, input_signed, dac_bits, weight_bits, cell_bits, adc_levels, adc_clip)
-    return get_backend(backend, x_codes.device).mvm_with(x_codes, wb_codes, wb_packed, wt_codes, wt_packed, coef_b,
+    p = GemmParams(rows, cols, input_bits, input_signed, dac_bits, weight_bits, cell_bits, adc_levels, adc_clip,
+                   periphery)
+    return backend_for(backend, x_codes.device, p).mvm_with(x_codes, wb_codes, wb_packed, wt_codes, wt_packed, coef_b,
                                                          coef_t, p)
 
 
@@ -386,13 +421,13 @@ def _crossbar_mvm_setup(ctx, inputs, output) -> None:
 def _crossbar_mvm_backward(ctx, gy):
     # Exact: y is linear in the coefficients, dy/dcoef[r, n] = T_int[r, :, n] (SPEC 5).
     x_codes, wb_codes, wt_codes, wb_packed, wt_packed = ctx.saved_tensors
-    be = get_backend(ctx.backend, x_codes.device)
+    be = backend_for(ctx.backend, x_codes.device, ctx.params)
     g_b = g_t = None
     if ctx.needs_input_grad[3]:
         g_b = be.coef_gradient(x_codes, wb_codes, gy, ctx.params, wb_packed).to(ctx.coef_dtype)
     if wt_codes is not None and ctx.needs_input_grad[4]:
         g_t = be.coef_gradient(x_codes, wt_codes, gy, ctx.params, wt_packed).to(ctx.coef_dtype)
-    return (None, None, None, g_b, g_t) + (None,) * 12
+    return (None, None, None, g_b, g_t) + (None,) * 13
 
 
 _crossbar_mvm.register_autograd(_crossbar_mvm_backward, setup_context=_crossbar_mvm_setup)
@@ -402,7 +437,7 @@ def crossbar_mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, p: GemmParams, bac
                  wt_packed=None) -> torch.Tensor:
     """y [M, N] = sum_r coef_b T_b_int + coef_t T_t_int on ``backend``, differentiable in the coefficients;
     ``wb_packed``/``wt_packed``: the backend's packed forms of the codes (ProgrammedWeight.packed), or None."""
-    return torch.ops.xma2_ops.crossbar_mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, *p.as_args(), backend,
+    return torch.ops.xma2_ops.crossbar_mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, *p.op_args(), backend,
                                            wb_packed, wt_packed)
 
 
@@ -460,9 +495,10 @@ def straight_through(x: torch.Tensor, w: torch.Tensor, lowering) -> torch.Tensor
 def _crossbar_mvm_cells(x_codes: torch.Tensor, gb: torch.Tensor, gt: Optional[torch.Tensor], coef_b: torch.Tensor,
                         coef_t: Optional[torch.Tensor], rows: int, cols: int, input_bits: int, input_signed: bool,
                         dac_bits: int, weight_bits: int, cell_bits: int, adc_levels: int, adc_clip: int,
-                        frac_bits: int, backend: str) -> torch.Tensor:
-    p = GemmParams(rows, cols, input_bits, input_signed, dac_bits, weight_bits, cell_bits, adc_levels, adc_clip)
-    return get_backend(backend, x_codes.device).cell_mvm(x_codes, gb, gt, coef_b, coef_t, p, frac_bits)
+                        periphery: int, frac_bits: int, backend: str) -> torch.Tensor:
+    p = GemmParams(rows, cols, input_bits, input_signed, dac_bits, weight_bits, cell_bits, adc_levels, adc_clip,
+                   periphery)
+    return backend_for(backend, x_codes.device, p).cell_mvm(x_codes, gb, gt, coef_b, coef_t, p, frac_bits)
 
 
 @_crossbar_mvm_cells.register_fake
@@ -481,13 +517,13 @@ def _crossbar_mvm_cells_setup(ctx, inputs, output) -> None:
 
 def _crossbar_mvm_cells_backward(ctx, gy):
     x_codes, gb, gt = ctx.saved_tensors
-    be = get_backend(ctx.backend, x_codes.device)
+    be = backend_for(ctx.backend, x_codes.device, ctx.params)
     g_b = g_t = None
     if ctx.needs_input_grad[3]:
         g_b = be.cell_coef_gradient(x_codes, gb, gy, ctx.params, ctx.frac_bits).to(ctx.coef_dtype)
     if gt is not None and ctx.needs_input_grad[4]:
         g_t = be.cell_coef_gradient(x_codes, gt, gy, ctx.params, ctx.frac_bits).to(ctx.coef_dtype)
-    return (None, None, None, g_b, g_t) + (None,) * 11
+    return (None, None, None, g_b, g_t) + (None,) * 12
 
 
 _crossbar_mvm_cells.register_autograd(_crossbar_mvm_cells_backward, setup_context=_crossbar_mvm_cells_setup)
@@ -495,4 +531,4 @@ _crossbar_mvm_cells.register_autograd(_crossbar_mvm_cells_backward, setup_contex
 
 def crossbar_mvm_cells(x_codes, gb, gt, coef_b, coef_t, p: GemmParams, frac_bits: int, backend: str) -> torch.Tensor:
     """crossbar_mvm over non-ideal cells: conductances gb/gt [2, S, K, N] int32 (SPEC 7.2)."""
-    return torch.ops.xma2_ops.crossbar_mvm_cells(x_codes, gb, gt, coef_b, coef_t, *p.as_args(), frac_bits, backend)
+    return torch.ops.xma2_ops.crossbar_mvm_cells(x_codes, gb, gt, coef_b, coef_t, *p.op_args(), frac_bits, backend)

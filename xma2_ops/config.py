@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from .device import DeviceModel
 
@@ -18,6 +18,46 @@ _MAX_DIM = 1 << 16
 # ADC full scale: with P <= Pmax < 2^33 and n < 2^24, 2*P*n + clip (and its fixed-point form
 # of SPEC 7.2, 2^F times larger with F <= 16) stays below 2^63 in every backend's int64 ADC.
 MAX_ADC_CLIP = 1 << 32
+
+
+# Periphery conventions (SPEC 8): field -> its values, the default (Sections 2-3) first.
+PERIPHERY_FIELDS: Dict[str, Tuple[str, str]] = {
+    "sensing": ("per_polarity", "differential"),
+    "input_accumulation": ("digital", "analog"),
+    "signed_inputs": ("two_pass", "sign_magnitude"),
+    "adc_rounding": ("half_up", "half_even"),
+    "row_split": ("fixed", "even"),
+    "adc_range": ("clip", "tile_rows"),
+}
+# Each non-default value is one bit of GemmParams.periphery (the order of PERIPHERY_FIELDS).
+PERIPHERY_BIT: Dict[str, int] = {name: 1 << i for i, name in enumerate(PERIPHERY_FIELDS)}
+# Named sets of conventions for XbarConfig.conventions(); docs/PERIPHERY.md gives the sources.
+PERIPHERY_PRESETS: Dict[str, Dict[str, str]] = {
+    "xma2": {name: values[0] for name, values in PERIPHERY_FIELDS.items()},
+    # CrossSim 3.2's defaults: differential (BALANCED) sensing, analog input accumulation, sign-magnitude
+    # inputs, numpy's rint (half to even), the EQUAL row partition, per-array ADC range.
+    "crosssim": {"sensing": "differential", "input_accumulation": "analog", "signed_inputs": "sign_magnitude",
+                 "adc_rounding": "half_even", "row_split": "even", "adc_range": "tile_rows"},
+}
+
+
+def row_tile_sizes(k: int, rows: int, row_split: str = "fixed") -> Tuple[int, ...]:
+    """The rows of each of the Tr = ceil(K/R) row tiles (SPEC 1 and 8.4): the one Python rule.
+
+    fixed: R rows each, the last the rest.  even: K/Tr each when Tr divides K, else
+    round_half_even(K/Tr) for the first Tr - 1 and the rest for the last (CrossSim's EQUAL rule);
+    refused when that last tile would exceed R rows."""
+    tr = -(-k // rows)
+    if tr <= 1:
+        return (k,) if k else ()
+    if row_split == "fixed":
+        return (rows,) * (tr - 1) + (k - (tr - 1) * rows,)
+    size = round(k / tr) if k % tr else k // tr  # Python's round() is half to even, k / tr exact enough (K < 2^53)
+    last = k - (tr - 1) * size
+    if last > rows:
+        raise ValueError(f"XbarConfig.row_split: 'even' splits K = {k} rows into {tr} tiles of {size} and a last one "
+                         f"of {last} > R = {rows} rows; use row_split='fixed' or other rows")
+    return (size,) * (tr - 1) + (last,)
 
 
 def _check_int(name: str, value, lo: int, hi: int, allow_none: bool = False) -> None:
@@ -45,6 +85,20 @@ class XbarConfig:
     input_signed    True/False fix the input encoding; None = signed when a negative value
                     is seen (the op: in this call; modules: during calibration).
     device          the ReRAM cells' non-idealities (DeviceModel, SPEC 7); None = ideal cells.
+
+    Periphery conventions (SPEC 8; defaults = Sections 2-3 bit for bit; ``conventions(name)``
+    gives a named set):
+    sensing             "per_polarity": each weight polarity's column has its own conversion;
+                        "differential": the + and - columns are subtracted before one signed ADC.
+    input_accumulation  "digital": one conversion per input chunk (DAC cycle), shift-and-add after;
+                        "analog": the chunks are summed with their weights before one conversion.
+    signed_inputs       "two_pass": negative and positive inputs driven in two passes;
+                        "sign_magnitude": one pass, each chunk carries the input's sign.
+    adc_rounding        "half_up" or "half_even": how a value exactly between two codes rounds.
+    row_split           "fixed": row tiles of R rows, the last the rest; "even": tiles as equal
+                        as possible (SPEC 8.4).
+    adc_range           "clip": one full scale for every tile (adc_clip, default from R rows);
+                        "tile_rows": with adc_clip=None, each tile's full scale from its own rows.
     """
 
     rows: int = 128
@@ -57,6 +111,20 @@ class XbarConfig:
     adc_clip: Optional[int] = None
     input_signed: Optional[bool] = None
     device: Optional[DeviceModel] = None
+    sensing: str = "per_polarity"
+    input_accumulation: str = "digital"
+    signed_inputs: str = "two_pass"
+    adc_rounding: str = "half_up"
+    row_split: str = "fixed"
+    adc_range: str = "clip"
+
+    @classmethod
+    def conventions(cls, name: str, **fields) -> "XbarConfig":
+        """A config with a named set of periphery conventions (``PERIPHERY_PRESETS``: "xma2" = the
+        defaults, "crosssim" = CrossSim 3.2's defaults); ``fields`` set the rest."""
+        if name not in PERIPHERY_PRESETS:
+            raise ValueError(f"XbarConfig.conventions: expected one of {sorted(PERIPHERY_PRESETS)}, got {name!r}")
+        return cls(**{**PERIPHERY_PRESETS[name], **fields})
 
     def __post_init__(self) -> None:
         _check_int("rows", self.rows, 1, _MAX_DIM)
@@ -89,6 +157,25 @@ class XbarConfig:
                                  "set (the ideal crossbar, weight_bits=None, holds float weights)")
         if self.input_signed is True and self.input_bits == 1:
             raise ValueError("XbarConfig.input_bits: signed inputs need input_bits >= 2 (one sign bit), got 1")
+        for name, values in PERIPHERY_FIELDS.items():
+            v = getattr(self, name)
+            if not isinstance(v, str):
+                raise TypeError(f"XbarConfig.{name}: expected one of {values}, got {type(v).__name__} ({v!r})")
+            if v not in values:
+                raise ValueError(f"XbarConfig.{name}: expected one of {values}, got {v!r}")
+        if self.adc_bits == 1 and (self.sensing == "differential"
+                                   or (self.signed_inputs == "sign_magnitude" and self.input_signed is not False)):
+            # A signed ADC has 2^b - 2 steps with 0 a code: one bit gives no step at all.
+            raise ValueError("XbarConfig.adc_bits: a signed ADC (sensing='differential', or signed_inputs="
+                             "'sign_magnitude' with inputs that may be signed) needs adc_bits >= 2, got 1")
+        if self.quantized and self.adc_clip is None:
+            for signed in (False, True):
+                if signed and self.input_bits < 2:
+                    continue
+                if self.full_scale(self.rows, signed) > MAX_ADC_CLIP:
+                    raise ValueError(
+                        f"XbarConfig.input_accumulation: the ADC full scale {self.full_scale(self.rows, signed)} "
+                        f"(rows x cell levels x input levels) exceeds 2**32; set adc_clip or use fewer bits or rows")
 
     # ---- derived numbers (SPEC sections 2 and 3) ----
     @property
@@ -128,13 +215,28 @@ class XbarConfig:
 
     @property
     def pmax(self) -> int:
-        """Largest analog partial sum: R (2^db - 1)(2^cb - 1)."""
+        """Largest analog partial sum of Section 3: R (2^db - 1)(2^cb - 1)."""
         return self.rows * (2 ** self.dac_bits - 1) * (2 ** self.cell_bits - 1)
 
     @property
+    def periphery(self) -> int:
+        """The periphery conventions as GemmParams' bit field (0 = Sections 2-3).  adc_range='tile_rows'
+        counts only with adc_clip=None (a given clip is every tile's full scale)."""
+        bits = sum(PERIPHERY_BIT[n] for n, values in PERIPHERY_FIELDS.items() if getattr(self, n) != values[0])
+        return bits & ~PERIPHERY_BIT["adc_range"] if self.adc_clip is not None else bits
+
+    def full_scale(self, rows: int, signed: bool) -> int:
+        """Vmax of SPEC 8.1 for a tile of ``rows`` rows: rows (2^cb - 1) D, D = 2^db - 1 (digital) or
+        2^bits - 1 (analog accumulation; bits = the input's magnitude bits)."""
+        d_bits = self.input_magnitude_bits(signed) if self.input_accumulation == "analog" else self.dac_bits
+        return rows * (2 ** self.cell_bits - 1) * (2 ** d_bits - 1)
+
+    @property
     def clip(self) -> int:
-        """ADC full-scale partial sum (adc_clip, default Pmax)."""
-        return self.pmax if self.adc_clip is None else self.adc_clip
+        """ADC full scale (adc_clip, default the full scale of R rows: Pmax under the default conventions)."""
+        if self.adc_clip is not None:
+            return self.adc_clip
+        return self.full_scale(self.rows, bool(self.input_signed)) if self.input_bits is not None else self.pmax
 
     @property
     def adc_levels(self) -> int:
@@ -166,12 +268,26 @@ class XbarConfig:
         """Upper bound of |T_int| of one row tile (codes times shifts, before any float)."""
         return GemmParams.from_config(self, signed).tile_sum_bound
 
+    def row_layout(self, k: int):
+        """How K rows map to row tiles: R (fixed split) or each tile's rows (even split; SPEC 8.4)."""
+        return self.rows if self.row_split == "fixed" else row_tile_sizes(k, self.rows, "even")
+
     def tiles(self, k: int, n: int) -> tuple[int, int]:
         """(Tr, Tc) for a [K, N] weight matrix."""
         return math.ceil(k / self.rows), math.ceil(n / self.cols)
 
     def resolve_signed(self, has_negative: bool) -> bool:
         return has_negative if self.input_signed is None else self.input_signed
+
+
+def _adc_signed(periphery: int, input_signed: bool) -> bool:
+    return bool(periphery & PERIPHERY_BIT["sensing"]) or (bool(periphery & PERIPHERY_BIT["signed_inputs"])
+                                                          and input_signed)
+
+
+def adc_levels_for(adc_bits: int, clip: int, signed: bool) -> int:
+    """n of SPEC 8.2: min(2^b - 1, clip) for an unsigned ADC, min(2^b - 2, 2 clip) for a signed one."""
+    return min(2 ** adc_bits - 2, 2 * clip) if signed else min(2 ** adc_bits - 1, clip)
 
 
 def adc_is_identity(levels: int, clip: int, pmax: int) -> bool:
@@ -195,18 +311,75 @@ class GemmParams:
     dac_bits: int
     weight_bits: int
     cell_bits: int
-    adc_levels: int  # n of SPEC 3; 0 = ideal ADC
-    adc_clip: int
+    adc_levels: int  # n of SPEC 3 / 8.2 for a tile of R rows; 0 = ideal ADC
+    adc_clip: int  # full scale for a tile of R rows
+    periphery: int = 0  # SPEC 8 conventions, PERIPHERY_BIT flags; 0 = Sections 2-3
 
     @classmethod
     def from_config(cls, config: "XbarConfig", input_signed: bool) -> "GemmParams":
         assert config.quantized
+        periphery = config.periphery
+        clip = config.adc_clip if config.adc_clip is not None else config.full_scale(config.rows, input_signed)
+        levels = 0 if config.adc_bits is None else adc_levels_for(config.adc_bits, clip,
+                                                                  _adc_signed(periphery, input_signed))
         return cls(config.rows, config.cols, config.input_bits, input_signed, config.dac_bits,
-                   config.weight_bits, config.cell_bits, config.adc_levels, config.clip)
+                   config.weight_bits, config.cell_bits, levels, clip, periphery)
 
     def as_args(self) -> tuple:
+        """The integer arguments of the C++/CUDA/Triton kernels (which compute Sections 2-3 only)."""
+        assert self.periphery == 0, "the kernels compute the default periphery only"
         return (self.rows, self.cols, self.input_bits, self.input_signed, self.dac_bits, self.weight_bits,
                 self.cell_bits, self.adc_levels, self.adc_clip)
+
+    def op_args(self) -> tuple:
+        """The integer arguments of the crossbar_mvm ops: as_args and the periphery."""
+        return (self.rows, self.cols, self.input_bits, self.input_signed, self.dac_bits, self.weight_bits,
+                self.cell_bits, self.adc_levels, self.adc_clip, self.periphery)
+
+    # ---- periphery (SPEC 8)
+    def has(self, flag: str) -> bool:
+        """Whether the non-default value of periphery field ``flag`` is set."""
+        return bool(self.periphery & PERIPHERY_BIT[flag])
+
+    @property
+    def adc_signed(self) -> bool:
+        """A conversion may see V < 0: a signed, symmetric ADC (SPEC 8.2)."""
+        return _adc_signed(self.periphery, self.input_signed)
+
+    @property
+    def full_scale_unit(self) -> int:
+        """Vmax of one row: (2^cb - 1) D (SPEC 8.1)."""
+        d_bits = self.x_bits if self.has("input_accumulation") else self.dac_bits
+        return (2 ** self.cell_bits - 1) * (2 ** d_bits - 1)
+
+    def tile_rows(self, k: int) -> Tuple[int, ...]:
+        """Rows of each row tile (row_tile_sizes)."""
+        return row_tile_sizes(k, self.rows, "even" if self.has("row_split") else "fixed")
+
+    def row_layout(self, k: int):
+        """R (fixed split) or each tile's rows (even split): XbarConfig.row_layout."""
+        return self.tile_rows(k) if self.has("row_split") else self.rows
+
+    def tile_adc(self, rows: int) -> Tuple[int, int]:
+        """(levels n, clip) of the ADC of a tile of ``rows`` rows: per tile under adc_range='tile_rows'
+        (set only with the default clip, the full scale of R rows), else (adc_levels, adc_clip)."""
+        if not self.has("adc_range") or self.adc_levels == 0:
+            return self.adc_levels, self.adc_clip
+        clip = rows * self.full_scale_unit
+        # n = min(2^b - 1, clip) (unsigned) or min(2^b - 2, 2 clip) (signed): the R-row n caps it.
+        return min(self.adc_levels, (2 if self.adc_signed else 1) * clip), clip
+
+    def tile_steps(self, k: int, frac_bits: Optional[int] = None) -> list:
+        """The value of one unit of T_int per row tile: (hi - lo) / n, 1 for the ideal ADC, or 2^-F for
+        the ideal ADC on fixed-point cells (SPEC 7.2)."""
+        out = []
+        for rows in self.tile_rows(k):
+            levels, clip = self.tile_adc(rows)
+            if levels == 0:
+                out.append(1.0 if frac_bits is None else 2.0 ** -frac_bits)
+            else:
+                out.append((2 if self.adc_signed else 1) * clip / levels)
+        return out
 
     @property
     def x_bits(self) -> int:
@@ -227,8 +400,12 @@ class GemmParams:
 
     @property
     def adc_identity(self) -> bool:
-        """Every ADC code equals its partial sum (config.adc_is_identity)."""
-        return adc_is_identity(self.adc_levels, self.adc_clip, self.pmax)
+        """Every ADC code equals its partial sum (config.adc_is_identity; SPEC 8.2: n = hi - lo and
+        |V| <= clip for every reachable V)."""
+        if self.periphery == 0:
+            return adc_is_identity(self.adc_levels, self.adc_clip, self.pmax)
+        span = (2 if self.adc_signed else 1) * self.adc_clip
+        return self.adc_levels == 0 or (self.adc_levels == span and self.adc_clip >= self.rows * self.full_scale_unit)
 
     @property
     def tile_sum_bound(self) -> int:

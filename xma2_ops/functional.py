@@ -285,6 +285,7 @@ def _xbar_body(phase: _Phase, x, weight, bias, lowering, config: XbarConfig, tas
         raise ValueError(f"x: the crossbar GEMM of this call would be [{m}, {k}] x [{k}, {n}], beyond any memory "
                          f"(check the input shape, padding and dilation)")
     check_backend_name(backend)
+    config.row_layout(k)  # refuses an even split whose last tile would exceed R rows (SPEC 8.4)
     phase("xbar.checks")
     checks = _DataChecks()
     no_masks = task_weight is None and pe_mask is None and col_scale is None  # W_eff = W
@@ -296,7 +297,7 @@ def _xbar_body(phase: _Phase, x, weight, bias, lowering, config: XbarConfig, tas
         checks.run()
         phase("xbar.float_forward")
         w_eff = weight if no_masks else effective_weight(weight, task_weight, pe_mask.to(x.dtype),
-                                                         col_scale.to(x.dtype), config.rows, config.cols)
+                                                         col_scale.to(x.dtype), config.row_layout(k), config.cols)
         y = lowering.float_forward(x, w_eff)
         return y if bias is None else lowering.add_bias(y, bias)
 
@@ -344,7 +345,7 @@ def _xbar_body(phase: _Phase, x, weight, bias, lowering, config: XbarConfig, tas
         wq_b = _fake_quantized(weight, w_b, g_b)
         wq_t = _fake_quantized(task_weight, w_t, g_t) if w_t is not None else None
         w_eff = wq_b if no_masks else effective_weight(wq_b, wq_t, pe_mask.to(x.dtype), col_scale.to(x.dtype),
-                                                       config.rows, config.cols)
+                                                       config.row_layout(k), config.cols)
         y = lowering.float_forward(x, w_eff)
         return y if bias is None else lowering.add_bias(y, bias)
 
@@ -366,8 +367,9 @@ def _xbar_body(phase: _Phase, x, weight, bias, lowering, config: XbarConfig, tas
     phase("xbar.unfold_codes")
     x_codes = lowering.unfold_codes(x_int, be)
     phase("xbar.kernel")
+    steps = params.tile_steps(x_codes.shape[1], config.device.frac_bits if cells else None)
     coef_b, coef_t = coefficients(pe_mask, col_scale, s_x, w_b.scale, w_t.scale if w_t is not None else None,
-                                  params.cols, config.tile_sum_unit(cells), cd, w_t is not None)
+                                  params.cols, steps, cd, w_t is not None)
     if cells:
         frac_bits = config.device.frac_bits
         _check_cell_sums(params, frac_bits, g_b, g_t)
@@ -399,11 +401,12 @@ def _check_cell_sums(p: GemmParams, frac_bits: int, *gqs) -> None:
     """Every partial sum P_F of the cells must be exact in every backend (int64 ADC arithmetic with
     2 P_F n + clip 2^F, float64 GEMMs below 2^53): refuse conductances that could break that."""
     g_max = max(int(g.max()) for g in gqs if g is not None and g.numel())
-    p_max = p.rows * (2 ** p.dac_bits - 1) * g_max
+    d_bits = p.x_bits if p.has("input_accumulation") else p.dac_bits  # analog: one conversion sees every chunk
+    p_max = p.rows * (2 ** d_bits - 1) * g_max
     shifts = sum(2 ** (i * p.dac_bits + j * p.cell_bits) for i in range(p.chunks) for j in range(p.slices))
     t_max = 2 * (p_max if p.adc_levels == 0 else p.adc_levels) * shifts  # |T_int| of one row tile (ideal ADC: P_F)
     if (p_max >= 2 ** 52 or 2 * p_max * max(p.adc_levels, 1) + (p.adc_clip << frac_bits) >= 2 ** 62
-            or t_max >= 2 ** 53):
+            or (4 * p.adc_levels + 2) * (p.adc_clip << frac_bits) >= 2 ** 62 or t_max >= 2 ** 53):
         raise ValueError(f"config.device: conductances up to {g_max / 2 ** frac_bits:.4g} level steps give partial "
                          f"sums up to {p_max} and tile sums up to {t_max} (fixed point), too large for exact "
                          f"arithmetic: lower frac_bits, rows or the variation")
@@ -423,7 +426,7 @@ def _straight_through_term(x, weight, task_weight, pe_mask, col_scale, s_x, w_b:
     wq_b = _fake_quantized(weight, w_b, g_b)
     wq_t = _fake_quantized(task_weight, w_t, g_t) if w_t is not None else None
     m, a = pe_mask.detach().to(x.dtype), col_scale.detach().to(x.dtype)
-    w_eff = effective_weight(wq_b, wq_t, m, a, params.rows, params.cols)
+    w_eff = effective_weight(wq_b, wq_t, m, a, params.row_layout(weight[0].numel()), params.cols)
     return straight_through(x_ste, w_eff, lowering)
 
 

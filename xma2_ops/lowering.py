@@ -105,8 +105,9 @@ class LinearLowering:
 
 # ------------------------------------------------------------------ the two-tier masks
 def effective_weight(w_b: torch.Tensor, w_t: Optional[torch.Tensor], pe_mask: torch.Tensor, col_scale: torch.Tensor,
-                     rows: int, cols: int) -> torch.Tensor:
-    """W_eff = m W_t + (1 - m) alpha W_b per PE (SPEC 4), in the weight's own layout [N, ...]."""
+                     rows: ref.RowLayout, cols: int) -> torch.Tensor:
+    """W_eff = m W_t + (1 - m) alpha W_b per PE (SPEC 4), in the weight's own layout [N, ...];
+    ``rows``: XbarConfig.row_layout(K)."""
     n, k = w_b.shape[0], w_b[0].numel()
     m_kn = ref.expand_tiles(pe_mask, k, n, rows, cols)
     a_kn = ref.expand_rows(col_scale, k, rows)
@@ -116,11 +117,15 @@ def effective_weight(w_b: torch.Tensor, w_t: Optional[torch.Tensor], pe_mask: to
     return w_eff
 
 
-def coefficients(pe_mask, col_scale, s_x, s_w, s_t, cols: int, adc_step: float, dtype, with_task: bool):
+def coefficients(pe_mask, col_scale, s_x, s_w, s_t, cols: int, steps: list, dtype, with_task: bool):
     """coef_b, coef_t [Tr, N] such that y = sum_r coef_b T_b_int + coef_t T_t_int (SPEC 4).
-    ``s_w``/``s_t``: scalar or per-column [N] weight scales."""
+    ``s_w``/``s_t``: scalar or per-column [N] weight scales; ``steps``: the value of one unit of T_int
+    per row tile (GemmParams.tile_steps)."""
     m_col = ref.column_tiles(pe_mask, col_scale.shape[1], cols).to(dtype)
-    base = s_x.to(dtype) * adc_step
+    if len(set(steps)) <= 1:  # one step for every tile (a Python float: the bits of a scalar multiply)
+        base = s_x.to(dtype) * (steps[0] if steps else 1.0)
+    else:
+        base = s_x.to(dtype) * torch.tensor(steps, dtype=dtype, device=pe_mask.device).reshape(-1, 1)
     coef_b = base * (1 - m_col) * col_scale.to(dtype) * s_w.to(dtype)
     coef_t = base * m_col * s_t.to(dtype) if with_task else None
     return coef_b, coef_t

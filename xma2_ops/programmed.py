@@ -88,8 +88,8 @@ class ProgrammedWeight:
     def packed(self, backend, params) -> Optional[torch.Tensor]:
         """``backend.pack_weights(codes, params)``, made once per (backend, params, XMA2_CPU_ISA); None
         when the backend packs per call, and under torch.compile (the op then packs inside the graph)."""
-        if backend.pack_weights is None or torch.compiler.is_compiling():
-            return None
+        if backend.pack_weights is None or torch.compiler.is_compiling() or params.periphery:
+            return None  # (a non-default periphery runs periphery.py, which packs nothing)
         key = ("packed", backend.name, params.as_args(), os.environ.get("XMA2_CPU_ISA", ""))
         return self._keep(key, (_version_of(self.codes),), lambda: backend.pack_weights(self.codes, params))
 

@@ -6,7 +6,7 @@ Nothing in this file is meant to be fast.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -45,85 +45,112 @@ def input_in_range(x: torch.Tensor, scale: torch.Tensor, input_bits: int, signed
     return (r <= q) & (r >= (-q if signed else 0))
 
 
-def adc_codes(p: torch.Tensor, levels: int, clip: int, frac_bits: int = 0) -> torch.Tensor:
-    """ADC of SPEC 3 on int64 partial sums: clamp(floor((2 P n + clip) / (2 clip)), 0, n); with
-    fixed-point conductances (SPEC 7.2) P is P_F = P 2^F and clip is clip 2^F."""
+def adc_codes(p: torch.Tensor, levels: int, clip: int, frac_bits: int = 0, signed: bool = False,
+              half_even: bool = False) -> torch.Tensor:
+    """ADC of SPEC 3 / 8.2 on int64 values V: with lo = 0 (unsigned) or -clip (signed),
+    hi - lo = span, code = clamp(floor((2 (V - lo) n + span) / (2 span)), 0, n), a tie rounded to the
+    even code under half_even.  With fixed-point conductances (SPEC 7.2) V is V_F and clip is clip 2^F.
+    Returns the code, minus n/2 for the signed ADC (so that code * (span / n) is the value V_hat)."""
     c = clip << frac_bits
-    return torch.clamp(torch.div(2 * p * levels + c, 2 * c, rounding_mode="floor"), 0, levels)
+    span = 2 * c if signed else c
+    u = torch.clamp(p + c if signed else p, 0, span)  # V outside [lo, hi] gives code 0 or n either way
+    num = 2 * u * levels + span
+    code = torch.div(num, 2 * span, rounding_mode="floor")
+    if half_even:  # q = num / (2 span) is an integer exactly at a tie
+        code = code - ((num % (2 * span) == 0) & (code % 2 == 1)).to(code.dtype)
+    return code - levels // 2 if signed else code
 
 
-# ---------------------------------------------------------------- the crossbar GEMM (SPEC 3)
+# ---------------------------------------------------------------- the crossbar GEMM (SPEC 3 and 8)
 def bit_field(v: torch.Tensor, index: int, width: int) -> torch.Tensor:
     """(v >> (index*width)) & (2^width - 1) for non-negative int64 v."""
     return torch.bitwise_and(torch.bitwise_right_shift(v, index * width), 2 ** width - 1)
 
 
 def tile_sums(x_codes: torch.Tensor, w_codes: torch.Tensor, p: GemmParams) -> torch.Tensor:
-    """T_int[r, m, n] of SPEC 3 as int64, literally: loops over row tiles, polarities,
-    input chunks and weight slices, every partial sum through the ADC.
+    """T_int[r, m, n] of SPEC 3 / 8 as int64, literally: loops over row tiles, polarities,
+    input chunks and weight slices, every conversion through the ADC.
 
     ``x_codes`` [M, K] and ``w_codes`` [K, N] hold integer codes.  The returned integers
-    are the digital shift-and-add of ADC codes; multiply by ``XbarConfig.adc_step`` to get T.
+    are the digital shift-and-add of ADC codes; multiply tile r by ``p.tile_steps(K)[r]`` to get T.
     """
-    x = x_codes.to(torch.int64)
     w = w_codes.to(torch.int64)
-    m_rows, k_total = x.shape
-    n_total = w.shape[1]
-    rows = p.rows
-    tr = -(-k_total // rows)
-    db, cb = p.dac_bits, p.cell_bits
-    x_pols = [(1, x.clamp(min=0)), (-1, (-x).clamp(min=0))] if p.input_signed else [(1, x)]
-    w_pols = [(1, w.clamp(min=0)), (-1, (-w).clamp(min=0))]
-    out = torch.zeros(tr, m_rows, n_total, dtype=torch.int64)
-    for r in range(tr):
-        k0, k1 = r * rows, min((r + 1) * rows, k_total)
-        for sx, xp in x_pols:
-            for sw, wq in w_pols:
-                for i in range(p.chunks):
-                    x_chunk = bit_field(xp[:, k0:k1], i, db)
-                    for j in range(p.slices):
-                        w_slice = bit_field(wq[k0:k1], j, cb)
-                        # exact: int64 matmul is not available everywhere, float64 holds these
-                        psum = (x_chunk.double() @ w_slice.double()).round().to(torch.int64)
-                        code = psum if p.adc_levels == 0 else adc_codes(psum, p.adc_levels, p.adc_clip)
-                        out[r] += sx * sw * (2 ** (i * db + j * cb)) * code
-    return out
+    cb = p.cell_bits
+    slices = [[bit_field(wq, j, cb) for j in range(p.slices)] for wq in (w.clamp(min=0), (-w).clamp(min=0))]
+    return _periphery_tile_sums(x_codes, slices, p, 0)
 
 
 def cell_tile_sums(x_codes: torch.Tensor, gq: torch.Tensor, p: GemmParams, frac_bits: int) -> torch.Tensor:
-    """T_int[r, m, n] of SPEC 7.2 as int64, literally: the partial sums of the input chunks with the
+    """T_int[r, m, n] of SPEC 7.2 / 8 as int64, literally: the partial sums of the input chunks with the
     fixed-point conductances ``gq`` [2, S, K, N] (polarity +/-, slice) of the programmed cells,
-    every one through the fixed-point ADC.  ``adc_levels == 0`` (ideal ADC): T_int is in units of
-    2^-F (the caller's adc_step is 2^-F)."""
-    x = x_codes.to(torch.int64)
+    every conversion through the fixed-point ADC.  ``adc_levels == 0`` (ideal ADC): T_int is in units of
+    2^-F (the caller's step is 2^-F)."""
     g = gq.to(torch.int64)
+    return _periphery_tile_sums(x_codes, [[g[q, j] for j in range(g.shape[1])] for q in range(2)], p, frac_bits)
+
+
+def _periphery_tile_sums(x_codes: torch.Tensor, w_slices, p: GemmParams, frac_bits: int) -> torch.Tensor:
+    """SPEC 8.1-8.3 written out: ``w_slices[q][j]`` [K, N] is what slice j of weight polarity q holds
+    (levels, or fixed-point conductances with ``frac_bits``)."""
+    x = x_codes.to(torch.int64)
     m_rows, k_total = x.shape
-    n_total = g.shape[3]
-    rows, db, cb = p.rows, p.dac_bits, p.cell_bits
-    tr = -(-k_total // rows)
-    x_pols = [(1, x.clamp(min=0)), (-1, (-x).clamp(min=0))] if p.input_signed else [(1, x)]
-    out = torch.zeros(tr, m_rows, n_total, dtype=torch.int64)
-    for r in range(tr):
-        k0, k1 = r * rows, min((r + 1) * rows, k_total)
+    n_total = w_slices[0][0].shape[1] if w_slices[0] else 0
+    db, cb = p.dac_bits, p.cell_bits
+    sign_magnitude = p.input_signed and p.has("signed_inputs")
+    # Input polarities (sign, codes): one signed pass under sign_magnitude, two passes when signed.
+    if sign_magnitude or not p.input_signed:
+        x_pols = [(1, x)]
+    else:
+        x_pols = [(1, x.clamp(min=0)), (-1, (-x).clamp(min=0))]
+
+    def chunk(v: torch.Tensor, i: int) -> torch.Tensor:  # c_i of SPEC 8.1, signed under sign_magnitude
+        return torch.sign(v) * bit_field(v.abs(), i, db)
+
+    def psum(xc: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
+        # exact: int64 matmul is not available everywhere, float64 holds these integers
+        return (xc.double() @ wk.double()).round().to(torch.int64)
+
+    differential, analog = p.has("sensing"), p.has("input_accumulation")
+    # Which (weight polarity, sign) and which chunks one conversion sums (SPEC 8.1).
+    q_groups = [[(0, 1), (1, -1)]] if differential else [[(0, 1)], [(1, -1)]]
+    i_groups = [list(range(p.chunks))] if analog else [[i] for i in range(p.chunks)]
+    tiles = p.tile_rows(k_total)
+    out = torch.zeros(len(tiles), m_rows, n_total, dtype=torch.int64)
+    k0 = 0
+    for r, rows in enumerate(tiles):
+        k1 = k0 + rows
+        levels, clip = p.tile_adc(rows)
         for sx, xp in x_pols:
-            for q, sw in ((0, 1), (1, -1)):
-                for i in range(p.chunks):
-                    x_chunk = bit_field(xp[:, k0:k1], i, db)
-                    for j in range(g.shape[1]):
-                        psum = (x_chunk.double() @ g[q, j, k0:k1].double()).round().to(torch.int64)
-                        code = psum if p.adc_levels == 0 else adc_codes(psum, p.adc_levels, p.adc_clip, frac_bits)
-                        out[r] += sx * sw * (2 ** (i * db + j * cb)) * code
+            for j in range(len(w_slices[0])):
+                for qg in q_groups:
+                    for ig in i_groups:
+                        v = 0
+                        for q, sw in qg:
+                            for i in ig:
+                                pv = psum(chunk(xp[:, k0:k1], i), w_slices[q][j][k0:k1])
+                                v = v + (sw if differential else 1) * (2 ** (i * db) if analog else 1) * pv
+                        code = v if levels == 0 else adc_codes(v, levels, clip, frac_bits, p.adc_signed,
+                                                               p.has("adc_rounding"))
+                        sign = sx * (1 if differential else qg[0][1])
+                        shift = j * cb + (0 if analog else ig[0] * db)
+                        out[r] += sign * (2 ** shift) * code
+        k0 = k1
     return out
 
 
-def expand_tiles(t: torch.Tensor, k_total: int, n_total: int, rows: int, cols: int) -> torch.Tensor:
+RowLayout = Union[int, Tuple[int, ...]]  # R (fixed split) or each row tile's rows (XbarConfig.row_layout)
+
+
+def expand_tiles(t: torch.Tensor, k_total: int, n_total: int, rows: RowLayout, cols: int) -> torch.Tensor:
     """[Tr, Tc] per-PE values -> [K, N] per-weight values."""
-    return t.repeat_interleave(rows, 0)[:k_total].repeat_interleave(cols, 1)[:, :n_total]
+    return expand_rows(t, k_total, rows).repeat_interleave(cols, 1)[:, :n_total]
 
 
-def expand_rows(t: torch.Tensor, k_total: int, rows: int) -> torch.Tensor:
-    """[Tr, N] per-(row tile, column) values -> [K, N]."""
-    return t.repeat_interleave(rows, 0)[:k_total]
+def expand_rows(t: torch.Tensor, k_total: int, rows: RowLayout) -> torch.Tensor:
+    """[Tr, N] per-(row tile, column) values -> [K, N]; ``rows``: R, or the tiles' row counts."""
+    if isinstance(rows, int):
+        return t.repeat_interleave(rows, 0)[:k_total]
+    return t.repeat_interleave(torch.tensor(rows, device=t.device), 0, output_size=k_total)
 
 
 def column_tiles(t: torch.Tensor, n_total: int, cols: int) -> torch.Tensor:
@@ -166,7 +193,7 @@ def xbar_conv2d_reference(
         return cols_.transpose(1, 2).reshape(-1, k_total)
 
     m_col = column_tiles(mask, cout, config.cols)  # [Tr, N]
-    m_kn = expand_rows(m_col, k_total, config.rows)  # [K, N]
+    m_kn = expand_rows(m_col, k_total, config.row_layout(k_total))  # [K, N]
     # Quantisation happens in the tensors' own dtype (as in every backend); sums in float64.
     if not config.quantized:
         # Ideal crossbar, or weight-only fake quantisation (SPEC 4, quantisation switched off).
@@ -177,7 +204,7 @@ def xbar_conv2d_reference(
                 w = quantize_weight(w, s, config.weight_bits) * s
             return w.double().reshape(cout, -1).T
 
-        w_eff = (1 - m_kn) * expand_rows(alpha, k_total, config.rows) * dequant(weight, weight_scale)
+        w_eff = (1 - m_kn) * expand_rows(alpha, k_total, config.row_layout(k_total)) * dequant(weight, weight_scale)
         if task_weight is not None:
             w_eff = w_eff + m_kn * dequant(task_weight, task_weight_scale)
         y = unfold(x.detach().double()) @ w_eff
@@ -192,12 +219,13 @@ def xbar_conv2d_reference(
             w_codes = quantize_weight(w.detach().reshape(cout, -1), s.reshape(-1, 1), config.weight_bits)
             return w_codes.double().T, s.double()
 
+        steps = torch.tensor(gp.tile_steps(k_total), dtype=torch.float64).reshape(-1, 1, 1)
         wb_codes, s_w = codes(weight, weight_scale)
-        t_b = tile_sums(x_codes, wb_codes, gp).double() * config.adc_step  # [Tr, M, N]
+        t_b = tile_sums(x_codes, wb_codes, gp).double() * steps  # [Tr, M, N]
         y = ((1 - m_col) * alpha * s_w).unsqueeze(1).mul(t_b).sum(0)
         if task_weight is not None:
             wt_codes, s_t = codes(task_weight, task_weight_scale)
-            t_t = tile_sums(x_codes, wt_codes, gp).double() * config.adc_step
+            t_t = tile_sums(x_codes, wt_codes, gp).double() * steps
             y = y + (m_col * s_t).unsqueeze(1).mul(t_t).sum(0)
         y = s_x.double() * y
     if bias is not None:

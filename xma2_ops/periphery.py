@@ -1,0 +1,152 @@
+"""The periphery conventions of docs/SPEC.md section 8, computed fast and exactly on any device.
+
+Under a non-default convention every conversion of SPEC 8.1 sees V = X_g @ W_g over one row tile,
+where X_g is an input chunk (or, under analog accumulation, the whole input magnitude; signed under
+sign_magnitude) and W_g a weight slice (or, under differential sensing, the difference of the + and -
+slices).  So each (row tile, input group) is ONE dense GEMM against all weight groups side by side,
+done in floating point where every partial sum is an integer below the float's exact range (so the
+result does not depend on the summation order), then the ADC of SPEC 8.2 in int64 and the
+shift-and-add of 8.3.  The readable oracle is ``reference._periphery_tile_sums`` (loops, one
+conversion at a time); this module is what the cpu, triton and cuda backends run for section 8.
+
+Every function returns T_int[r, m, n] in units of ``GemmParams.tile_steps(K)[r]``, like the kernels.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from .config import GemmParams
+from .reference import adc_codes, bit_field
+
+# Output rows per GEMM block: bounds the float/int64 temporaries to about this many elements.
+_BLOCK_ELEMS = 1 << 23
+
+
+def _input_groups(x: torch.Tensor, p: GemmParams) -> List[Tuple[int, Optional[int], torch.Tensor]]:
+    """(sign, chunk index or None under analog accumulation, values [M, K]) of what one pass drives."""
+    if not p.input_signed or p.has("signed_inputs"):
+        pols = [(1, x)]  # unsigned, or one signed pass (sign_magnitude)
+    else:
+        pols = [(1, x.clamp(min=0)), (-1, (-x).clamp(min=0))]
+    out = []
+    for sx, xp in pols:
+        if p.has("input_accumulation"):  # sum_i 2^(i db) c_i(x) is x itself
+            out.append((sx, None, xp))
+        else:
+            mag, sgn = xp.abs(), torch.sign(xp)
+            out.extend((sx, i, sgn * bit_field(mag, i, p.dac_bits)) for i in range(p.chunks))
+    return out
+
+
+def _weight_groups(slices: List[List[torch.Tensor]], p: GemmParams) -> Tuple[List[Tuple[int, int]], torch.Tensor]:
+    """([(sign, slice j)] per group, W [K, G, N]) from slices[q][j] [K, N] (q = + / -)."""
+    if p.has("sensing"):
+        return [(1, j) for j in range(len(slices[0]))], torch.stack([a - b for a, b in zip(*slices)], 1)
+    meta = [(1, j) for j in range(len(slices[0]))] + [(-1, j) for j in range(len(slices[1]))]
+    return meta, torch.stack(slices[0] + slices[1], 1)
+
+
+def _gemm_dtype(bound: int, device: torch.device) -> torch.dtype:
+    """float32 when every partial sum is below 2^24 and float32 matmuls are true float32 here; else float64."""
+    exact32 = bound < (1 << 24) and torch.get_float32_matmul_precision() == "highest"
+    if device.type == "cuda":
+        exact32 = exact32 and not torch.backends.cuda.matmul.allow_tf32
+    return torch.float32 if exact32 else torch.float64
+
+
+def _tile_sums(x_codes: torch.Tensor, slices: List[List[torch.Tensor]], w_max: int, p: GemmParams,
+               frac_bits: int) -> torch.Tensor:
+    x = x_codes.to(torch.int64)
+    m_rows, k_total = x.shape
+    groups_in = _input_groups(x, p)
+    w_meta, w = _weight_groups(slices, p)  # [K, G, N]
+    n_total = w.shape[2]
+    d_bits = p.x_bits if p.has("input_accumulation") else p.dac_bits
+    bound = p.rows * ((1 << d_bits) - 1) * w_max
+    if bound >= 1 << 53:
+        raise ValueError(f"xbar: partial sums up to {bound} are beyond exact float64 arithmetic (rows, bits, "
+                         f"conductances too large)")
+    gdt = _gemm_dtype(bound, x.device)
+    tiles = p.tile_rows(k_total)
+    out = torch.zeros(len(tiles), m_rows, n_total, dtype=torch.int64, device=x.device)
+    half_even, signed = p.has("adc_rounding"), p.adc_signed
+    analog = p.has("input_accumulation")
+    k0 = 0
+    for r, rows in enumerate(tiles):
+        k1 = k0 + rows
+        levels, clip = p.tile_adc(rows)
+        wt = w[k0:k1].reshape(rows, -1).to(gdt)  # [rows, G*N]
+        for sx, i, xg in groups_in:
+            v = torch.matmul(xg[:, k0:k1].to(gdt), wt).round_().to(torch.int64).view(m_rows, len(w_meta), n_total)
+            code = v if levels == 0 else adc_codes(v, levels, clip, frac_bits, signed, half_even)
+            for g, (sw, j) in enumerate(w_meta):
+                shift = j * p.cell_bits + (0 if analog else i * p.dac_bits)
+                out[r] += (sx * sw * (1 << shift)) * code[:, g]
+        k0 = k1
+    return out
+
+
+def _code_slices(w_codes: torch.Tensor, p: GemmParams) -> List[List[torch.Tensor]]:
+    w = w_codes.to(torch.int64)
+    return [[bit_field(wq, j, p.cell_bits) for j in range(p.slices)] for wq in (w.clamp(min=0), (-w).clamp(min=0))]
+
+
+def tile_sums(x_codes: torch.Tensor, w_codes: torch.Tensor, p: GemmParams) -> torch.Tensor:
+    """T_int [Tr, M, N] int64 of the codes ``w_codes`` [K, N] (SPEC 8)."""
+    _check_codes(x_codes, w_codes, p)
+    return _tile_sums(x_codes, _code_slices(w_codes, p), (1 << p.cell_bits) - 1, p, 0)
+
+
+def cell_tile_sums(x_codes: torch.Tensor, gq: torch.Tensor, p: GemmParams, frac_bits: int) -> torch.Tensor:
+    """T_int [Tr, M, N] int64 of the fixed-point conductances ``gq`` [2, S, K, N] (SPEC 7.2 and 8)."""
+    _check_codes(x_codes, None, p)
+    g = gq.to(torch.int64)
+    g_max = int(g.abs().max()) if g.numel() else 0
+    return _tile_sums(x_codes, [[g[q, j] for j in range(g.shape[1])] for q in range(2)], g_max, p, frac_bits)
+
+
+def _check_codes(x_codes: torch.Tensor, w_codes: Optional[torch.Tensor], p: GemmParams) -> None:
+    """The codes' ranges (SPEC 6): a wrong code would silently give a wrong sum here."""
+    qx = (1 << p.x_bits) - 1
+    lo = -qx if p.input_signed else 0
+    if x_codes.numel() and (int(x_codes.min()) < lo or int(x_codes.max()) > qx):
+        raise ValueError(f"x_codes: expected codes in [{lo}, {qx}], got values in [{int(x_codes.min())}, "
+                         f"{int(x_codes.max())}]")
+    if w_codes is not None and w_codes.numel():
+        qw = (1 << (p.weight_bits - 1)) - 1
+        if int(w_codes.abs().max()) > qw:
+            raise ValueError(f"w_codes: expected codes in [{-qw}, {qw}], got |w| up to {int(w_codes.abs().max())}")
+
+
+def mvm(tile_sums_of, wb, wt, x_codes: torch.Tensor, coef_b: torch.Tensor, coef_t: Optional[torch.Tensor],
+        n_total: int) -> torch.Tensor:
+    """y [M, N] = sum_r coef_b[r] T_b[r] + coef_t[r] T_t[r] in float64, row tile outer, then the base and the
+    task set (the kernels' order); ``tile_sums_of(x_block, w)`` gives T_int.  In row blocks."""
+    m_total = x_codes.shape[0]
+    tr = coef_b.shape[0]
+    block = max(1, _BLOCK_ELEMS // max(1, tr * n_total))
+    y = torch.empty(m_total, n_total, dtype=coef_b.dtype, device=x_codes.device)
+    for m0 in range(0, m_total, block):
+        xb = x_codes[m0:m0 + block]
+        tb = tile_sums_of(xb, wb).double()
+        tt = tile_sums_of(xb, wt).double() if wt is not None else None
+        acc = torch.zeros(xb.shape[0], n_total, dtype=torch.float64, device=x_codes.device)
+        for r in range(tr):
+            acc += coef_b[r].double() * tb[r]
+            if tt is not None:
+                acc += coef_t[r].double() * tt[r]
+        y[m0:m0 + block] = acc.to(coef_b.dtype)
+    return y
+
+
+def coef_grad(tile_sums_of, w, x_codes: torch.Tensor, gy: torch.Tensor, tr: int) -> torch.Tensor:
+    """G [Tr, N] = sum_m gy[m, n] T_int[r, m, n] in float64, row blocks in order."""
+    m_total, n_total = gy.shape
+    block = max(1, _BLOCK_ELEMS // max(1, tr * n_total))
+    g = torch.zeros(tr, n_total, dtype=torch.float64, device=gy.device)
+    for m0 in range(0, m_total, block):
+        t = tile_sums_of(x_codes[m0:m0 + block], w).double()
+        g += (t * gy[m0:m0 + block].double()).sum(1)
+    return g
