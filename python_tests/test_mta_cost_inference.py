@@ -158,3 +158,33 @@ def test_report_without_example_has_no_inference_columns_and_bad_inputs_are_refu
         mta.EnergyModel(read_cycle_s=float("nan"))
     with mta.use_config(model, mta.weight_only), pytest.raises(ValueError, match="quantised"):
         mta.report(model, example_input=x[:1])
+
+
+@pytest.mark.parametrize("fields, adc_factor, pass_factor", [
+    (dict(input_accumulation="analog"), None, 1),  # one conversion per pass instead of per chunk
+    (dict(sensing="differential"), 2, 1),  # one conversion per column pair
+    (dict(signed_inputs="sign_magnitude"), None, None),  # one pass for signed inputs
+])
+def test_conversions_follow_the_periphery(fields, adc_factor, pass_factor):
+    """SPEC 8 in the cost model, counted per layer from the layer's own input sign and chunks."""
+    base, x = make()
+    other, _ = make(cfg=dataclasses.replace(CFG, **fields))
+    for model in (base, other):
+        mta.prepare(model, mta.MethodSpec("classifier"), 5)
+    rb = mta.report(base, example_input=x[:1])
+    ro = mta.report(other, example_input=x[:1])
+    for lb, lo, (name, layer) in zip(rb.layers, ro.layers, mta.xbar_layers(other)):
+        signed = bool(layer.input_signed)
+        chunks = CFG.input_chunks(signed)
+        passes = 2 if signed else 1
+        if "input_accumulation" in fields:
+            assert lb.adc_conversions == lo.adc_conversions * chunks, name
+            assert lb.dac_conversions == lo.dac_conversions, name  # every chunk is still driven
+        elif "sensing" in fields:
+            assert lb.adc_conversions == lo.adc_conversions * adc_factor, name
+            assert lb.cell_reads == lo.cell_reads, name
+        else:
+            assert lb.adc_conversions == lo.adc_conversions * passes, name
+            assert lb.dac_conversions == lo.dac_conversions * passes, name
+        assert lo.inference_energy_j <= lb.inference_energy_j
+    assert any(layer.input_signed for _, layer in mta.xbar_layers(other))  # the sign_magnitude case is exercised

@@ -259,7 +259,7 @@ def _expected_tensors(model: nn.Module, spec: MethodSpec, head: nn.Linear, num_c
             mask = t.get(f"{name}.pe_mask")
             count = 0
             if mask is not None and mask.dtype == torch.uint8 and tuple(mask.shape) == (tr, tc):
-                count = int((pe_extent(k, n, layer.config.rows, layer.config.cols).prod(-1) * (mask != 0)).sum())
+                count = int((pe_extent(k, n, layer.config.row_layout(k), layer.config.cols).prod(-1) * (mask != 0)).sum())
             exp[f"{name}.task_weight"] = _Expected(layer.weight.dtype, (count,), _finite, "finite values")
         if spec.method == "piggyback":
             numel = layer.weight.numel()

@@ -20,14 +20,17 @@ device's number: every method's energy is linear in it, so ratios between method
 
 Inference cost (``report(model, example_input=x)``), per image and per layer, from the op's
 semantics (SPEC 2-4) and the positions M (output pixels) the layer computes for ``x``:
-  cycles        M * P * I: P input polarities (2 when the layer's inputs are signed), I input
-                chunks (DAC cycles per polarity).  A PE none of whose columns is converted
-                (every tier-2 scale 0) is not activated at all.
+  cycles        M * P * I: P input passes (2 when the layer's inputs are signed and driven in two
+                passes; 1 under signed_inputs='sign_magnitude'), I input chunks (DAC cycles per
+                pass).  A PE none of whose columns is converted (every tier-2 scale 0) is not
+                activated at all.
   dac_conversions  cycles * (used rows of every active PE)
   cell_reads    cycles * (used rows * used columns * S slices * 2 polarities, every active PE):
                 every cell of a driven row conducts, also in columns that are not converted
   adc_conversions  cycles * (converted columns * S * 2, every PE): a column whose tier-2 scale
-                is 0 needs no conversion; re-programmed PEs convert all their columns
+                is 0 needs no conversion; re-programmed PEs convert all their columns.  SPEC 8:
+                input_accumulation='analog' converts once per pass (not per chunk), sensing=
+                'differential' once per column pair (not per polarity)
   shift_adds    one digital shift-and-add per ADC code (SPEC 3), plus M per tier-2 column
                 scale that is neither 0 nor 1 (a shift, or a multiply for real scales)
   energy        the counts times the per-operation figures of ``EnergyModel`` (defaults: ISAAC)
@@ -98,7 +101,8 @@ class EnergyModel:
 
     def adc_conversion_j(self, cfg: XbarConfig) -> float:
         """Energy of one conversion of ``cfg``'s ADC (see the class docstring)."""
-        bits = cfg.adc_bits if cfg.adc_bits is not None else max(1, math.ceil(math.log2(cfg.pmax + 1)))
+        span = cfg.clip * (2 if cfg.sensing == "differential" or cfg.signed_inputs == "sign_magnitude" else 1)
+        bits = cfg.adc_bits if cfg.adc_bits is not None else max(1, math.ceil(math.log2(span + 1)))
         return self.adc_energy_j * 2.0 ** (bits - self.adc_reference_bits)
 
     def dac_conversion_j(self, cfg: XbarConfig) -> float:
@@ -212,7 +216,7 @@ def deployed_state(model: nn.Module) -> State:
             if pm is not None and w_t is not None:
                 mask = pm.detach().cpu() > 0
                 task = _cell_levels(w_t.cpu(), cfg)
-                sel = expand_tiles(mask, k, n, cfg.rows, cfg.cols)[:, :, None, None]
+                sel = expand_tiles(mask, k, n, cfg.row_layout(k), cfg.cols)[:, :, None, None]
                 base = torch.where(sel, task, base)
         state[name] = (mask, base)
     return state
@@ -247,10 +251,10 @@ def _switch_cost(model: nn.Module, prev: State, new: State, energy: EnergyModel)
         k, n = layer.weight[0].numel(), layer.weight.shape[0]
         (m_prev, lv_prev), (m_new, lv_new) = prev[name], new[name]
         write = m_prev | m_new
-        ext = pe_extent(k, n, cfg.rows, cfg.cols)
+        ext = pe_extent(k, n, cfg.row_layout(k), cfg.cols)
         used = ext.prod(-1)  # weights per PE
         slices = cfg.weight_slices
-        changed = pe_sum((lv_prev != lv_new).sum((-1, -2)), cfg.rows, cfg.cols).long()
+        changed = pe_sum((lv_prev != lv_new).sum((-1, -2)), cfg.row_layout(k), cfg.cols).long()
         lc = LayerCost(name, pes=write.numel(), reprogrammed_pes=int(m_new.sum()))
         lc.cells_written = int((used * 2 * slices)[write].sum())
         lc.cells_changed = int(changed[write].sum())
@@ -329,7 +333,7 @@ def _inference_cost(model: nn.Module, lcs: List[LayerCost], positions: Dict[str,
         elif layer.pe_mask is not None or layer.col_scale is not None:
             pm = pm if layer.pe_mask is None else layer.pe_mask.detach().cpu().float()
             cs = None if layer.col_scale is None else layer.col_scale.detach().cpu().float()
-        ext = pe_extent(k, n, cfg.rows, cfg.cols)
+        ext = pe_extent(k, n, cfg.row_layout(k), cfg.cols)
         alpha = torch.ones(tr, n) if cs is None else cs
         # per PE and column: converted (re-programmed PE, or a frozen one with a nonzero scale)
         reprog = column_tiles(pm > 0, n, cfg.cols)  # [Tr, N]
@@ -338,11 +342,17 @@ def _inference_cost(model: nn.Module, lcs: List[LayerCost], positions: Dict[str,
         conv_pe = pe_sum(converted.float(), 1, cfg.cols).round().long()  # [Tr, Tc] converted columns
         active = conv_pe > 0
         signed = bool(layer.input_signed) if cfg.input_signed is None else cfg.input_signed
-        cycles = positions[name] * (2 if signed else 1) * cfg.input_chunks(signed)
+        passes = 2 if (signed and cfg.signed_inputs == "two_pass") else 1
+        chunks = cfg.input_chunks(signed)
+        cycles = positions[name] * passes * chunks
         slices = cfg.weight_slices
         lc.dac_conversions = cycles * int(ext[..., 0][active].sum())
         lc.cell_reads = cycles * int((ext[..., 0] * ext[..., 1])[active].sum()) * slices * 2
-        lc.adc_conversions = cycles * int(conv_pe.sum()) * slices * 2
+        # SPEC 8: analog accumulation converts once per pass instead of once per chunk; differential
+        # sensing once per pair of columns instead of once per polarity.
+        conversions = positions[name] * passes * (1 if cfg.input_accumulation == "analog" else chunks)
+        lc.adc_conversions = (conversions * int(conv_pe.sum()) * slices
+                              * (1 if cfg.sensing == "differential" else 2))
         lc.shift_adds = lc.adc_conversions + positions[name] * int(scaled.sum())
         lc.inference_energy_j = (lc.adc_conversions * energy.adc_conversion_j(cfg)
                                  + lc.dac_conversions * energy.dac_conversion_j(cfg)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
+
+from ..config import row_tile_sizes
+from ..reference import RowLayout
 
 
 # ------------------------------------------------------------------ straight-through estimators
@@ -123,18 +126,32 @@ def from_kn(w_kn: torch.Tensor, shape) -> torch.Tensor:
     return w_kn.T.reshape(shape)
 
 
-def pe_sum(w_kn: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Sum of a [K, N] per-weight quantity over each PE -> [Tr, Tc]."""
+def _tile_rows(k: int, rows: RowLayout) -> Tuple[int, ...]:
+    """Rows of each row tile: from R (fixed split) or as given (XbarConfig.row_layout)."""
+    return row_tile_sizes(k, rows) if isinstance(rows, int) else tuple(rows)
+
+
+def pe_sum(w_kn: torch.Tensor, rows: RowLayout, cols: int) -> torch.Tensor:
+    """Sum of a [K, N] per-weight quantity over each PE -> [Tr, Tc]; ``rows``: XbarConfig.row_layout(K)."""
     k, n = w_kn.shape
-    tr, tc = -(-k // rows), -(-n // cols)
-    padded = w_kn.new_zeros(tr * rows, tc * cols)
-    padded[:k, :n] = w_kn
-    return padded.reshape(tr, rows, tc, cols).sum((1, 3))
+    tc = -(-n // cols)
+    if isinstance(rows, int):
+        tr = -(-k // rows)
+        padded = w_kn.new_zeros(tr * rows, tc * cols)
+        padded[:k, :n] = w_kn
+        return padded.reshape(tr, rows, tc, cols).sum((1, 3))
+    sizes = tuple(rows)
+    tile_of_row = torch.repeat_interleave(torch.arange(len(sizes), device=w_kn.device),
+                                          torch.tensor(sizes, dtype=torch.long, device=w_kn.device), output_size=k)
+    per_tile = w_kn.new_zeros(len(sizes), n).index_add_(0, tile_of_row, w_kn)
+    padded = w_kn.new_zeros(len(sizes), tc * cols)
+    padded[:, :n] = per_tile
+    return padded.reshape(len(sizes), tc, cols).sum(2)
 
 
-def pe_extent(k: int, n: int, rows: int, cols: int) -> torch.Tensor:
-    """[Tr, Tc, 2] used rows and used columns of each PE (partial last tiles)."""
-    tr, tc = -(-k // rows), -(-n // cols)
-    r_used = torch.tensor([min(rows, k - r * rows) for r in range(tr)])
+def pe_extent(k: int, n: int, rows: RowLayout, cols: int) -> torch.Tensor:
+    """[Tr, Tc, 2] used rows and used columns of each PE (partial last tiles, or an even split)."""
+    tc = -(-n // cols)
+    r_used = torch.tensor(_tile_rows(k, rows), dtype=torch.long)
     c_used = torch.tensor([min(cols, n - c * cols) for c in range(tc)])
     return torch.stack(torch.broadcast_tensors(r_used[:, None], c_used[None, :]), -1)

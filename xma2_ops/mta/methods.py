@@ -156,7 +156,8 @@ class LayerAdapter(nn.Module):
         super().__init__()
         self.method = spec.method
         self.levels = spec.levels
-        self.rows, self.cols = layer.config.rows, layer.config.cols
+        # rows: R, or each row tile's rows under an even split (XbarConfig.row_layout)
+        self.rows, self.cols = layer.config.row_layout(layer.weight[0].numel()), layer.config.cols
         self.phase = "dense" if spec.method == "finetune" else "final"
         w = layer.weight.detach()
         tr, tc = layer.tiles

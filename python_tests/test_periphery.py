@@ -1,0 +1,369 @@
+"""SPEC section 8 (periphery conventions): every field combination against an independent formulation
+written from section 8 alone (Python integers and exact fractions, one output element at a time), the
+backends against the reference bit for bit, CrossSim 3.2's golden outputs, the cancellation of g0
+under differential sensing, refusals, gradients, torch.compile."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import xma2_ops
+from xma2_ops import DeviceModel, XbarConfig, reference as ref
+from xma2_ops.config import PERIPHERY_FIELDS, GemmParams, row_tile_sizes
+
+from strategies import examples, fuzz_seed
+
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+
+
+# ------------------------------------------------------------------ the independent formulation
+def _round_code(q: Fraction, n: int, half_even: bool) -> int:
+    """clamp(floor(q), 0, n); a tie (q an integer) with an odd code goes one down under half_even."""
+    code = min(max(q.numerator // q.denominator, 0), n)
+    if half_even and q.denominator == 1 and code % 2 == 1 and 0 < q <= n:
+        code -= 1
+    return code
+
+
+def oracle_t(x: list, w: list, cfg: XbarConfig, signed: bool, k_tiles: list, frac: int = 0,
+             g: list = None) -> list:
+    """T[r][m][n] as exact Fractions from SPEC 8 alone.  x [M][K] ints, w [K][N] ints; with ``g``
+    (g[q][j][k][n], fixed-point conductances in units of 2^-frac) the cells replace the weight slices."""
+    db, cb = cfg.dac_bits, cfg.cell_bits
+    xb = cfg.input_bits - 1 if signed else cfg.input_bits
+    chunks = -(-xb // db)
+    slices = -(-(cfg.weight_bits - 1) // cb)
+    sm = signed and cfg.signed_inputs == "sign_magnitude"
+    diff = cfg.sensing == "differential"
+    analog = cfg.input_accumulation == "analog"
+    adc_signed = diff or sm
+    m_total, n_total = len(x), len(g[0][0][0]) if g is not None else len(w[0])
+
+    def x_pol(v: int, p: int) -> int:  # x^p, or the signed value itself under sign_magnitude
+        if sm or not signed:
+            return v
+        return max(v, 0) if p == 0 else max(-v, 0)
+
+    def c(v: int, i: int) -> int:  # the chunk of SPEC 8.1
+        mag = (abs(v) >> (i * db)) & ((1 << db) - 1)
+        return mag if v >= 0 else -mag
+
+    def cell(q: int, j: int, k: int, n: int) -> int:
+        if g is not None:
+            return g[q][j][k][n]
+        wq = max(w[k][n], 0) if q == 0 else max(-w[k][n], 0)
+        return ((wq >> (j * cb)) & ((1 << cb) - 1)) << frac
+
+    out = []
+    k0 = 0
+    for rows in k_tiles:
+        ks = range(k0, k0 + rows)
+        k0 += rows
+        if cfg.adc_clip is not None:
+            clip = cfg.adc_clip
+        else:
+            rr = rows if cfg.adc_range == "tile_rows" else cfg.rows
+            clip = rr * ((1 << cb) - 1) * ((1 << (xb if analog else db)) - 1)
+        if cfg.adc_bits is not None:
+            n_lv = min(2 ** cfg.adc_bits - 2, 2 * clip) if adc_signed else min(2 ** cfg.adc_bits - 1, clip)
+            lo, hi = (-clip, clip) if adc_signed else (0, clip)
+        tile = [[Fraction(0)] * n_total for _ in range(m_total)]
+        for m in range(m_total):
+            for n in range(n_total):
+                total = Fraction(0)
+                for p in ([0] if (sm or not signed) else [0, 1]):
+                    for j in range(slices):
+                        for qs in ([(0, 1), (1, -1)],) if diff else ([(0, 1)], [(1, -1)]):
+                            for is_ in ([list(range(chunks))] if analog else [[i] for i in range(chunks)]):
+                                v = 0
+                                for q, sq in qs:
+                                    for i in is_:
+                                        pv = sum(c(x_pol(x[m][k], p), i) * cell(q, j, k, n) for k in ks)
+                                        v += (sq if diff else 1) * (2 ** (i * db) if analog else 1) * pv
+                                if cfg.adc_bits is None:
+                                    vhat = Fraction(v, 2 ** frac)
+                                else:
+                                    vf = Fraction(v, 2 ** frac)
+                                    q_ = (2 * (vf - lo) * n_lv + (hi - lo)) / (2 * (hi - lo))
+                                    code = _round_code(q_, n_lv, cfg.adc_rounding == "half_even")
+                                    vhat = lo + Fraction(code * (hi - lo), n_lv)
+                                sign = (1 if p == 0 else -1) * (1 if diff else qs[0][1])
+                                shift = j * cb + (0 if analog else is_[0] * db)
+                                total += sign * 2 ** shift * vhat
+                tile[m][n] = total
+        out.append(tile)
+    return out
+
+
+def _as_fractions(t_int: torch.Tensor, p: GemmParams, k: int, frac: int = 0) -> list:
+    """T_int times the exact step of its tile ((hi - lo) / n, or 2^-F for the ideal ADC)."""
+    out = []
+    for r, rows in enumerate(p.tile_rows(k)):
+        levels, clip = p.tile_adc(rows)
+        step = Fraction(1, 2 ** frac) if levels == 0 else Fraction((2 if p.adc_signed else 1) * clip, levels)
+        assert float(step) == p.tile_steps(k, frac)[r]
+        out.append([[Fraction(int(v)) * step for v in row] for row in t_int[r].tolist()])
+    return out
+
+
+_FIELD_COMBOS = list(itertools.product(*PERIPHERY_FIELDS.values()))
+
+
+@st.composite
+def periphery_cases(draw):
+    combo = draw(st.sampled_from(_FIELD_COMBOS))
+    fields = dict(zip(PERIPHERY_FIELDS, combo))
+    rows = draw(st.integers(1, 9))
+    k = draw(st.integers(1, 3 * rows))
+    if fields["row_split"] == "even":
+        tr = -(-k // rows)
+        size = round(k / tr) if k % tr else k // tr
+        if k - (tr - 1) * size > rows:
+            fields["row_split"] = "fixed"
+    input_bits = draw(st.integers(2, 6))
+    cfg = XbarConfig(rows=rows, cols=draw(st.integers(1, 4)), weight_bits=draw(st.integers(2, 7)),
+                     cell_bits=draw(st.integers(1, 3)), input_bits=input_bits, dac_bits=draw(st.integers(1, 3)),
+                     adc_bits=draw(st.one_of(st.none(), st.integers(2, 7))),
+                     adc_clip=draw(st.one_of(st.none(), st.integers(1, 60))), **fields)
+    signed = draw(st.booleans())
+    m, n = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    return cfg, signed, m, k, n, draw(st.integers(0, 2 ** 31 - 1))
+
+
+def _codes(seed: int, cfg: XbarConfig, signed: bool, m: int, k: int, n: int):
+    gen = torch.Generator().manual_seed(seed)
+    qx = cfg.input_qmax(signed)
+    qw = cfg.weight_qmax
+    x = torch.randint(-qx if signed else 0, qx + 1, (m, k), generator=gen)
+    w = torch.randint(-qw, qw + 1, (k, n), generator=gen)
+    return x, w
+
+
+@examples(150)
+@given(periphery_cases())
+def test_reference_matches_the_section8_formulation(case):
+    cfg, signed, m, k, n, seed = case
+    x, w = _codes(seed, cfg, signed, m, k, n)
+    p = GemmParams.from_config(cfg, signed)
+    got = _as_fractions(ref.tile_sums(x, w, p), p, k)
+    want = oracle_t(x.tolist(), w.tolist(), cfg, signed, list(row_tile_sizes(k, cfg.rows, cfg.row_split)))
+    assert got == want, (cfg, signed)
+
+
+@examples(40)
+@given(periphery_cases())
+def test_cells_reference_matches_the_section8_formulation(case):
+    cfg, signed, m, k, n, seed = case
+    frac = seed % 4
+    x, _ = _codes(seed, cfg, signed, m, k, n)
+    s = cfg.weight_slices
+    gen = torch.Generator().manual_seed(seed + 1)
+    gq = torch.randint(0, ((1 << cfg.cell_bits) + 1) << frac, (2, s, k, n), generator=gen)
+    p = GemmParams.from_config(cfg, signed)
+    got = _as_fractions(ref.cell_tile_sums(x, gq, p, frac), p, k, frac)
+    want = oracle_t(x.tolist(), None, cfg, signed, list(row_tile_sizes(k, cfg.rows, cfg.row_split)), frac,
+                    gq.tolist())
+    assert got == want, (cfg, signed, frac)
+
+
+@examples(120)
+@given(periphery_cases())
+def test_engine_gives_the_reference_bits(case):
+    """periphery.py (what cpu/triton/cuda run) == the reference loops, codes and cells, int64 exact."""
+    from xma2_ops import periphery
+    cfg, signed, m, k, n, seed = case
+    x, w = _codes(seed, cfg, signed, m, k, n)
+    p = GemmParams.from_config(cfg, signed)
+    assert torch.equal(periphery.tile_sums(x.to(torch.int32), w.to(torch.int32), p), ref.tile_sums(x, w, p))
+    frac = seed % 5
+    gen = torch.Generator().manual_seed(seed + 7)
+    gq = torch.randint(0, ((1 << cfg.cell_bits) + 2) << frac, (2, cfg.weight_slices, k, n), generator=gen)
+    assert torch.equal(periphery.cell_tile_sums(x, gq.to(torch.int32), p, frac), ref.cell_tile_sums(x, gq, p, frac))
+
+
+def _backends():
+    names = [b for b in ("cpu", "triton") if b in xma2_ops.available_backends()]
+    return names
+
+
+@pytest.mark.parametrize("combo", _FIELD_COMBOS[::3] + [_FIELD_COMBOS[-1]])
+def test_layers_give_the_same_bits_on_every_backend(combo):
+    """xbar_conv2d with task weights and fractional masks: cpu (and triton in the interpreter) == reference."""
+    fields = dict(zip(PERIPHERY_FIELDS, combo))
+    gen = torch.Generator().manual_seed(sum(i * (2 ** n) for n, i in enumerate(map(len, combo))))
+    cfg = XbarConfig(rows=20, cols=6, weight_bits=6, cell_bits=2, input_bits=5, dac_bits=2, adc_bits=5, **fields)
+    x = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64)
+    w = torch.randn(8, 3, 3, 3, generator=gen, dtype=torch.float64)
+    wt = torch.randn(8, 3, 3, 3, generator=gen, dtype=torch.float64)
+    tr, tc = cfg.tiles(27, 8)
+    mask = torch.rand(tr, tc, generator=gen, dtype=torch.float64)
+    alpha = torch.rand(tr, 8, generator=gen, dtype=torch.float64) + 0.5
+    kw = dict(config=cfg, task_weight=wt, pe_mask=mask, col_scale=alpha, padding=1)
+    want = xma2_ops.xbar_conv2d(x, w, backend="reference", **kw)
+    oracle = ref.xbar_conv2d_reference(x, w, config=cfg, task_weight=wt, pe_mask=mask, col_scale=alpha, padding=1)
+    torch.testing.assert_close(want, oracle, rtol=1e-12, atol=1e-12)
+    for be in _backends():
+        assert torch.equal(xma2_ops.xbar_conv2d(x, w, backend=be, **kw), want), be
+
+
+# ------------------------------------------------------------------ CrossSim 3.2
+def _golden_cases():
+    meta = json.loads((GOLDEN / "crosssim_section8.json").read_text())
+    return meta["cases"]
+
+
+@pytest.mark.skipif(not (GOLDEN / "crosssim_section8.json").exists(), reason="shared/golden is not beside the checkout")
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_crosssim_golden_outputs(backend):
+    data = np.load(GOLDEN / "crosssim_section8.npz")
+    cases = _golden_cases()
+    assert len(cases) == 21
+    for c in cases:
+        cfg = XbarConfig(**c["config"])
+        w = torch.tensor(data[c["w_codes"]], dtype=torch.float64) * c["weight_scale"]
+        x = torch.tensor(data[c["x_codes"]], dtype=torch.float64) * c["input_scale"]
+        y = xma2_ops.xbar_linear(x, w, config=cfg, input_scale=c["input_scale"], weight_scale=c["weight_scale"],
+                                 backend=backend)
+        want = torch.tensor(data[c["y"]])
+        # float64 rounding only: one ADC code is worth >= 1e-5 here
+        torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12, msg=c["name"])
+
+
+def test_crosssim_preset():
+    cfg = XbarConfig.conventions("crosssim", rows=64)
+    assert (cfg.sensing, cfg.input_accumulation, cfg.signed_inputs, cfg.adc_rounding, cfg.row_split,
+            cfg.adc_range) == ("differential", "analog", "sign_magnitude", "half_even", "even", "tile_rows")
+    assert cfg.rows == 64
+    assert XbarConfig.conventions("xma2") == XbarConfig()
+    assert XbarConfig().periphery == 0
+    with pytest.raises(ValueError, match="conventions"):
+        XbarConfig.conventions("isaac")
+
+
+# ------------------------------------------------------------------ device: g0 cancels under differential sensing
+@pytest.mark.parametrize("signed_inputs", ["two_pass", "sign_magnitude"])
+def test_differential_sensing_cancels_g0(signed_inputs):
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 300, generator=gen)
+    w = torch.randn(9, 300, generator=gen)
+    base = XbarConfig(rows=128, cols=4, sensing="differential", signed_inputs=signed_inputs)  # a lossy ADC
+    ideal = xma2_ops.xbar_linear(x, w, config=base)
+    for on_off in (2.0, 10.0, 1000.0):
+        dev = DeviceModel(on_off=on_off, seed=3)
+        assert not dev.ideal
+        got = xma2_ops.xbar_linear(x, w, config=dataclasses.replace(base, device=dev))
+        assert torch.equal(got, ideal), on_off
+    # per-polarity sensing does not cancel it (each polarity's g0 is converted on its own)
+    per_pol = dataclasses.replace(base, sensing="per_polarity")
+    assert not torch.equal(xma2_ops.xbar_linear(x, w, config=dataclasses.replace(per_pol, device=DeviceModel(on_off=2.0))),
+                           xma2_ops.xbar_linear(x, w, config=per_pol))
+
+
+# ------------------------------------------------------------------ refusals
+def test_even_split_that_overfills_the_last_tile_is_refused():
+    assert row_tile_sizes(576, 128, "even") == (115, 115, 115, 115, 116)
+    assert row_tile_sizes(300, 128, "even") == (100, 100, 100)
+    assert row_tile_sizes(10, 4, "even") == (3, 3, 4)
+    # K = 7, R = 4: Tr = 2, round_half_even(3.5) = 4 and 3: fine; K = 9, R = 5: 2 tiles of 4 and 5: fine
+    assert row_tile_sizes(7, 4, "even") == (4, 3)
+    # K = 13, R = 4: Tr = 4, round(3.25) = 3, last 13 - 9 = 4 <= 4; K = 11, R = 2: Tr = 6, round(1.83) = 2, last 1
+    cfg = XbarConfig(rows=4, row_split="even", weight_bits=None, input_bits=None, adc_bits=None)
+    # K = 6, R = 4? Tr = 2, 3 + 3.  Overfill: K = 18, R = 5: Tr = 4, round(4.5) = 4 (even), last 6 > 5
+    with pytest.raises(ValueError, match=r"row_split.*K = 18.*R = 5"):
+        row_tile_sizes(18, 5, "even")
+    bad = XbarConfig(rows=5, row_split="even")
+    with pytest.raises(ValueError, match=r"row_split.*K = 18"):
+        xma2_ops.xbar_linear(torch.randn(2, 18), torch.randn(3, 18), config=bad)
+    with pytest.raises(ValueError, match=r"row_split.*K = 18"):
+        xma2_ops.xbar_linear(torch.randn(2, 18), torch.randn(3, 18),
+                             config=dataclasses.replace(bad, weight_bits=None, input_bits=None, adc_bits=None))
+    assert cfg.row_layout(6) == (3, 3)
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(sensing="diff"), "sensing"),
+    (dict(input_accumulation=1), "input_accumulation"),
+    (dict(signed_inputs="twos_complement"), "signed_inputs"),
+    (dict(adc_rounding="nearest"), "adc_rounding"),
+    (dict(row_split=None), "row_split"),
+    (dict(adc_range="tile"), "adc_range"),
+    (dict(sensing="differential", adc_bits=1), "adc_bits"),
+    (dict(signed_inputs="sign_magnitude", adc_bits=1), "adc_bits"),
+    (dict(input_accumulation="analog", rows=1 << 16, input_bits=16, cell_bits=8), "input_accumulation"),
+])
+def test_bad_periphery_fields_are_refused(kw, field):
+    with pytest.raises((TypeError, ValueError), match=f"XbarConfig.{field}"):
+        XbarConfig(**kw)
+
+
+def test_one_bit_adc_is_unsigned_only():
+    """adc_bits = 1 is an unsigned 1-bit comparator; with sign_magnitude it is allowed for unsigned inputs
+    (their V is never negative), and refused wherever a signed ADC could be needed."""
+    XbarConfig(signed_inputs="sign_magnitude", adc_bits=1, input_signed=False)
+    XbarConfig(input_accumulation="analog", adc_bits=1)
+
+
+# ------------------------------------------------------------------ gradients, modules, torch.compile
+@pytest.mark.parametrize("preset", ["crosssim", "mixed"])
+def test_coefficient_gradients_are_the_tile_sums(preset):
+    cfg = (XbarConfig.conventions("crosssim", rows=16, cols=4, adc_bits=6) if preset == "crosssim" else
+           XbarConfig(rows=16, cols=4, adc_bits=6, sensing="differential", adc_rounding="half_even"))
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 40, generator=gen, dtype=torch.float64)
+    w = torch.randn(7, 40, generator=gen, dtype=torch.float64)
+    tr, tc = cfg.tiles(40, 7)
+    wt = torch.randn(7, 40, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(tr, tc, generator=gen, dtype=torch.float64) * 0.5).requires_grad_()
+    alpha = (torch.rand(tr, 7, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    gy = torch.randn(6, 7, generator=gen, dtype=torch.float64)
+    grads = {}
+    for be in ["cpu", "reference"]:
+        y = xma2_ops.xbar_linear(x, w, config=cfg, task_weight=wt, pe_mask=mask, col_scale=alpha, backend=be)
+        grads[be] = torch.autograd.grad(y, (mask, alpha), gy)
+    # dL/dalpha[r, n] = (1 - m) s_x s_w step_r sum_m gy T_int[r, m, n] (SPEC 5): from the reference's T
+    signed = True
+    p = GemmParams.from_config(cfg, signed)
+    s_x = x.abs().max() / cfg.input_qmax(signed)
+    s_w = w.abs().max() / cfg.weight_qmax
+    x_int = ref.quantize_input(x, s_x, cfg.input_bits, signed)
+    w_int = ref.quantize_weight(w, s_w, cfg.weight_bits).T
+    t = ref.tile_sums(x_int, w_int, p).double() * torch.tensor(p.tile_steps(40), dtype=torch.float64)[:, None, None]
+    m_col = ref.column_tiles(mask.detach(), 7, cfg.cols)
+    want_alpha = (1 - m_col) * s_x * s_w * torch.einsum("rmn,mn->rn", t, gy)
+    for be, (g_mask, g_alpha) in grads.items():
+        torch.testing.assert_close(g_alpha, want_alpha, rtol=1e-12, atol=1e-12, msg=be)
+    torch.testing.assert_close(grads["cpu"][0], grads["reference"][0], rtol=1e-12, atol=1e-12)
+
+
+def test_module_trains_and_compiles_with_crosssim_conventions():
+    torch.manual_seed(0)
+    cfg = XbarConfig.conventions("crosssim", rows=32, cols=8)
+    layer = xma2_ops.XbarConv2d(3, 8, 3, padding=1, config=cfg)
+    x = torch.randn(2, 3, 8, 8)
+    y = layer(x)
+    y.square().mean().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    layer.eval()
+    with torch.no_grad():
+        eager = layer(x)
+        compiled = torch.compile(layer, fullgraph=True, backend="eager")(x)
+    assert torch.equal(compiled, eager)
+
+
+def test_periphery_does_not_change_the_default_path():
+    """The defaults of section 8 are sections 2-3: same GemmParams as before and the C++ kernel runs."""
+    cfg = XbarConfig(rows=128, cols=4)
+    p = GemmParams.from_config(cfg, True)
+    assert p.periphery == 0 and p.adc_levels == 255 and p.adc_clip == cfg.pmax == 384
+    assert xma2_ops._ops.backend_for("cpu", torch.device("cpu"), p).name == "cpu"
+    q = GemmParams.from_config(dataclasses.replace(cfg, adc_rounding="half_even"), True)
+    assert xma2_ops._ops.backend_for("cpu", torch.device("cpu"), q).name == "periphery"
