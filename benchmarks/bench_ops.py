@@ -5,6 +5,7 @@
     python benchmarks/bench_ops.py --device cuda   # the cuda / triton backends vs cuDNN fp32 and bf16
     python benchmarks/bench_ops.py --threads 2
     python benchmarks/bench_ops.py --threads 2 --modes default device --no-reference   # device model vs ideal cells
+    python benchmarks/bench_ops.py --periphery     # each SPEC 8 convention's forward vs the default
 
 Shapes: the 3x3 (stride 1, padding 1) convolutions of ResNet-18 on CIFAR (batch 32) and one
 ImageNet-style layer (batch 8, 64 channels, 56x56).  Modes: ideal (no quantisation), the default
@@ -25,6 +26,7 @@ linear in the batch), as the output says.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -114,6 +116,42 @@ def _eval_module_fwd(x, w, cfg: XbarConfig):
 
     fwd()
     return fwd
+
+
+# SPEC 8: one field switched at a time, and CrossSim's set; "converts less" marks the conventions
+# with fewer ADC conversions than the default (they should not be slower).
+PERIPHERY = {
+    "differential": (dict(sensing="differential"), True),
+    "analog": (dict(input_accumulation="analog"), True),
+    "sign_magnitude": (dict(signed_inputs="sign_magnitude"), True),
+    "half_even": (dict(adc_rounding="half_even"), False),
+    "even_split": (dict(row_split="even"), False),
+    "tile_rows": (dict(adc_range="tile_rows"), False),
+    "crosssim": (XbarConfig.conventions("crosssim").__dict__, True),
+}
+
+
+def bench_periphery(shapes, repeats: int, device: str, cells: bool) -> None:
+    """Forward of each periphery convention against the default config, timed in turns in one run
+    (signed inputs, so that sign_magnitude has something to save)."""
+    base = XbarConfig(device=DeviceModel.preset("typical")) if cells else XbarConfig()
+    fields = [f for f in ("sensing", "input_accumulation", "signed_inputs", "adc_rounding", "row_split", "adc_range")]
+    print(f"\nPeriphery conventions (SPEC 8), forward ms, signed inputs, {'typical device' if cells else 'ideal cells'}; "
+          f"ratio = convention / default in the same run")
+    widths = [22, 16] + [16] * len(PERIPHERY)
+    print(_row(["shape (B, C, HxW)", "default ms"] + list(PERIPHERY), widths))
+    for batch, ch, hw in shapes:
+        x, w = _inputs(batch, ch, hw, device)
+        x = x - 0.2  # signed
+        fns = {"default": _xbar_fns(x, w, base, None)[0]}
+        for name, (kw, _) in PERIPHERY.items():
+            cfg = dataclasses.replace(base, **{f: kw[f] for f in fields if f in kw})
+            fns[name] = _xbar_fns(x, w, cfg, None)[0]
+        t = _time_interleaved(fns, repeats, device)
+        cells_ = [f"{batch}, {ch}, {hw}x{hw}", f"{t['default']:.1f}"]
+        cells_ += [f"{t[n]:.1f} ({t[n] / t['default']:.2f}x)" for n in PERIPHERY]
+        print(_row(cells_, widths))
+    print("conventions that convert less than the default: " + ", ".join(n for n, (_, less) in PERIPHERY.items() if less))
 
 
 def _conv_fns(x, w, dtype=torch.float32):
@@ -249,6 +287,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--no-reference", action="store_true", help="skip timing the reference backend")
     ap.add_argument("--modes", nargs="+", choices=list(MODES), default=None, help="modes of the table (default: all)")
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernels-alone table (device model)")
+    ap.add_argument("--periphery", action="store_true",
+                    help="only the SPEC 8 table: each periphery convention's forward vs the default")
+    ap.add_argument("--cells", action="store_true", help="with --periphery: on the typical device's cells")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -263,6 +304,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         pass
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu_name}, "
           f"XMA2_CPU_ISA={os.environ.get('XMA2_CPU_ISA', 'auto')}, load average {os.getloadavg()[0]:.1f}")
+    if args.periphery:
+        bench_periphery(shapes, repeats, args.device, args.cells)
+        return
     if args.device == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: torch.cuda.is_available() is False")

@@ -29,7 +29,7 @@ import dataclasses
 import importlib
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -339,11 +339,15 @@ def _periphery_backend() -> Backend:
 _PERIPHERY = _periphery_backend()
 
 
-def backend_for(name: Optional[str], device: torch.device, p: GemmParams) -> Backend:
-    """get_backend, with a non-default periphery (SPEC 8) run by periphery.py on every backend but the
-    reference (whose own loops compute section 8 literally)."""
+def backend_for(name: Optional[str], device: torch.device, p: GemmParams) -> Tuple[Backend, GemmParams]:
+    """get_backend and the params it runs: a periphery (SPEC 8) that the kernels compute in their
+    default form (GemmParams.kernel_form) runs there; any other runs periphery.py on every backend but
+    the reference (whose own loops compute section 8 literally)."""
     be = get_backend(name, device)
-    return _PERIPHERY if p.periphery and be.name != "reference" else be
+    kp = p.kernel_form()
+    if kp is not None:
+        return be, kp
+    return (be if be.name == "reference" else _PERIPHERY), p
 
 
 def _missing_reason(name: str) -> str:
@@ -399,8 +403,8 @@ def _crossbar_mvm(x_codes: torch.Tensor, wb_codes: torch.Tensor, wt_codes: Optio
                   wt_packed: Optional[torch.Tensor] = None) -> torch.Tensor:
     p = GemmParams(rows, cols, input_bits, input_signed, dac_bits, weight_bits, cell_bits, adc_levels, adc_clip,
                    periphery)
-    return backend_for(backend, x_codes.device, p).mvm_with(x_codes, wb_codes, wb_packed, wt_codes, wt_packed, coef_b,
-                                                         coef_t, p)
+    be, p = backend_for(backend, x_codes.device, p)
+    return be.mvm_with(x_codes, wb_codes, wb_packed, wt_codes, wt_packed, coef_b, coef_t, p)
 
 
 @_crossbar_mvm.register_fake
@@ -421,12 +425,12 @@ def _crossbar_mvm_setup(ctx, inputs, output) -> None:
 def _crossbar_mvm_backward(ctx, gy):
     # Exact: y is linear in the coefficients, dy/dcoef[r, n] = T_int[r, :, n] (SPEC 5).
     x_codes, wb_codes, wt_codes, wb_packed, wt_packed = ctx.saved_tensors
-    be = backend_for(ctx.backend, x_codes.device, ctx.params)
+    be, p = backend_for(ctx.backend, x_codes.device, ctx.params)
     g_b = g_t = None
     if ctx.needs_input_grad[3]:
-        g_b = be.coef_gradient(x_codes, wb_codes, gy, ctx.params, wb_packed).to(ctx.coef_dtype)
+        g_b = be.coef_gradient(x_codes, wb_codes, gy, p, wb_packed).to(ctx.coef_dtype)
     if wt_codes is not None and ctx.needs_input_grad[4]:
-        g_t = be.coef_gradient(x_codes, wt_codes, gy, ctx.params, wt_packed).to(ctx.coef_dtype)
+        g_t = be.coef_gradient(x_codes, wt_codes, gy, p, wt_packed).to(ctx.coef_dtype)
     return (None, None, None, g_b, g_t) + (None,) * 13
 
 
@@ -498,7 +502,8 @@ def _crossbar_mvm_cells(x_codes: torch.Tensor, gb: torch.Tensor, gt: Optional[to
                         periphery: int, frac_bits: int, backend: str) -> torch.Tensor:
     p = GemmParams(rows, cols, input_bits, input_signed, dac_bits, weight_bits, cell_bits, adc_levels, adc_clip,
                    periphery)
-    return backend_for(backend, x_codes.device, p).cell_mvm(x_codes, gb, gt, coef_b, coef_t, p, frac_bits)
+    be, p = backend_for(backend, x_codes.device, p)
+    return be.cell_mvm(x_codes, gb, gt, coef_b, coef_t, p, frac_bits)
 
 
 @_crossbar_mvm_cells.register_fake
@@ -517,12 +522,12 @@ def _crossbar_mvm_cells_setup(ctx, inputs, output) -> None:
 
 def _crossbar_mvm_cells_backward(ctx, gy):
     x_codes, gb, gt = ctx.saved_tensors
-    be = backend_for(ctx.backend, x_codes.device, ctx.params)
+    be, p = backend_for(ctx.backend, x_codes.device, ctx.params)
     g_b = g_t = None
     if ctx.needs_input_grad[3]:
-        g_b = be.cell_coef_gradient(x_codes, gb, gy, ctx.params, ctx.frac_bits).to(ctx.coef_dtype)
+        g_b = be.cell_coef_gradient(x_codes, gb, gy, p, ctx.frac_bits).to(ctx.coef_dtype)
     if gt is not None and ctx.needs_input_grad[4]:
-        g_t = be.cell_coef_gradient(x_codes, gt, gy, ctx.params, ctx.frac_bits).to(ctx.coef_dtype)
+        g_t = be.cell_coef_gradient(x_codes, gt, gy, p, ctx.frac_bits).to(ctx.coef_dtype)
     return (None, None, None, g_b, g_t) + (None,) * 12
 
 

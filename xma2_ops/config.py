@@ -6,6 +6,7 @@ the ADC's full scale.  See docs/SPEC.md for the semantics.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
@@ -337,6 +338,19 @@ class GemmParams:
                 self.cell_bits, self.adc_levels, self.adc_clip, self.periphery)
 
     # ---- periphery (SPEC 8)
+    def kernel_form(self) -> Optional["GemmParams"]:
+        """The default-periphery params whose Sections 2-3 arithmetic gives exactly these tile sums (so
+        that the C++/CUDA/Triton kernels can run them), or None.  Analog accumulation over inputs of at
+        most 8 magnitude bits is one DAC chunk of all of them (V = P of that chunk, Vmax = its Pmax); with
+        the ideal ADC only the row split changes a value."""
+        if self.periphery == 0:
+            return self
+        if self.adc_levels == 0 and not self.has("row_split"):
+            return dataclasses.replace(self, periphery=0)
+        if self.periphery == PERIPHERY_BIT["input_accumulation"] and self.x_bits <= 8:
+            return dataclasses.replace(self, dac_bits=self.x_bits, periphery=0)
+        return None
+
     def has(self, flag: str) -> bool:
         """Whether the non-default value of periphery field ``flag`` is set."""
         return bool(self.periphery & PERIPHERY_BIT[flag])
