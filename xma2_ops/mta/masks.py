@@ -132,6 +132,15 @@ def pe_sum(w_kn: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return padded.reshape(tr, rows, tc, cols).sum((1, 3))
 
 
+def pe_max(w_kn: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Max of a [K, N] per-weight quantity (>= 0) over each PE -> [Tr, Tc]."""
+    k, n = w_kn.shape
+    tr, tc = -(-k // rows), -(-n // cols)
+    padded = w_kn.new_zeros(tr * rows, tc * cols)
+    padded[:k, :n] = w_kn
+    return padded.reshape(tr, rows, tc, cols).amax((1, 3))
+
+
 def pe_extent(k: int, n: int, rows: int, cols: int) -> torch.Tensor:
     """[Tr, Tc, 2] used rows and used columns of each PE (partial last tiles)."""
     tr, tc = -(-k // rows), -(-n // cols)
