@@ -1,8 +1,10 @@
 """mta.cost with a device model (docs/SPEC.md 7.3): a cell write counts whatever its outcome, so the
 stuck cells of a re-programmed PE cost their write attempt like every other cell; the device model
-changes neither cells_written, cells_changed, energy nor endurance."""
+changes neither cells_written, cells_changed, energy nor endurance.  With write-verify (SPEC 7.4)
+every pulse is a cell write: cell_writes, energy and endurance count the pulses."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -90,3 +92,84 @@ def test_switch_and_endurance_count_stuck_cells(tmp_path):
     assert r.total.cells_written == (32 * 32 + 8 * 8) * SLICES * 2 and r.total.reprogrammed_pes == 1
     w = mta.endurance(model, [tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "a.safetensors"])
     assert w["lin"].tolist() == [[3, 0], [0, 2]]
+
+
+# ------------------------------------------------------------------ write-verify (SPEC 7.4): every pulse is a write
+VERIFY = dataclasses.replace(DEVICE, verify_tolerance=0.05, verify_max_pulses=6)
+
+
+def _pulses_in(cells, pe_sel: torch.Tensor) -> torch.Tensor:
+    """The pulses [2, S, cells] that ``cells`` took in the PEs ``pe_sel`` [2, 2] of the 40x40 layer."""
+    return cells.pulses[:, :, expand_tiles(pe_sel > 0, 40, 40, 32, 32)].long()
+
+
+def test_without_verify_every_written_cell_is_one_pulse():
+    model, _ = linear_task(dataclasses.replace(CFG, device=DEVICE))
+    lc = mta.report(model).layers[0]
+    assert lc.cell_writes == lc.cells_written > 0 and lc.max_pulses == 1 and lc.mean_pulses == 1.0
+    assert lc.energy_j == pytest.approx(lc.cells_written * mta.EnergyModel().write_energy_j)
+    assert "cell_writes" not in mta.report(model).table()
+
+
+def test_verify_counts_every_pulse_in_energy_and_writes():
+    plain_model, _ = linear_task(dataclasses.replace(CFG, device=DEVICE))
+    plain = mta.report(plain_model)
+    model, lin = linear_task(dataclasses.replace(CFG, device=VERIFY))
+    xma2_ops.program(model)
+    rep = mta.report(model)
+    assert lin.programmed_task.cells.pulses is not None  # the report reused the programmed cells
+    lc = rep.layers[0]
+    pulses = _pulses_in(lin.programmed_task.cells, lin.adapter.pe_sel)
+    assert lc.cells_written == plain.layers[0].cells_written == pulses.numel()  # the same cells are written
+    assert lc.cells_changed == plain.layers[0].cells_changed
+    assert lc.cell_writes == int(pulses.sum()) > 1.5 * lc.cells_written
+    # stuck cells away from their target use every pulse
+    assert lc.max_pulses == int(pulses.max()) == VERIFY.verify_max_pulses == rep.total.max_pulses
+    assert lc.mean_pulses == pytest.approx(float(pulses.double().mean()), rel=1e-12)
+    assert lc.energy_j == pytest.approx(lc.cell_writes * mta.EnergyModel().write_energy_j, rel=1e-12)
+    d = rep.as_dict()
+    assert d["total"]["cell_writes"] == lc.cell_writes and d["layers"][0]["mean_pulses"] == lc.mean_pulses
+    assert "cell_writes" in rep.table() and "max_pulses" in rep.table()
+
+
+def test_verify_report_programs_a_layer_not_yet_programmed():
+    model, lin = linear_task(dataclasses.replace(CFG, device=VERIFY))
+    assert lin.programmed is None
+    lc = mta.report(model).layers[0]
+    assert lc.cell_writes == int(_pulses_in(lin.programmed_task.cells, lin.adapter.pe_sel).sum())
+
+
+def test_verify_switch_and_endurance_count_pulses(tmp_path):
+    """A -> B: the PE of A is restored with the backbone's pulses, the PE of B takes B's task pulses;
+    endurance adds up every pulse per cell and reports each PE's most-written cell."""
+    model, lin = linear_task(dataclasses.replace(CFG, device=VERIFY))
+    ad = lin.adapter
+    pe_a, pe_b = torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.0, 1.0]])
+    with torch.no_grad():
+        ad.pe_sel.copy_(pe_a)
+    mta.save_task(model, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        ad.pe_sel.copy_(pe_b)
+    mta.save_task(model, tmp_path / "b.safetensors")
+    xma2_ops.program(model)
+    r = mta.report(model, tmp_path / "a.safetensors")
+    restored = _pulses_in(lin.programmed.cells, pe_a)
+    task_b = _pulses_in(lin.programmed_task.cells, pe_b)
+    assert r.total.cells_written == restored.numel() + task_b.numel()
+    assert r.total.cell_writes == int(restored.sum()) + int(task_b.sum())
+    assert r.total.max_pulses == max(int(restored.max()), int(task_b.max()))
+    # endurance over a, b, a: per cell the pulses of each write it took, from each task's deployed cells
+    pulses = {}
+    for t in ("a", "b"):
+        other = copy.deepcopy(model)
+        mta.load_task(other, tmp_path / f"{t}.safetensors")
+        pulses[t] = mta.deployed_pulses(other)["lin"]  # [K, N, 2, S]
+    per_cell = torch.zeros_like(pulses["a"])
+    for prev_sel, sel, p in ((None, pe_a, pulses["a"]), (pe_a, pe_b, pulses["b"]), (pe_b, pe_a, pulses["a"])):
+        write = sel > 0 if prev_sel is None else (sel > 0) | (prev_sel > 0)
+        per_cell += torch.where(expand_tiles(write, 40, 40, 32, 32)[:, :, None, None], p, 0)
+    want = per_cell.amax((-1, -2))
+    want = torch.tensor([[int(want[:32, :32].max()), 0], [0, int(want[32:, 32:].max())]])
+    w = mta.endurance(model, [tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "a.safetensors"])
+    assert torch.equal(w["lin"], want)
+    assert bool((w["lin"] > torch.tensor([[3, 0], [0, 2]])).sum() == 2)  # more than one write per switch

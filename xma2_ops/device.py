@@ -16,14 +16,17 @@ Choices where SPEC 7 leaves room (docs/DESIGN.md):
   and reads, so a layer re-draws read noise on every forward and programming variation on every
   re-programming;
 - a fault draw is one uniform number per cell: stuck low when u < saf_low, stuck high when
-  u >= 1 - saf_high.
+  u >= 1 - saf_high;
+- write-verify (SPEC 7.4): pulse 1 of a write is the write of SPEC 7.1 itself (its stream, its
+  draws), so a cell that passes at once holds exactly what it holds without verify; pulse p >= 2
+  and every verify read have their own streams (``_verify_pulses``).
 """
 from __future__ import annotations
 
 import hashlib
 import math
 from dataclasses import dataclass, fields
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -73,6 +76,9 @@ class DeviceModel:
     sigma_read  read noise, std as a fraction of the cell's range, drawn anew per forward call.
     seed        the chip: the same seed gives the same fault map and draws everywhere.
     frac_bits   fractional bits of the fixed-point conductances Gq = round(G 2^frac_bits) (0-16).
+    verify_tolerance   write-verify (SPEC 7.4): a written cell is read back and re-pulsed until
+                |G_verify - G_ideal(L)| <= verify_tolerance (level steps, finite, >= 0); None = no verify.
+    verify_max_pulses  pulses per cell write at most (1-1000); only used with a verify_tolerance.
     """
 
     on_off: float = math.inf
@@ -86,14 +92,21 @@ class DeviceModel:
     sigma_read: float = 0.0
     seed: int = 0
     frac_bits: int = 8
+    verify_tolerance: Optional[float] = None
+    verify_max_pulses: int = 10
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name in ("seed", "frac_bits"):
+            if f.name == "verify_tolerance":
+                # None = no verify; else finite level steps (an infinite tolerance is no verify: say None)
+                if v is not None:
+                    _check_float(f.name, v, 0.0, 1e6)
+                continue
+            if f.name in ("seed", "frac_bits", "verify_max_pulses"):
                 if isinstance(v, bool) or not isinstance(v, int):
                     raise TypeError(f"DeviceModel.{f.name}: expected an int, got {type(v).__name__} ({v!r})")
-                lo, hi = (0, 2 ** 63 - 1) if f.name == "seed" else (0, 16)
+                lo, hi = {"seed": (0, 2 ** 63 - 1), "frac_bits": (0, 16), "verify_max_pulses": (1, 1000)}[f.name]
                 if not lo <= v <= hi:
                     raise ValueError(f"DeviceModel.{f.name}: expected an int in [{lo}, {hi}], got {v}")
                 continue
@@ -122,7 +135,8 @@ class DeviceModel:
 
     @property
     def ideal(self) -> bool:
-        """Every non-ideality off: the cells hold exactly their levels (SPEC 1-6 bit for bit)."""
+        """Every non-ideality off: the cells hold exactly their levels (SPEC 1-6 bit for bit).
+        Write-verify does not count: an exact write passes its first verify, so it changes nothing."""
         no_drift = self.read_time == 1.0 or (self.nu_mean == 0.0 and self.nu_std == 0.0)
         return (math.isinf(self.on_off) and self.sigma_abs == 0.0 and self.sigma_rel == 0.0 and
                 self.saf_low == 0.0 and self.saf_high == 0.0 and no_drift and self.sigma_read == 0.0)
@@ -134,7 +148,8 @@ class DeviceModel:
 
 # ------------------------------------------------------------------ random streams
 def stream(seed: int, layer: int, purpose: str, counter: int = 0) -> torch.Generator:
-    """A CPU generator for one purpose ("fault", "write", "read") of one layer of the chip."""
+    """A CPU generator for one purpose ("fault", "write", "read"; with write-verify also
+    "write/pulse<p>" and "verify/pulse<p>") of one layer of the chip."""
     digest = hashlib.sha256(f"xma2/{seed}/{layer}/{purpose}/{counter}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
 
@@ -145,13 +160,20 @@ class CellState:
     """The cells of one programmed weight: conductances after programming and drift, float64
     [2, S, K, N] (polarity +/-, slice, row, column), on the weight's device; ``stuck`` marks
     stuck cells (bool, same shape).  ``read(counter)`` gives the fixed-point conductances of one
-    read (with read noise when the device has it)."""
+    read (with read noise when the device has it).
+
+    With write-verify (SPEC 7.4, ``device.verify_tolerance`` set), same layout: ``pulses`` (int16)
+    is the number of pulses each cell's write took (1 ... verify_max_pulses) and ``verify_failed``
+    (bool) marks the cells that used every pulse and still failed verify -- the faults the chip
+    knows about (``known_faults()``).  Both are None without verify."""
 
     g: torch.Tensor
     stuck: torch.Tensor
     device: DeviceModel
     cell_bits: int
     layer: int
+    pulses: Optional[torch.Tensor] = None
+    verify_failed: Optional[torch.Tensor] = None
 
     def read(self, counter: int = 0) -> torch.Tensor:
         g = self.g
@@ -160,6 +182,18 @@ class CellState:
             eps = torch.randn(g.shape, generator=stream(d.seed, self.layer, "read", counter), dtype=torch.float64)
             g = (g + (2 ** self.cell_bits - 1) * d.sigma_read * eps.to(g.device)).clamp_min(0.0)
         return fixed_point(g, d.frac_bits)
+
+    def known_faults(self) -> torch.Tensor:
+        """bool [2, S, K, N]: the cells whose write failed verify after ``verify_max_pulses`` pulses
+        (SPEC 7.4).  All False without verify: a chip that does not verify cannot know its faults
+        (stuck cells that happen to hold their target are not faults either)."""
+        return self.verify_failed if self.verify_failed is not None else torch.zeros_like(self.stuck)
+
+    def write_pulses(self) -> torch.Tensor:
+        """int16 [2, S, K, N]: the pulses (cell writes, SPEC 7.4 cost) each cell's write took; 1
+        without verify."""
+        return self.pulses if self.pulses is not None else torch.ones(self.g.shape, dtype=torch.int16,
+                                                                      device=self.g.device)
 
 
 def fixed_point(g: torch.Tensor, frac_bits: int) -> torch.Tensor:
@@ -182,26 +216,78 @@ def cell_levels(codes: torch.Tensor, weight_bits: int, cell_bits: int) -> torch.
 
 def program_cells(codes: torch.Tensor, weight_bits: int, cell_bits: int, device: DeviceModel, layer: int,
                   write: int) -> CellState:
-    """Program the cells of weight codes [K, N] (SPEC 7.1).  ``write`` numbers the layer's writes:
-    each draws its own programming variation and drift exponents; the fault map depends on
-    (seed, layer) only, so a cell stuck for one write is stuck for every write."""
+    """Program the cells of weight codes [K, N] (SPEC 7.1, and 7.4 with write-verify).  ``write``
+    numbers the layer's writes: each draws its own programming variation and drift exponents; the
+    fault map depends on (seed, layer) only, so a cell stuck for one write is stuck for every write."""
     levels = cell_levels(codes.cpu(), weight_bits, cell_bits).to(torch.float64)
     shape = levels.shape
     top = float(2 ** cell_bits - 1)
     g0 = device.g0(cell_bits)
-    g = levels + g0
+    ideal = levels + g0  # G_ideal(L)
     gen = stream(device.seed, layer, "write", write)
-    if device.sigma_abs > 0 or device.sigma_rel > 0:
-        e1 = torch.randn(shape, generator=gen, dtype=torch.float64)
-        e2 = torch.randn(shape, generator=gen, dtype=torch.float64)
-        g = (g + top * device.sigma_abs * e1 + g * device.sigma_rel * e2).clamp_min(0.0)
+    g = _pulse(ideal, top, device, gen)
+    nu = None
     if device.read_time > 1.0 and (device.nu_mean > 0 or device.nu_std > 0):
+        # drawn from the write's stream right after pulse 1's variation, whatever verify does next
         nu = (device.nu_mean + device.nu_std * torch.randn(shape, generator=gen, dtype=torch.float64)).clamp_min(0.0)
-        g = (g * torch.pow(torch.tensor(device.read_time, dtype=torch.float64), -nu)).clamp_min(0.0)
     u = torch.rand(shape, generator=stream(device.seed, layer, "fault"), dtype=torch.float64)
     low, high = u < device.saf_low, u >= 1.0 - device.saf_high
+    pulses = failed = None
+    if device.verify_tolerance is not None:
+        stuck_g = torch.where(low, torch.full_like(g, g0), torch.full_like(g, top + g0))
+        g, pulses, failed = _verify_pulses(g, ideal, low | high, stuck_g, top, device, layer, write)
+    if nu is not None:  # drift starts after the last pulse
+        g = (g * torch.pow(torch.tensor(device.read_time, dtype=torch.float64), -nu)).clamp_min(0.0)
     g = torch.where(low, torch.full_like(g, g0), torch.where(high, torch.full_like(g, top + g0), g))
-    return CellState(g.to(codes.device), (low | high).to(codes.device), device, cell_bits, layer)
+    dev = codes.device
+    return CellState(g.to(dev), (low | high).to(dev), device, cell_bits, layer,
+                     None if pulses is None else pulses.to(dev), None if failed is None else failed.to(dev))
+
+
+def _pulse(ideal: torch.Tensor, top: float, device: DeviceModel, gen: torch.Generator) -> torch.Tensor:
+    """One programming pulse on every cell: G_prog = G_ideal + top sigma_abs eps1 + G_ideal sigma_rel eps2,
+    G >= 0 (SPEC 7.1); draws eps1 then eps2, full tensors, from ``gen``."""
+    if device.sigma_abs > 0 or device.sigma_rel > 0:
+        e1 = torch.randn(ideal.shape, generator=gen, dtype=torch.float64)
+        e2 = torch.randn(ideal.shape, generator=gen, dtype=torch.float64)
+        return (ideal + top * device.sigma_abs * e1 + ideal * device.sigma_rel * e2).clamp_min(0.0)
+    return ideal
+
+
+def _verify_pulses(g: torch.Tensor, ideal: torch.Tensor, stuck: torch.Tensor, stuck_g: torch.Tensor, top: float,
+                   device: DeviceModel, layer: int, write: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Write-verify (SPEC 7.4) after pulse 1 (``g``, before drift): returns the written conductances
+    (stuck cells: whatever was last written, their stuck value overrides it), the pulses per cell
+    (int16) and the cells that failed every verify.
+
+    Streams (device.stream, counter = ``write``): pulse p >= 2 draws eps1, eps2 from purpose
+    "write/pulse<p>", the verify read after pulse p >= 1 draws eps from "verify/pulse<p>" (pulse 1
+    is the write of SPEC 7.1, purpose "write").  Every stream draws full tensors, so a cell's draws
+    depend on (seed, layer, write, pulse) only, never on which other cells still need pulses."""
+    tau, max_pulses = float(device.verify_tolerance), device.verify_max_pulses
+
+    def failed_verify(g_now: torch.Tensor, pulse: int) -> torch.Tensor:
+        held = torch.where(stuck, stuck_g, g_now)  # a stuck cell ignores the pulse
+        if device.sigma_read > 0:
+            eps = torch.randn(held.shape, generator=stream(device.seed, layer, f"verify/pulse{pulse}", write),
+                              dtype=torch.float64)
+            held = (held + top * device.sigma_read * eps).clamp_min(0.0)
+        return (held - ideal).abs() > tau
+
+    pulses = torch.ones(g.shape, dtype=torch.int16)
+    active = failed_verify(g, 1)
+    for pulse in range(2, max_pulses + 1):
+        if not bool(active.any()):
+            break
+        if device.sigma_read == 0 and not bool((active & ~stuck).any()):
+            # only stuck cells left and a noiseless verify read: each fails every remaining pulse
+            pulses[active] = max_pulses
+            break
+        g = torch.where(active, _pulse(ideal, top, device, stream(device.seed, layer, f"write/pulse{pulse}", write)),
+                        g)
+        pulses += active
+        active = active & failed_verify(g, pulse)
+    return g, pulses, active
 
 
 def cell_weight_codes(gq: torch.Tensor, cell_bits: int, frac_bits: int) -> torch.Tensor:

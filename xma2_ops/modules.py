@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from .config import XbarConfig
 from .functional import _conv2d, _linear, program_layer
 from .programmed import ChipPosition, ProgrammedWeight, ProgrammingCache
+from .reference import expand_tiles
 
 AdapterFn = Callable[[nn.Module], Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]]
 
@@ -101,6 +102,31 @@ class _XbarMixin:
         program_layer(self.weight, task_weight, self.config, self._programming, self.chip)
         self._signed_hint = bool(self.input_signed)
         return self
+
+    @torch.no_grad()
+    def known_faults(self) -> torch.Tensor:
+        """The cells this layer's chip knows to be faulty (write-verify, SPEC 7.4): bool [2, S, K, N]
+        -- polarity (+, -), weight slice, GEMM row k and column n of the weight's [K, N] layout, the
+        layout of ``programmed.cells`` -- True where the write a cell holds now used every
+        ``verify_max_pulses`` pulse and still failed verify.  Cells of re-programmed PEs (``pe_mask``
+        > 0, as the forward gets it now) hold the task write, the others the backbone write.  All
+        False without verify (or without non-ideal cells).  Programs the layer first if needed
+        (``program()``)."""
+        cfg = self.config
+        if cfg.weight_bits is None:
+            raise ValueError("known_faults: the layer holds no programmed cells (config.weight_bits is None)")
+        self.program()
+        k, n = self.weight[0].numel(), self.weight.shape[0]
+        shape = (2, cfg.weight_slices, k, n)
+        backbone, task = self.programmed, self.programmed_task
+        if backbone is None or backbone.cells is None:  # ideal cells: nothing to know
+            return torch.zeros(shape, dtype=torch.bool, device=self.weight.device)
+        faults = backbone.cells.known_faults()
+        task_weight, pe_mask = self.adapter(self)[:2] if self.adapter is not None else (self.task_weight, self.pe_mask)
+        if task_weight is not None and pe_mask is not None and task is not None and task.cells is not None:
+            sel = expand_tiles(pe_mask.detach() > 0, k, n, cfg.row_layout(k), cfg.cols).to(faults.device)
+            faults = torch.where(sel, task.cells.known_faults(), faults)
+        return faults
 
     def _calibrate(self, x: torch.Tensor) -> None:
         """Tensor ops only (no host synchronisation): the range and sign are read by the op."""

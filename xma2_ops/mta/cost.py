@@ -8,10 +8,20 @@ cells whose stored level differs from what the PE held before (a lower bound for
 write-only-what-changes scheme).  A cell write counts whatever its outcome (docs/SPEC.md 7.3):
 with a device model (``XbarConfig.device``) the stuck cells of a re-programmed PE cost their
 write attempt like the others, and both counts come from the levels the cells are *meant* to
-hold, so a device model changes no count, energy or endurance.  Switching from task A to task B re-writes every PE that is
-re-programmed in A or in B (a PE re-programmed only in A must be restored to the backbone).
+hold, so a device model without write-verify changes no count, energy or endurance.  Switching
+from task A to task B re-writes every PE that is re-programmed in A or in B (a PE re-programmed
+only in A must be restored to the backbone).
 
-Energy = cells x ``EnergyModel.write_energy_j``.  Default 10 pJ per cell write: an assumed
+Write-verify (docs/SPEC.md 7.4, ``DeviceModel.verify_tolerance``): every pulse is a cell write.
+``cell_writes`` counts the pulses of the written cells (= ``cells_written`` without verify),
+``max_pulses`` the most any written cell took, ``mean_pulses`` = cell_writes / cells_written.  The
+pulses are those the layers' programmed cells took (``layer.programmed.cells.pulses``, and the
+task write's in re-programmed PEs): with verify on, a report programs the layers whose state is
+not current (``layer.program()``, the adapter in its deployed form).  A PE restored to the
+backbone counts the pulses of the backbone's programming, and ``endurance`` counts a task's
+pulses again each time it is deployed (one programming per task, not a new draw per switch).
+
+Energy = cell writes (pulses) x ``EnergyModel.write_energy_j``.  Default 10 pJ per cell write: an assumed
 order of magnitude for a multi-level ReRAM cell written with an incremental-step
 program-and-verify loop (several SET/RESET pulses of pJ scale each; see e.g. the M-ISPVA
 scheme in Perez et al., "Optimization of Multi-Level Operation in RRAM Arrays for In-Memory
@@ -45,6 +55,7 @@ the stored task weights (``weight_bits`` each) of re-programmed PEs.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -57,11 +68,13 @@ import torch.nn as nn
 from .. import reference as ref
 from ..config import XbarConfig
 from ..reference import column_tiles, expand_tiles
-from .masks import pe_extent, pe_sum, to_kn
+from .masks import pe_extent, pe_max, pe_sum, to_kn
 from .methods import TIER1, task_info, use_config, weight_only, xbar_layers
 
 PathLike = Union[str, os.PathLike]
 State = Dict[str, Tuple[torch.Tensor, torch.Tensor]]  # layer -> (pe mask bool [Tr,Tc], cell levels [K,N,2,S])
+# layer -> pulses (cell writes, int64 [K,N,2,S]) of the write each cell holds; None: one per cell (no verify)
+Pulses = Dict[str, Optional[torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -116,6 +129,8 @@ class LayerCost:
     reprogrammed_pes: int = 0
     cells_written: int = 0
     cells_changed: int = 0
+    cell_writes: int = 0  # pulses over the written cells (write-verify); = cells_written without verify
+    max_pulses: int = 0  # the most pulses one written cell took (a max, not a sum, over layers)
     energy_j: float = 0.0
     mask_bits: int = 0
     adapter_bits: int = 0
@@ -132,9 +147,16 @@ class LayerCost:
 
     def __iadd__(self, o: "LayerCost") -> "LayerCost":
         for f in fields(self):
-            if f.name != "name":
+            if f.name == "max_pulses":
+                self.max_pulses = max(self.max_pulses, o.max_pulses)
+            elif f.name != "name":
                 setattr(self, f.name, getattr(self, f.name) + getattr(o, f.name))
         return self
+
+    @property
+    def mean_pulses(self) -> float:
+        """Pulses per written cell (1 without write-verify; 0 when no cell is written)."""
+        return self.cell_writes / self.cells_written if self.cells_written else 0.0
 
 
 @dataclass
@@ -155,10 +177,12 @@ class CostReport:
 
     def as_dict(self) -> dict:
         return {"method": self.method, "pe_fraction": self.pe_fraction, "per_inference": self.per_inference,
-                "total": asdict(self.total), "layers": [asdict(lc) for lc in self.layers]}
+                "total": _as_dict(self.total), "layers": [_as_dict(lc) for lc in self.layers]}
 
     def table(self) -> str:
         cols = ["pes", "reprogrammed_pes", "cells_written", "cells_changed", "energy_j", "mask_bits", "adapter_bits"]
+        if self.total.cell_writes != self.total.cells_written:  # write-verify re-pulsed some cells
+            cols[3:3] = ["cell_writes", "max_pulses"]
         if self.per_inference:
             cols += ["adc_conversions", "dac_conversions", "cell_reads", "shift_adds", "inference_energy_j",
                      "latency_s"]
@@ -169,6 +193,10 @@ class CostReport:
                     for c in cols]
             lines.append(f"{lc.name:<{width}} " + " ".join(vals))
         return "\n".join(lines)
+
+
+def _as_dict(lc: LayerCost) -> dict:
+    return {**asdict(lc), "mean_pulses": lc.mean_pulses}
 
 
 def _compute_dtype(w: torch.Tensor) -> torch.dtype:
@@ -188,21 +216,46 @@ def _cell_levels(w: torch.Tensor, cfg: XbarConfig) -> torch.Tensor:
                         for p in pols], -2)
 
 
+@contextlib.contextmanager
+def _deployed_form(layer: nn.Module):
+    """The layer's adapter (if any) in its deployed (eval-mode) form for the block."""
+    ad = layer.adapter
+    was = ad.training if ad is not None else None
+    if ad is not None:
+        ad.eval()
+    try:
+        yield
+    finally:
+        if ad is not None:
+            ad.train(was)
+
+
 @torch.no_grad()
 def _deployed_adapter(layer: nn.Module):
     """``layer.adapter(layer)`` in its deployed (eval-mode) form: (task_weight, pe_mask, col_scale)."""
-    ad = layer.adapter
-    was = ad.training
-    ad.eval()
-    try:
-        return ad(layer)
-    finally:
-        ad.train(was)
+    with _deployed_form(layer):
+        return layer.adapter(layer)
 
 
-def deployed_state(model: nn.Module) -> State:
-    """What every PE of the current task stores: (re-programmed mask, cell levels)."""
+@torch.no_grad()
+def _layer_pulses(layer: nn.Module, sel: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Pulses [K, N, 2, S] (int64) of the write every cell of ``layer`` holds: the task write's where
+    ``sel`` [K, N] (re-programmed PEs), the backbone's elsewhere; None without write-verify."""
+    cfg = layer.config
+    if not (cfg.uses_cells and cfg.device.verify_tolerance is not None):
+        return None
+    with _deployed_form(layer):
+        layer.program()  # no-op when the programmed state is current
+    pulses = layer.programmed.cells.write_pulses()
+    if sel is not None:
+        pulses = torch.where(sel.to(pulses.device), layer.programmed_task.cells.write_pulses(), pulses)
+    return pulses.permute(2, 3, 0, 1).cpu().long()  # [2, S, K, N] -> the levels' [K, N, 2, S]
+
+
+def _deployed(model: nn.Module, with_pulses: bool) -> Tuple[State, Pulses]:
+    """deployed_state, and with ``with_pulses`` the pulses of the cells' writes (else all None)."""
     state: State = {}
+    pulses: Pulses = {}
     for name, layer in xbar_layers(model):
         cfg = layer.config
         if cfg.weight_bits is None:
@@ -211,15 +264,29 @@ def deployed_state(model: nn.Module) -> State:
         tr, tc = layer.tiles
         base = _cell_levels(layer.weight.cpu(), cfg)
         mask = torch.zeros(tr, tc, dtype=torch.bool)
+        sel = None
         if layer.adapter is not None:
             w_t, pm, _ = _deployed_adapter(layer)
             if pm is not None and w_t is not None:
                 mask = pm.detach().cpu() > 0
                 task = _cell_levels(w_t.cpu(), cfg)
-                sel = expand_tiles(mask, k, n, cfg.row_layout(k), cfg.cols)[:, :, None, None]
-                base = torch.where(sel, task, base)
+                sel = expand_tiles(mask, k, n, cfg.row_layout(k), cfg.cols)
+                base = torch.where(sel[:, :, None, None], task, base)
         state[name] = (mask, base)
-    return state
+        pulses[name] = _layer_pulses(layer, sel) if with_pulses else None
+    return state, pulses
+
+
+def deployed_state(model: nn.Module) -> State:
+    """What every PE of the current task stores: (re-programmed mask, cell levels)."""
+    return _deployed(model, False)[0]
+
+
+def deployed_pulses(model: nn.Module) -> Pulses:
+    """Per layer, the pulses (cell writes) of the write every cell of the current task holds,
+    int64 [K, N, 2, S] like the levels of deployed_state; None for a layer without write-verify
+    (one pulse per cell write).  Programs layers whose state is not current (module docstring)."""
+    return _deployed(model, True)[1]
 
 
 def backbone_state(model: nn.Module) -> State:
@@ -234,15 +301,27 @@ def backbone_state(model: nn.Module) -> State:
             m.adapter = a
 
 
-def task_state(model: nn.Module, path: PathLike) -> State:
-    """deployed_state of the adapter at ``path`` on this backbone (``model`` is not changed)."""
+def _task(model: nn.Module, path: PathLike, with_pulses: bool) -> Tuple[State, Pulses]:
     from .adapters import load_task
     other = copy.deepcopy(model)
     load_task(other, path)
-    return deployed_state(other)
+    return _deployed(other, with_pulses)
 
 
-def _switch_cost(model: nn.Module, prev: State, new: State, energy: EnergyModel) -> List[LayerCost]:
+def task_state(model: nn.Module, path: PathLike) -> State:
+    """deployed_state of the adapter at ``path`` on this backbone (``model`` is not changed)."""
+    return _task(model, path, False)[0]
+
+
+def _written_pulses(pulses: Optional[torch.Tensor], written: torch.Tensor, cells: Tuple[int, int]) -> torch.Tensor:
+    """Pulses [K, N, 2, S] that one switch gives the cells of the ``written`` [K, N] positions (0
+    elsewhere); ``pulses`` None: one per written cell (no write-verify)."""
+    if pulses is None:
+        return written[:, :, None, None].expand(-1, -1, *cells).long()
+    return torch.where(written[:, :, None, None], pulses, 0)
+
+
+def _switch_cost(model: nn.Module, prev: State, new: State, energy: EnergyModel, pulses: Pulses) -> List[LayerCost]:
     info = task_info(model)
     spec = info.spec
     out = []
@@ -258,7 +337,10 @@ def _switch_cost(model: nn.Module, prev: State, new: State, energy: EnergyModel)
         lc = LayerCost(name, pes=write.numel(), reprogrammed_pes=int(m_new.sum()))
         lc.cells_written = int((used * 2 * slices)[write].sum())
         lc.cells_changed = int(changed[write].sum())
-        lc.energy_j = lc.cells_written * energy.write_energy_j
+        written = _written_pulses(pulses[name], expand_tiles(write, k, n, cfg.row_layout(k), cfg.cols), (2, slices))
+        lc.cell_writes = int(written.sum())
+        lc.max_pulses = int(written.max()) if written.numel() else 0
+        lc.energy_j = lc.cell_writes * energy.write_energy_j
         lc.weights = k * n
         lc.piggyback_bits = k * n
         lc.finetune_bits = k * n * cfg.weight_bits
@@ -373,21 +455,29 @@ def report(model: nn.Module, previous_task: Union[None, PathLike, State] = None,
         prev = previous_task
     else:
         prev = task_state(model, previous_task)
-    lcs = _switch_cost(model, prev, deployed_state(model), energy)
+    new, pulses = _deployed(model, True)
+    lcs = _switch_cost(model, prev, new, energy, pulses)
     if example_input is not None:
         _inference_cost(model, lcs, _positions(model, example_input), energy)
     return CostReport(task_info(model).spec.label, lcs, per_inference=example_input is not None)
 
 
 def endurance(model: nn.Module, tasks: Sequence[PathLike], cycles: int = 1) -> Dict[str, torch.Tensor]:
-    """Writes per PE ([Tr, Tc] int64 per layer) when the crossbars start from the backbone and
-    run the adapters ``tasks`` in order, ``cycles`` times.  ``model`` is not changed."""
-    states = [task_state(model, p) for p in tasks]
+    """Writes of the most-written cell of every PE ([Tr, Tc] int64 per layer) when the crossbars
+    start from the backbone and run the adapters ``tasks`` in order, ``cycles`` times: the writes
+    per PE without write-verify, every pulse with it (module docstring).  ``model`` is not
+    changed (a task's layers may be programmed on a copy)."""
+    states = [_task(model, p, True) for p in tasks]
     prev = backbone_state(model)
-    counts = {name: torch.zeros_like(m, dtype=torch.int64) for name, (m, _) in prev.items()}
+    layers = dict(xbar_layers(model))
+    counts = {name: torch.zeros_like(lv) for name, (_, lv) in prev.items()}  # per cell [K, N, 2, S]
     for _ in range(cycles):
-        for st in states:
-            for name in counts:
-                counts[name] += (prev[name][0] | st[name][0]).long()
+        for st, pulses in states:
+            for name, c in counts.items():
+                cfg = layers[name].config
+                k, n = c.shape[:2]
+                written = expand_tiles(prev[name][0] | st[name][0], k, n, cfg.row_layout(k), cfg.cols)
+                c += _written_pulses(pulses[name], written, tuple(c.shape[2:]))
             prev = st
-    return counts
+    return {name: pe_max(c.amax((-1, -2)), layers[name].config.row_layout(c.shape[0]), layers[name].config.cols)
+            for name, c in counts.items()}

@@ -131,22 +131,31 @@ def _tile_rows(k: int, rows: RowLayout) -> Tuple[int, ...]:
     return row_tile_sizes(k, rows) if isinstance(rows, int) else tuple(rows)
 
 
-def pe_sum(w_kn: torch.Tensor, rows: RowLayout, cols: int) -> torch.Tensor:
-    """Sum of a [K, N] per-weight quantity over each PE -> [Tr, Tc]; ``rows``: XbarConfig.row_layout(K)."""
+def _pe_blocks(w_kn: torch.Tensor, rows: RowLayout, cols: int) -> torch.Tensor:
+    """[K, N] -> [Tr, R, Tc, C], zero padded: each PE's block (``rows``: XbarConfig.row_layout(K))."""
     k, n = w_kn.shape
     tc = -(-n // cols)
     if isinstance(rows, int):
         tr = -(-k // rows)
         padded = w_kn.new_zeros(tr * rows, tc * cols)
         padded[:k, :n] = w_kn
-        return padded.reshape(tr, rows, tc, cols).sum((1, 3))
+        return padded.reshape(tr, rows, tc, cols)
     sizes = tuple(rows)
-    tile_of_row = torch.repeat_interleave(torch.arange(len(sizes), device=w_kn.device),
-                                          torch.tensor(sizes, dtype=torch.long, device=w_kn.device), output_size=k)
-    per_tile = w_kn.new_zeros(len(sizes), n).index_add_(0, tile_of_row, w_kn)
-    padded = w_kn.new_zeros(len(sizes), tc * cols)
-    padded[:, :n] = per_tile
-    return padded.reshape(len(sizes), tc, cols).sum(2)
+    starts = torch.tensor([0] + list(sizes[:-1])).cumsum(0)
+    tile = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes), output_size=k)
+    padded = w_kn.new_zeros(len(sizes), max(sizes), tc * cols)
+    padded[tile.to(w_kn.device), (torch.arange(k) - starts[tile]).to(w_kn.device), :n] = w_kn
+    return padded.reshape(len(sizes), max(sizes), tc, cols)
+
+
+def pe_sum(w_kn: torch.Tensor, rows: RowLayout, cols: int) -> torch.Tensor:
+    """Sum of a [K, N] per-weight quantity over each PE -> [Tr, Tc]; ``rows``: XbarConfig.row_layout(K)."""
+    return _pe_blocks(w_kn, rows, cols).sum((1, 3))
+
+
+def pe_max(w_kn: torch.Tensor, rows: RowLayout, cols: int) -> torch.Tensor:
+    """Max of a [K, N] per-weight quantity (>= 0) over each PE -> [Tr, Tc]."""
+    return _pe_blocks(w_kn, rows, cols).amax((1, 3))
 
 
 def pe_extent(k: int, n: int, rows: RowLayout, cols: int) -> torch.Tensor:
