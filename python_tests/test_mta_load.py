@@ -6,6 +6,7 @@ content checks (not the checksum) must catch them."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import json
 import math
@@ -308,3 +309,22 @@ def test_failure_while_applying_rolls_back(files, loaded, monkeypatch):
         mta.load_task(loaded, files["xma2"])
     assert calls == ["c1", "c2"]
     assert_unchanged(loaded, before)
+
+
+def test_files_from_before_the_periphery_fields_load(files, tmp_path):
+    """A version-2 file written before SPEC 8 / 7.4 has no periphery (or write-verify) fields in its
+    configs: they mean the defaults, so it loads into a default model and is refused by a model whose
+    conventions differ."""
+    meta, tensors = mta.read_task(files["xma2"])
+    old = copy.deepcopy(meta)
+    for layer in old["layers"]:
+        for key in ("sensing", "input_accumulation", "signed_inputs", "adc_rounding", "row_split", "adc_range"):
+            del layer["config"][key]
+    p = tmp_path / "old.safetensors"
+    rewrite(p, old, dict(tensors))
+    assert mta.load_task(make_model(), p).method == "xma2"
+    other = make_model()
+    for _, layer in mta.xbar_layers(other):
+        layer.config = dataclasses.replace(layer.config, sensing="differential")
+    with pytest.raises(ValueError, match="sensing"):
+        mta.load_task(other, p)

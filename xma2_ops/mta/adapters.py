@@ -35,6 +35,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from ..config import PERIPHERY_FIELDS, XbarConfig
+from ..device import DeviceModel
 from ..modules import XbarLinear
 from .masks import pe_extent, to_kn
 from .methods import (SCORE_THRESHOLD, LayerAdapter, MethodSpec, TIER1, _set, adapters, bn_layers, prepare, task_info,
@@ -207,9 +209,28 @@ def _spec_from_meta(d) -> MethodSpec:
         raise ValueError(f"metadata spec: {e}") from None
 
 
+def _with_defaults(cfg, defaults: dict):
+    """A file's config dict with the fields added after it was written (periphery conventions, write
+    verify) at their defaults, which are the behaviour that file was made with; other keys untouched."""
+    if not isinstance(cfg, dict):
+        return cfg
+    out = {**{k: v for k, v in defaults.items() if k not in cfg}, **cfg}
+    if isinstance(out.get("device"), dict):
+        dev_defaults = dataclasses.asdict(DeviceModel())
+        out["device"] = {**{k: v for k, v in dev_defaults.items() if k not in out["device"]}, **out["device"]}
+    return out
+
+
+_ADDED_CONFIG_FIELDS = {k: v for k, v in dataclasses.asdict(XbarConfig()).items()
+                        if k in PERIPHERY_FIELDS}  # fields a version-2 file may lack
+
+
 def _check_compatible(model: nn.Module, meta: dict, where: str) -> None:
     mine = _layer_meta(model)
     theirs = meta["layers"]
+    if isinstance(theirs, list):
+        theirs = [{**l, "config": _with_defaults(l["config"], _ADDED_CONFIG_FIELDS)}
+                  if isinstance(l, dict) and "config" in l else l for l in theirs]
     if not isinstance(theirs, list) or not all(isinstance(l, dict) for l in theirs):
         raise TypeError(f"{where}: metadata layers: expected a list of JSON objects, got {theirs!r:.80}")
     if [l.get("name") for l in mine] != [l.get("name") for l in theirs]:
