@@ -1,4 +1,5 @@
 """C++ backend vs the reference: bit-exact tile sums, tight float64 outputs, on random cases."""
+import dataclasses
 import random
 
 import pytest
@@ -140,3 +141,27 @@ def test_half_precision_inputs_quantise_in_float32(dtype):
     assert y.dtype == dtype
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(y.float(), y_ref, rtol=eps, atol=eps * float(y_ref.abs().max()) * 1e-2)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_reference_backend_has_the_cpu_bits(seed):
+    """backend="reference" adds coef * T_int in the order of the CPU kernel (row tile outer, then the
+    base set, then the task set, csrc/cpu/driver.h), so a whole conv with task weights and fractional
+    pe_mask / col_scale gives the cpu backend's bits, in float32 and float64, without a device model
+    and with an all-off DeviceModel (SPEC 7: bit for bit)."""
+    rng, gen = random.Random(5000 + seed), torch.Generator().manual_seed(5000 + seed)
+    cfg = random_config(rng)
+    dtype = (torch.float64, torch.float32)[seed % 2]
+    cin, cout, kh = rng.randint(3, 9), rng.randint(2, 12), rng.choice([1, 3])
+    x = torch.randn(2, cin, 6, 6, generator=gen, dtype=dtype)
+    weight = torch.randn(cout, cin, kh, kh, generator=gen, dtype=dtype)
+    task_weight = torch.randn(cout, cin, kh, kh, generator=gen, dtype=dtype)
+    tr, tc = cfg.tiles(cin * kh * kh, cout)
+    pe_mask = torch.rand(tr, tc, generator=gen, dtype=dtype)
+    col_scale = torch.rand(tr, cout, generator=gen, dtype=dtype) * 2 - 0.5
+    device = None if seed % 4 < 2 else xma2_ops.DeviceModel(seed=seed)
+    kw = dict(config=dataclasses.replace(cfg, device=device), task_weight=task_weight, pe_mask=pe_mask,
+              col_scale=col_scale, padding=kh // 2)
+    y_cpu = xma2_ops.xbar_conv2d(x, weight, **kw, backend="cpu")
+    y_ref = xma2_ops.xbar_conv2d(x, weight, **kw, backend="reference")
+    assert torch.equal(y_ref, y_cpu), (seed, cfg, (y_ref - y_cpu).abs().max())
