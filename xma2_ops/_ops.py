@@ -226,17 +226,35 @@ def _ordered_sum(tb, tt, coef_b, coef_t) -> torch.Tensor:
 
 # The [Tr, M, N] int64 tile sums of the generic coefficient gradient are made in row blocks of this size.
 _GRAD_BLOCK_ELEMS = 1 << 24
+# Input rows per block of the coefficient gradients' sum (kGradRows, csrc/cpu/coef_grad.h).
+_GRAD_ROWS = 128
 
 
 def _coef_grad_from_tile_sums(tile_sums, x_codes, w_codes, gy, p: GemmParams) -> torch.Tensor:
     m_total, n_total = gy.shape
     tr = -(-x_codes.shape[1] // p.rows)
-    block = max(1, _GRAD_BLOCK_ELEMS // max(1, tr * n_total))
+    block = max(1, _GRAD_BLOCK_ELEMS // max(1, _GRAD_ROWS * tr * n_total)) * _GRAD_ROWS  # whole gradient blocks
     g = torch.zeros(tr, n_total, dtype=torch.float64, device=gy.device)
     for m0 in range(0, m_total, block):
         t = tile_sums(x_codes[m0:m0 + block], w_codes, p)
-        g += torch.einsum("rmn,mn->rn", t.double(), gy[m0:m0 + block].double())
+        _add_ordered_coef_grad(g, t.double(), gy[m0:m0 + block].double())
     return g
+
+
+def _add_ordered_coef_grad(g, t, gy) -> None:
+    """g += the coefficient gradient of T_int rows t [Tr, m, N] (from a block boundary) and gy [m, N], in
+    the order of the CPU kernels (csrc/cpu/coef_grad.h), so every backend gives their bits: per block of
+    _GRAD_ROWS rows the products summed in ascending row order, then the block sums in block order."""
+    tr, m, n = t.shape
+    nb = -(-m // _GRAD_ROWS)
+    pad = nb * _GRAD_ROWS - m  # zero rows add +0.0: no change
+    t = torch.nn.functional.pad(t, (0, 0, 0, pad)).view(tr, nb, _GRAD_ROWS, n)
+    gy = torch.nn.functional.pad(gy, (0, 0, 0, pad)).view(nb, _GRAD_ROWS, n)
+    s = torch.zeros(tr, nb, n, dtype=torch.float64, device=g.device)
+    for i in range(_GRAD_ROWS):  # all blocks at once, row i of each
+        s += gy[:, i] * t[:, :, i]
+    for b in range(nb):
+        g += s[:, b]
 
 
 def _torch_op_backend(name: str, devices: tuple) -> Backend:
