@@ -99,6 +99,24 @@ def ordered_mvm(x, wb, wt, cb, ct, p):
     return acc.to(cb.dtype)
 
 
+# Input rows per block of the coefficient gradients' sum (kGradRows in csrc/cpu/coef_grad.h).
+GRAD_ROWS = 128
+
+
+def ordered_coef_grad(t: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+    """The summation order of every CPU coefficient gradient, G [Tr, N] from T_int [Tr, M, N] and
+    gy [M, N]: per block of GRAD_ROWS input rows S_b = sum over its rows m, in ascending order, of
+    gy[m] * T_int[:, m] (each product and each sum rounded to float64), then G = sum of the S_b in
+    block order."""
+    t, gy = t.double(), gy.double()
+    g = torch.zeros(t.shape[0], t.shape[2], dtype=torch.float64)
+    for b0 in range(0, t.shape[1], GRAD_ROWS):
+        s = torch.zeros_like(g)
+        for m in range(b0, min(b0 + GRAD_ROWS, t.shape[1])):
+            s += gy[m] * t[:, m]
+        g += s
+    return g
+
 
 class OpLog(TorchDispatchMode):
     """Records the name of every op dispatched inside its ``with`` block (``.ops``)."""

@@ -19,7 +19,7 @@ from xma2_ops import DeviceModel, XbarConfig, reference as ref
 from xma2_ops.config import GemmParams
 from xma2_ops.device import program_cells
 
-from helpers import random_conv_case
+from helpers import ordered_coef_grad, random_conv_case
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.xma2_ops, "xbar_cell_tile_sums")
                                 or not torch._C._dispatch_has_kernel_for_dispatch_key(
@@ -230,6 +230,28 @@ def test_cell_coef_grad_equals_einsum(seed):
     want = torch.einsum("rmn,mn->rn", ref.cell_tile_sums(c.x, c.g, c.p, c.f).double(), gy.double())
     assert got.dtype == torch.float64 and got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(0, 120, 5))
+def test_cell_coef_grad_is_one_ordered_sum(seed, monkeypatch):
+    """xbar_cell_coef_grad on every path (ideal ADC, the AVX2 kernel, the generic one forced by
+    XMA2_CPU_ISA=scalar), with 1 and 2 threads and repeated: the bits of helpers.ordered_coef_grad."""
+    c = random_case(seed)
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    m = rng.choice([129, 256, rng.randint(300, 600)])
+    x = _x_codes(gen, m, c.x.shape[1], c.p, rng)
+    gy = torch.randn(m, c.g.shape[3], generator=gen, dtype=torch.float64)
+    want = ordered_coef_grad(ref.cell_tile_sums(x, c.g, c.p, c.f), gy)
+    threads = torch.get_num_threads()
+    try:
+        for isa in ("auto", "scalar"):
+            monkeypatch.setenv("XMA2_CPU_ISA", isa)
+            for t in (1, 2, 2, 1):
+                torch.set_num_threads(t)
+                got = OPS.xbar_cell_coef_grad(x, c.g, gy, *c.p.as_args(), c.f)
+                assert torch.equal(got, want), (seed, isa, t, c.p, (got - want).abs().max())
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_large_rows_blocks_and_threads():

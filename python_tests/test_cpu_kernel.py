@@ -15,7 +15,7 @@ from xma2_ops import XbarConfig, reference as ref
 from xma2_ops._ops import available_backends, get_backend
 from xma2_ops.config import GemmParams
 
-from helpers import ordered_mvm as _ordered_mvm
+from helpers import ordered_coef_grad, ordered_mvm as _ordered_mvm
 
 pytestmark = pytest.mark.skipif("cpu" not in available_backends(), reason="C++ extension not built")
 
@@ -79,9 +79,7 @@ def _check_gemm(x, w, p: GemmParams, gen):
     # The packed form (made once per programmed weight) gives the same bits as packing per call.
     packed = torch.ops.xma2_ops.xbar_pack_weights(w, *p.as_args())
     assert torch.equal(torch.ops.xma2_ops.xbar_mvm_packed(x, w, packed, None, None, coef, None, *p.as_args()), y)
-    # (coef_grad sums per-thread partials, and threads take row blocks as they come: the same to rounding)
-    torch.testing.assert_close(torch.ops.xma2_ops.xbar_coef_grad_packed(x, w, packed, gy, *p.as_args()), g,
-                               rtol=1e-12, atol=1e-9)
+    assert torch.equal(torch.ops.xma2_ops.xbar_coef_grad_packed(x, w, packed, gy, *p.as_args()), g)
 
 
 # rows, cols, input_bits, signed, dac_bits, weight_bits, cell_bits, adc_bits, adc_clip, (M, K, N)
@@ -284,6 +282,94 @@ def test_mvm_bits_do_not_depend_on_the_isa(monkeypatch):
             monkeypatch.setenv("XMA2_CPU_ISA", isa)
             got = torch.ops.xma2_ops.xbar_mvm(x, wb, wt, cb_, ct_, *p.as_args())
             assert torch.equal(got, want), (trial, isa, p)
+
+
+def test_coef_grad_is_one_ordered_sum(monkeypatch):
+    """xbar_coef_grad and xbar_coef_grad_packed (the pe_mask / col_scale gradients) on every
+    instruction set, lossless (the float-GEMM path) or not, signed inputs or not, with 1 and 2
+    threads and repeated: the bits of helpers.ordered_coef_grad, the one documented order."""
+    rnd = random.Random(7)
+    gen = torch.Generator().manual_seed(7)
+    threads = torch.get_num_threads()
+    try:
+        for trial in range(12):
+            signed = trial % 2 == 1
+            rows = rnd.choice([5, 16, 33, 64])
+            if trial % 4 < 2:  # lossless: an ideal ADC, or one with clip + 1 levels
+                db, cb = rnd.randint(1, 3), rnd.randint(1, 3)
+                pmax = rows * (2 ** db - 1) * (2 ** cb - 1)
+                bits, clip = rnd.choice([(None, None), (24, pmax)])
+                p = _params(rows, 8, rnd.randint(2, 8), signed, db, rnd.randint(2, 8), cb, bits, clip)
+                assert p.adc_identity
+            else:
+                p = _params(rows, 8, rnd.randint(2, 8), signed, rnd.randint(1, 3), rnd.randint(2, 8),
+                            rnd.randint(1, 3), rnd.randint(1, 2), rnd.choice([None, rnd.randint(20, 100)]))
+                assert not p.adc_identity
+            m = (1, 128, 129, rnd.randint(300, 700))[trial % 4]
+            k, n = rnd.randint(rows + 1, 4 * rows + 10), rnd.randint(1, 40)
+            x, w = _codes(gen, m, k, n, p)
+            gy = torch.randn(m, n, generator=gen, dtype=(torch.float64, torch.float32)[trial // 4 % 2])
+            want = ordered_coef_grad(ref.tile_sums(x, w, p), gy)
+            for isa in ISAS:
+                monkeypatch.setenv("XMA2_CPU_ISA", isa)
+                packed = torch.ops.xma2_ops.xbar_pack_weights(w, *p.as_args())
+                for t in (1, 2, 2, 1, 2):
+                    torch.set_num_threads(t)
+                    got = torch.ops.xma2_ops.xbar_coef_grad(x, w, gy, *p.as_args())
+                    assert torch.equal(got, want), (trial, isa, t, p, (got - want).abs().max())
+                    got = torch.ops.xma2_ops.xbar_coef_grad_packed(x, w, packed, gy, *p.as_args())
+                    assert torch.equal(got, want), (trial, isa, t, p, "packed")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_coef_grad_same_bits_on_every_run():
+    """Signed inputs, many row blocks, 2 threads: 20 runs give the bits of a 1-thread run."""
+    p = _params(32, 8, 6, True, 2, 6, 2, 5, 60)
+    gen = torch.Generator().manual_seed(11)
+    x, w = _codes(gen, 3000, 200, 48, p)
+    gy = torch.randn(3000, 48, generator=gen, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = torch.ops.xma2_ops.xbar_coef_grad(x, w, gy, *p.as_args())
+        torch.set_num_threads(2)
+        for _ in range(20):
+            assert torch.equal(torch.ops.xma2_ops.xbar_coef_grad(x, w, gy, *p.as_args()), want)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_mask_gradients_do_not_depend_on_the_isa_or_threads(monkeypatch):
+    """The pe_mask / col_scale gradients of a whole conv (backend="cpu"), lossless and lossy, signed
+    inputs: the same bits on every instruction set and thread count."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 6, 12, 12, generator=gen, dtype=torch.float64)
+    weight = torch.randn(10, 6, 3, 3, generator=gen, dtype=torch.float64)
+    task_weight = torch.randn(10, 6, 3, 3, generator=gen, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        for adc_bits in (None, 4):
+            cfg = XbarConfig(rows=16, cols=4, weight_bits=6, cell_bits=2, input_bits=6, dac_bits=2,
+                             adc_bits=adc_bits, input_signed=True)
+            tr, tc = cfg.tiles(54, 10)
+            results = []
+            for isa in ISAS:
+                monkeypatch.setenv("XMA2_CPU_ISA", isa)
+                for t in (1, 2):
+                    torch.set_num_threads(t)
+                    pe_mask = torch.rand(tr, tc, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+                    col_scale = torch.rand(tr, 10, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+                    pe_mask.requires_grad_(True)
+                    col_scale.requires_grad_(True)
+                    y = xma2_ops.xbar_conv2d(x, weight, padding=1, config=cfg, task_weight=task_weight,
+                                             pe_mask=pe_mask, col_scale=col_scale, backend="cpu")
+                    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(4), dtype=y.dtype))
+                    results.append((isa, t, pe_mask.grad, col_scale.grad))
+            for isa, t, gm, gc in results[1:]:
+                assert torch.equal(gm, results[0][2]) and torch.equal(gc, results[0][3]), (adc_bits, isa, t)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])

@@ -1,4 +1,5 @@
 """C++ backend vs the reference: bit-exact tile sums, tight float64 outputs, on random cases."""
+import dataclasses
 import random
 
 import pytest
@@ -140,3 +141,48 @@ def test_half_precision_inputs_quantise_in_float32(dtype):
     assert y.dtype == dtype
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(y.float(), y_ref, rtol=eps, atol=eps * float(y_ref.abs().max()) * 1e-2)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_reference_backend_has_the_cpu_bits(seed):
+    """backend="reference" adds coef * T_int in the order of the CPU kernel (row tile outer, then the
+    base set, then the task set, csrc/cpu/driver.h), so a whole conv with task weights and fractional
+    pe_mask / col_scale gives the cpu backend's bits, in float32 and float64, without a device model
+    and with an all-off DeviceModel (SPEC 7: bit for bit)."""
+    kw, x, weight = _masked_conv(seed, None if seed % 4 < 2 else xma2_ops.DeviceModel(seed=seed))
+    y_cpu = xma2_ops.xbar_conv2d(x, weight, **kw, backend="cpu")
+    y_ref = xma2_ops.xbar_conv2d(x, weight, **kw, backend="reference")
+    assert torch.equal(y_ref, y_cpu), (seed, kw["config"], (y_ref - y_cpu).abs().max())
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_reference_backend_mask_gradients_have_the_cpu_bits(seed):
+    """The pe_mask / col_scale gradients of backend="reference" are summed in the order of the CPU
+    kernels (csrc/cpu/coef_grad.h): the cpu backend's bits, over more than one block of input rows,
+    without a device model, with an all-off one and with a noisy one."""
+    device = (None, xma2_ops.DeviceModel(seed=seed), xma2_ops.DeviceModel.preset("typical"))[seed % 3]
+    kw, x, weight = _masked_conv(seed, device, batch=6)
+    grads = []
+    for backend in ("cpu", "reference"):
+        mask, scale = kw["pe_mask"].clone().requires_grad_(True), kw["col_scale"].clone().requires_grad_(True)
+        y = xma2_ops.xbar_conv2d(x, weight, **{**kw, "pe_mask": mask, "col_scale": scale}, backend=backend)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype))
+        grads.append((mask.grad, scale.grad))
+    assert torch.equal(grads[1][0], grads[0][0]) and torch.equal(grads[1][1], grads[0][1]), seed
+
+
+def _masked_conv(seed, device, batch=2):
+    """A random quantised conv with task weights and fractional pe_mask / col_scale (several row tiles)."""
+    rng, gen = random.Random(5000 + seed), torch.Generator().manual_seed(5000 + seed)
+    cfg = random_config(rng)
+    dtype = (torch.float64, torch.float32)[seed % 2]
+    cin, cout, kh = rng.randint(3, 9), rng.randint(2, 12), rng.choice([1, 3])
+    x = torch.randn(batch, cin, 6, 6, generator=gen, dtype=dtype)
+    weight = torch.randn(cout, cin, kh, kh, generator=gen, dtype=dtype)
+    task_weight = torch.randn(cout, cin, kh, kh, generator=gen, dtype=dtype)
+    tr, tc = cfg.tiles(cin * kh * kh, cout)
+    pe_mask = torch.rand(tr, tc, generator=gen, dtype=dtype)
+    col_scale = torch.rand(tr, cout, generator=gen, dtype=dtype) * 2 - 0.5
+    kw = dict(config=dataclasses.replace(cfg, device=device), task_weight=task_weight, pe_mask=pe_mask,
+              col_scale=col_scale, padding=kh // 2)
+    return kw, x, weight

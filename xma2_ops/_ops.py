@@ -191,12 +191,7 @@ class Backend:
             xb = x_codes[m0:m0 + block]
             tb = fn(xb, gb, p, frac_bits).double()
             tt = fn(xb, gt, p, frac_bits).double() if gt is not None else None
-            acc = torch.zeros(xb.shape[0], n_total, dtype=torch.float64, device=x_codes.device)
-            for r in range(tr):
-                acc += coef_b[r].double() * tb[r]
-                if tt is not None:
-                    acc += coef_t[r].double() * tt[r]
-            y[m0:m0 + block] = acc.to(coef_b.dtype)
+            y[m0:m0 + block] = _ordered_sum(tb, tt, coef_b, coef_t)
         return y
 
     def cell_coef_gradient(self, x_codes, gq, gy, p: GemmParams, frac_bits: int) -> torch.Tensor:
@@ -211,25 +206,55 @@ def _reference_tile_sums(x_codes, w_codes, p: GemmParams) -> torch.Tensor:
 
 
 def _reference_mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, p: GemmParams) -> torch.Tensor:
-    y = (coef_b.double().unsqueeze(1) * reference.tile_sums(x_codes, wb_codes, p).double()).sum(0)
-    if wt_codes is not None:
-        y = y + (coef_t.double().unsqueeze(1) * reference.tile_sums(x_codes, wt_codes, p).double()).sum(0)
-    return y.to(coef_b.dtype).to(x_codes.device)
+    # The terms in the CPU kernel's order (driver.h), so that this backend gives its bits.
+    tb = reference.tile_sums(x_codes, wb_codes, p).double()
+    tt = reference.tile_sums(x_codes, wt_codes, p).double() if wt_codes is not None else None
+    return _ordered_sum(tb, tt, coef_b, coef_t).to(x_codes.device)
+
+
+def _ordered_sum(tb, tt, coef_b, coef_t) -> torch.Tensor:
+    """y [M, N] = sum_r coef_b[r] T_b[r] + coef_t[r] T_t[r] in the one order of every backend: row
+    tile outer, then the base set, then the task set, each term rounded to float64 and added in
+    float64; one rounding to the coefficient dtype at the end."""
+    acc = torch.zeros(tb.shape[1:], dtype=torch.float64, device=tb.device)
+    for r in range(tb.shape[0]):
+        acc += coef_b[r].double() * tb[r]
+        if tt is not None:
+            acc += coef_t[r].double() * tt[r]
+    return acc.to(coef_b.dtype)
 
 
 # The [Tr, M, N] int64 tile sums of the generic coefficient gradient are made in row blocks of this size.
 _GRAD_BLOCK_ELEMS = 1 << 24
+# Input rows per block of the coefficient gradients' sum (kGradRows, csrc/cpu/coef_grad.h).
+_GRAD_ROWS = 128
 
 
 def _coef_grad_from_tile_sums(tile_sums, x_codes, w_codes, gy, p: GemmParams) -> torch.Tensor:
     m_total, n_total = gy.shape
     tr = -(-x_codes.shape[1] // p.rows)
-    block = max(1, _GRAD_BLOCK_ELEMS // max(1, tr * n_total))
+    block = max(1, _GRAD_BLOCK_ELEMS // max(1, _GRAD_ROWS * tr * n_total)) * _GRAD_ROWS  # whole gradient blocks
     g = torch.zeros(tr, n_total, dtype=torch.float64, device=gy.device)
     for m0 in range(0, m_total, block):
         t = tile_sums(x_codes[m0:m0 + block], w_codes, p)
-        g += torch.einsum("rmn,mn->rn", t.double(), gy[m0:m0 + block].double())
+        _add_ordered_coef_grad(g, t.double(), gy[m0:m0 + block].double())
     return g
+
+
+def _add_ordered_coef_grad(g, t, gy) -> None:
+    """g += the coefficient gradient of T_int rows t [Tr, m, N] (from a block boundary) and gy [m, N], in
+    the order of the CPU kernels (csrc/cpu/coef_grad.h), so every backend gives their bits: per block of
+    _GRAD_ROWS rows the products summed in ascending row order, then the block sums in block order."""
+    tr, m, n = t.shape
+    nb = -(-m // _GRAD_ROWS)
+    pad = nb * _GRAD_ROWS - m  # zero rows add +0.0: no change
+    t = torch.nn.functional.pad(t, (0, 0, 0, pad)).view(tr, nb, _GRAD_ROWS, n)
+    gy = torch.nn.functional.pad(gy, (0, 0, 0, pad)).view(nb, _GRAD_ROWS, n)
+    s = torch.zeros(tr, nb, n, dtype=torch.float64, device=g.device)
+    for i in range(_GRAD_ROWS):  # all blocks at once, row i of each
+        s += gy[:, i] * t[:, :, i]
+    for b in range(nb):
+        g += s[:, b]
 
 
 def _torch_op_backend(name: str, devices: tuple) -> Backend:

@@ -37,6 +37,7 @@
 
 #include "../xbar_check.h"
 #include "cells.h"
+#include "coef_grad.h"
 
 namespace xma2 {
 namespace cpu {
@@ -588,18 +589,11 @@ at::Tensor xbar_cell_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& gb, co
 
 // ------------------------------------------------------------------ xbar_cell_coef_grad
 namespace {
+// Hands every T_int to the ordered sum of coef_grad.h (the order of xbar_coef_grad).
 struct CoefGradSink : Sink {
-  const double* gy;
+  CoefGradSum* sum;
   int64_t N;
-  std::vector<std::vector<double>> part;  // per worker [Tr, N]
-  void tile(int w, int, int64_t r, int64_t m0, int64_t nm, const int64_t* t) override {
-    double* gr = part[(size_t)w].data() + r * N;
-    for (int64_t mi = 0; mi < nm; ++mi) {
-      const double* gm = gy + (m0 + mi) * N;
-      const int64_t* tr = t + mi * N;
-      for (int64_t n = 0; n < N; ++n) gr[n] += gm[n] * (double)tr[n];
-    }
-  }
+  void tile(int, int, int64_t r, int64_t m0, int64_t nm, const int64_t* t) override { sum->add(r, 0, N, m0, nm, t, N); }
   void done(int, int64_t, int64_t) override {}
 };
 }  // namespace
@@ -608,26 +602,25 @@ at::Tensor xbar_cell_coef_grad_cpu(const at::Tensor& x_codes, const at::Tensor& 
                                    int64_t cols, int64_t input_bits, bool input_signed, int64_t dac_bits,
                                    int64_t weight_bits, int64_t cell_bits, int64_t adc_levels, int64_t adc_clip,
                                    int64_t frac_bits) {
-  const CellPlan pl = make_cell_plan(x_codes, {{g, "g"}}, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
-                                     cell_bits, adc_levels, adc_clip, frac_bits);
+  CellPlan pl = make_cell_plan(x_codes, {{g, "g"}}, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
+                               cell_bits, adc_levels, adc_clip, frac_bits);
+  // Work items of whole gradient blocks (kGradRows rows each, the last one may end at M), whatever the
+  // path: every block's rows then come in one call, in order.
+  pl.block_rows = std::max<int64_t>(1, pl.block_rows / kGradRows) * kGradRows;
   const int64_t M = pl.p.M, N = pl.p.N, Tr = pl.p.Tr();
   TORCH_CHECK(gy.dim() == 2 && gy.size(0) == M && gy.size(1) == N, "xbar_cell_coef_grad: gy must be [M, N] = [", M,
               ", ", N, "], got ", gy.sizes());
   TORCH_CHECK(gy.is_floating_point(), "xbar_cell_coef_grad: gy must be floating point, got ", gy.scalar_type());
   TORCH_CHECK(gy.device().is_cpu(), "xbar_cell_coef_grad: gy must be a CPU tensor, got ", gy.device());
   const int64_t g_size = mul_checked(Tr, N, "xbar_cell_coef_grad: the output [Tr, N]");
-  at::Tensor out = at::zeros({Tr, N}, gy.options().dtype(at::kDouble));
-  if (g_size == 0 || M == 0) return out;
+  if (g_size == 0 || M == 0) return at::zeros({Tr, N}, gy.options().dtype(at::kDouble));
   const at::Tensor g64 = gy.to(at::kDouble).contiguous();
+  CoefGradSum sum(g64.data_ptr<double>(), M, Tr, N, "xbar_cell_coef_grad");
   CoefGradSink sink;
-  sink.gy = g64.data_ptr<double>();
+  sink.sum = &sum;
   sink.N = N;
-  sink.part.assign((size_t)workers_for(M, block_rows(pl)), std::vector<double>((size_t)g_size, 0.0));
   run_cells(x_codes, {g}, pl, all_active(1, Tr, panels(N)), panels(N), sink);
-  double* o = out.data_ptr<double>();
-  for (const auto& pt : sink.part)
-    for (int64_t i = 0; i < g_size; ++i) o[i] += pt[(size_t)i];
-  return out;
+  return sum.result();
 }
 
 }  // namespace cpu

@@ -23,6 +23,7 @@
 
 #include "../xbar_check.h"
 #include "cells.h"
+#include "coef_grad.h"
 #include "driver.h"
 #include "unfold.h"
 
@@ -31,6 +32,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kGemmRowBlock = 8192;  // input rows converted to float at a time (few, large GEMM calls)
+static_assert(kRowBlock % kGradRows == 0, "the quantised driver's row blocks must be whole gradient blocks");
 
 CodesView codes_view(const at::Tensor& x) {
   CodeType t = CodeType::kI32;
@@ -252,51 +254,76 @@ void mvm_quantized(const at::Tensor& x, const std::vector<at::Tensor>& w, const 
                 });
 }
 
-// Lossless: T_int of each tile is one exact float GEMM (the sum of x_int * w_int), combined with its
-// coefficients in float64 per input row in the order of the quantised path (row tile outer, then the
-// sets), so both paths give the same bits.  One parallel region per call: blocks of rows are handed
-// out one at a time (as in the quantised driver), and each thread runs its blocks' small GEMMs itself
+// The work items of the GEMM route, in one parallel region per call: blocks of `block` rows (split
+// over the columns too, in groups of at least 64, when there are few, so that every thread has work),
+// handed out one at a time as in the quantised driver; each thread runs its items' small GEMMs itself
 // (ATen does not nest parallel regions): no region per tile, nothing that spins while a core is busy
-// with another process.
-template <typename scalar_t, typename ft_t>
-void mvm_lossless_t(const at::Tensor& x, const std::vector<at::Tensor>& wf, const std::vector<at::Tensor>& coef,
-                    const std::vector<std::vector<char>>& row_used, const Plan& pl, at::ScalarType ft, at::Tensor& y) {
-  const int64_t M = pl.p.M, N = pl.p.N, Tr = pl.p.Tr(), R = pl.p.rows;
-  // rows per block: about 2^18 GEMM outputs, at least 16 rows
-  const int64_t block = std::max<int64_t>(16, std::min<int64_t>(kGemmRowBlock, (1 << 18) / std::max<int64_t>(N, 1)));
+// with another process.  body(m0, nm, n0, nw) gets rows [m0, m0 + nm), columns [n0, n0 + nw).
+template <typename F>
+void for_gemm_items(int64_t M, int64_t N, int64_t block, const F& body) {
   const int64_t blocks = (M + block - 1) / block;
-  // Few row blocks (small batches): the columns are split too, in groups of at least 64, so that
-  // every thread has work (as in the quantised driver).
-  const int64_t threads = at::get_num_threads();
   const int64_t groups = column_groups(blocks, (N + 63) / 64);
   const int64_t width = (N + groups - 1) / groups;
   const int64_t items = blocks * groups;
-  scalar_t* out = y.data_ptr<scalar_t>();
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(threads, items), 1, [&](int64_t, int64_t) {
-    std::vector<double> acc;
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items), 1, [&](int64_t, int64_t) {
     for (int64_t item = next++; item < items; item = next++) {
       const int64_t blk = item / groups, n0 = (item % groups) * width, nw = std::min(width, N - n0);
       if (nw <= 0) continue;
-      const int64_t m0 = blk * block, nm = std::min(block, M - m0);
-      const at::Tensor xb = x.narrow(0, m0, nm).to(ft);
-      acc.assign((size_t)(nm * nw), 0.0);
-      for (int64_t r = 0; r < Tr; ++r) {
-        const int64_t k0 = r * R, kr = std::min(R, pl.p.K - k0);
-        for (size_t s = 0; s < wf.size(); ++s) {
-          if (!row_used[s][(size_t)r]) continue;  // every PE of this tile row is skipped
-          const scalar_t* c = coef[s].data_ptr<scalar_t>() + r * N + n0;
-          const at::Tensor t = at::mm(xb.narrow(1, k0, kr), wf[s].narrow(0, k0, kr).narrow(1, n0, nw)).contiguous();
-          const ft_t* tp = t.data_ptr<ft_t>();  // exact integers
-          for (int64_t mi = 0; mi < nm; ++mi) {
-            double* a = acc.data() + mi * nw;
-            const ft_t* tm = tp + mi * nw;
-            for (int64_t n = 0; n < nw; ++n) a[n] += (double)c[n] * (double)tm[n];
-          }
+      const int64_t m0 = blk * block;
+      body(m0, std::min(block, M - m0), n0, nw);
+    }
+  });
+}
+
+// Rows per GEMM item: about 2^18 GEMM outputs, at least `unit` rows and a multiple of it.
+int64_t gemm_block(int64_t N, int64_t unit) {
+  const int64_t rows = std::min<int64_t>(kGemmRowBlock, (1 << 18) / std::max<int64_t>(N, 1));
+  return std::max<int64_t>(1, rows / unit) * unit;
+}
+
+// Lossless: T_int of each tile is one exact float GEMM (the sum of x_int * w_int), combined with its
+// coefficients in float64 per input row in the order of the quantised path (row tile outer, then the
+// sets), so both paths give the same bits.
+template <typename scalar_t, typename ft_t>
+void mvm_lossless_t(const at::Tensor& x, const std::vector<at::Tensor>& wf, const std::vector<at::Tensor>& coef,
+                    const std::vector<std::vector<char>>& row_used, const Plan& pl, at::ScalarType ft, at::Tensor& y) {
+  const int64_t N = pl.p.N, Tr = pl.p.Tr(), R = pl.p.rows;
+  scalar_t* out = y.data_ptr<scalar_t>();
+  for_gemm_items(pl.p.M, N, gemm_block(N, 16), [&](int64_t m0, int64_t nm, int64_t n0, int64_t nw) {
+    const at::Tensor xb = x.narrow(0, m0, nm).to(ft);
+    std::vector<double> acc((size_t)(nm * nw), 0.0);
+    for (int64_t r = 0; r < Tr; ++r) {
+      const int64_t k0 = r * R, kr = std::min(R, pl.p.K - k0);
+      for (size_t s = 0; s < wf.size(); ++s) {
+        if (!row_used[s][(size_t)r]) continue;  // every PE of this tile row is skipped
+        const scalar_t* c = coef[s].data_ptr<scalar_t>() + r * N + n0;
+        const at::Tensor t = at::mm(xb.narrow(1, k0, kr), wf[s].narrow(0, k0, kr).narrow(1, n0, nw)).contiguous();
+        const ft_t* tp = t.data_ptr<ft_t>();  // exact integers
+        for (int64_t mi = 0; mi < nm; ++mi) {
+          double* a = acc.data() + mi * nw;
+          const ft_t* tm = tp + mi * nw;
+          for (int64_t n = 0; n < nw; ++n) a[n] += (double)c[n] * (double)tm[n];
         }
       }
-      for (int64_t mi = 0; mi < nm; ++mi)
-        for (int64_t n = 0; n < nw; ++n) out[(m0 + mi) * N + n0 + n] = (scalar_t)acc[(size_t)(mi * nw + n)];
+    }
+    for (int64_t mi = 0; mi < nm; ++mi)
+      for (int64_t n = 0; n < nw; ++n) out[(m0 + mi) * N + n0 + n] = (scalar_t)acc[(size_t)(mi * nw + n)];
+  });
+}
+
+// The coefficient gradient on the GEMM route: T_int of each tile by one exact float GEMM per item of
+// whole gradient blocks, summed in the one order of coef_grad.h (as the quantised path).
+template <typename ft_t>
+void coef_grad_lossless_t(const at::Tensor& x, const at::Tensor& wf, const Plan& pl, at::ScalarType ft,
+                          CoefGradSum& sum) {
+  const int64_t Tr = pl.p.Tr(), R = pl.p.rows;
+  for_gemm_items(pl.p.M, pl.p.N, gemm_block(pl.p.N, kGradRows), [&](int64_t m0, int64_t nm, int64_t n0, int64_t nw) {
+    const at::Tensor xb = x.narrow(0, m0, nm).to(ft);
+    for (int64_t r = 0; r < Tr; ++r) {
+      const int64_t k0 = r * R, kr = std::min(R, pl.p.K - k0);
+      const at::Tensor t = at::mm(xb.narrow(1, k0, kr), wf.narrow(0, k0, kr).narrow(1, n0, nw)).contiguous();
+      sum.add(r, n0, nw, m0, nm, t.data_ptr<ft_t>(), nw);  // exact integers
     }
   });
 }
@@ -359,7 +386,8 @@ at::Tensor xbar_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& wb_codes, c
 }
 
 // ------------------------------------------------------------------ xbar_coef_grad
-// G[r, n] = sum_m gy[m, n] * T_int[r, m, n] (float64), without materialising T_int.
+// G[r, n] = sum_m gy[m, n] * T_int[r, m, n] (float64), without materialising T_int, in the one order
+// of coef_grad.h on every route and instruction set.
 at::Tensor xbar_coef_grad_packed_cpu(const at::Tensor& x_codes, const at::Tensor& w_codes,
                                      const std::optional<at::Tensor>& w_packed, const at::Tensor& gy, int64_t rows,
                                      int64_t cols, int64_t input_bits, bool input_signed, int64_t dac_bits,
@@ -371,44 +399,26 @@ at::Tensor xbar_coef_grad_packed_cpu(const at::Tensor& x_codes, const at::Tensor
   TORCH_CHECK(gy.dim() == 2 && gy.size(0) == M && gy.size(1) == N, "xbar_coef_grad: gy must be [M, N] = [", M, ", ",
               N, "], got ", gy.sizes());
   TORCH_CHECK(gy.is_floating_point(), "xbar_coef_grad: gy must be floating point, got ", gy.scalar_type());
-  const int64_t g_size = mul_checked(Tr, N, "xbar_coef_grad: the output [Tr, N]");
   const at::Tensor g64 = gy.to(at::kDouble).contiguous();
+  CoefGradSum sum(g64.data_ptr<double>(), M, Tr, N, "xbar_coef_grad");
   if (!rt.isa) {
-    // sum_m gy[m, n] sum_{k in r} x[m, k] w[k, n] = sum_{k in r} w[k, n] (X^T gy)[k, n]
     check_input_codes(x_codes, pl.p);
     const at::Tensor wf = gemm_weights(w_codes, opt_tensor(w_packed), rt, "w_codes");
-    at::Tensor z = at::zeros({pl.p.K, N}, g64.options());
-    for (int64_t m0 = 0; m0 < M; m0 += kGemmRowBlock) {
-      const int64_t nm = std::min(kGemmRowBlock, M - m0);
-      z.addmm_(x_codes.narrow(0, m0, nm).to(at::kDouble).t(), g64.narrow(0, m0, nm));
-    }
-    const int64_t pad = Tr * pl.p.rows - pl.p.K;
-    at::Tensor prod = at::constant_pad_nd(z.mul_(wf.to(at::kDouble)), {0, 0, 0, pad});
-    return prod.view({Tr, pl.p.rows, N}).sum(1);
+    if (exact_float(pl) == at::kFloat) coef_grad_lossless_t<float>(x_codes, wf, pl, at::kFloat, sum);
+    else coef_grad_lossless_t<double>(x_codes, wf, pl, at::kDouble, sum);
+    return sum.result();
   }
-  const Isa& isa = *rt.isa;
-  const int64_t L = isa.lanes;
+  // Quantised, or lossless on AMX: the driver's row blocks (kRowBlock rows) are whole gradient blocks,
+  // and each (row block, tile, lane block) comes once.
+  const int64_t L = rt.isa->lanes;
   std::vector<WeightSet> sets;
   sets.push_back(weight_set<float>(w_codes, opt_tensor(w_packed), at::Tensor(), rt, "w_codes"));
-  const double* g = g64.data_ptr<double>();
-  // One partial G per thread, summed at the end.
-  std::vector<std::vector<double>> part((size_t)at::get_num_threads(), std::vector<double>((size_t)g_size, 0.0));
-  run_quantized(codes_view(x_codes), pl, isa, sets,
+  run_quantized(codes_view(x_codes), pl, *rt.isa, sets,
                 [&](int, int64_t r, int64_t n0, int64_t m0, int64_t nm, const int64_t* t) {
-                  double* gr = part[(size_t)at::get_thread_num()].data() + r * N + n0;
-                  const int64_t nl = std::min(L, N - n0);
-                  for (int64_t mi = 0; mi < nm; ++mi) {
-                    const double* gm = g + (m0 + mi) * N + n0;
-                    const int64_t* tr = t + mi * L;
-                    for (int64_t l = 0; l < nl; ++l) gr[l] += gm[l] * (double)tr[l];
-                  }
+                  sum.add(r, n0, std::min(L, N - n0), m0, nm, t, L);
                 },
                 [](int64_t, int64_t, int64_t, int64_t) {});
-  at::Tensor out = at::zeros({Tr, N}, g64.options());
-  double* o = out.data_ptr<double>();
-  for (const auto& pt : part)
-    for (int64_t i = 0; i < g_size; ++i) o[i] += pt[(size_t)i];
-  return out;
+  return sum.result();
 }
 
 at::Tensor xbar_coef_grad_cpu(const at::Tensor& x_codes, const at::Tensor& w_codes, const at::Tensor& gy, int64_t rows,
