@@ -183,16 +183,7 @@ class Backend:
         fn = self.cells()
         if self.cell_mvm_kernel is not None:
             return self.cell_mvm_kernel(x_codes, gb, gt, coef_b, coef_t, p, frac_bits)
-        m_total, n_total = x_codes.shape[0], gb.shape[3]
-        tr = -(-x_codes.shape[1] // p.rows)
-        block = max(1, _GRAD_BLOCK_ELEMS // max(1, tr * n_total))
-        y = torch.empty(m_total, n_total, dtype=coef_b.dtype, device=x_codes.device)
-        for m0 in range(0, m_total, block):
-            xb = x_codes[m0:m0 + block]
-            tb = fn(xb, gb, p, frac_bits).double()
-            tt = fn(xb, gt, p, frac_bits).double() if gt is not None else None
-            y[m0:m0 + block] = _ordered_sum(tb, tt, coef_b, coef_t)
-        return y
+        return _mvm_from_tile_sums(lambda x, g: fn(x, g, p, frac_bits), x_codes, gb, gt, coef_b, coef_t, gb.shape[3])
 
     def cell_coef_gradient(self, x_codes, gq, gy, p: GemmParams, frac_bits: int) -> torch.Tensor:
         fn = self.cells()
@@ -206,10 +197,22 @@ def _reference_tile_sums(x_codes, w_codes, p: GemmParams) -> torch.Tensor:
 
 
 def _reference_mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, p: GemmParams) -> torch.Tensor:
-    # The terms in the CPU kernel's order (driver.h), so that this backend gives its bits.
-    tb = reference.tile_sums(x_codes, wb_codes, p).double()
-    tt = reference.tile_sums(x_codes, wt_codes, p).double() if wt_codes is not None else None
-    return _ordered_sum(tb, tt, coef_b, coef_t).to(x_codes.device)
+    return _mvm_from_tile_sums(lambda x, w: _reference_tile_sums(x, w, p), x_codes, wb_codes, wt_codes, coef_b,
+                               coef_t, wb_codes.shape[1])
+
+
+def _mvm_from_tile_sums(tile_sums_of, x_codes, wb, wt, coef_b, coef_t, n_total: int) -> torch.Tensor:
+    """y [M, N] from ``tile_sums_of(x_rows, w)`` (int64 [Tr, m, N]) in the kernels' order (_ordered_sum),
+    in row blocks so that no [Tr, M, N] tensor of all rows is held."""
+    m_total, tr = x_codes.shape[0], coef_b.shape[0]
+    block = max(1, _GRAD_BLOCK_ELEMS // max(1, tr * n_total))
+    y = torch.empty(m_total, n_total, dtype=coef_b.dtype, device=x_codes.device)
+    for m0 in range(0, m_total, block):
+        xb = x_codes[m0:m0 + block]
+        tb = tile_sums_of(xb, wb).double()
+        tt = tile_sums_of(xb, wt).double() if wt is not None else None
+        y[m0:m0 + block] = _ordered_sum(tb, tt, coef_b, coef_t)
+    return y
 
 
 def _ordered_sum(tb, tt, coef_b, coef_t) -> torch.Tensor:
@@ -338,27 +341,15 @@ _ALL_BACKENDS = ("cpu", "cuda", "triton", "reference")
 
 
 def _periphery_backend() -> Backend:
-    """What cpu, cuda and triton run under a non-default periphery (SPEC 8): periphery.py's exact
-    GEMM-per-conversion form, the same bits on every device (the kernels compute Sections 2-3 only)."""
+    """What cpu, cuda and triton run under a periphery (SPEC 8) that the kernels do not compute:
+    periphery.py's exact GEMM-per-conversion form, the same bits on every device; mvm and the
+    coefficient gradients from its tile sums in the one order of every backend."""
     def mvm(x_codes, wb, wt, coef_b, coef_t, p):
-        return periphery.mvm(lambda x, w: periphery.tile_sums(x, w, p), wb, wt, x_codes, coef_b, coef_t, wb.shape[1])
+        return _mvm_from_tile_sums(lambda x, w: periphery.tile_sums(x, w, p), x_codes, wb, wt, coef_b, coef_t,
+                                   wb.shape[1])
 
-    def coef_grad(x_codes, w, gy, p):
-        return periphery.coef_grad(lambda x, w_: periphery.tile_sums(x, w_, p), w, x_codes, gy, coef_rows(w, p))
-
-    def cell_mvm(x_codes, gb, gt, coef_b, coef_t, p, frac_bits):
-        return periphery.mvm(lambda x, g: periphery.cell_tile_sums(x, g, p, frac_bits), gb, gt, x_codes, coef_b,
-                             coef_t, gb.shape[3])
-
-    def cell_coef_grad(x_codes, g, gy, p, frac_bits):
-        return periphery.coef_grad(lambda x, g_: periphery.cell_tile_sums(x, g_, p, frac_bits), g, x_codes, gy,
-                                   -(-x_codes.shape[1] // p.rows))
-
-    def coef_rows(w, p):
-        return -(-w.shape[0] // p.rows)
-
-    return Backend("periphery", periphery.tile_sums, mvm, ("cpu", "cuda"), coef_grad=coef_grad, small_codes=True,
-                   cell_tile_sums=periphery.cell_tile_sums, cell_mvm_kernel=cell_mvm, cell_coef_grad=cell_coef_grad)
+    return Backend("periphery", periphery.tile_sums, mvm, ("cpu", "cuda"), small_codes=True,
+                   cell_tile_sums=periphery.cell_tile_sums)
 
 
 _PERIPHERY = _periphery_backend()

@@ -145,35 +145,3 @@ def _check_codes(x_codes: torch.Tensor, w_codes: Optional[torch.Tensor], p: Gemm
         qw = (1 << (p.weight_bits - 1)) - 1
         if int(w_codes.abs().max()) > qw:
             raise ValueError(f"w_codes: expected codes in [{-qw}, {qw}], got |w| up to {int(w_codes.abs().max())}")
-
-
-def mvm(tile_sums_of, wb, wt, x_codes: torch.Tensor, coef_b: torch.Tensor, coef_t: Optional[torch.Tensor],
-        n_total: int) -> torch.Tensor:
-    """y [M, N] = sum_r coef_b[r] T_b[r] + coef_t[r] T_t[r] in float64, row tile outer, then the base and the
-    task set (the kernels' order); ``tile_sums_of(x_block, w)`` gives T_int.  In row blocks."""
-    m_total = x_codes.shape[0]
-    tr = coef_b.shape[0]
-    block = max(1, _BLOCK_ELEMS // max(1, tr * n_total))
-    y = torch.empty(m_total, n_total, dtype=coef_b.dtype, device=x_codes.device)
-    for m0 in range(0, m_total, block):
-        xb = x_codes[m0:m0 + block]
-        tb = tile_sums_of(xb, wb).double()
-        tt = tile_sums_of(xb, wt).double() if wt is not None else None
-        acc = torch.zeros(xb.shape[0], n_total, dtype=torch.float64, device=x_codes.device)
-        for r in range(tr):
-            acc += coef_b[r].double() * tb[r]
-            if tt is not None:
-                acc += coef_t[r].double() * tt[r]
-        y[m0:m0 + block] = acc.to(coef_b.dtype)
-    return y
-
-
-def coef_grad(tile_sums_of, w, x_codes: torch.Tensor, gy: torch.Tensor, tr: int) -> torch.Tensor:
-    """G [Tr, N] = sum_m gy[m, n] T_int[r, m, n] in float64, row blocks in order."""
-    m_total, n_total = gy.shape
-    block = max(1, _BLOCK_ELEMS // max(1, tr * n_total))
-    g = torch.zeros(tr, n_total, dtype=torch.float64, device=gy.device)
-    for m0 in range(0, m_total, block):
-        t = tile_sums_of(x_codes[m0:m0 + block], w).double()
-        g += (t * gy[m0:m0 + block].double()).sum(1)
-    return g
