@@ -13,6 +13,7 @@ Every function returns T_int[r, m, n] in units of ``GemmParams.tile_steps(K)[r]`
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -69,11 +70,12 @@ def _tile_sums(x_codes: torch.Tensor, slices: List[List[torch.Tensor]], w_max: i
         raise ValueError(f"xbar: partial sums up to {bound} are beyond exact float64 arithmetic (rows, bits, "
                          f"conductances too large)")
     gdt = _gemm_dtype(bound, x.device)
+    w = w.to(gdt)
     analog = p.has("input_accumulation")
     # T[r] = sum over (input group, weight group) of sign * 2^shift * code: one exact float64 contraction
     shift_w = torch.tensor([[sx * sw * float(1 << (j * p.cell_bits + (0 if analog else i * p.dac_bits)))
                              for sw, j in w_meta] for sx, i, _ in groups_in], dtype=torch.float64, device=x.device)
-    x_all = torch.stack([g for _, _, g in groups_in])  # [Gi, M, K]
+    x_all = torch.stack([g.to(gdt) for _, _, g in groups_in])  # [Gi, M, K]
     gi, gw = len(groups_in), len(w_meta)
     tiles = p.tile_rows(k_total)
     out = torch.empty(len(tiles), m_rows, n_total, dtype=torch.int64, device=x.device)
@@ -82,37 +84,46 @@ def _tile_sums(x_codes: torch.Tensor, slices: List[List[torch.Tensor]], w_max: i
     for r, rows in enumerate(tiles):
         k1 = k0 + rows
         levels, clip = p.tile_adc(rows)
-        wt = w[k0:k1].reshape(rows, -1).to(gdt)  # [rows, Gw*N]
+        wt = w[k0:k1].reshape(rows, -1)  # [rows, Gw*N]
         for m0 in range(0, m_rows, block):
-            xb = x_all[:, m0:m0 + block, k0:k1]
+            xb = x_all[:, m0:m0 + block, k0:k1]  # a strided view: the GEMM reads it in place
             mb = xb.shape[1]
-            v = torch.matmul(xb.reshape(gi * mb, rows).to(gdt), wt).view(gi, mb, gw, n_total)
-            code = v.double() if levels == 0 else _adc(v, levels, clip, frac_bits, p)
-            out[r, m0:m0 + mb] = torch.einsum("imgn,ig->mn", code, shift_w).round_().to(torch.int64)
+            v = torch.matmul(xb, wt).view(gi, mb, gw, n_total)
+            code = v if levels == 0 else _adc(v, levels, clip, frac_bits, p)
+            # float32 where every partial sum of the contraction is an integer below 2^24, else float64
+            t_max = float(shift_w.abs().sum()) * (bound if levels == 0 else levels)
+            cdt = torch.float32 if t_max < (1 << 24) and code.dtype == torch.float32 else torch.float64
+            t = torch.einsum("imgn,ig->mn", code.to(cdt), shift_w.to(cdt))
+            out[r, m0:m0 + mb] = t.round_().to(torch.int64)
         k0 = k1
     return out
 
 
 def _adc(v: torch.Tensor, levels: int, clip: int, frac_bits: int, p: GemmParams) -> torch.Tensor:
-    """reference.adc_codes on the exact integer values ``v`` (a float tensor), as float64 codes: in float
-    arithmetic when the numerator 2 u n + span stays below the float's 2^mantissa, where floor(num / den)
-    of the correctly rounded quotient is exact and num == code * den tells a tie; else in int64."""
+    """reference.adc_codes on the exact integer values ``v`` (a float tensor), as float codes: a lookup in
+    the table of every code of [lo, hi] (made by reference.adc_codes itself) when it is small, else in
+    int64 arithmetic."""
     c = clip << frac_bits
     span = 2 * c if p.adc_signed else c
-    num_max = (2 * levels + 1) * span
-    if num_max >= 1 << 53:
-        return adc_codes(v.round().to(torch.int64), levels, clip, frac_bits, p.adc_signed,
-                         p.has("adc_rounding")).double()
-    fdt = torch.float32 if num_max < 1 << 24 else torch.float64
-    u = (v.to(fdt) + c if p.adc_signed else v.to(fdt)).clamp_(0, span)
-    num = u.mul_(2 * levels).add_(span)
-    code = torch.floor(num / (2 * span))
-    if p.has("adc_rounding"):
-        tie = (code * (2 * span) == num) & (torch.remainder(code, 2) == 1)
-        code = code - tie.to(fdt)
-    if p.adc_signed:
-        code = code - levels // 2
-    return code.double()
+    if span < _MAX_ADC_TABLE:
+        table = _adc_table(levels, clip, frac_bits, p.adc_signed, p.has("adc_rounding"), v.device)
+        u = (v + c if p.adc_signed else v).clamp_(0, span).to(torch.int64)
+        return table[u]
+    return adc_codes(v.round().to(torch.int64), levels, clip, frac_bits, p.adc_signed,
+                     p.has("adc_rounding")).double()
+
+
+_MAX_ADC_TABLE = 1 << 20
+
+
+@functools.lru_cache(maxsize=64)
+def _adc_table(levels: int, clip: int, frac_bits: int, signed: bool, half_even: bool,
+               device: torch.device) -> torch.Tensor:
+    """code (float32, centred when signed) of every V in [lo, hi], indexed by V - lo."""
+    c = clip << frac_bits
+    lo = -c if signed else 0
+    values = torch.arange(lo, c + 1, dtype=torch.int64)
+    return adc_codes(values, levels, clip, frac_bits, signed, half_even).to(torch.float32).to(device)
 
 
 def _code_slices(w_codes: torch.Tensor, p: GemmParams) -> List[List[torch.Tensor]]:
