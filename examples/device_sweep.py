@@ -6,6 +6,12 @@ evaluated with its quantised crossbar forward (eval mode) on many simulated chip
 
 * vs programming variation: ``DeviceModel(sigma_rel=s)`` for s in --sigmas;
 * vs stuck-at faults: ``DeviceModel(saf_low=r, saf_high=r)`` for r in --rates;
+* on the named presets of --presets (default ``typical``: finite on/off ratio and every other
+  non-ideality, docs/DEVICE.md);
+
+each point under every periphery sensing of --sensing (SPEC 8; default both: ``per_polarity``
+converts each polarity's column on its own, ``differential`` subtracts the pair before the ADC, which
+cancels the off-state conductance g0 of the cells), on the same chips;
 
 every point on --chips chips (``xma2_ops.program(model, seed=chip)``: chip c has the same fault
 map and draws in every sweep and for every model), mean +- std of the accuracy over the chips.
@@ -61,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--sigmas", type=float, nargs="+", help="sigma_rel values (default 0 0.02 0.05 0.1 0.2)")
     p.add_argument("--rates", type=float, nargs="+",
                    help="stuck-at rates, saf_low = saf_high = r (default 0 0.005 0.01 0.02 0.05)")
+    p.add_argument("--presets", nargs="*", help="DeviceModel presets to evaluate (default typical)")
+    p.add_argument("--sensing", nargs="+", choices=["per_polarity", "differential"],
+                   default=["per_polarity", "differential"], help="periphery sensing (SPEC 8) of every point")
     p.add_argument("--chips", type=int, help="chips (device seeds 0..chips-1) per point (default 5)")
     p.add_argument("--n-eval", type=int, help="test images per evaluation (default 150; the first of the "
                                               "example's MNIST test split)")
@@ -82,6 +91,7 @@ def parse_args(argv=None):
     q = args.quick
     args.sigmas = args.sigmas if args.sigmas is not None else ([0.0, 0.2] if q else [0.0, 0.02, 0.05, 0.1, 0.2])
     args.rates = args.rates if args.rates is not None else ([0.0, 0.05] if q else [0.0, 0.005, 0.01, 0.02, 0.05])
+    args.presets = args.presets if args.presets is not None else ["typical"]
     args.chips = args.chips if args.chips is not None else (3 if q else 5)
     args.n_eval = args.n_eval if args.n_eval is not None else (100 if q else 150)
     args.ft_epochs = args.ft_epochs if args.ft_epochs is not None else (0.25 if q else 1.0)
@@ -97,10 +107,10 @@ def example_args(args) -> argparse.Namespace:
     return tm.parse_args(ex)
 
 
-def set_device(model: nn.Module, device) -> None:
-    """Every crossbar layer's config with ``device`` (None: ideal cells)."""
+def set_device(model: nn.Module, device, sensing: str = "per_polarity") -> None:
+    """Every crossbar layer's config with ``device`` (None: ideal cells) and periphery ``sensing``."""
     for _, m in mta.xbar_layers(model):
-        m.config = dataclasses.replace(m.config, device=device)
+        m.config = dataclasses.replace(m.config, device=device, sensing=sensing)
 
 
 def fine_tune(model: nn.Module, src_train, ex, args, noise_aware: bool, progress: bool) -> nn.Module:
@@ -146,26 +156,27 @@ def fine_tune(model: nn.Module, src_train, ex, args, noise_aware: bool, progress
 
 def points(args) -> List[Tuple[str, float, DeviceModel]]:
     return ([("sigma_rel", s, DeviceModel(sigma_rel=s)) for s in args.sigmas] +
-            [("saf", r, DeviceModel(saf_low=r, saf_high=r)) for r in args.rates])
+            [("saf", r, DeviceModel(saf_low=r, saf_high=r)) for r in args.rates] +
+            [("preset", name, DeviceModel.preset(name)) for name in args.presets])
 
 
 _JOB_STATE: dict = {}  # models and test set of the sweep, inherited by forked workers
 
 
-def _evaluate_job(job: Tuple[str, int, int]) -> Tuple[str, int, int, float, float]:
-    """One evaluation: model ``name`` on sweep point ``p`` (index into points()), chip ``chip``.
-    Deterministic in (name, p, chip) whatever process runs it (the chip's draws are seeded)."""
-    name, p, chip = job
+def _evaluate_job(job: Tuple[str, int, int, str]) -> Tuple[str, int, int, str, float, float]:
+    """One evaluation: model ``name`` on sweep point ``p`` (index into points()), chip ``chip``, periphery
+    ``sensing``.  Deterministic in the job whatever process runs it (the chip's draws are seeded)."""
+    name, p, chip, sensing = job
     st = _JOB_STATE
     torch.set_num_threads(1)
     model = st["models"][name]
     dev = st["points"][p][2]
-    set_device(model, dev)
+    set_device(model, dev, sensing)
     xma2_ops.program(model, seed=chip)
     t = time.perf_counter()
     acc = tm.evaluate(model, st["test"], st["batch"], False, "")[0]
     set_device(model, None)
-    return name, p, chip, acc, time.perf_counter() - t
+    return name, p, chip, sensing, acc, time.perf_counter() - t
 
 
 def sweep(models: Dict[str, nn.Module], test, args, progress: bool) -> Tuple[List[dict], Dict[str, float], float]:
@@ -175,13 +186,15 @@ def sweep(models: Dict[str, nn.Module], test, args, progress: bool) -> Tuple[Lis
     whole evaluations in parallel scale better than threads inside one)."""
     ideal = {}
     for name, model in models.items():
+        for sensing in args.sensing:
+            set_device(model, None, sensing)
+            ideal[(name, sensing)] = tm.evaluate(model, test, args.eval_batch, False, "")[0]
         set_device(model, None)
-        ideal[name] = tm.evaluate(model, test, args.eval_batch, False, "")[0]
     pts = points(args)
     _JOB_STATE.update(models=models, points=pts, test=test, batch=args.eval_batch)
     # the slow (non-ideal) jobs first, so the workers finish together
-    jobs = sorted([(name, p, chip) for name in models for p in range(len(pts)) for chip in range(args.chips)],
-                  key=lambda j: pts[j[1]][2].ideal)
+    jobs = sorted([(name, p, chip, sensing) for name in models for p in range(len(pts)) for chip in range(args.chips)
+                   for sensing in args.sensing], key=lambda j: pts[j[1]][2].ideal)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -194,10 +207,10 @@ def sweep(models: Dict[str, nn.Module], test, args, progress: bool) -> Tuple[Lis
     else:
         pool, it = None, map(_evaluate_job, jobs)
     try:
-        for name, p, chip, acc, secs in it:
-            results[(name, p, chip)] = (acc, secs)
+        for name, p, chip, sensing, acc, secs in it:
+            results[(name, p, chip, sensing)] = (acc, secs)
             if bar is not None:
-                bar.set_postfix_str(f"{name} {pts[p][0]}={pts[p][1]:g} chip {chip}: {acc:.1f}%")
+                bar.set_postfix_str(f"{name} {pts[p][0]}={pts[p][1]} {sensing} chip {chip}: {acc:.1f}%")
                 bar.update()
     finally:
         if pool is not None:
@@ -207,14 +220,15 @@ def sweep(models: Dict[str, nn.Module], test, args, progress: bool) -> Tuple[Lis
             bar.close()
     rows = []
     for name in models:
-        for p, (kind, value, dev) in enumerate(pts):
-            accs = [results[(name, p, c)][0] for c in range(args.chips)]
-            rows.append({"model": name, "sweep": kind, "value": value, "chips": args.chips,
-                         "acc_mean": round(statistics.fmean(accs), 3),
-                         "acc_std": round(statistics.stdev(accs), 3) if len(accs) > 1 else 0.0,
-                         "acc_min": min(accs), "acc_max": max(accs), "ideal_acc": ideal[name],
-                         "n_eval": len(test[1]), "accs": " ".join(f"{a:.2f}" for a in accs)})
-    noisy = [secs for (name, p, c), (_, secs) in results.items() if not pts[p][2].ideal]
+        for sensing in args.sensing:
+            for p, (kind, value, dev) in enumerate(pts):
+                accs = [results[(name, p, c, sensing)][0] for c in range(args.chips)]
+                rows.append({"model": name, "sensing": sensing, "sweep": kind, "value": value, "chips": args.chips,
+                             "acc_mean": round(statistics.fmean(accs), 3),
+                             "acc_std": round(statistics.stdev(accs), 3) if len(accs) > 1 else 0.0,
+                             "acc_min": min(accs), "acc_max": max(accs), "ideal_acc": ideal[(name, sensing)],
+                             "n_eval": len(test[1]), "accs": " ".join(f"{a:.2f}" for a in accs)})
+    noisy = [secs for (name, p, c, _), (_, secs) in results.items() if not pts[p][2].ideal]
     return rows, ideal, sum(noisy) / max(1, len(noisy))
 
 
@@ -226,10 +240,14 @@ def plot(rows: List[dict], ideal: Dict[str, float], path: Path, title: str) -> N
     for ax, kind, xlabel in ((axes[0], "sigma_rel", "programming variation sigma_rel"),
                              (axes[1], "saf", "stuck-at rate (saf_low = saf_high)")):
         for i, name in enumerate(dict.fromkeys(r["model"] for r in rows)):
-            rs = sorted((r for r in rows if r["model"] == name and r["sweep"] == kind), key=lambda r: r["value"])
-            ax.errorbar([r["value"] for r in rs], [r["acc_mean"] for r in rs], yerr=[r["acc_std"] for r in rs],
-                        fmt="o-", capsize=3, label=name, color=f"C{i}")
-            ax.axhline(ideal[name], color=f"C{i}", ls=":", lw=0.8)
+            for sensing, fmt in (("per_polarity", "o-"), ("differential", "s--")):
+                rs = sorted((r for r in rows if r["model"] == name and r["sweep"] == kind and r["sensing"] == sensing),
+                            key=lambda r: r["value"])
+                if not rs:
+                    continue
+                ax.errorbar([r["value"] for r in rs], [r["acc_mean"] for r in rs], yerr=[r["acc_std"] for r in rs],
+                            fmt=fmt, capsize=3, label=f"{name}, {sensing}", color=f"C{i}")
+                ax.axhline(ideal[(name, sensing)], color=f"C{i}", ls=":", lw=0.8)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("accuracy (%), mean +- std over chips")
         ax.legend(fontsize=7)
@@ -274,7 +292,7 @@ def main(argv=None) -> List[dict]:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    meta = {"args": vars(args), "ideal_acc": ideal, "wall_s": round(wall, 1), "backbone_s": round(t_backbone, 1),
+    meta = {"args": vars(args), "ideal_acc": {f"{n}/{s_}": v for (n, s_), v in ideal.items()}, "wall_s": round(wall, 1), "backbone_s": round(t_backbone, 1),
             "fine_tune_s": round(t_ft, 1), "sweep_s": round(t_sweep, 1), "eval_s_noisy": round(eval_s, 2),
             "threads": torch.get_num_threads(), "workers": args.workers, "loadavg_start": load0, "loadavg_end": load1,
             "n_eval": len(test[1]), "pes": sum(m.tiles[0] * m.tiles[1] for _, m in mta.xbar_layers(backbone))}
@@ -284,15 +302,16 @@ def main(argv=None) -> List[dict]:
          f"noise-aware fine-tune at sigma_rel={args.na_sigma}")
 
     print(f"\naccuracy (%) on {len(test[1])} MNIST test images, mean +- std over {args.chips} chips "
-          f"(ideal cells: " + ", ".join(f"{k} {v:.2f}" for k, v in ideal.items()) + ")")
-    names = list(models)
-    print(f"{'sweep':<10} {'value':>7} " + " ".join(f"{n:>16}" for n in names))
+          f"(ideal cells: " + ", ".join(f"{k}/{s_} {v:.2f}" for (k, s_), v in ideal.items()) + ")")
+    cols = [(n, s_) for n in models for s_ in args.sensing]
+    print(f"{'sweep':<10} {'value':>8} " + " ".join(f"{n + '/' + s_[:4]:>18}" for n, s_ in cols))
     for kind, value, _ in points(args):
         cells = []
-        for n in names:
-            r = next(r for r in rows if r["model"] == n and r["sweep"] == kind and r["value"] == value)
+        for n, s_ in cols:
+            r = next(r for r in rows if r["model"] == n and r["sensing"] == s_ and r["sweep"] == kind
+                     and r["value"] == value)
             cells.append(f"{r['acc_mean']:7.2f} +- {r['acc_std']:5.2f}")
-        print(f"{kind:<10} {value:>7g} " + " ".join(f"{c:>16}" for c in cells))
+        print(f"{kind:<10} {value!s:>8} " + " ".join(f"{c:>18}" for c in cells))
     print(f"one evaluation on a non-ideal device: {eval_s:.2f} s; backbone {t_backbone:.1f} s, fine-tunes "
           f"{t_ft:.1f} s, sweep {t_sweep:.1f} s; load average {load0[0]:.1f} -> {load1[0]:.1f}")
     print(f"wall time: {wall:.1f} s  (outputs in {out}/device_sweep.{{csv,json,png}})")

@@ -29,15 +29,21 @@ def test_quick_sweep(tmp_path):
                        env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "wall time" in r.stdout
-    rows = list(csv.DictReader(open(out / "device_sweep.csv")))
-    # --quick: sigma_rel {0, 0.2} and saf {0, 0.05}, for the backbone and the noise-aware fine-tune, 3 chips
-    got = sorted((row["model"], row["sweep"], float(row["value"])) for row in rows)
-    assert got == sorted((m, k, v) for m in ("backbone", "noise-aware")
-                         for k, vs in (("sigma_rel", (0.0, 0.2)), ("saf", (0.0, 0.05))) for v in vs)
-    for row in rows:
+    all_rows = list(csv.DictReader(open(out / "device_sweep.csv")))
+    # --quick: sigma_rel {0, 0.2}, saf {0, 0.05} and the typical preset, for the backbone and the noise-aware
+    # fine-tune, each under per-polarity and differential sensing (SPEC 8), 3 chips
+    got = sorted((row["model"], row["sensing"], row["sweep"], row["value"]) for row in all_rows)
+    assert got == sorted((m, s, k, str(v)) for m in ("backbone", "noise-aware") for s in ("per_polarity", "differential")
+                         for k, vs in (("sigma_rel", (0.0, 0.2)), ("saf", (0.0, 0.05)), ("preset", ("typical",)))
+                         for v in vs)
+    for row in all_rows:
         accs = [float(a) for a in row["accs"].split()]
         assert len(accs) == int(row["chips"]) == 3 and int(row["n_eval"]) == 100
         assert abs(float(row["acc_mean"]) - sum(accs) / 3) < 1e-3
+    for row in all_rows:  # a zero sigma / rate is the ideal device on every chip, under either sensing
+        if row["sweep"] != "preset" and float(row["value"]) == 0.0:
+            assert [float(a) for a in row["accs"].split()] == [float(row["ideal_acc"])] * 3, row
+    rows = [row for row in all_rows if row["sensing"] == "per_polarity" and row["sweep"] != "preset"]
     by = {(row["model"], row["sweep"], float(row["value"])): row for row in rows}
 
     # the model without a device, evaluated here on the same images with the example's own code
