@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .config import XbarConfig
 from .functional import _conv2d, _linear, program_layer
-from .programmed import ChipPosition, ProgrammedWeight, ProgrammingCache
+from .programmed import ChipPosition, ProgrammedWeight, ProgrammingCache, _Lock
 
 AdapterFn = Callable[[nn.Module], Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]]
 
@@ -43,7 +43,8 @@ class _XbarMixin:
         self.config = config
         self.backend: Optional[str] = None
         self.adapter: Optional[AdapterFn] = None
-        self._programming = (ProgrammingCache(), ProgrammingCache())  # backbone weight, task weight
+        lock = _Lock()  # one per layer: its programming happens once, whatever the threads (programmed.py)
+        self._programming = (ProgrammingCache(lock), ProgrammingCache(lock))  # backbone weight, task weight
         self.chip = ChipPosition()  # layer index on the chip, write/read counters (device model draws)
         # Noise-aware training (device model): in training mode, program the cells anew on every
         # forward (fresh programming variation per batch, the chip's faults kept); False: train on
@@ -261,10 +262,11 @@ def program(model: nn.Module, seed: Optional[int] = None) -> nn.Module:
         raise ValueError(f"seed: expected an int in [0, 2**63) or None, got {seed!r}")
     layers = [m for m in model.modules() if isinstance(m, (XbarConv2d, XbarLinear))]
     for index, m in enumerate(layers):
-        if seed is not None and m.config.device is not None:
-            m.config = dataclasses.replace(m.config, device=dataclasses.replace(m.config.device, seed=seed))
-        m.chip = ChipPosition(layer=index)
-        for cache in m._programming:
-            cache.clear()
-        m.program()
+        with m._programming[0].lock:  # no thread's forward programs the layer in between
+            if seed is not None and m.config.device is not None:
+                m.config = dataclasses.replace(m.config, device=dataclasses.replace(m.config.device, seed=seed))
+            m.chip = ChipPosition(layer=index)
+            for cache in m._programming:
+                cache.clear()
+            m.program()
     return model
