@@ -55,3 +55,37 @@ def test_calibrated_clips_reduce_the_adc_error():
     assert all(1 <= c < XbarConfig(rows=128, cols=32).pmax for c in clips.values())
     assert net[0].config.adc_clip == clips["0"]
     assert err_cal < 0.5 * err_default, (err_cal, err_default)
+
+
+def _calibrated_net():
+    torch.manual_seed(0)
+    net = xma2_ops.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)),
+                           XbarConfig(rows=16, cols=4))
+    net(torch.rand(2, 3, 6, 6))  # input ranges calibrated
+    return net
+
+
+@pytest.mark.parametrize("loader", [[], iter([]), "exhausted"], ids=["empty_list", "empty_iterator", "exhausted"])
+def test_empty_loader_is_refused_and_changes_nothing(loader):
+    """An empty loader (or an exhausted iterator) gave adc_clip = 1 on every layer (every partial
+    sum saturated); now: a ValueError naming ``loader``, layers and mode unchanged."""
+    net = _calibrated_net()
+    if loader == "exhausted":
+        loader = iter([(torch.rand(2, 3, 6, 6), None)])
+        next(loader)
+    layers = [m for m in net.modules() if isinstance(m, (xma2_ops.XbarConv2d, xma2_ops.XbarLinear))]
+    before = [(m.config, m.input_range.clone(), m.input_signed.clone()) for m in layers]
+    x = torch.rand(2, 3, 6, 6)
+    net.eval()
+    with torch.no_grad():
+        y = net(x)
+    net.train()
+    with pytest.raises(ValueError, match="loader"):
+        xma2_ops.calibrate_adc(net, loader)
+    for m, (cfg, rng, signed) in zip(layers, before):
+        assert m.config == cfg and m.config.adc_clip is None
+        assert torch.equal(m.input_range, rng) and torch.equal(m.input_signed, signed)
+    assert net.training
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x), y)

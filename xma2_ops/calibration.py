@@ -16,6 +16,7 @@ quantiser and programmed weight codes), and picks the clip:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Dict, Iterable
 
 import torch
@@ -116,16 +117,19 @@ def calibrate_adc(model: nn.Module, loader: Iterable, batches: int = 2, method: 
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
     was_training = model.training
+    seen = 0
     try:
         model.eval()
-        for i, item in enumerate(loader):
-            if i >= batches:
-                break
+        for item in itertools.islice(loader, batches):  # (takes no batch beyond those it uses)
             model(item[0] if isinstance(item, (tuple, list)) else item)
+            seen += 1
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+    if seen == 0:  # no partial sum seen: every clip would be 1 (every partial sum saturated)
+        raise ValueError("loader: expected at least one batch, got none (an empty loader or an exhausted "
+                         "iterator); no adc_clip was changed")
     clips = {}
     for name, m in layers.items():
         clips[name] = choose_clip(hists[name], m.config.adc_bits, method, percentile)
