@@ -131,10 +131,24 @@ def calibrate_adc(model: nn.Module, loader: Iterable, batches: int = 2, method: 
     """Set ``adc_clip`` of every quantised crossbar layer of ``model`` from ``batches`` batches of
     ``loader`` (items ``x`` or ``(x, ...)``); returns {layer name: clip}.  Layers keep their input
     calibration (run one calibrated forward first, e.g. ``mta.calibrate``, or the first batch does it)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)):
+        raise TypeError(f"percentile: expected a number in (0, 100], got {type(percentile).__name__} ({percentile!r})")
     if not 0 < percentile <= 100:
         raise ValueError(f"percentile: expected a value in (0, 100], got {percentile}")
-    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+    if not isinstance(method, str):
+        raise TypeError(f"method: expected 'percentile' or 'mse', got {type(method).__name__} ({method!r})")
+    if method not in ("percentile", "mse"):  # refused before any batch runs
+        raise ValueError(f"method: expected 'percentile' or 'mse', got {method!r}")
+    if isinstance(batches, bool) or not isinstance(batches, int):
+        raise TypeError(f"batches: expected an int >= 1, got {type(batches).__name__} ({batches!r})")
+    if batches < 1:
         raise ValueError(f"batches: expected an int >= 1, got {batches!r}")
+    try:
+        items = iter(loader)
+    except TypeError:
+        raise TypeError(f"loader: expected an iterable of batches, got {type(loader).__name__}") from None
     layers = {name: m for name, m in model.named_modules()
               if isinstance(m, (XbarConv2d, XbarLinear)) and m.config.quantized and m.config.adc_bits is not None}
     hists = {name: _no_counts() for name in layers}
@@ -149,7 +163,7 @@ def calibrate_adc(model: nn.Module, loader: Iterable, batches: int = 2, method: 
     seen = 0
     try:
         model.eval()
-        for item in itertools.islice(loader, batches):  # (takes no batch beyond those it uses)
+        for item in itertools.islice(items, batches):  # (takes no batch beyond those it uses)
             model(item[0] if isinstance(item, (tuple, list)) else item)
             seen += 1
     finally:

@@ -258,6 +258,8 @@ def program(model: nn.Module, seed: Optional[int] = None) -> nn.Module:
     With a device model (``XbarConfig.device``), layers are numbered in ``model.modules()`` order
     (their place on the chip) and their write/read counters restart, so the same seed gives the
     same chip; ``seed`` replaces the device models' seeds (a new chip)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
         raise ValueError(f"seed: expected an int in [0, 2**63) or None, got {seed!r}")
     layers = [m for m in model.modules() if isinstance(m, (XbarConv2d, XbarLinear))]
