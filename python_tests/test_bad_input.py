@@ -223,3 +223,30 @@ def test_missing_extension_warns_and_says_why():
     assert "BACKENDS ['reference'" in out
     assert "CPU the C++ extension xma2_ops._C did not load" in out
     assert "ERR backend:" in out and "did not load" in out.split("ERR", 1)[1]
+
+
+@pytest.mark.parametrize("call,exc,name", [
+    (lambda: xma2_ops.program("model"), TypeError, "model"),
+    (lambda: xma2_ops.calibrate_adc("model", []), TypeError, "model"),
+    (lambda: xma2_ops.calibrate_adc(_xbar_net(), [torch.rand(2, 3)], percentile="99"), TypeError, "percentile"),
+    (lambda: xma2_ops.calibrate_adc(_xbar_net(), [torch.rand(2, 3)], percentile=float("nan")), ValueError,
+     "percentile"),
+    (lambda: xma2_ops.calibrate_adc(_xbar_net(), [torch.rand(2, 3)], method="max"), ValueError, "method"),
+    (lambda: xma2_ops.calibrate_adc(_xbar_net(), [torch.rand(2, 3)], method=None), TypeError, "method"),
+    (lambda: xma2_ops.calibrate_adc(_xbar_net(), [torch.rand(2, 3)], batches="2"), TypeError, "batches"),
+    (lambda: xma2_ops.calibrate_adc(_xbar_net(), 3), TypeError, "loader"),
+    (lambda: __import__("xma2_ops.mta", fromlist=["mta"]).budget_count("0.1", 10), TypeError, "budget"),
+    (lambda: __import__("xma2_ops.mta", fromlist=["mta"]).topk_masks([torch.ones(2, 2)], "0.5"), TypeError,
+     "budget"),
+], ids=["program_str", "calibrate_str", "percentile_str", "percentile_nan", "method_max", "method_none",
+        "batches_str", "loader_int", "budget_count_str", "topk_str"])
+def test_model_level_calls_name_the_bad_argument(call, exc, name):
+    """A string model gave a bare AttributeError, a string percentile/budget a raw comparison
+    TypeError; each now names the argument."""
+    with pytest.raises(exc, match=rf"^{name}\b"):
+        call()
+
+
+def _xbar_net():
+    torch.manual_seed(0)
+    return xma2_ops.convert(torch.nn.Sequential(torch.nn.Linear(3, 2)), XbarConfig(rows=4, cols=2))

@@ -394,3 +394,87 @@ def test_expand_pe_layout():
     m = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     e = expand_tiles(m, 40, 40, 32, 32)
     assert e[:32, :32].all() and not e[:32, 32:].any() and e[32:, 32:].all()
+
+
+# ------------------------------------------------------------------ bad MethodSpec / Schedule / prepare values
+import dataclasses as _dc  # noqa: E402
+
+SPEC_BAD = [
+    ("method", None, TypeError), ("method", 1, TypeError), ("method", "lora", ValueError),
+    ("budget", "0.1", TypeError), ("budget", True, TypeError), ("budget", None, TypeError),
+    ("budget", math.nan, ValueError), ("budget", -0.1, ValueError), ("budget", 1.5, ValueError),
+    ("budget", math.inf, ValueError),
+    ("selection", 3, TypeError), ("selection", "random", ValueError),
+    ("criterion", None, TypeError), ("criterion", "grad", ValueError),
+    ("per_layer", "yes", TypeError), ("per_layer", 1, TypeError), ("per_layer", None, TypeError),
+    ("task_bn", 2, TypeError), ("task_bn", "no", TypeError), ("task_bn", 0, TypeError),
+    ("levels", (0, 1), TypeError), ("levels", [0, 1], TypeError), ("levels", None, TypeError),
+    ("levels", mta.ShiftLevels(-127, 0), ValueError), ("levels", mta.ShiftLevels(0, 128), ValueError),
+    ("levels", mta.ShiftLevels(-64, 64), ValueError),  # 129 exponents: int8 codes hold 127
+]
+_INT_FIELDS = ("stage1_epochs", "stage2_epochs", "hw_epochs", "sensitivity_batches", "calib_batches", "bn_batches")
+_LR_FIELDS = ("hw_lr_factor", "lr_weight", "lr_head", "lr_mask", "lr_scale")
+SCHEDULE_BAD = ([(f, v, e) for f in _INT_FIELDS for v, e in ((1.5, TypeError), ("2", TypeError), (True, TypeError),
+                                                             (None, TypeError), (-1, ValueError))]
+                + [(f, v, e) for f in _LR_FIELDS for v, e in (("0.1", TypeError), (True, TypeError), (None, TypeError),
+                                                              (-1.0, ValueError), (math.nan, ValueError),
+                                                              (math.inf, ValueError))]
+                + [("hw_lr_factor", 0.0, ValueError), ("optimizer", 1, TypeError), ("optimizer", "rmsprop", ValueError)])
+
+
+def test_bad_value_cases_cover_every_field():
+    assert {f.name for f in _dc.fields(mta.MethodSpec)} == {c[0] for c in SPEC_BAD}
+    assert {f.name for f in _dc.fields(mta.Schedule)} == {c[0] for c in SCHEDULE_BAD}
+
+
+@pytest.mark.parametrize("field,value,exc", SPEC_BAD, ids=lambda v: repr(v)[:20])
+def test_method_spec_refuses_bad_values(field, value, exc):
+    """A MethodSpec that load_task would refuse is refused when made (before: per_layer="yes",
+    task_bn=2, levels=(0, 1) trained and saved an unloadable task)."""
+    kwargs = {"method": "xma2", field: value}
+    with pytest.raises(exc, match=rf"MethodSpec\.{field}\b.*expected.*got"):
+        mta.MethodSpec(**kwargs)
+
+
+@pytest.mark.parametrize("field,value,exc", SCHEDULE_BAD, ids=lambda v: repr(v)[:20])
+def test_schedule_refuses_bad_values(field, value, exc):
+    with pytest.raises(exc, match=rf"Schedule\.{field}\b.*expected.*got"):
+        mta.Schedule(**{field: value})
+
+
+PREPARE_BAD = [
+    (dict(num_classes=0), ValueError, "num_classes"), (dict(num_classes=-1), ValueError, "num_classes"),
+    (dict(num_classes=1.5), TypeError, "num_classes"), (dict(num_classes=True), TypeError, "num_classes"),
+    (dict(num_classes="10"), TypeError, "num_classes"),
+    (dict(spec="xma2"), TypeError, "spec"), (dict(head=3), TypeError, "head"),
+    (dict(head="nope"), ValueError, "head"), (dict(model="model"), TypeError, "model"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,name", PREPARE_BAD, ids=lambda v: repr(v)[:30])
+def test_prepare_refuses_bad_values_and_changes_nothing(kwargs, exc, name):
+    """prepare(num_classes=0) saved a task that load_task refuses; every bad argument is refused
+    (naming it) before the model is touched."""
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = dict(model=model, spec=mta.MethodSpec("xma2"), num_classes=10, head="fc")
+    args.update(kwargs)
+    with pytest.raises(exc, match=rf"\b{name}\b"):
+        mta.prepare(args["model"], args["spec"], args["num_classes"], args["head"])
+    assert not hasattr(model, "mta_task") and type(model.fc) is nn.Linear and model.fc.out_features == 10
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("spec", [
+    mta.MethodSpec("xma2", budget=0, per_layer=True, task_bn=False, levels=mta.ShiftLevels(-126, 0)),
+    mta.MethodSpec("pe", budget=1, selection="sensitivity", criterion="delta"),
+    mta.MethodSpec("xma", levels=mta.ShiftLevels(1, 127)),
+    mta.MethodSpec("xma2", budget=0.25, levels=mta.ShiftLevels(-63, 63))], ids=lambda s: s.label)
+def test_edge_specs_save_and_load(spec, tmp_path):
+    """What the constructors accept at their edges is saved and loaded back."""
+    model = make_model()
+    mta.prepare(model, spec, 3)
+    mta.save_task(model, tmp_path / "t.safetensors")
+    other = make_model()
+    assert mta.load_task(other, tmp_path / "t.safetensors") == spec
+    assert mta.task_info(other).num_classes == 3

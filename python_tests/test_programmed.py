@@ -1,6 +1,7 @@
 """The programmed crossbar state (xma2_ops/programmed.py, modules.py): layers see every weight
 change, the functional API is stateless, one host synchronisation per forward, no global cache."""
 import copy
+import time
 import threading
 
 import pytest
@@ -272,3 +273,67 @@ def test_packed_weights_follow_the_codes(kind, cfg):
         layer.programmed.codes.neg_()  # (nothing in the package writes codes; a user's in-place write re-packs)
     y4, n4 = _pack_calls(layer, x)
     assert n4 == 1 and not torch.equal(y4, y3)
+
+
+def _device_layer(device: "xma2_ops.DeviceModel"):
+    """A calibrated eval-mode linear layer with a device model, never programmed for eval."""
+    layer, x = _layer("linear", config=XbarConfig(rows=16, cols=4, device=device))
+    for cache in layer._programming:
+        cache.clear()  # (the calibrating training forward used ideal cells) the first eval forward programs
+    assert layer.chip.writes == 0 and layer.chip.reads == 0
+    return layer, x
+
+
+@pytest.mark.parametrize("edit", [False, True], ids=["first_forward", "after_weight_edit"])
+@pytest.mark.parametrize("read_noise", [0.0, 0.01], ids=["no_read_noise", "read_noise"])
+def test_threads_program_a_shared_eval_layer_once(edit, read_noise, monkeypatch):
+    """8 threads run the forward of one eval-mode layer with a device model at once, when it has to
+    (re-)program: the cells are programmed once (one write), and every thread gets the chip that a
+    single thread gets from an identically made layer (before: each thread programmed its own
+    chip, the outputs differed and the layer kept one of them)."""
+    device = xma2_ops.DeviceModel.preset("typical", sigma_read=read_noise, seed=5)
+    ref_layer, x = _device_layer(device)
+    layer, _ = _device_layer(device)
+    if edit:
+        for m in (ref_layer, layer):
+            m(x)  # programmed once
+            m.weight.data[0].neg_()  # no version bump: found by the content comparison
+    writes0, reads0 = ref_layer.chip.writes, ref_layer.chip.reads
+    expected = [ref_layer(x) for _ in range(8)]  # one thread: reads 0..7 of one programming
+    assert ref_layer.chip.writes == writes0 + 1
+    real = xma2_ops.programmed.program_cells
+    calls = []
+
+    def slow_program_cells(*args, **kwargs):  # widens the race window (the test only)
+        calls.append(1)
+        time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(xma2_ops.programmed, "program_cells", slow_program_cells)
+    barrier = threading.Barrier(8)
+    results, errors = [None] * 8, []
+
+    def run(i):
+        try:
+            barrier.wait()
+            results[i] = layer(x)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(calls) == 1 and layer.chip.writes == writes0 + 1
+    assert layer.chip.reads == reads0 + 8  # every read numbered once
+    assert torch.equal(layer.programmed.cells.g, ref_layer.programmed.cells.g)
+    unused = list(expected)
+    for r in results:  # the outputs are those of reads 0..7 of the single thread's chip, each once
+        match = [j for j, e in enumerate(unused) if torch.equal(r, e)]
+        assert match, "a thread got an output of another chip"
+        unused.pop(match[0])
+    if read_noise == 0.0:
+        assert all(torch.equal(r, expected[0]) for r in results)
+    assert torch.equal(layer(x), ref_layer(x))  # the layer keeps the single thread's chip

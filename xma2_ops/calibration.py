@@ -12,11 +12,15 @@ quantiser and programmed weight codes), and picks the clip:
 - ``method="mse"``: the clip minimising the mean squared ADC error sum_P (P_hat(P) - P)^2 over the
   observed histogram, searched over every clip in [1, max P] (exact) when max P <= 2048, else
   over a geometric grid of 2048 clips.
+
+The histogram is kept as the distinct partial sums seen and their counts (memory grows with what
+is seen, not with Pmax, which reaches 2^32 for the largest configs).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Iterable
+import itertools
+from typing import Dict, Iterable, Tuple
 
 import torch
 import torch.nn as nn
@@ -29,8 +33,21 @@ _MAX_ROWS = 2048  # input rows per layer and batch whose partial sums are collec
 _EXHAUSTIVE_CLIPS = 2048  # "mse": every clip up to this many, else a geometric grid of this many
 
 
-def _histogram(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Counts of every partial sum value P in [0, Pmax] that ``x`` produces in ``layer`` (int64)."""
+Counts = Tuple[torch.Tensor, torch.Tensor]  # (distinct partial sums, ascending, int64; their counts, int64)
+
+
+def _no_counts() -> Counts:
+    return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+
+
+def _merge(a: Counts, b: Counts) -> Counts:
+    """The counts of a and b together (memory: the distinct values only, never [0, Pmax])."""
+    values, inverse = torch.unique(torch.cat([a[0], b[0]]), sorted=True, return_inverse=True)
+    return values, torch.zeros_like(values).index_add_(0, inverse, torch.cat([a[1], b[1]]))
+
+
+def _histogram(layer: nn.Module, x: torch.Tensor) -> Counts:
+    """The distinct partial sum values P that ``x`` produces in ``layer`` and how often each occurs."""
     cfg = layer.config
     if float(layer.input_range) == 0.0:
         layer._calibrate(x)  # a never-calibrated layer calibrates on its first batch, as its forward would
@@ -54,7 +71,7 @@ def _histogram(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     layer.program()
     w = layer.programmed.codes.double()
     p = GemmParams.from_config(cfg, signed)
-    hist = torch.zeros(cfg.pmax + 1, dtype=torch.int64)
+    counts = _no_counts()
     x_pols = [codes.clamp(min=0), (-codes).clamp(min=0)] if signed else [codes]
     for r in range(-(-w.shape[0] // cfg.rows)):
         k0, k1 = r * cfg.rows, min((r + 1) * cfg.rows, w.shape[0])
@@ -63,26 +80,39 @@ def _histogram(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         for xp in x_pols:
             for i in range(p.chunks):
                 psum = (ref.bit_field(xp[:, k0:k1].long(), i, cfg.dac_bits).double() @ slices).round().long()
-                hist += torch.bincount(psum.flatten(), minlength=cfg.pmax + 1)
-    return hist
+                counts = _merge(counts, torch.unique(psum, sorted=True, return_counts=True))
+    return counts
 
 
-def _adc_mse(hist: torch.Tensor, clip: int, bits: int) -> float:
-    p = torch.arange(hist.numel(), dtype=torch.float64)
+def _adc_mse(values: torch.Tensor, counts: torch.Tensor, clip: int, bits: int) -> float:
+    """sum_P count(P) (P_hat(P) - P)^2 over the distinct partial sums P seen."""
+    p = values.double()
     n = min(2 ** bits - 1, clip)
     code = torch.clamp(torch.floor((2 * p * n + clip) / (2 * clip)), 0, n)
-    return float((hist.double() * (code * clip / n - p) ** 2).sum())
+    return float((counts.double() * (code * clip / n - p) ** 2).sum())
 
 
 def choose_clip(hist: torch.Tensor, adc_bits: int, method: str = "percentile", percentile: float = 99.99) -> int:
-    """The ADC clip for a histogram of partial sums (see the module docstring)."""
-    total = int(hist.sum())
-    if total == 0 or int(hist[1:].sum()) == 0:
+    """The ADC clip for a dense histogram of partial sums (hist[P] = count of P; see the module docstring)."""
+    values = torch.nonzero(hist).flatten()
+    return _choose_clip((values, hist[values].long()), adc_bits, method, percentile)
+
+
+def _choose_clip(counts: Counts, adc_bits: int, method: str, percentile: float) -> int:
+    """The ADC clip for the counts of the distinct partial sums (ascending values, counts > 0)."""
+    values, n_p = counts
+    total = int(n_p.sum())
+    if total == 0 or int(n_p[values > 0].sum()) == 0:
         return 1
-    top = int(torch.nonzero(hist).max())
+    top = int(values[-1])
     if method == "percentile":
-        cum = torch.cumsum(hist, 0)
-        clip = int(torch.searchsorted(cum, torch.tensor(percentile / 100.0 * total, dtype=cum.dtype).ceil().long()))
+        cum = torch.cumsum(n_p, 0)
+        # the smallest P whose cumulative count reaches the target (the target truncated to an integer)
+        target = int(torch.tensor(percentile / 100.0 * total, dtype=cum.dtype))
+        if target <= 0:
+            return 1
+        i = int(torch.searchsorted(cum, torch.tensor(target, dtype=cum.dtype)))
+        clip = int(values[i]) if i < values.numel() else top
         return max(1, min(clip, top))
     if method == "mse":
         if top <= _EXHAUSTIVE_CLIPS:
@@ -90,7 +120,7 @@ def choose_clip(hist: torch.Tensor, adc_bits: int, method: str = "percentile", p
         else:  # a geometric grid: the error changes slowly with the clip at this scale
             candidates = sorted({max(1, int(round(v))) for v in torch.logspace(0, torch.log10(
                 torch.tensor(float(top))), _EXHAUSTIVE_CLIPS, dtype=torch.float64).tolist()} | {top})
-        errors = [_adc_mse(hist[: top + 1], c, adc_bits) for c in candidates]
+        errors = [_adc_mse(values, n_p, c, adc_bits) for c in candidates]
         return candidates[min(range(len(errors)), key=errors.__getitem__)]
     raise ValueError(f"method: expected 'percentile' or 'mse', got {method!r}")
 
@@ -101,33 +131,50 @@ def calibrate_adc(model: nn.Module, loader: Iterable, batches: int = 2, method: 
     """Set ``adc_clip`` of every quantised crossbar layer of ``model`` from ``batches`` batches of
     ``loader`` (items ``x`` or ``(x, ...)``); returns {layer name: clip}.  Layers keep their input
     calibration (run one calibrated forward first, e.g. ``mta.calibrate``, or the first batch does it)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)):
+        raise TypeError(f"percentile: expected a number in (0, 100], got {type(percentile).__name__} ({percentile!r})")
     if not 0 < percentile <= 100:
         raise ValueError(f"percentile: expected a value in (0, 100], got {percentile}")
-    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+    if not isinstance(method, str):
+        raise TypeError(f"method: expected 'percentile' or 'mse', got {type(method).__name__} ({method!r})")
+    if method not in ("percentile", "mse"):  # refused before any batch runs
+        raise ValueError(f"method: expected 'percentile' or 'mse', got {method!r}")
+    if isinstance(batches, bool) or not isinstance(batches, int):
+        raise TypeError(f"batches: expected an int >= 1, got {type(batches).__name__} ({batches!r})")
+    if batches < 1:
         raise ValueError(f"batches: expected an int >= 1, got {batches!r}")
+    try:
+        items = iter(loader)
+    except TypeError:
+        raise TypeError(f"loader: expected an iterable of batches, got {type(loader).__name__}") from None
     layers = {name: m for name, m in model.named_modules()
               if isinstance(m, (XbarConv2d, XbarLinear)) and m.config.quantized and m.config.adc_bits is not None}
-    hists = {name: torch.zeros(m.config.pmax + 1, dtype=torch.int64) for name, m in layers.items()}
+    hists = {name: _no_counts() for name in layers}
 
     def hook(name):
         def fn(mod, args):
-            hists[name] += _histogram(mod, args[0])
+            hists[name] = _merge(hists[name], _histogram(mod, args[0]))
         return fn
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
     was_training = model.training
+    seen = 0
     try:
         model.eval()
-        for i, item in enumerate(loader):
-            if i >= batches:
-                break
+        for item in itertools.islice(items, batches):  # (takes no batch beyond those it uses)
             model(item[0] if isinstance(item, (tuple, list)) else item)
+            seen += 1
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+    if seen == 0:  # no partial sum seen: every clip would be 1 (every partial sum saturated)
+        raise ValueError("loader: expected at least one batch, got none (an empty loader or an exhausted "
+                         "iterator); no adc_clip was changed")
     clips = {}
     for name, m in layers.items():
-        clips[name] = choose_clip(hists[name], m.config.adc_bits, method, percentile)
+        clips[name] = _choose_clip(hists[name], m.config.adc_bits, method, percentile)
         m.config = dataclasses.replace(m.config, adc_clip=clips[name])
     return clips

@@ -153,8 +153,9 @@ class _WeightSlot:
     cache: Optional[ProgrammingCache]
     state: Optional[ProgrammedWeight] = None
     same_index: Optional[int] = None  # index of the "unchanged since programming" flag in the checks
+    seen: Optional[ProgrammedWeight] = None  # the cached state that flag is about
 
-    def program(self, target: "_Target", checks: _DataChecks) -> None:
+    def program(self, target: "_Target", checks: _DataChecks) -> ProgrammedWeight:
         w = self.weight.detach()
         scale = self.given
         if scale is None:
@@ -169,8 +170,15 @@ class _WeightSlot:
         checks.require(ok, f"{self.name}: expected finite values, got NaN or inf")
         if target.device is not None:
             checks.run()
-        self.state = program_weight(w, scale, target.weight_bits, cell_bits=target.cell_bits, device=target.device,
-                                    chip=target.chip)
+        return program_weight(w, scale, target.weight_bits, cell_bits=target.cell_bits, device=target.device,
+                              chip=target.chip)
+
+    def program_checked(self, target: "_Target") -> ProgrammedWeight:
+        """Programs and checks the weight at once (a state that gets cached must be a valid one)."""
+        checks = _DataChecks()
+        state = self.program(target, checks)
+        checks.run()
+        return state
 
 
 @dataclass(frozen=True)
@@ -188,29 +196,29 @@ class _Target:
 
 
 def _prepare_slots(slots: List[_WeightSlot], target: _Target, checks: _DataChecks, reuse: bool) -> None:
-    """Programs every slot, or, where a layer's cache may hold it (eval mode), asks the cache and
-    leaves the decision to after the checks' synchronisation."""
+    """Programs every slot that has no cache to reuse (training mode, the functional API); a cached
+    slot (eval mode) asks its cache, and the decision waits for the checks' synchronisation."""
     for slot in slots:
-        same = (slot.cache.same_source(slot.weight, slot.given, target.key)
-                if (reuse and slot.cache is not None) else None)
-        if same is None:
-            slot.program(target, checks)
-        else:
-            slot.same_index = checks.value(same)
+        if not (reuse and slot.cache is not None):
+            slot.state = slot.program(target, checks)
+            continue
+        hit = slot.cache.same_source(slot.weight, slot.given, target.key)
+        if hit is not None:
+            slot.same_index, slot.seen = checks.value(hit[0]), hit[1]
 
 
 def _finish_slots(slots: List[_WeightSlot], target: _Target, vals: Optional[list], keep_source: bool) -> None:
-    """After the synchronisation: reuse unchanged programmed weights, program the changed ones."""
-    late = _DataChecks()
+    """After the synchronisation: reuse unchanged programmed weights; program the new or changed
+    ones once, under the cache's lock, so that threads sharing a layer share one programming."""
     for slot in slots:
         if slot.state is None:
-            if vals is not None and vals[slot.same_index]:
-                slot.state = slot.cache.state
-                continue
-            slot.program(target, late)  # the weight changed since it was programmed (rare)
-        if slot.cache is not None:
+            if slot.same_index is not None and vals is not None and vals[slot.same_index]:
+                slot.state = slot.seen
+            else:  # first programming, or the weight changed since (rare)
+                slot.state = slot.cache.program_once(slot.weight, slot.given, target.key,
+                                                     lambda slot=slot: slot.program_checked(target))
+        elif slot.cache is not None:
             slot.cache.store(slot.weight, slot.given, slot.state, keep_source)
-    late.run()
 
 
 def _target(config: XbarConfig, cells: bool, chip: Optional[ChipPosition]) -> _Target:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .config import XbarConfig
 from .functional import _conv2d, _linear, program_layer
-from .programmed import ChipPosition, ProgrammedWeight, ProgrammingCache
+from .programmed import ChipPosition, ProgrammedWeight, ProgrammingCache, _Lock
 from .reference import expand_tiles
 
 AdapterFn = Callable[[nn.Module], Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]]
@@ -44,7 +44,8 @@ class _XbarMixin:
         self.config = config
         self.backend: Optional[str] = None
         self.adapter: Optional[AdapterFn] = None
-        self._programming = (ProgrammingCache(), ProgrammingCache())  # backbone weight, task weight
+        lock = _Lock()  # one per layer: its programming happens once, whatever the threads (programmed.py)
+        self._programming = (ProgrammingCache(lock), ProgrammingCache(lock))  # backbone weight, task weight
         self.chip = ChipPosition()  # layer index on the chip, write/read counters (device model draws)
         # Noise-aware training (device model): in training mode, program the cells anew on every
         # forward (fresh programming variation per batch, the chip's faults kept); False: train on
@@ -283,14 +284,17 @@ def program(model: nn.Module, seed: Optional[int] = None) -> nn.Module:
     With a device model (``XbarConfig.device``), layers are numbered in ``model.modules()`` order
     (their place on the chip) and their write/read counters restart, so the same seed gives the
     same chip; ``seed`` replaces the device models' seeds (a new chip)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
         raise ValueError(f"seed: expected an int in [0, 2**63) or None, got {seed!r}")
     layers = [m for m in model.modules() if isinstance(m, (XbarConv2d, XbarLinear))]
     for index, m in enumerate(layers):
-        if seed is not None and m.config.device is not None:
-            m.config = dataclasses.replace(m.config, device=dataclasses.replace(m.config.device, seed=seed))
-        m.chip = ChipPosition(layer=index)
-        for cache in m._programming:
-            cache.clear()
-        m.program()
+        with m._programming[0].lock:  # no thread's forward programs the layer in between
+            if seed is not None and m.config.device is not None:
+                m.config = dataclasses.replace(m.config, device=dataclasses.replace(m.config.device, seed=seed))
+            m.chip = ChipPosition(layer=index)
+            for cache in m._programming:
+                cache.clear()
+            m.program()
     return model

@@ -14,12 +14,18 @@ Who programs:
   checked by an exact comparison with a copy taken at programming time.  So every way of changing
   a weight is seen: optimizer steps, ``load_state_dict``, ``.to()``, in-place writes, ``.data``
   writes and writes through ``.numpy()`` (none of which need to bump ``_version``).
+
+Threads: a layer shared by threads is programmed once per weight content.  In eval mode a cache
+programs under its lock and first looks again whether another thread has just programmed the
+same weight, so every thread uses that one state (one write, one chip); the chip's counters are
+advanced under their own lock, so every write and read gets its own number.
 """
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -32,23 +38,44 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+class _Lock:
+    """A re-entrant lock that deep-copies and pickles as a fresh, unlocked one (layers are copied
+    with copy.deepcopy; a threading lock itself cannot be)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> bool:
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        self._lock.__exit__(*exc)
+
+    def __reduce__(self):
+        return (_Lock, ())
+
+
 @dataclass
 class ChipPosition:
     """Where a layer sits on the chip and how often its cells were written and read: the counters
     that number the random draws of SPEC 7 (device.stream).  Layers own one; the functional API
-    uses a fresh one per call (layer 0: the same chip every call)."""
+    uses a fresh one per call (layer 0: the same chip every call).  The counters advance under a
+    lock: threads sharing a layer never get the same number, nor lose one."""
 
     layer: int = 0
     writes: int = 0
     reads: int = 0
+    _lock: _Lock = field(default_factory=_Lock, compare=False, repr=False)
 
     def next_write(self) -> int:
-        self.writes += 1
-        return self.writes - 1
+        with self._lock:
+            self.writes += 1
+            return self.writes - 1
 
     def next_read(self) -> int:
-        self.reads += 1
-        return self.reads - 1
+        with self._lock:
+            self.reads += 1
+            return self.reads - 1
 
 
 @dataclass(frozen=True)
@@ -141,41 +168,71 @@ def program_weight(w: torch.Tensor, scale: torch.Tensor, weight_bits: int, *, ce
     return ProgrammedWeight(codes, s, weight_bits, tuple(w.shape), cells, program_key(weight_bits, cell_bits, device))
 
 
+class _Entry(NamedTuple):
+    """A programmed state and what it was programmed from (replaced as a whole, so a thread never
+    sees the state of one programming with the source of another)."""
+
+    state: ProgrammedWeight
+    source: Optional[torch.Tensor]  # copy of the weight (None: not kept, never reused)
+    given_scale: Optional[torch.Tensor]
+
+
 class ProgrammingCache:
     """A layer's programmed state for one weight slot, reused while the weight is unchanged.
 
-    ``lookup`` returns the state when ``w`` equals (bit for bit, same shape/dtype/device) the
-    tensor it was programmed from, with the same scale and bits; ``store`` keeps a copy of ``w``
-    for that comparison.  One comparison per forward in eval mode, no global state, no keys on
-    tensor identity or version counters (which ``.data`` writes do not bump)."""
+    ``same_source`` says (on the device) whether ``w`` equals (bit for bit, same shape/dtype/device)
+    the tensor the state was programmed from, with the same scale and bits; ``store`` keeps a copy
+    of ``w`` for that comparison.  One comparison per forward in eval mode, no global state, no
+    keys on tensor identity or version counters (which ``.data`` writes do not bump).
+    ``program_once`` programs under the cache's lock (see the module docstring: threads)."""
 
-    def __init__(self) -> None:
-        self.state: Optional[ProgrammedWeight] = None
-        self._source: Optional[torch.Tensor] = None  # copy of the weight the state was programmed from
-        self._given_scale: Optional[torch.Tensor] = None
+    def __init__(self, lock: Optional[_Lock] = None) -> None:
+        self._entry: Optional[_Entry] = None
+        self.lock = lock if lock is not None else _Lock()  # a layer's caches share one
+
+    @property
+    def state(self) -> Optional[ProgrammedWeight]:
+        entry = self._entry
+        return None if entry is None else entry.state
 
     def clear(self) -> None:
-        self.state, self._source, self._given_scale = None, None, None
+        self._entry = None
 
-    def same_source(self, w: torch.Tensor, given_scale: Optional[torch.Tensor], key: tuple) -> Optional[torch.Tensor]:
-        """A 0-dim bool tensor: is ``w`` what the state was programmed from, with the same
-        programming ``key``?  None when it cannot be (no state, other key/shape/dtype/device/scale
-        kind).  Stays on the device: the caller folds it into its one host synchronisation."""
-        src = self._source
-        if (self.state is None or src is None or self.state.key != key or src.shape != w.shape
+    def same_source(self, w: torch.Tensor, given_scale: Optional[torch.Tensor],
+                    key: tuple) -> Optional[Tuple[torch.Tensor, ProgrammedWeight]]:
+        """(a 0-dim bool tensor: is ``w`` what the state was programmed from, with the same
+        programming ``key``?, that state).  None when it cannot be (no state, other
+        key/shape/dtype/device/scale kind).  The flag stays on the device: the caller folds it
+        into its one host synchronisation, and then uses the state returned with it (not
+        ``self.state``, which another thread may have replaced meanwhile)."""
+        entry = self._entry
+        src = None if entry is None else entry.source
+        if (src is None or entry.state.key != key or src.shape != w.shape
                 or src.dtype != w.dtype or src.device != w.device):
             return None
-        same = (src == w).all()
-        if (given_scale is None) != (self._given_scale is None):
+        if (given_scale is None) != (entry.given_scale is None):
             return None
+        same = (src == w).all()
         if given_scale is not None:
-            if given_scale.shape != self._given_scale.shape:
+            if given_scale.shape != entry.given_scale.shape:
                 return None
-            same = same & (given_scale == self._given_scale).all()
-        return same
+            same = same & (given_scale == entry.given_scale).all()
+        return same, entry.state
 
     def store(self, w: torch.Tensor, given_scale: Optional[torch.Tensor], state: ProgrammedWeight,
               keep_source: bool) -> None:
-        self.state = state
-        self._source = w.detach().clone() if keep_source else None
-        self._given_scale = given_scale.detach().clone() if (keep_source and given_scale is not None) else None
+        source = w.detach().clone() if keep_source else None
+        given = given_scale.detach().clone() if (keep_source and given_scale is not None) else None
+        self._entry = _Entry(state, source, given)
+
+    def program_once(self, w: torch.Tensor, given_scale: Optional[torch.Tensor], key: tuple,
+                     make: Callable[[], ProgrammedWeight]) -> ProgrammedWeight:
+        """The state for ``w``: ``make()`` (which programs and checks), stored, unless another
+        thread has stored one for this very weight while this one waited for the lock."""
+        with self.lock:
+            hit = self.same_source(w, given_scale, key)
+            if hit is not None and bool(hit[0]):
+                return hit[1]
+            state = make()
+            self.store(w, given_scale, state, keep_source=True)
+            return state

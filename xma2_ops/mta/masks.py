@@ -50,6 +50,10 @@ class ShiftLevels:
     k_max: int = 1
 
     def __post_init__(self) -> None:
+        for name in ("k_min", "k_max"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"ShiftLevels.{name}: expected an int, got {type(v).__name__} ({v!r})")
         if self.k_min > self.k_max:
             raise ValueError(f"ShiftLevels: k_min ({self.k_min}) must be <= k_max ({self.k_max})")
 
@@ -90,6 +94,8 @@ class ShiftLevels:
 # ------------------------------------------------------------------ budgets
 def budget_count(rho: float, total: int) -> int:
     """Number of PEs a budget ``rho`` allows: floor(rho * total), so it is never exceeded."""
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)):
+        raise TypeError(f"budget: expected a fraction in [0, 1], got {type(rho).__name__} ({rho!r})")
     if not 0.0 <= rho <= 1.0:
         raise ValueError(f"budget: expected a fraction in [0, 1], got {rho}")
     return int(math.floor(rho * total + 1e-9))

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -76,14 +77,20 @@ class MethodSpec:
     levels: ShiftLevels = ShiftLevels()
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection: expected one of {SELECTIONS}, got {self.selection!r}")
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"criterion: expected one of {CRITERIA}, got {self.criterion!r}")
-        if not 0.0 <= self.budget <= 1.0:
-            raise ValueError(f"budget: expected a fraction of PEs in [0, 1], got {self.budget}")
+        # Exactly what load_task accepts (adapters._spec_from_meta), so every task saved is loadable.
+        for name, allowed in (("method", METHODS), ("selection", SELECTIONS), ("criterion", CRITERIA)):
+            _check_choice("MethodSpec", name, getattr(self, name), allowed)
+        _check_number("MethodSpec", "budget", self.budget, "a fraction of PEs in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+        for name in ("per_layer", "task_bn"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise TypeError(f"MethodSpec.{name}: expected True or False, got {type(v).__name__} ({v!r})")
+        lv = self.levels
+        if not isinstance(lv, ShiftLevels):
+            raise TypeError(f"MethodSpec.levels: expected a ShiftLevels, got {type(lv).__name__} ({lv!r})")
+        if not (-126 <= lv.k_min and lv.k_max <= 127 and lv.k_max - lv.k_min + 1 <= 127):
+            raise ValueError(f"MethodSpec.levels: expected exponents in [-126, 127], at most 127 of them (int8 "
+                             f"codes, float32 scales), got [{lv.k_min}, {lv.k_max}]")
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -133,14 +140,34 @@ trainable set through the layers' own config (see the module docstring); 0 train
     lr_scale: float = 1e-2    # real parameters of the shift column scales (xma, xma2), init 1
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer: expected 'adam' or 'sgd', got {self.optimizer!r}")
+        _check_choice("Schedule", "optimizer", self.optimizer, ("adam", "sgd"))
         for name in ("stage1_epochs", "stage2_epochs", "hw_epochs", "sensitivity_batches", "calib_batches",
                      "bn_batches"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
-        if not self.hw_lr_factor > 0:
-            raise ValueError(f"hw_lr_factor: expected > 0, got {self.hw_lr_factor}")
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"Schedule.{name}: expected an int >= 0, got {type(v).__name__} ({v!r})")
+            if v < 0:
+                raise ValueError(f"Schedule.{name}: expected an int >= 0, got {v}")
+        _check_number("Schedule", "hw_lr_factor", self.hw_lr_factor, "a finite value > 0",
+                      lambda v: 0.0 < v < math.inf)
+        for name in ("lr_weight", "lr_head", "lr_mask", "lr_scale"):
+            _check_number("Schedule", name, getattr(self, name), "a finite learning rate >= 0",
+                          lambda v: 0.0 <= v < math.inf)
+
+
+def _check_choice(cls: str, name: str, v, allowed: tuple) -> None:
+    if not isinstance(v, str):
+        raise TypeError(f"{cls}.{name}: expected one of {allowed}, got {type(v).__name__} ({v!r})")
+    if v not in allowed:
+        raise ValueError(f"{cls}.{name}: expected one of {allowed}, got {v!r}")
+
+
+def _check_number(cls: str, name: str, v, expected: str, ok: Callable[[float], bool]) -> None:
+    """An int or float (not a bool) for which ``ok`` holds (NaN never does)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{cls}.{name}: expected {expected}, got {type(v).__name__} ({v!r})")
+    if not ok(float(v)):
+        raise ValueError(f"{cls}.{name}: expected {expected}, got {v}")
 
 
 # ------------------------------------------------------------------ the per-layer adapter
@@ -270,9 +297,23 @@ def prepare(model: nn.Module, spec: MethodSpec, num_classes: int, head: str = "f
     """Start a new task on ``model`` (in place): restore the backbone BN and input ranges, install a
     fresh :class:`LayerAdapter` on every crossbar layer and a fresh digital ``nn.Linear`` head at
     ``head`` (an existing nn.Linear, whose in_features is kept)."""
+    # every argument checked before the model is touched (a bad task must not be trainable or saved)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(spec, MethodSpec):
+        raise TypeError(f"spec: expected a MethodSpec, got {type(spec).__name__} ({spec!r})")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise TypeError(f"num_classes: expected an int >= 1, got {type(num_classes).__name__} ({num_classes!r})")
+    if num_classes < 1:
+        raise ValueError(f"num_classes: expected an int >= 1, got {num_classes}")
+    if not isinstance(head, str) or not head:
+        raise TypeError(f"head: expected the name of a module of model, got {head!r}")
     if not xbar_layers(model):
         raise ValueError("model: has no XbarConv2d/XbarLinear layer (use xma2_ops.convert first)")
-    old = _get(model, head)
+    try:
+        old = _get(model, head)
+    except AttributeError:
+        raise ValueError(f"head: model has no module {head!r}") from None
     if not isinstance(old, nn.Linear) or isinstance(old, XbarLinear):
         raise TypeError(f"head: {head!r} must be a digital nn.Linear, got {type(old).__name__}")
     snap = _backbone_snapshot(model)
@@ -419,6 +460,8 @@ def fit(model: nn.Module, loader: Iterable, schedule: Schedule = Schedule(), *,
     ``wrap(model)`` may return e.g. a DistributedDataParallel wrapper; it is re-applied for every
     stage because the trainable set changes.  ``train_config`` maps each layer's config to the one
     used for training (None: train with the layers' own config, e.g. bit-exact quantised)."""
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule: expected a Schedule, got {type(schedule).__name__}")
     info = task_info(model)
     spec = info.spec
     wrap = wrap or (lambda m: m)
