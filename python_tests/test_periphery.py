@@ -367,3 +367,48 @@ def test_periphery_does_not_change_the_default_path():
     assert xma2_ops._ops.backend_for("cpu", torch.device("cpu"), p)[0].name == "cpu"
     q = GemmParams.from_config(dataclasses.replace(cfg, adc_rounding="half_even"), True)
     assert xma2_ops._ops.backend_for("cpu", torch.device("cpu"), q)[0].name == "periphery"
+
+
+# ------------------------------------------------------------------ ADC calibration sees what a conversion sees
+@pytest.mark.parametrize("fields", [dict(sensing="differential"), dict(input_accumulation="analog"),
+                                    dict(signed_inputs="sign_magnitude", sensing="differential"),
+                                    dict(row_split="even", rows=24)])
+def test_calibrate_adc_uses_the_values_one_conversion_sees(fields):
+    """percentile=100 gives max |V| over every conversion, V computed here by brute force from SPEC 8.1."""
+    torch.manual_seed(3)
+    cfg = XbarConfig(**{"rows": 16, "cols": 8, **fields})
+    lin = xma2_ops.XbarLinear(40, 6, bias=False, config=cfg)
+    x = torch.randn(12, 40)
+    lin.eval()
+    lin(x)  # calibrates the input range and sign
+    clips = xma2_ops.calibrate_adc(lin, [x], batches=1, method="percentile", percentile=100)
+    signed = bool(lin.input_signed)
+    s_x = float(lin.input_range) / cfg.input_qmax(signed)
+    xi = ref.quantize_input(x.double(), torch.tensor(s_x, dtype=torch.float64), cfg.input_bits, signed).long()
+    lin.program()
+    w = lin.programmed.codes.long()
+    db, cb = cfg.dac_bits, cfg.cell_bits
+    xb = cfg.input_magnitude_bits(signed)
+    chunks = -(-xb // db)
+    sm = signed and cfg.signed_inputs == "sign_magnitude"
+    pols = [xi] if (sm or not signed) else [xi.clamp(min=0), (-xi).clamp(min=0)]
+    best = 0
+    k0 = 0
+    for rows in row_tile_sizes(40, cfg.rows, cfg.row_split):
+        xs, ws = slice(k0, k0 + rows), slice(k0, k0 + rows)
+        k0 += rows
+        for xp in pols:
+            for j in range(cfg.weight_slices):
+                wq = [((w[ws].clamp(min=0) >> (j * cb)) & ((1 << cb) - 1)),
+                      (((-w[ws]).clamp(min=0) >> (j * cb)) & ((1 << cb) - 1))]
+                cs = [torch.sign(xp[:, xs]) * ((xp[:, xs].abs() >> (i * db)) & ((1 << db) - 1)) for i in range(chunks)]
+                p = [[c @ wq[q] for c in cs] for q in range(2)]
+                qsets = [[0, 1]] if cfg.sensing == "differential" else [[0], [1]]
+                isets = [list(range(chunks))] if cfg.input_accumulation == "analog" else [[i] for i in range(chunks)]
+                for qs in qsets:
+                    for is_ in isets:
+                        v = sum((1 if q == 0 or len(qs) == 1 else -1) * (2 ** (i * db) if len(is_) > 1 else 1) * p[q][i]
+                                for q in qs for i in is_)
+                        best = max(best, int(v.abs().max()))
+    assert clips[""] == best
+

@@ -5,7 +5,9 @@ produce.  Real partial sums are far smaller (sparse, small input chunks and weig
 8-bit ADC spread over [0, Pmax] resolves them coarsely; hardware designs calibrate the ADC range
 instead.  ``calibrate_adc`` runs a few batches, collects every analog partial sum P of every
 (row tile, polarity, input chunk, weight slice) of each layer (ideal cells, the layer's own input
-quantiser and programmed weight codes), and picks the clip:
+quantiser and programmed weight codes; under the periphery conventions of SPEC 8 the value V that
+one conversion sees: a difference of polarities, a sum of chunks, a signed input), and picks the
+clip (for a signed ADC, from |V|: its range is [-clip, clip]):
 
 - ``method="percentile"``: the smallest clip covering ``percentile`` % of the partial sums
   (zeros included: they are what the ADC converts most);
@@ -20,13 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from . import periphery
 from . import reference as ref
-from .config import GemmParams
+from .config import GemmParams, adc_levels_for
 from .modules import XbarConv2d, XbarLinear
 
 _MAX_ROWS = 2048  # input rows per layer and batch whose partial sums are collected (sampled evenly)
@@ -69,27 +72,33 @@ def _histogram(layer: nn.Module, x: torch.Tensor) -> Counts:
     if codes.shape[0] > _MAX_ROWS:
         codes = codes[torch.linspace(0, codes.shape[0] - 1, _MAX_ROWS).long()]
     layer.program()
-    w = layer.programmed.codes.double()
-    p = GemmParams.from_config(cfg, signed)
+    p = _layer_params(layer)
+    groups_in = periphery.input_groups(codes.long(), p)
+    _, w = periphery.weight_groups(periphery.code_slices(layer.programmed.codes, p), p)  # [K, G, N]
     counts = _no_counts()
-    x_pols = [codes.clamp(min=0), (-codes).clamp(min=0)] if signed else [codes]
-    for r in range(-(-w.shape[0] // cfg.rows)):
-        k0, k1 = r * cfg.rows, min((r + 1) * cfg.rows, w.shape[0])
-        slices = torch.cat([ref.bit_field(wq[k0:k1].long(), j, cfg.cell_bits).double()
-                            for wq in (w.clamp(min=0), (-w).clamp(min=0)) for j in range(p.slices)], 1)
-        for xp in x_pols:
-            for i in range(p.chunks):
-                psum = (ref.bit_field(xp[:, k0:k1].long(), i, cfg.dac_bits).double() @ slices).round().long()
-                counts = _merge(counts, torch.unique(psum, sorted=True, return_counts=True))
+    k0 = 0
+    for rows in p.tile_rows(w.shape[0]):
+        wt = w[k0:k0 + rows].reshape(rows, -1).double()
+        for _, _, xg in groups_in:
+            v = (xg[:, k0:k0 + rows].double() @ wt).round().long()  # exact: integers far below 2^53
+            counts = _merge(counts, torch.unique(v, sorted=True, return_counts=True))
+        k0 += rows
     return counts
 
 
-def _adc_mse(values: torch.Tensor, counts: torch.Tensor, clip: int, bits: int) -> float:
-    """sum_P count(P) (P_hat(P) - P)^2 over the distinct partial sums P seen."""
-    p = values.double()
-    n = min(2 ** bits - 1, clip)
-    code = torch.clamp(torch.floor((2 * p * n + clip) / (2 * clip)), 0, n)
-    return float((counts.double() * (code * clip / n - p) ** 2).sum())
+def _layer_params(layer: nn.Module) -> GemmParams:
+    cfg = layer.config
+    return GemmParams.from_config(cfg, bool(layer.input_signed) if cfg.input_signed is None else cfg.input_signed)
+
+
+def _adc_mse(values: torch.Tensor, counts: torch.Tensor, clip: int, bits: int, p: Optional[GemmParams] = None) -> float:
+    """sum_V count(V) (V_hat(V) - V)^2 over the distinct values V seen, through the ADC of ``p``'s
+    periphery (SPEC 8.2; None: the unsigned, half-up ADC of SPEC 3)."""
+    signed = p is not None and p.adc_signed
+    n = adc_levels_for(bits, clip, signed)
+    code = ref.adc_codes(values, n, clip, 0, signed, p is not None and p.has("adc_rounding"))
+    v_hat = code * ((2 if signed else 1) * clip / n)
+    return float((counts.double() * (v_hat - values.double()) ** 2).sum())
 
 
 def choose_clip(hist: torch.Tensor, adc_bits: int, method: str = "percentile", percentile: float = 99.99) -> int:
@@ -98,13 +107,16 @@ def choose_clip(hist: torch.Tensor, adc_bits: int, method: str = "percentile", p
     return _choose_clip((values, hist[values].long()), adc_bits, method, percentile)
 
 
-def _choose_clip(counts: Counts, adc_bits: int, method: str, percentile: float) -> int:
-    """The ADC clip for the counts of the distinct partial sums (ascending values, counts > 0)."""
+def _choose_clip(counts: Counts, adc_bits: int, method: str, percentile: float, p: Optional[GemmParams] = None) -> int:
+    """The ADC clip for the counts of the distinct partial sums (ascending values, counts > 0); for a
+    signed ADC (``p.adc_signed``) the percentile covers |V| and the error is the signed ADC's."""
+    if p is not None and p.adc_signed and method == "percentile":
+        counts = _merge(_no_counts(), (counts[0].abs(), counts[1]))
     values, n_p = counts
     total = int(n_p.sum())
-    if total == 0 or int(n_p[values > 0].sum()) == 0:
+    if total == 0 or int(n_p[values != 0].sum()) == 0:
         return 1
-    top = int(values[-1])
+    top = int(values.abs().max())
     if method == "percentile":
         cum = torch.cumsum(n_p, 0)
         # the smallest P whose cumulative count reaches the target (the target truncated to an integer)
@@ -120,7 +132,7 @@ def _choose_clip(counts: Counts, adc_bits: int, method: str, percentile: float) 
         else:  # a geometric grid: the error changes slowly with the clip at this scale
             candidates = sorted({max(1, int(round(v))) for v in torch.logspace(0, torch.log10(
                 torch.tensor(float(top))), _EXHAUSTIVE_CLIPS, dtype=torch.float64).tolist()} | {top})
-        errors = [_adc_mse(values, n_p, c, adc_bits) for c in candidates]
+        errors = [_adc_mse(values, n_p, c, adc_bits, p) for c in candidates]
         return candidates[min(range(len(errors)), key=errors.__getitem__)]
     raise ValueError(f"method: expected 'percentile' or 'mse', got {method!r}")
 
@@ -175,6 +187,6 @@ def calibrate_adc(model: nn.Module, loader: Iterable, batches: int = 2, method: 
                          "iterator); no adc_clip was changed")
     clips = {}
     for name, m in layers.items():
-        clips[name] = _choose_clip(hists[name], m.config.adc_bits, method, percentile)
+        clips[name] = _choose_clip(hists[name], m.config.adc_bits, method, percentile, _layer_params(m))
         m.config = dataclasses.replace(m.config, adc_clip=clips[name])
     return clips

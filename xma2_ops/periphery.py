@@ -25,7 +25,7 @@ from .reference import adc_codes, bit_field
 _BLOCK_ELEMS = 1 << 23
 
 
-def _input_groups(x: torch.Tensor, p: GemmParams) -> List[Tuple[int, Optional[int], torch.Tensor]]:
+def input_groups(x: torch.Tensor, p: GemmParams) -> List[Tuple[int, Optional[int], torch.Tensor]]:
     """(sign, chunk index or None under analog accumulation, values [M, K]) of what one pass drives."""
     if not p.input_signed or p.has("signed_inputs"):
         pols = [(1, x)]  # unsigned, or one signed pass (sign_magnitude)
@@ -41,7 +41,7 @@ def _input_groups(x: torch.Tensor, p: GemmParams) -> List[Tuple[int, Optional[in
     return out
 
 
-def _weight_groups(slices: List[List[torch.Tensor]], p: GemmParams) -> Tuple[List[Tuple[int, int]], torch.Tensor]:
+def weight_groups(slices: List[List[torch.Tensor]], p: GemmParams) -> Tuple[List[Tuple[int, int]], torch.Tensor]:
     """([(sign, slice j)] per group, W [K, G, N]) from slices[q][j] [K, N] (q = + / -)."""
     if p.has("sensing"):
         return [(1, j) for j in range(len(slices[0]))], torch.stack([a - b for a, b in zip(*slices)], 1)
@@ -61,8 +61,8 @@ def _tile_sums(x_codes: torch.Tensor, slices: List[List[torch.Tensor]], w_max: i
                frac_bits: int) -> torch.Tensor:
     x = x_codes.to(torch.int64)
     m_rows, k_total = x.shape
-    groups_in = _input_groups(x, p)
-    w_meta, w = _weight_groups(slices, p)  # [K, G, N]
+    groups_in = input_groups(x, p)
+    w_meta, w = weight_groups(slices, p)  # [K, G, N]
     n_total = w.shape[2]
     d_bits = p.x_bits if p.has("input_accumulation") else p.dac_bits
     bound = p.rows * ((1 << d_bits) - 1) * w_max
@@ -126,7 +126,7 @@ def _adc_table(levels: int, clip: int, frac_bits: int, signed: bool, half_even: 
     return adc_codes(values, levels, clip, frac_bits, signed, half_even).to(torch.float32).to(device)
 
 
-def _code_slices(w_codes: torch.Tensor, p: GemmParams) -> List[List[torch.Tensor]]:
+def code_slices(w_codes: torch.Tensor, p: GemmParams) -> List[List[torch.Tensor]]:
     w = w_codes.to(torch.int64)
     return [[bit_field(wq, j, p.cell_bits) for j in range(p.slices)] for wq in (w.clamp(min=0), (-w).clamp(min=0))]
 
@@ -134,7 +134,7 @@ def _code_slices(w_codes: torch.Tensor, p: GemmParams) -> List[List[torch.Tensor
 def tile_sums(x_codes: torch.Tensor, w_codes: torch.Tensor, p: GemmParams) -> torch.Tensor:
     """T_int [Tr, M, N] int64 of the codes ``w_codes`` [K, N] (SPEC 8)."""
     _check_codes(x_codes, w_codes, p)
-    return _tile_sums(x_codes, _code_slices(w_codes, p), (1 << p.cell_bits) - 1, p, 0)
+    return _tile_sums(x_codes, code_slices(w_codes, p), (1 << p.cell_bits) - 1, p, 0)
 
 
 def cell_tile_sums(x_codes: torch.Tensor, gq: torch.Tensor, p: GemmParams, frac_bits: int) -> torch.Tensor:
