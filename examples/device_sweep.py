@@ -70,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--presets", nargs="*", help="DeviceModel presets to evaluate (default typical)")
     p.add_argument("--sensing", nargs="+", choices=["per_polarity", "differential"],
                    default=["per_polarity", "differential"], help="periphery sensing (SPEC 8) of every point")
+    p.add_argument("--adc-clip", default="percentile", choices=["pmax", "percentile", "mse"],
+                   help="each sensing's ADC range: calibrated on the source data (xma2_ops.calibrate_adc) or Pmax")
     p.add_argument("--chips", type=int, help="chips (device seeds 0..chips-1) per point (default 5)")
     p.add_argument("--n-eval", type=int, help="test images per evaluation (default 150; the first of the "
                                               "example's MNIST test split)")
@@ -107,10 +109,28 @@ def example_args(args) -> argparse.Namespace:
     return tm.parse_args(ex)
 
 
-def set_device(model: nn.Module, device, sensing: str = "per_polarity") -> None:
-    """Every crossbar layer's config with ``device`` (None: ideal cells) and periphery ``sensing``."""
-    for _, m in mta.xbar_layers(model):
-        m.config = dataclasses.replace(m.config, device=device, sensing=sensing)
+def set_device(model: nn.Module, device, sensing: str = "per_polarity", clips=None) -> None:
+    """Every crossbar layer's config with ``device`` (None: ideal cells), periphery ``sensing`` and the
+    ADC clips {layer: clip} calibrated for that sensing (None: keep each layer's clip)."""
+    for name, m in mta.xbar_layers(model):
+        clip = m.config.adc_clip if clips is None else clips[name]
+        m.config = dataclasses.replace(m.config, device=device, sensing=sensing, adc_clip=clip)
+
+
+def calibrate_clips(model: nn.Module, data, ex, args) -> Dict[str, Dict[str, int]]:
+    """{sensing: {layer: clip}}: each sensing's ADC range calibrated on the source data with ideal cells
+    (--adc-clip, as the example does for its backbone), so that each periphery gets its own ADC design."""
+    out = {}
+    orig = {name: m.config.adc_clip for name, m in mta.xbar_layers(model)}
+    for sensing in args.sensing:
+        set_device(model, None, sensing, {name: None for name in orig})
+        if args.adc_clip == "pmax":
+            out[sensing] = {name: None for name, _ in mta.xbar_layers(model)}
+        else:
+            out[sensing] = xma2_ops.calibrate_adc(model, tm.make_loader(data, ex.batch, args.seed), batches=2,
+                                                  method=args.adc_clip)
+    set_device(model, None, "per_polarity", orig)
+    return out
 
 
 def fine_tune(model: nn.Module, src_train, ex, args, noise_aware: bool, progress: bool) -> nn.Module:
@@ -171,7 +191,7 @@ def _evaluate_job(job: Tuple[str, int, int, str]) -> Tuple[str, int, int, str, f
     torch.set_num_threads(1)
     model = st["models"][name]
     dev = st["points"][p][2]
-    set_device(model, dev, sensing)
+    set_device(model, dev, sensing, st["clips"][name][sensing])
     xma2_ops.program(model, seed=chip)
     t = time.perf_counter()
     acc = tm.evaluate(model, st["test"], st["batch"], False, "")[0]
@@ -179,7 +199,7 @@ def _evaluate_job(job: Tuple[str, int, int, str]) -> Tuple[str, int, int, str, f
     return name, p, chip, sensing, acc, time.perf_counter() - t
 
 
-def sweep(models: Dict[str, nn.Module], test, args, progress: bool) -> Tuple[List[dict], Dict[str, float], float]:
+def sweep(models: Dict[str, nn.Module], clips, test, args, progress: bool) -> Tuple[List[dict], Dict[str, float], float]:
     """Accuracy of every model on every point and chip (an ideal point too: every chip must give
     the ideal accuracy); returns rows, ideal accuracies and the mean seconds of one evaluation on a
     non-ideal device.  --workers forked processes, one torch thread each (the evaluations are small:
@@ -187,11 +207,11 @@ def sweep(models: Dict[str, nn.Module], test, args, progress: bool) -> Tuple[Lis
     ideal = {}
     for name, model in models.items():
         for sensing in args.sensing:
-            set_device(model, None, sensing)
+            set_device(model, None, sensing, clips[name][sensing])
             ideal[(name, sensing)] = tm.evaluate(model, test, args.eval_batch, False, "")[0]
         set_device(model, None)
     pts = points(args)
-    _JOB_STATE.update(models=models, points=pts, test=test, batch=args.eval_batch)
+    _JOB_STATE.update(models=models, clips=clips, points=pts, test=test, batch=args.eval_batch)
     # the slow (non-ideal) jobs first, so the workers finish together
     jobs = sorted([(name, p, chip, sensing) for name in models for p in range(len(pts)) for chip in range(args.chips)
                    for sensing in args.sensing], key=lambda j: pts[j[1]][2].ideal)
@@ -282,8 +302,9 @@ def main(argv=None) -> List[dict]:
         else:
             models[name] = fine_tune(backbone, src[0], ex, args, noise_aware=name == "noise-aware", progress=progress)
     t_ft = time.time() - t
+    clips = {name: calibrate_clips(m, src[0], ex, args) for name, m in models.items()}
     t = time.time()
-    rows, ideal, eval_s = sweep(models, test, args, progress)
+    rows, ideal, eval_s = sweep(models, clips, test, args, progress)
     t_sweep = time.time() - t
     wall = time.time() - t0
     load1 = os.getloadavg()
@@ -292,7 +313,7 @@ def main(argv=None) -> List[dict]:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    meta = {"args": vars(args), "ideal_acc": {f"{n}/{s_}": v for (n, s_), v in ideal.items()}, "wall_s": round(wall, 1), "backbone_s": round(t_backbone, 1),
+    meta = {"args": vars(args), "adc_clips": clips, "ideal_acc": {f"{n}/{s_}": v for (n, s_), v in ideal.items()}, "wall_s": round(wall, 1), "backbone_s": round(t_backbone, 1),
             "fine_tune_s": round(t_ft, 1), "sweep_s": round(t_sweep, 1), "eval_s_noisy": round(eval_s, 2),
             "threads": torch.get_num_threads(), "workers": args.workers, "loadavg_start": load0, "loadavg_end": load1,
             "n_eval": len(test[1]), "pes": sum(m.tiles[0] * m.tiles[1] for _, m in mta.xbar_layers(backbone))}
