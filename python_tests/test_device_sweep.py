@@ -54,6 +54,10 @@ def test_quick_sweep(tmp_path):
     src = tm._split(*tm.load_mnist(), ex.n_source, 100, ex.seed)
     model = tm.backbone(ex, src, out, False)  # the cached backbone
     assert all(m.config.device is None for _, m in tm.mta.xbar_layers(model))
+    # each sensing's ADC clips were calibrated on the source data: the per-polarity ones here
+    clips = json.loads((out / "device_sweep.json").read_text())["meta"]["adc_clips"]["backbone"]["per_polarity"]
+    assert set(clips) == {name for name, _ in tm.mta.xbar_layers(model)} and all(c >= 1 for c in clips.values())
+    ds.set_device(model, None, "per_polarity", clips)
     ideal = tm.evaluate(model, (src[1][0][:100], src[1][1][:100]), 100, False, "")[0]
     assert ideal > 30.0  # a trained backbone (10 classes)
     assert float(by[("backbone", "sigma_rel", 0.0)]["ideal_acc"]) == ideal
