@@ -609,15 +609,16 @@ class Run(NamedTuple):
 
 
 def _parse_label(label: str, flag: str, **kw) -> mta.MethodSpec:
-    """"xma2@10%" -> MethodSpec("xma2", budget=0.1, **kw)."""
+    """"xma2@10%" -> MethodSpec("xma2", budget=0.1, **kw); "xma2@10%cells": a budget in cells."""
     m, _, b = label.partition("@")
     if m not in mta.METHODS:
         raise SystemExit(f"{flag}: unknown method in {label!r}, expected one of {mta.METHODS}")
+    unit = "cells" if b.endswith("%cells") else "pes"
     try:
-        budget = float(b.rstrip("%")) / 100 if b else 0.1
+        budget = float(b.removesuffix("cells").rstrip("%")) / 100 if b else 0.1
     except ValueError:
-        raise SystemExit(f"{flag}: expected METHOD or METHOD@PCT%, got {label!r}") from None
-    return mta.MethodSpec(m, budget=budget, **kw)
+        raise SystemExit(f"{flag}: expected METHOD, METHOD@PCT% or METHOD@PCT%cells, got {label!r}") from None
+    return mta.MethodSpec(m, budget=budget, budget_unit=unit, **kw)
 
 
 def method_list(args) -> List[Run]:

@@ -404,6 +404,7 @@ SPEC_BAD = [
     ("budget", "0.1", TypeError), ("budget", True, TypeError), ("budget", None, TypeError),
     ("budget", math.nan, ValueError), ("budget", -0.1, ValueError), ("budget", 1.5, ValueError),
     ("budget", math.inf, ValueError),
+    ("budget_unit", "rows", ValueError), ("budget_unit", None, TypeError),
     ("selection", 3, TypeError), ("selection", "random", ValueError),
     ("criterion", None, TypeError), ("criterion", "grad", ValueError),
     ("per_layer", "yes", TypeError), ("per_layer", 1, TypeError), ("per_layer", None, TypeError),
@@ -478,3 +479,46 @@ def test_edge_specs_save_and_load(spec, tmp_path):
     other = make_model()
     assert mta.load_task(other, tmp_path / "t.safetensors") == spec
     assert mta.task_info(other).num_classes == 3
+
+
+# ------------------------------------------------------------------ budgets in cells (MethodSpec.budget_unit)
+def test_topk_masks_by_cost_is_a_greedy_budget():
+    scores = [torch.tensor([[5.0, 1.0], [4.0, 4.0]]), torch.tensor([[3.0, 2.0]])]
+    costs = [torch.tensor([[60, 10], [30, 30]]), torch.tensor([[20, 5]])]
+    # total 155, rho 0.5 -> 77 cells: 5.0 (60) fits, 4.0 (30) no, 4.0 (30) no, 3.0 (20) no, 2.0 (5) yes, 1.0 (10) yes
+    got = mta.topk_masks_by_cost(scores, costs, 0.5)
+    assert [g.tolist() for g in got] == [[[1.0, 1.0], [0.0, 0.0]], [[0.0, 1.0]]]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        s = [torch.rand(3, 4, generator=gen), torch.rand(2, 2, generator=gen)]
+        c = [torch.randint(1, 50, (3, 4), generator=gen), torch.randint(1, 50, (2, 2), generator=gen)]
+        rho = float(torch.rand((), generator=gen))
+        m = mta.topk_masks_by_cost(s, c, rho)
+        used = sum(int((mi * ci).sum()) for mi, ci in zip(m, c))
+        assert used <= mta.budget_count(rho, sum(int(ci.sum()) for ci in c))
+        # equal costs: the PE budget itself
+        eq = mta.topk_masks_by_cost(s, [torch.full_like(ci, 7) for ci in c], rho)
+        assert all(torch.equal(a, b) for a, b in zip(eq, mta.topk_masks(s, rho)))
+        per = mta.topk_masks_by_cost(s, c, rho, per_layer=True)
+        for mi, ci in zip(per, c):
+            assert int((mi * ci).sum()) <= mta.budget_count(rho, int(ci.sum()))
+
+
+def test_cell_budget_counts_the_cells_the_pes_use(data, tmp_path):
+    from xma2_ops.mta.masks import pe_extent
+    """MethodSpec(budget_unit="cells"): the re-programmed PEs hold at most rho of the layers' used cells
+    (the cost report's count), the label says so, and the task file round-trips."""
+    model = make_model()
+    spec = mta.MethodSpec("xma2", budget=0.4, budget_unit="cells", selection="sensitivity")
+    assert spec.label == "xma2@40%cells/snip"
+    mta.prepare(model, spec, 10)
+    mta.fit(model, loader(data), mta.Schedule(stage2_epochs=1, hw_epochs=0, sensitivity_batches=1, bn_batches=1),
+            progress=False)
+    rep = mta.report(model)
+    total = sum(int((pe_extent(m.weight[0].numel(), m.weight.shape[0], 32, 32).prod(-1)).sum())
+                * 2 * m.config.weight_slices for _, m in mta.xbar_layers(model))
+    written = sum(lc.cells_written for lc in rep.layers)
+    assert 0 < written <= mta.budget_count(0.4, total)
+    mta.save_task(model, tmp_path / "t.safetensors")
+    other = make_model()
+    assert mta.load_task(other, tmp_path / "t.safetensors").budget_unit == "cells"

@@ -256,10 +256,6 @@ class XbarConfig:
         """P_hat = code * adc_step (clip / n); 1 for the ideal ADC (ideal cells)."""
         return 1.0 if self.adc_bits is None else self.clip / self.adc_levels
 
-    def tile_sum_unit(self, cells: bool) -> float:
-        """Value of one unit of T_int: adc_step, or 2^-F for the ideal ADC on fixed-point cells (SPEC 7.2)."""
-        return 2.0 ** -self.device.frac_bits if (cells and self.adc_bits is None) else self.adc_step
-
     @property
     def adc_lossless(self) -> bool:
         """True when every possible partial sum is reproduced exactly (see adc_is_identity)."""

@@ -13,7 +13,7 @@ adapters.py (file format) and cost.py (cost model and its constants).
 from .adapters import backbone_hash, load_task, read_task, save_task
 from .cost import (CostReport, EnergyModel, LayerCost, backbone_state, deployed_pulses, deployed_state, endurance,
                    report, task_state)
-from .masks import ShiftLevels, binarize, budget_count, topk_masks
+from .masks import ShiftLevels, binarize, budget_count, topk_masks, topk_masks_by_cost
 from .methods import (METHODS, TIER1, LayerAdapter, MethodSpec, Schedule, TaskInfo, adapters, calibrate, fit,
                       prepare, recalibrate_bn, select_pes, set_train, task_info, use_config, weight_only,
                       xbar_layers)
@@ -21,5 +21,5 @@ from .methods import (METHODS, TIER1, LayerAdapter, MethodSpec, Schedule, TaskIn
 __all__ = ["METHODS", "TIER1", "CostReport", "EnergyModel", "LayerAdapter", "LayerCost", "MethodSpec", "Schedule",
            "ShiftLevels", "TaskInfo", "adapters", "backbone_hash", "backbone_state", "binarize", "budget_count",
            "calibrate", "deployed_pulses", "deployed_state", "endurance", "fit", "load_task", "prepare", "read_task",
-           "recalibrate_bn", "report", "save_task", "select_pes", "set_train", "task_info", "task_state", "topk_masks",
+           "recalibrate_bn", "report", "save_task", "select_pes", "set_train", "task_info", "task_state", "topk_masks", "topk_masks_by_cost",
            "use_config", "weight_only", "xbar_layers"]

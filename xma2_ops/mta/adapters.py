@@ -170,7 +170,7 @@ def read_task(path: PathLike) -> tuple:
 
 # ------------------------------------------------------------------ validation (nothing is changed)
 _META_KEYS = ("format", "version", "spec", "head", "num_classes", "layers", "backbone_sha256", "content_sha256")
-_SPEC_TYPES = {"method": (str,), "budget": (int, float), "selection": (str,), "criterion": (str,),
+_SPEC_TYPES = {"method": (str,), "budget": (int, float), "budget_unit": (str,), "selection": (str,), "criterion": (str,),
                "per_layer": (bool,), "task_bn": (bool,), "levels": (list,)}
 
 
@@ -191,6 +191,8 @@ def _spec_from_meta(d) -> MethodSpec:
     if not isinstance(d, dict):
         raise TypeError(f"metadata spec: expected a JSON object, got {type(d).__name__}")
     fields = [f.name for f in dataclasses.fields(MethodSpec)]
+    if "budget_unit" not in d:  # written before cell budgets existed: a PE budget
+        d = {**d, "budget_unit": "pes"}
     _check_keys("metadata spec", d, fields)
     for k in fields:
         v = d[k]

@@ -121,6 +121,29 @@ def topk_masks(scores: Sequence[torch.Tensor], rho: float, per_layer: bool = Fal
     return out
 
 
+def topk_masks_by_cost(scores: Sequence[torch.Tensor], costs: Sequence[torch.Tensor], rho: float,
+                       per_layer: bool = False) -> List[torch.Tensor]:
+    """Binary masks keeping the highest scores within a budget of cost (cells): in descending score order
+    (ties to the lower flat index, as topk_masks), a PE is taken when its cost still fits in
+    floor(rho * total cost); one that does not fit is skipped and the next ones are tried (so the budget
+    is never exceeded, and cheap PEs can fill what is left).  ``costs``: one tensor per score, same shape."""
+    if per_layer:
+        return [topk_masks_by_cost([s], [c], rho)[0] for s, c in zip(scores, costs)]
+    flat = torch.cat([s.detach().reshape(-1).float() for s in scores])
+    cost = torch.cat([c.reshape(-1).long() for c in costs]).tolist()
+    left = budget_count(rho, int(sum(cost)))
+    sel = torch.zeros_like(flat)
+    for i in torch.argsort(-flat, stable=True).tolist():
+        if cost[i] <= left:
+            sel[i] = 1.0
+            left -= cost[i]
+    out, i = [], 0
+    for s in scores:
+        out.append(sel[i:i + s.numel()].reshape(s.shape).to(s.dtype if s.is_floating_point() else torch.float32))
+        i += s.numel()
+    return out
+
+
 # ------------------------------------------------------------------ layouts
 def to_kn(weight: torch.Tensor) -> torch.Tensor:
     """Weight [N, ...] -> crossbar matrix [K, N]."""

@@ -49,12 +49,13 @@ import torch.nn.functional as F
 from ..config import XbarConfig
 from ..modules import XbarConv2d, XbarLinear
 from ..reference import expand_tiles
-from .masks import ShiftLevels, binarize, from_kn, pe_sum, to_kn, topk_masks
+from .masks import ShiftLevels, binarize, from_kn, pe_extent, pe_sum, to_kn, topk_masks, topk_masks_by_cost
 
 METHODS = ("finetune", "classifier", "piggyback", "xbm", "xma", "pe", "xma2")
 TIER1 = ("pe", "xma2")
 SELECTIONS = ("learned", "sensitivity")
 CRITERIA = ("snip", "delta")
+BUDGET_UNITS = ("pes", "cells")
 
 # Piggyback's initialisation and threshold (Mallya et al. 2018: scores 1e-2, threshold 5e-3);
 # used for every binary {0, 1} score here (piggyback weights, xbm columns, learned PE scores).
@@ -70,6 +71,7 @@ class MethodSpec:
 
     method: str
     budget: float = 0.10
+    budget_unit: str = "pes"  # "pes": a fraction of the PEs; "cells": of the cells the crossbar layers use
     selection: str = "learned"
     criterion: str = "snip"
     per_layer: bool = False
@@ -81,6 +83,7 @@ class MethodSpec:
         for name, allowed in (("method", METHODS), ("selection", SELECTIONS), ("criterion", CRITERIA)):
             _check_choice("MethodSpec", name, getattr(self, name), allowed)
         _check_number("MethodSpec", "budget", self.budget, "a fraction of PEs in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+        _check_choice("MethodSpec", "budget_unit", self.budget_unit, BUDGET_UNITS)
         for name in ("per_layer", "task_bn"):
             v = getattr(self, name)
             if not isinstance(v, bool):
@@ -109,7 +112,8 @@ class MethodSpec:
         name = self.method
         if self.method in TIER1:
             how = "learned" if self.selection == "learned" else self.criterion
-            name += f"@{round(self.budget * 100)}%/{how}" + ("/layer" if self.per_layer else "")
+            unit = "" if self.budget_unit == "pes" else "cells"
+            name += f"@{round(self.budget * 100)}%{unit}/{how}" + ("/layer" if self.per_layer else "")
         return name if self.task_bn else name + "/sharedBN"
 
 
@@ -436,7 +440,13 @@ def _normalise(scores: List[torch.Tensor]) -> List[torch.Tensor]:
 def select_pes(model: nn.Module, scores: List[torch.Tensor]) -> None:
     """Freeze the top-rho PEs of ``scores`` (one [Tr, Tc] per crossbar layer) as the tier-1 mask."""
     spec = task_info(model).spec
-    masks = topk_masks(scores, spec.budget, spec.per_layer)
+    if spec.budget_unit == "cells":  # each PE costs the cells it holds: used rows x columns x 2 x slices
+        layers = [m for _, m in xbar_layers(model) if isinstance(m.adapter, LayerAdapter)]
+        costs = [pe_extent(m.weight[0].numel(), m.weight.shape[0], m.adapter.rows, m.adapter.cols).prod(-1)
+                 * 2 * m.config.weight_slices for m in layers]
+        masks = topk_masks_by_cost(scores, costs, spec.budget, spec.per_layer)
+    else:
+        masks = topk_masks(scores, spec.budget, spec.per_layer)
     with torch.no_grad():
         for (_, ad), m in zip(adapters(model), masks):
             ad.pe_sel.copy_(m)
