@@ -31,7 +31,8 @@ inline int64_t add_checked(int64_t a, int64_t b, const char* what) {
 
 inline XbarParams make_params_checked(const at::Tensor& x, const at::Tensor& w, int64_t rows, int64_t cols,
                                       int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits,
-                                      int64_t cell_bits, int64_t adc_levels, int64_t adc_clip) {
+                                      int64_t cell_bits, int64_t adc_levels, int64_t adc_clip,
+                                      int64_t periphery = 0, int64_t periphery_supported = 0) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "xbar: x_codes must be [M, K] and w_codes [K, N], got ",
               x.sizes(), " and ", w.sizes());
   const auto xt = x.scalar_type();
@@ -51,8 +52,19 @@ inline XbarParams make_params_checked(const at::Tensor& x, const at::Tensor& w, 
   TORCH_CHECK(adc_clip >= 1 && adc_clip <= kMaxAdcClip, "xbar: adc_clip must be in [1, 2^32], got ", adc_clip);
   TORCH_CHECK(adc_levels >= 0 && adc_levels <= kMaxAdcLevels, "xbar: adc_levels must be in [0, 2^24 - 1] "
               "(0 = ideal ADC), got ", adc_levels);
-  TORCH_CHECK(adc_levels <= adc_clip, "xbar: adc_levels must be <= adc_clip (n = min(2^adc_bits - 1, clip)), got "
-              "adc_levels=", adc_levels, ", adc_clip=", adc_clip);
+  TORCH_CHECK(periphery >= 0 && periphery < 64 && (periphery & ~periphery_supported) == 0,
+              "xbar: periphery must be a combination of the SPEC 8 bits that this kernel computes (",
+              periphery_supported, ": 1 = differential sensing, 4 = sign-magnitude inputs, 8 = half-even ADC "
+              "rounding; the others run xma2_ops/periphery.py), got ", periphery);
+  const bool adc_signed = (periphery & kPeripheryDifferential) || ((periphery & kPeripherySignMagnitude) && input_signed);
+  if (adc_signed) {
+    TORCH_CHECK(adc_levels <= 2 * adc_clip && adc_levels % 2 == 0, "xbar: a signed ADC (periphery ", periphery,
+                ") needs an even adc_levels <= 2 * adc_clip (n = min(2^adc_bits - 2, 2 clip)), got adc_levels=",
+                adc_levels, ", adc_clip=", adc_clip);
+  } else {
+    TORCH_CHECK(adc_levels <= adc_clip, "xbar: adc_levels must be <= adc_clip (n = min(2^adc_bits - 1, clip)), got "
+                "adc_levels=", adc_levels, ", adc_clip=", adc_clip);
+  }
   // Only now, with every value in range, the narrowing casts.
   XbarParams p;
   p.M = x.size(0);
@@ -67,6 +79,7 @@ inline XbarParams make_params_checked(const at::Tensor& x, const at::Tensor& w, 
   p.cell_bits = (int)cell_bits;
   p.adc_levels = (int)adc_levels;
   p.adc_clip = adc_clip;
+  p.periphery = (int)periphery;
   mul_checked(p.M, p.N, "xbar: the output [M, N]");
   return p;
 }

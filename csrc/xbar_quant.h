@@ -20,6 +20,15 @@ XBAR_HD bool adc_is_identity(int64_t levels, int64_t clip, int64_t pmax) {
   return levels == 0 || (levels == clip && clip >= pmax);
 }
 
+// Periphery conventions (SPEC 8) the C++ kernels may compute: bits of GemmParams.periphery
+// (xma2_ops/config.py PERIPHERY_BIT).  The CPU bit-plane kernels compute these three; the CUDA kernel
+// and the cell ops compute none (their ops pass 0).
+constexpr int kPeripheryDifferential = 1;   // sensing="differential"
+constexpr int kPeripheryAnalog = 2;         // input_accumulation="analog" (not computed here)
+constexpr int kPeripherySignMagnitude = 4;  // signed_inputs="sign_magnitude"
+constexpr int kPeripheryHalfEven = 8;       // adc_rounding="half_even"
+constexpr int kPeripheryCpuKernel = kPeripheryDifferential | kPeripherySignMagnitude | kPeripheryHalfEven;
+
 // Integer parameters of one crossbar GEMM, resolved on the host from XbarConfig and checked by
 // make_params_checked (xbar_check.h).  Plain data: python_tests/test_cuda_emulated.py mirrors the
 // field layout.
@@ -33,6 +42,8 @@ struct XbarParams {
   int cell_bits;        // cb
   int adc_levels;       // n = min(2^ba - 1, clip); 0 = ideal ADC
   int64_t adc_clip;     // full-scale partial sum
+  int periphery = 0;    // SPEC 8 conventions (kPeriphery* bits); 0 = Sections 2-3.  Last: the CUDA mirror
+                        // (python_tests/test_cuda_emulated.py) lists it too.
 
   XBAR_HD int64_t Tr() const { return (K + rows - 1) / rows; }  // row tiles
   XBAR_HD int64_t Tc() const { return (N + cols - 1) / cols; }  // column tiles
@@ -40,7 +51,19 @@ struct XbarParams {
   XBAR_HD int slices() const { return (w_bits + cell_bits - 1) / cell_bits; }  // cells per weight polarity
   // The largest partial sum, R (2^db - 1) (2^cb - 1), with the full R also for a partly filled tile.
   XBAR_HD int64_t pmax() const { return (int64_t)rows * ((1LL << dac_bits) - 1) * ((1LL << cell_bits) - 1); }
-  XBAR_HD bool adc_identity() const { return adc_is_identity(adc_levels, adc_clip, pmax()); }
+  // SPEC 8.1: differential sensing subtracts the two weight polarities before one conversion; with
+  // signed inputs, sign_magnitude drives the two input polarities in one pass (V = P(x+) - P(x-)).
+  XBAR_HD bool differential() const { return (periphery & kPeripheryDifferential) != 0; }
+  XBAR_HD bool sign_magnitude() const { return (periphery & kPeripherySignMagnitude) != 0 && x_pols == 2; }
+  XBAR_HD bool half_even() const { return (periphery & kPeripheryHalfEven) != 0; }
+  // A conversion may see V < 0: the signed, symmetric ADC of SPEC 8.2 over [-clip, clip].
+  XBAR_HD bool adc_signed() const { return differential() || sign_magnitude(); }
+  // Lossless (SPEC 8.2): n = hi - lo and |V| <= clip for every reachable V (|V| <= Pmax under both
+  // differential sensing and sign-magnitude inputs).
+  XBAR_HD bool adc_identity() const {
+    return adc_signed() ? (adc_levels == 0 || (adc_levels == 2 * adc_clip && adc_clip >= pmax()))
+                        : adc_is_identity(adc_levels, adc_clip, pmax());
+  }
 };
 
 // ADC code of a non-negative partial sum: clamp(floor((2 P n + clip) / (2 clip)), 0, n).
@@ -50,6 +73,21 @@ XBAR_HD int64_t adc_code(int64_t p, int64_t levels, int64_t clip) {
   if (levels == 0) return p;
   int64_t c = (2 * p * levels + clip) / (2 * clip);  // p >= 0: division is floor
   return c > levels ? levels : c;
+}
+
+// The ADC of SPEC 8.2 on any V: unsigned (lo = 0, hi = clip) or signed (lo = -clip, hi = clip), n =
+// levels (even when signed), round half up or half to even; returns the code, minus n/2 when signed
+// (so that one unit is worth (hi - lo) / n).  levels == 0 is the ideal ADC (V itself).  Within the
+// checked limits (|V| <= Pmax < 2^33, n < 2^24, clip <= 2^32) 2 u n + span < 2^59: no int64 overflow.
+XBAR_HD int64_t adc_code_ext(int64_t v, int64_t levels, int64_t clip, bool sgn, bool half_even) {
+  if (levels == 0) return v;
+  const int64_t span = sgn ? 2 * clip : clip;
+  int64_t u = sgn ? v + clip : v;
+  u = u < 0 ? 0 : (u > span ? span : u);  // V outside [lo, hi] gives code 0 or n either way
+  const int64_t num = 2 * u * levels + span;
+  int64_t c = num / (2 * span);  // num > 0: division is floor
+  if (half_even && num % (2 * span) == 0 && (c & 1)) c -= 1;
+  return sgn ? c - levels / 2 : c;
 }
 
 // Field `index` of width `width` bits of a non-negative code (an input chunk or weight slice).

@@ -49,9 +49,9 @@ def isa(request, monkeypatch):
     return request.param
 
 
-def _params(rows, cols, ib, signed, db, wb, cb, adc_bits, clip=None) -> GemmParams:
+def _params(rows, cols, ib, signed, db, wb, cb, adc_bits, clip=None, **periphery) -> GemmParams:
     cfg = XbarConfig(rows=rows, cols=cols, weight_bits=wb, cell_bits=cb, input_bits=ib, dac_bits=db,
-                     adc_bits=adc_bits, adc_clip=clip, input_signed=signed)
+                     adc_bits=adc_bits, adc_clip=clip, input_signed=signed, **periphery)
     return GemmParams.from_config(cfg, signed)
 
 
@@ -65,21 +65,22 @@ def _codes(gen, m, k, n, p: GemmParams, dtype=torch.int32, density=0.7):
 
 
 def _check_gemm(x, w, p: GemmParams, gen):
-    t = torch.ops.xma2_ops.xbar_tile_sums(x, w, *p.as_args())
+    args = p.as_args(with_periphery=True)  # the periphery (SPEC 8) last: 0, or bits the CPU kernels compute
+    t = torch.ops.xma2_ops.xbar_tile_sums(x, w, *args)
     t_ref = ref.tile_sums(x, w, p)
     assert t.dtype == torch.int64 and torch.equal(t, t_ref)
     tr, n = t_ref.shape[0], w.shape[1]
     coef = torch.randn(tr, n, generator=gen, dtype=torch.float64)
     coef[0, : min(n, p.cols)] = 0  # a skipped PE
-    y = torch.ops.xma2_ops.xbar_mvm(x, w, None, coef, None, *p.as_args())
+    y = torch.ops.xma2_ops.xbar_mvm(x, w, None, coef, None, *args)
     torch.testing.assert_close(y, (coef.unsqueeze(1) * t_ref.double()).sum(0), rtol=1e-12, atol=1e-9)
     gy = torch.randn(x.shape[0], n, generator=gen, dtype=torch.float64)
-    g = torch.ops.xma2_ops.xbar_coef_grad(x, w, gy, *p.as_args())
+    g = torch.ops.xma2_ops.xbar_coef_grad(x, w, gy, *args)
     torch.testing.assert_close(g, torch.einsum("rmn,mn->rn", t_ref.double(), gy), rtol=1e-12, atol=1e-9)
     # The packed form (made once per programmed weight) gives the same bits as packing per call.
-    packed = torch.ops.xma2_ops.xbar_pack_weights(w, *p.as_args())
-    assert torch.equal(torch.ops.xma2_ops.xbar_mvm_packed(x, w, packed, None, None, coef, None, *p.as_args()), y)
-    assert torch.equal(torch.ops.xma2_ops.xbar_coef_grad_packed(x, w, packed, gy, *p.as_args()), g)
+    packed = torch.ops.xma2_ops.xbar_pack_weights(w, *args)
+    assert torch.equal(torch.ops.xma2_ops.xbar_mvm_packed(x, w, packed, None, None, coef, None, *args), y)
+    assert torch.equal(torch.ops.xma2_ops.xbar_coef_grad_packed(x, w, packed, gy, *args), g)
 
 
 # rows, cols, input_bits, signed, dac_bits, weight_bits, cell_bits, adc_bits, adc_clip, (M, K, N)
@@ -132,6 +133,46 @@ def test_lossless_configs(isa, adc_bits, clip):
     ps = _params(50, 9, 6, True, 2, 5, 3, None)
     xs, ws = _codes(gen, 17, 120, 21, ps)
     _check_gemm(xs, ws, ps, gen)
+
+
+# SPEC 8 conventions that the bit-plane kernels compute (periphery bits 1, 4, 8): differential sensing,
+# sign-magnitude inputs, half-even rounding; test_periphery.py has every combination on random configs.
+_PERIPHERY = {"diff": dict(sensing="differential"), "sm": dict(signed_inputs="sign_magnitude"),
+              "even": dict(adc_rounding="half_even"),
+              "all": dict(sensing="differential", signed_inputs="sign_magnitude", adc_rounding="half_even")}
+
+
+@pytest.mark.parametrize("conv", list(_PERIPHERY))
+@pytest.mark.parametrize("case", CASES[:4] + CASES[5:8] + CASES[9:],
+                         ids=[f"case{i}" for i in (0, 1, 2, 3, 5, 6, 7, 9, 10)])
+def test_gemm_with_periphery_matches_reference(isa, case, conv):
+    """The CASES (but the 1-bit ADC, refused for a signed ADC) under each convention: tile sums, mvm,
+    coefficient gradients, packed and unpacked."""
+    *cfg, (m, k, n) = case
+    p = _params(*cfg, **_PERIPHERY[conv])
+    assert p.periphery and p.kernel_form() == p
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((case, conv)).encode()))
+    x, w = _codes(gen, m, k, n, p)
+    _check_gemm(x, w, p, gen)
+
+
+@pytest.mark.parametrize("conv", list(_PERIPHERY))
+def test_periphery_edge_cases(isa, conv):
+    """All-zero inputs (skipped chunks: the signed ADC's centre code adds 0), a lossless signed ADC (n = 2 clip,
+    the float-GEMM path), sums beyond the int32 lanes (the scalar fallback)."""
+    gen = torch.Generator().manual_seed(17)
+    p = _params(128, 16, 8, True, 1, 8, 2, 4, 100, **_PERIPHERY[conv])
+    _, w = _codes(gen, 5, 200, 24, p)
+    x = torch.zeros(5, 200, dtype=torch.int32)
+    _check_gemm(x, w, p, gen)
+    assert not torch.ops.xma2_ops.xbar_tile_sums(x, w, *p.as_args(with_periphery=True)).any()
+    lossless = _params(40, 8, 6, True, 2, 6, 2, 16, None, **_PERIPHERY[conv])
+    assert lossless.adc_identity and lossless.adc_levels == (2 if lossless.adc_signed else 1) * lossless.adc_clip
+    x, w = _codes(gen, 21, 130, 17, lossless)
+    _check_gemm(x, w, lossless, gen)
+    wide = _params(8, 4, 16, True, 1, 16, 1, 10, **_PERIPHERY[conv])
+    x, w = _codes(gen, 3, 20, 5, wide)
+    _check_gemm(x, w, wide, gen)
 
 
 def test_all_zero_inputs(isa):

@@ -27,7 +27,7 @@ class _Params(ctypes.Structure):
     """xma2::XbarParams (csrc/xbar_quant.h)."""
     _fields_ = [("M", ctypes.c_int64), ("K", ctypes.c_int64), ("N", ctypes.c_int64)] + [
         (f, ctypes.c_int) for f in ("rows", "cols", "x_bits", "x_pols", "dac_bits", "w_bits", "cell_bits",
-                                    "adc_levels")] + [("adc_clip", ctypes.c_int64)]
+                                    "adc_levels")] + [("adc_clip", ctypes.c_int64), ("periphery", ctypes.c_int)]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def emu(tmp_path_factory) -> ctypes.CDLL:
 
 def _params(p: GemmParams, m: int, k: int, n: int) -> _Params:
     return _Params(m, k, n, p.rows, p.cols, p.x_bits, 2 if p.input_signed else 1, p.dac_bits, p.weight_bits - 1,
-                   p.cell_bits, p.adc_levels, p.adc_clip)
+                   p.cell_bits, p.adc_levels, p.adc_clip, 0)  # the CUDA kernel computes periphery 0 only
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[ctypes.c_void_p]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import random
 from fractions import Fraction
 from pathlib import Path
 
@@ -365,7 +366,8 @@ def test_periphery_does_not_change_the_default_path():
     p = GemmParams.from_config(cfg, True)
     assert p.periphery == 0 and p.adc_levels == 255 and p.adc_clip == cfg.pmax == 384
     assert xma2_ops._ops.backend_for("cpu", torch.device("cpu"), p)[0].name == "cpu"
-    q = GemmParams.from_config(dataclasses.replace(cfg, adc_rounding="half_even"), True)
+    # the C++ CPU kernels compute half_even (and differential, sign_magnitude) themselves; an even split not
+    q = GemmParams.from_config(dataclasses.replace(cfg, row_split="even"), True)
     assert xma2_ops._ops.backend_for("cpu", torch.device("cpu"), q)[0].name == "periphery"
 
 
@@ -412,3 +414,253 @@ def test_calibrate_adc_uses_the_values_one_conversion_sees(fields):
                         best = max(best, int(v.abs().max()))
     assert clips[""] == best
 
+# ------------------------------------------------------------------ the C++ CPU kernels compute bits 1 | 4 | 8
+# sensing="differential" (1), signed_inputs="sign_magnitude" (4), adc_rounding="half_even" (8) run in the
+# bit-plane kernels themselves (csrc/cpu/xbar_cpu_block.h), on every instruction set, packed or not.
+_KERNEL_FIELDS = {1: ("sensing", "differential"), 4: ("signed_inputs", "sign_magnitude"),
+                  8: ("adc_rounding", "half_even")}
+_KERNEL_BITS = [sum(c) for n in range(4) for c in itertools.combinations((1, 4, 8), n)]  # all 8 combinations
+
+
+def _kernel_fields(bits: int) -> dict:
+    return dict(v for b, v in _KERNEL_FIELDS.items() if bits & b)
+
+
+def _cpu_isas() -> list:
+    """The instruction sets this machine runs (XMA2_CPU_ISA), asked of the kernel itself."""
+    if "cpu" not in xma2_ops.available_backends():
+        return []
+    import os
+    p = GemmParams(rows=16, cols=8, input_bits=4, input_signed=False, dac_bits=1, weight_bits=4, cell_bits=1,
+                   adc_levels=3, adc_clip=16)
+    out, old = [], os.environ.get("XMA2_CPU_ISA")
+    try:
+        for isa in ("scalar", "avx2", "avx512", "amx"):
+            os.environ["XMA2_CPU_ISA"] = isa
+            try:
+                torch.ops.xma2_ops.xbar_tile_sums(torch.ones(2, 20, dtype=torch.int32),
+                                                  torch.ones(20, 3, dtype=torch.int32), *p.as_args())
+                out.append(isa)
+            except RuntimeError as e:
+                assert "cannot run" in str(e)
+    finally:
+        if old is None:
+            os.environ.pop("XMA2_CPU_ISA", None)
+        else:
+            os.environ["XMA2_CPU_ISA"] = old
+    return out
+
+
+_ISAS = _cpu_isas()
+needs_cpu = pytest.mark.skipif(not _ISAS, reason="C++ extension not built")
+
+
+def _random_kernel_params(rnd, bits: int, signed: bool, adc: str) -> GemmParams:
+    """A config with the periphery ``bits`` and an ADC that is lossy ('lossy': small, coarse, saturating or not,
+    with many exact ties), lossless ('lossless': n = hi - lo, clip >= Pmax) or ideal."""
+    rows = rnd.choice([1, 3, 7, 16, 31, 33, 64, 70, 128, 150])
+    db, cb = rnd.randint(1, 4), rnd.randint(1, 4)
+    pmax = rows * (2 ** db - 1) * (2 ** cb - 1)
+    if adc == "ideal":
+        adc_bits, clip = None, None
+    elif adc == "lossless":
+        adc_bits, clip = 24, rnd.choice([None, pmax + rnd.randint(0, 50)])
+    else:
+        adc_bits = rnd.choice([2, 3, 4, 5, 6, 8, 10])
+        clip = rnd.choice([None, max(1, pmax // 3), pmax, 2 * pmax, rnd.randint(1, pmax + 5), rnd.randint(1, 12)])
+    cfg = XbarConfig(rows=rows, cols=rnd.choice([1, 4, 8, 13]), weight_bits=rnd.randint(2, 8), cell_bits=cb,
+                     input_bits=rnd.randint(2, 8), dac_bits=db, adc_bits=adc_bits, adc_clip=clip, input_signed=signed,
+                     **_kernel_fields(bits))
+    p = GemmParams.from_config(cfg, signed)
+    assert p.periphery == bits and (p.kernel_form() == p or adc == "ideal")  # (ideal: the raw op gets the bits anyway)
+    if adc == "lossless":
+        assert p.adc_identity
+    return p
+
+
+def _kernel_codes(gen, m: int, k: int, n: int, p: GemmParams):
+    qx, qw = 2 ** p.x_bits - 1, 2 ** (p.weight_bits - 1) - 1
+    x = torch.randint(-qx if p.input_signed else 0, qx + 1, (m, k), generator=gen)
+    x = (x * (torch.rand(m, k, generator=gen) < 0.7)).to(torch.int32)  # zeros: all-zero chunks are skipped
+    return x, torch.randint(-qw, qw + 1, (k, n), generator=gen, dtype=torch.int32)
+
+
+@needs_cpu
+@pytest.mark.parametrize("bits", _KERNEL_BITS)
+def test_cpu_kernel_computes_the_periphery(bits, monkeypatch):
+    """xbar_tile_sums / xbar_mvm / xbar_coef_grad and their packed forms with ``periphery=bits``: the reference's
+    T_int int64-exact, mvm and the coefficient gradients in the one ordered sum, on every instruction set this
+    CPU runs; random configs with lossy, lossless and ideal ADCs, signed and unsigned inputs."""
+    from helpers import ordered_coef_grad, ordered_mvm
+    rnd = random.Random(1000 + bits)
+    gen = torch.Generator().manual_seed(1000 + bits)
+    ops = torch.ops.xma2_ops
+    for trial in range(24):
+        signed = trial % 2 == 1
+        adc = ("lossy", "lossy", "lossy", "lossy", "lossless", "ideal")[trial % 6]
+        p = _random_kernel_params(rnd, bits, signed, adc)
+        m, k, n = rnd.choice([rnd.randint(1, 40), 130]), rnd.randint(1, 2 * p.rows + 5), rnd.randint(1, 20)
+        x, w = _kernel_codes(gen, m, k, n, p)
+        wt = _kernel_codes(gen, 1, k, n, p)[1]
+        args = p.as_args(with_periphery=True)
+        want = ref.tile_sums(x, w, p)
+        tr = want.shape[0]
+        cb_ = torch.randn(tr, n, generator=gen, dtype=torch.float64)
+        ct_ = torch.randn(tr, n, generator=gen, dtype=torch.float64)
+        cb_[0, : min(n, p.cols)] = 0  # a skipped PE
+        want_y = ordered_mvm(x, w, wt, cb_, ct_, p)
+        gy = torch.randn(m, n, generator=gen, dtype=torch.float64)
+        want_g = ordered_coef_grad(want, gy)
+        for isa in _ISAS:
+            monkeypatch.setenv("XMA2_CPU_ISA", isa)
+            msg = (trial, isa, p)
+            assert torch.equal(ops.xbar_tile_sums(x, w, *args), want), msg
+            assert torch.equal(ops.xbar_tile_sums(x.to(torch.int16), w, *args), want), msg
+            assert torch.equal(ops.xbar_mvm(x, w, wt, cb_, ct_, *args), want_y), msg
+            assert torch.equal(ops.xbar_coef_grad(x, w, gy, *args), want_g), msg
+            packed, packed_t = ops.xbar_pack_weights(w, *args), ops.xbar_pack_weights(wt, *args)
+            assert torch.equal(ops.xbar_mvm_packed(x, w, packed, wt, packed_t, cb_, ct_, *args), want_y), msg
+            assert torch.equal(ops.xbar_coef_grad_packed(x, w, packed, gy, *args), want_g), msg
+
+
+@needs_cpu
+def test_cpu_kernel_half_even_and_signed_adc_are_tested_where_they_differ(monkeypatch):
+    """The configs above are not vacuous: with a coarse ADC every one of the three bits changes T_int (ties for
+    half_even; V of both polarities for the others), and the kernel follows each."""
+    gen = torch.Generator().manual_seed(3)
+    base = dict(rows=16, cols=4, weight_bits=6, cell_bits=2, input_bits=6, dac_bits=2, adc_bits=3, adc_clip=14,
+                input_signed=True)
+    x, w = _kernel_codes(gen, 40, 40, 9, GemmParams.from_config(XbarConfig(**base), True))
+    t0 = ref.tile_sums(x, w, GemmParams.from_config(XbarConfig(**base), True))
+    for bits in (1, 4, 8):
+        p = GemmParams.from_config(XbarConfig(**base, **_kernel_fields(bits)), True)
+        want = ref.tile_sums(x, w, p)
+        assert not torch.equal(want, t0), bits
+        for isa in _ISAS:
+            monkeypatch.setenv("XMA2_CPU_ISA", isa)
+            assert torch.equal(torch.ops.xma2_ops.xbar_tile_sums(x, w, *p.as_args(with_periphery=True)), want)
+
+
+@needs_cpu
+@examples(150)
+@given(periphery_cases())
+def test_cpu_backend_gives_the_reference_bits(case):
+    """Every field combination: where backend_for runs the cpu kernel (bits 1 | 4 | 8, analog accumulation of
+    <= 8 bits reduced to one chunk), its tile sums are the reference's, int64 exact."""
+    cfg, signed, m, k, n, seed = case
+    x, w = _codes(seed, cfg, signed, m, k, n)
+    p = GemmParams.from_config(cfg, signed)
+    be, kp = xma2_ops._ops.backend_for("cpu", torch.device("cpu"), p)
+    runs_kernel = not (p.periphery & ~(1 | 2 | 4 | 8)) and not (p.has("input_accumulation") and p.x_bits > 8)
+    assert (be.name == "cpu") == (runs_kernel or p.adc_levels == 0 and not p.has("row_split")), (cfg, signed)
+    got = be.tile_sums(x.to(torch.int32), w.to(torch.int32), kp)
+    assert torch.equal(got, ref.tile_sums(x, w, p)), (cfg, signed)
+
+
+@needs_cpu
+@pytest.mark.parametrize("bits", _KERNEL_BITS)
+@pytest.mark.parametrize("signed", [False, True])
+def test_cpu_layers_compute_the_periphery_in_the_kernel(bits, signed, monkeypatch):
+    """xbar_conv2d / xbar_linear with task weights and fractional masks: backend='cpu' runs its own kernel
+    (backend_for names it, and periphery.py is never called) and gives the reference backend's bits."""
+    from xma2_ops import periphery
+
+    cfg = XbarConfig(rows=20, cols=6, weight_bits=6, cell_bits=2, input_bits=5, dac_bits=2, adc_bits=5,
+                     input_signed=signed, **_kernel_fields(bits))
+    p = GemmParams.from_config(cfg, signed)
+    assert xma2_ops._ops.backend_for("cpu", torch.device("cpu"), p) == (xma2_ops._ops.get_backend("cpu", torch.device("cpu")), p)
+    gen = torch.Generator().manual_seed(bits * 2 + signed)
+    x = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64)
+    x = x if signed else x.abs()
+    w = torch.randn(8, 3, 3, 3, generator=gen, dtype=torch.float64)
+    wt = torch.randn(8, 3, 3, 3, generator=gen, dtype=torch.float64)
+    tr, tc = cfg.tiles(27, 8)
+    mask = torch.rand(tr, tc, generator=gen, dtype=torch.float64)
+    alpha = torch.rand(tr, 8, generator=gen, dtype=torch.float64) + 0.5
+    kw = dict(config=cfg, task_weight=wt, pe_mask=mask, col_scale=alpha, padding=1)
+    want = xma2_ops.xbar_conv2d(x, w, backend="reference", **kw)
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("periphery.py ran")
+
+    monkeypatch.setattr(periphery, "_tile_sums", not_here)
+    x.requires_grad_()
+    mask.requires_grad_()
+    alpha.requires_grad_()
+    got = xma2_ops.xbar_conv2d(x, w, backend="cpu", **kw)
+    assert torch.equal(got, want)
+    gy = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+    g_cpu = torch.autograd.grad(got, (mask, alpha), gy)  # the coefficient gradients: the kernel too
+    monkeypatch.undo()
+    g_ref = torch.autograd.grad(xma2_ops.xbar_conv2d(x, w, backend="reference", **kw), (mask, alpha), gy)
+    for a, b in zip(g_cpu, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(periphery, "_tile_sums", not_here)
+    x = x.detach()
+    xl, wl = torch.randn(7, 45, generator=gen), torch.randn(5, 45, generator=gen)
+    xl = xl if signed else xl.abs()
+    assert torch.equal(xma2_ops.xbar_linear(xl, wl, config=cfg, backend="cpu"),
+                       xma2_ops.xbar_linear(xl, wl, config=cfg, backend="reference"))
+
+
+@needs_cpu
+def test_cpu_backend_routes_only_what_its_kernels_compute():
+    cpu = torch.device("cpu")
+    base = dict(rows=32, cols=8)
+    for fields, runs in [(dict(sensing="differential"), "cpu"), (dict(adc_rounding="half_even"), "cpu"),
+                         (dict(signed_inputs="sign_magnitude", sensing="differential", adc_rounding="half_even"), "cpu"),
+                         (dict(input_accumulation="analog", sensing="differential"), "cpu"),  # 8 bits: one chunk
+                         (dict(input_accumulation="analog", input_bits=12), "periphery"),
+                         (dict(row_split="even"), "periphery"), (dict(adc_range="tile_rows"), "periphery"),
+                         (dict(sensing="differential", row_split="even"), "periphery")]:
+        p = GemmParams.from_config(XbarConfig(**base, **fields), True)
+        be, kp = xma2_ops._ops.backend_for("cpu", cpu, p)
+        assert be.name == runs, fields
+        assert xma2_ops._ops.backend_for("cpu", cpu, p, cells=True)[0].name in ("periphery",), fields
+        if runs == "cpu":
+            assert kp.periphery == p.periphery & ~2
+    assert xma2_ops._ops.get_backend("cpu", cpu).periphery == 1 | 4 | 8
+    if "triton" in xma2_ops.available_backends():
+        p = GemmParams.from_config(XbarConfig(**base, sensing="differential"), True)
+        assert xma2_ops._ops.backend_for("triton", cpu, p)[0].name == "periphery"
+
+
+@needs_cpu
+def test_programmed_layer_packs_for_the_kernel_periphery():
+    """A module under a periphery the kernel computes keeps the packed weights (made once) and gives the
+    stateless / reference bits."""
+    from helpers import OpLog
+    torch.manual_seed(0)
+    cfg = XbarConfig(rows=16, cols=4, sensing="differential", signed_inputs="sign_magnitude",
+                     adc_rounding="half_even", adc_bits=5)
+    layer = xma2_ops.XbarLinear(40, 7, config=cfg)
+    x = torch.randn(5, 40)
+    layer(x)
+    layer.eval()
+    counts = []
+    for _ in range(2):
+        with OpLog() as log:
+            y = layer(x)
+        counts.append(sum("xbar_pack_weights" in op for op in log.ops))
+    assert counts == [1, 0]
+    yf = xma2_ops.xbar_linear(x, layer.weight.detach(), config=cfg, backend="cpu")
+    assert torch.equal(yf, xma2_ops.xbar_linear(x, layer.weight.detach(), config=cfg, backend="reference"))
+
+
+@needs_cpu
+@pytest.mark.parametrize("bad", [2, 16, 32, 64, -1, 1 << 40, 3, 1 | 16])
+def test_cpu_ops_refuse_periphery_bits_they_do_not_compute(bad):
+    p = GemmParams(rows=16, cols=8, input_bits=4, input_signed=True, dac_bits=1, weight_bits=4, cell_bits=1,
+                   adc_levels=6, adc_clip=16)
+    x, w = torch.ones(2, 20, dtype=torch.int32), torch.ones(20, 3, dtype=torch.int32)
+    coef = torch.ones(2, 3, dtype=torch.float64)
+    ops = torch.ops.xma2_ops
+    for call in (lambda: ops.xbar_tile_sums(x, w, *p.as_args(), bad),
+                 lambda: ops.xbar_mvm(x, w, None, coef, None, *p.as_args(), bad),
+                 lambda: ops.xbar_coef_grad(x, w, torch.ones(2, 3), *p.as_args(), bad),
+                 lambda: ops.xbar_pack_weights(w, *p.as_args(), bad)):
+        with pytest.raises(RuntimeError, match="periphery"):
+            call()
+    # a signed ADC needs an even n <= 2 clip
+    with pytest.raises(RuntimeError, match="periphery 1.*even adc_levels"):
+        ops.xbar_tile_sums(x, w, *dataclasses.replace(p, adc_levels=7).as_args(), 1)

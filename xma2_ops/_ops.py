@@ -34,7 +34,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 
 from . import periphery, reference
-from .config import GemmParams
+from .config import KERNEL_PERIPHERY, GemmParams
 from .lowering import ConvLowering, LinearLowering
 
 try:
@@ -67,7 +67,7 @@ if not _HAS_C:
 if _HAS_C:
     @torch.library.register_fake("xma2_ops::xbar_tile_sums")
     def _tile_sums_fake(x_codes, w_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
-                        cell_bits, adc_levels, adc_clip):
+                        cell_bits, adc_levels, adc_clip, periphery=0):
         torch._check(x_codes.dim() == 2 and w_codes.dim() == 2)
         torch._check(x_codes.shape[1] == w_codes.shape[0])
         tr = (x_codes.shape[1] + rows - 1) // rows
@@ -75,14 +75,14 @@ if _HAS_C:
 
     @torch.library.register_fake("xma2_ops::xbar_mvm")
     def _mvm_fake(x_codes, wb_codes, wt_codes, coef_b, coef_t, rows, cols, input_bits, input_signed, dac_bits,
-                  weight_bits, cell_bits, adc_levels, adc_clip):
+                  weight_bits, cell_bits, adc_levels, adc_clip, periphery=0):
         torch._check(x_codes.dim() == 2 and wb_codes.dim() == 2)
         torch._check(x_codes.shape[1] == wb_codes.shape[0])
         return coef_b.new_empty((x_codes.shape[0], wb_codes.shape[1]))
 
     @torch.library.register_fake("xma2_ops::xbar_coef_grad")
     def _coef_grad_fake(x_codes, w_codes, gy, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
-                        cell_bits, adc_levels, adc_clip):
+                        cell_bits, adc_levels, adc_clip, periphery=0):
         torch._check(x_codes.dim() == 2 and w_codes.dim() == 2)
         torch._check(x_codes.shape[1] == w_codes.shape[0])
         tr = (x_codes.shape[1] + rows - 1) // rows
@@ -156,6 +156,10 @@ class Backend:
     pack_weights: Optional[Callable[..., torch.Tensor]] = None
     mvm_packed: Optional[Callable[..., torch.Tensor]] = None
     coef_grad_packed: Optional[Callable[..., torch.Tensor]] = None
+    # The periphery bits (SPEC 8, config.PERIPHERY_BIT) that tile_sums / mvm / coef_grad and the packed ops
+    # compute themselves (in GemmParams.kernel_form's form); the device-model ops compute none.  Any other
+    # bit runs periphery.py (backend_for).
+    periphery: int = 0
 
     def mvm_with(self, x_codes, wb_codes, wb_packed, wt_codes, wt_packed, coef_b, coef_t, p: GemmParams):
         """mvm, reading the packed weights when given (and this backend packs)."""
@@ -260,36 +264,41 @@ def _add_ordered_coef_grad(g, t, gy) -> None:
         g += s[:, b]
 
 
-def _torch_op_backend(name: str, devices: tuple) -> Backend:
+def _torch_op_backend(name: str, devices: tuple, periphery: int = 0) -> Backend:
+    """The C++ ops of one dispatch key as a backend; ``periphery``: the SPEC 8 bits its codes ops compute
+    (passed to them as their last argument; without any, the ops get the Sections 2-3 arguments)."""
+    def args(p: GemmParams) -> tuple:
+        return p.as_args(with_periphery=True) if periphery else p.as_args()
+
     def tile_sums(x_codes, w_codes, p: GemmParams):
-        return torch.ops.xma2_ops.xbar_tile_sums(x_codes, w_codes, *p.as_args())
+        return torch.ops.xma2_ops.xbar_tile_sums(x_codes, w_codes, *args(p))
 
     def mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, p: GemmParams):
-        return torch.ops.xma2_ops.xbar_mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, *p.as_args())
+        return torch.ops.xma2_ops.xbar_mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, *args(p))
 
     key = "CUDA" if "cuda" in devices else "CPU"
     coef_grad = unfold_codes = None
     packed = {}
     if torch._C._dispatch_has_kernel_for_dispatch_key("xma2_ops::xbar_pack_weights", key):
         def pack_weights(w_codes, p: GemmParams):
-            return torch.ops.xma2_ops.xbar_pack_weights(w_codes, *p.as_args())
+            return torch.ops.xma2_ops.xbar_pack_weights(w_codes, *args(p))
 
         def mvm_packed(x_codes, wb_codes, wb_packed, wt_codes, wt_packed, coef_b, coef_t, p: GemmParams):
             return torch.ops.xma2_ops.xbar_mvm_packed(x_codes, wb_codes, wb_packed, wt_codes, wt_packed, coef_b, coef_t,
-                                                      *p.as_args())
+                                                      *args(p))
 
         def coef_grad_packed(x_codes, w_codes, w_packed, gy, p: GemmParams):
-            return torch.ops.xma2_ops.xbar_coef_grad_packed(x_codes, w_codes, w_packed, gy, *p.as_args())
+            return torch.ops.xma2_ops.xbar_coef_grad_packed(x_codes, w_codes, w_packed, gy, *args(p))
 
         packed = dict(pack_weights=pack_weights, mvm_packed=mvm_packed, coef_grad_packed=coef_grad_packed)
     if torch._C._dispatch_has_kernel_for_dispatch_key("xma2_ops::xbar_coef_grad", key):
         def coef_grad(x_codes, w_codes, gy, p: GemmParams):
-            return torch.ops.xma2_ops.xbar_coef_grad(x_codes, w_codes, gy, *p.as_args())
+            return torch.ops.xma2_ops.xbar_coef_grad(x_codes, w_codes, gy, *args(p))
     if torch._C._dispatch_has_kernel_for_dispatch_key("xma2_ops::xbar_unfold_codes", key):
         def unfold_codes(x_codes, kernel_size, dilation, padding, stride):
             return torch.ops.xma2_ops.xbar_unfold_codes(x_codes, kernel_size, dilation, padding, stride)
     return Backend(name, tile_sums, mvm, devices, coef_grad, small_codes=(key == "CPU"), unfold_codes=unfold_codes,
-                   **packed)
+                   periphery=periphery, **packed)
 
 
 def _reference_cell_tile_sums(x_codes, gq, p: GemmParams, frac_bits: int) -> torch.Tensor:
@@ -317,7 +326,10 @@ def _torch_op_cells(key: str) -> dict:
 
 
 if _HAS_C:
-    _BACKENDS["cpu"] = dataclasses.replace(_torch_op_backend("cpu", ("cpu",)), **_torch_op_cells("CPU"))
+    # The CPU bit-plane kernels compute differential sensing, sign-magnitude inputs and half-even rounding
+    # (csrc/cpu/xbar_cpu_block.h); the CUDA kernel none of SPEC 8.
+    _BACKENDS["cpu"] = dataclasses.replace(_torch_op_backend("cpu", ("cpu",), KERNEL_PERIPHERY),
+                                           **_torch_op_cells("CPU"))
     if torch._C._dispatch_has_kernel_for_dispatch_key("xma2_ops::xbar_mvm", "CUDA"):
         _BACKENDS["cuda"] = _torch_op_backend("cuda", ("cuda",))
 
@@ -355,13 +367,15 @@ def _periphery_backend() -> Backend:
 _PERIPHERY = _periphery_backend()
 
 
-def backend_for(name: Optional[str], device: torch.device, p: GemmParams) -> Tuple[Backend, GemmParams]:
-    """get_backend and the params it runs: a periphery (SPEC 8) that the kernels compute in their
-    default form (GemmParams.kernel_form) runs there; any other runs periphery.py on every backend but
-    the reference (whose own loops compute section 8 literally)."""
+def backend_for(name: Optional[str], device: torch.device, p: GemmParams,
+                cells: bool = False) -> Tuple[Backend, GemmParams]:
+    """get_backend and the params it runs: a periphery (SPEC 8) whose kernel form
+    (GemmParams.kernel_form) keeps only bits that the backend's kernels compute (``Backend.periphery``;
+    none for the device-model ops, ``cells``) runs there; any other runs periphery.py on every backend
+    but the reference (whose own loops compute section 8 literally)."""
     be = get_backend(name, device)
     kp = p.kernel_form()
-    if kp is not None:
+    if kp is not None and not (kp.periphery & ~(0 if cells else be.periphery)):
         return be, kp
     return (be if be.name == "reference" else _PERIPHERY), p
 
@@ -518,7 +532,7 @@ def _crossbar_mvm_cells(x_codes: torch.Tensor, gb: torch.Tensor, gt: Optional[to
                         periphery: int, frac_bits: int, backend: str) -> torch.Tensor:
     p = GemmParams(rows, cols, input_bits, input_signed, dac_bits, weight_bits, cell_bits, adc_levels, adc_clip,
                    periphery)
-    be, p = backend_for(backend, x_codes.device, p)
+    be, p = backend_for(backend, x_codes.device, p, cells=True)
     return be.cell_mvm(x_codes, gb, gt, coef_b, coef_t, p, frac_bits)
 
 
@@ -538,7 +552,7 @@ def _crossbar_mvm_cells_setup(ctx, inputs, output) -> None:
 
 def _crossbar_mvm_cells_backward(ctx, gy):
     x_codes, gb, gt = ctx.saved_tensors
-    be, p = backend_for(ctx.backend, x_codes.device, ctx.params)
+    be, p = backend_for(ctx.backend, x_codes.device, ctx.params, cells=True)
     g_b = g_t = None
     if ctx.needs_input_grad[3]:
         g_b = be.cell_coef_gradient(x_codes, gb, gy, p, ctx.frac_bits).to(ctx.coef_dtype)

@@ -32,6 +32,9 @@ PERIPHERY_FIELDS: Dict[str, Tuple[str, str]] = {
 }
 # Each non-default value is one bit of GemmParams.periphery (the order of PERIPHERY_FIELDS).
 PERIPHERY_BIT: Dict[str, int] = {name: 1 << i for i, name in enumerate(PERIPHERY_FIELDS)}
+# The periphery bits that a bit-plane kernel can compute itself, once analog accumulation is reduced to
+# one chunk (GemmParams.kernel_form): the C++ CPU kernels do (Backend.periphery in _ops.py).
+KERNEL_PERIPHERY = PERIPHERY_BIT["sensing"] | PERIPHERY_BIT["signed_inputs"] | PERIPHERY_BIT["adc_rounding"]
 # Named sets of conventions for XbarConfig.conventions(); docs/PERIPHERY.md gives the sources.
 PERIPHERY_PRESETS: Dict[str, Dict[str, str]] = {
     "xma2": {name: values[0] for name, values in PERIPHERY_FIELDS.items()},
@@ -322,11 +325,16 @@ class GemmParams:
         return cls(config.rows, config.cols, config.input_bits, input_signed, config.dac_bits,
                    config.weight_bits, config.cell_bits, levels, clip, periphery)
 
-    def as_args(self) -> tuple:
-        """The integer arguments of the C++/CUDA/Triton kernels (which compute Sections 2-3 only)."""
-        assert self.periphery == 0, "the kernels compute the default periphery only"
-        return (self.rows, self.cols, self.input_bits, self.input_signed, self.dac_bits, self.weight_bits,
+    def as_args(self, with_periphery: bool = False) -> tuple:
+        """The integer arguments of the C++/CUDA/Triton kernels.  ``with_periphery``: and the periphery bit
+        field, last (the C++ CPU codes ops, which compute some of SPEC 8: ``Backend.periphery``); without it
+        the kernels compute Sections 2-3 only."""
+        args = (self.rows, self.cols, self.input_bits, self.input_signed, self.dac_bits, self.weight_bits,
                 self.cell_bits, self.adc_levels, self.adc_clip)
+        if with_periphery:
+            return args + (self.periphery,)
+        assert self.periphery == 0, "the kernels compute the default periphery only"
+        return args
 
     def op_args(self) -> tuple:
         """The integer arguments of the crossbar_mvm ops: as_args and the periphery."""
@@ -335,17 +343,22 @@ class GemmParams:
 
     # ---- periphery (SPEC 8)
     def kernel_form(self) -> Optional["GemmParams"]:
-        """The default-periphery params whose Sections 2-3 arithmetic gives exactly these tile sums (so
-        that the C++/CUDA/Triton kernels can run them), or None.  Analog accumulation over inputs of at
-        most 8 magnitude bits is one DAC chunk of all of them (V = P of that chunk, Vmax = its Pmax); with
-        the ideal ADC only the row split changes a value."""
+        """The params whose bit-plane arithmetic gives exactly these tile sums, for the C++/CUDA/Triton
+        kernels, or None.  Its ``periphery`` keeps only bits that a kernel may compute itself
+        (``Backend.periphery``: differential sensing, sign-magnitude inputs, half-even rounding); 0 means
+        Sections 2-3.  Analog accumulation over inputs of at most 8 magnitude bits is one DAC chunk of all
+        of them (V = P of that chunk, Vmax = its Pmax, under any sensing and sign convention); with the
+        ideal ADC only the row split changes a value."""
         if self.periphery == 0:
             return self
         if self.adc_levels == 0 and not self.has("row_split"):
             return dataclasses.replace(self, periphery=0)
-        if self.periphery == PERIPHERY_BIT["input_accumulation"] and self.x_bits <= 8:
-            return dataclasses.replace(self, dac_bits=self.x_bits, periphery=0)
-        return None
+        p = self
+        if p.has("input_accumulation") and p.x_bits <= 8:
+            p = dataclasses.replace(p, dac_bits=p.x_bits, periphery=p.periphery & ~PERIPHERY_BIT["input_accumulation"])
+        if p.periphery & ~KERNEL_PERIPHERY:
+            return None
+        return p
 
     def has(self, flag: str) -> bool:
         """Whether the non-default value of periphery field ``flag`` is set."""

@@ -115,10 +115,15 @@ class ProgrammedWeight:
     def packed(self, backend, params) -> Optional[torch.Tensor]:
         """``backend.pack_weights(codes, params)``, made once per (backend, params, XMA2_CPU_ISA); None
         when the backend packs per call, and under torch.compile (the op then packs inside the graph)."""
-        if backend.pack_weights is None or torch.compiler.is_compiling() or params.periphery:
-            return None  # (a non-default periphery runs periphery.py, which packs nothing)
-        key = ("packed", backend.name, params.as_args(), os.environ.get("XMA2_CPU_ISA", ""))
-        return self._keep(key, (_version_of(self.codes),), lambda: backend.pack_weights(self.codes, params))
+        if backend.pack_weights is None or torch.compiler.is_compiling():
+            return None
+        from ._ops import backend_for
+        runs, kp = backend_for(backend.name, self.codes.device, params)
+        if runs.name != backend.name:
+            return None  # (a periphery that the kernels do not compute runs periphery.py, which packs nothing)
+        # the params the kernel runs (GemmParams.kernel_form), which the packed header is checked against
+        key = ("packed", backend.name, kp.as_args(with_periphery=True), os.environ.get("XMA2_CPU_ISA", ""))
+        return self._keep(key, (_version_of(self.codes),), lambda: backend.pack_weights(self.codes, kp))
 
     def dequantized(self, dtype: torch.dtype, gq: Optional[torch.Tensor] = None) -> torch.Tensor:
         """s * codes in the weight's own layout [N, ...]: the weight the cells hold, as a float

@@ -41,7 +41,8 @@ const Isa& choose_isa(const Plan& pl) {
   if (!pl.simd_exact) return kScalar;
 #if defined(__x86_64__)
 #if defined(XMA2_CPU_AMX)
-  if (want == "amx" && pl.p.cell_bits <= 7) return kAmx;
+  // The AMX kernel computes Sections 2-3 only: a periphery (SPEC 8) runs the AVX-512 bit-plane kernel.
+  if (want == "amx" && pl.p.cell_bits <= 7 && pl.p.periphery == 0) return kAmx;
   if (want == "amx") return kAvx512;
 #endif
   if (want == "avx512") return kAvx512;
@@ -58,6 +59,7 @@ const Isa* lossless_on_amx(Plan& pl) {
   const std::string want = wanted_isa();
   if (!(want.empty() || want == "auto" || want == "amx") || !cpu_runs("amx")) return nullptr;
   if (pl.p.x_bits > 8 || pl.p.w_bits > 7) return nullptr;
+  if (pl.p.periphery != 0) return nullptr;  // (exact there too, but not run on hardware: the float GEMM)
   const double bound = 2.0 * pl.p.rows * ((1 << pl.p.x_bits) - 1) * ((1 << pl.p.w_bits) - 1);
   if (bound >= 2147483647.0) return nullptr;
   pl.p.dac_bits = pl.p.x_bits;

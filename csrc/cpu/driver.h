@@ -17,7 +17,7 @@ bool cpu_runs(const std::string& name);
 
 // The kernel for this call: XMA2_CPU_ISA when set (an error if this CPU cannot run it), else the
 // fastest this CPU runs.  Configs whose sums do not fit the vector lanes always use the scalar
-// code; AMX falls back to AVX-512 for cell_bits 8 (slices beyond int8).
+// code; AMX falls back to AVX-512 for cell_bits 8 (slices beyond int8) and for any periphery (SPEC 8).
 const Isa& choose_isa(const Plan& pl);
 
 // A lossless config on AMX: returns the AMX kernel and rewrites the plan to one chunk, one slice and

@@ -41,22 +41,33 @@ struct V {
   }
   static Cnt popcnt_and(uint32_t x, const uint32_t* w) { return widen(popcount_bytes(x, w)); }
   static Cnt add(Cnt a, Cnt b) { return _mm256_add_epi32(a, b); }
+  static Cnt sub(Cnt a, Cnt b) { return _mm256_sub_epi32(a, b); }
   // Shift counts as vectors: a variable shift (vpsllvd) is one cheap instruction, unlike a shift
   // by a count moved from a general register.
   struct Consts {
-    __m256 a, b;
-    __m256i levels, shift[32];
+    __m256 a, b, b_dn;
+    __m256i levels, offset, half, shift[32];
   };
   static Consts consts(const Adc& adc) {
-    Consts k{_mm256_set1_ps(adc.a), _mm256_set1_ps(adc.b), _mm256_set1_epi32((int)adc.levels), {}};
+    Consts k{_mm256_set1_ps(adc.a), _mm256_set1_ps(adc.b), _mm256_set1_ps(adc.b_dn), _mm256_set1_epi32((int)adc.levels),
+             _mm256_set1_epi32((int)adc.offset), _mm256_set1_epi32((int)adc.half), {}};
     for (int s = 0; s < 32; ++s) k.shift[s] = _mm256_set1_epi32(s);
     return k;
   }
   static Cnt add_shifted(const Consts& k, Cnt a, Cnt b, int s) { return _mm256_add_epi32(a, _mm256_sllv_epi32(b, k.shift[s])); }
   static Acc zero_acc() { return _mm256_setzero_si256(); }
+  // The float ADC of plan.h (Adc): u = max(V + offset, 0) for the signed ADC; under half_even the even
+  // one of the half-up and the half-down code (they differ, by one, only at a tie); centred when signed.
+  template <bool kSgn = false, bool kEven = false>
   static Acc add_code(const Consts& k, Acc t, Cnt p, int s, bool neg) {
-    const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), k.a, k.b);
-    const __m256i code = _mm256_sllv_epi32(_mm256_min_epi32(_mm256_cvttps_epi32(f), k.levels), k.shift[s]);
+    const __m256 u = _mm256_cvtepi32_ps(kSgn ? _mm256_max_epi32(_mm256_add_epi32(p, k.offset), _mm256_setzero_si256()) : p);
+    __m256i c = _mm256_min_epi32(_mm256_cvttps_epi32(_mm256_fmadd_ps(u, k.a, k.b)), k.levels);
+    if (kEven) {
+      const __m256i dn = _mm256_min_epi32(_mm256_cvttps_epi32(_mm256_fmadd_ps(u, k.a, k.b_dn)), k.levels);
+      c = _mm256_sub_epi32(c, _mm256_and_si256(_mm256_sub_epi32(c, dn), c));  // a tie with an odd code: one down
+    }
+    if (kSgn) c = _mm256_sub_epi32(c, k.half);
+    const __m256i code = _mm256_sllv_epi32(c, k.shift[s]);
     return neg ? _mm256_sub_epi32(t, code) : _mm256_add_epi32(t, code);
   }
   static void store(int64_t* o, Acc t) {

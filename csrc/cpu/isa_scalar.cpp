@@ -16,12 +16,15 @@ struct V {
   static Cnt zero() { return 0; }
   static Cnt popcnt_and(uint32_t x, const uint32_t* w) { return __builtin_popcount(x & *w); }
   static Cnt add(Cnt a, Cnt b) { return a + b; }
+  static Cnt sub(Cnt a, Cnt b) { return a - b; }
   using Consts = Adc;
   static Consts consts(const Adc& adc) { return adc; }
   static Cnt add_shifted(const Consts&, Cnt a, Cnt b, int s) { return a + (b << s); }
   static Acc zero_acc() { return 0; }
+  template <bool kSgn = false, bool kEven = false>
   static Acc add_code(const Consts& adc, Acc t, Cnt p, int s, bool neg) {
-    const int64_t code = adc_code(p, adc.levels, adc.clip) << s;
+    const int64_t code = (kSgn || kEven ? adc_code_ext(p, adc.levels, adc.clip, kSgn, kEven)
+                                        : adc_code(p, adc.levels, adc.clip)) * ((int64_t)1 << s);
     return neg ? t - code : t + code;
   }
   static void store(int64_t* o, Acc t) { *o = t; }

@@ -61,9 +61,9 @@ Route route_of(const XbarParams& p) {
 
 Route checked_route(const at::Tensor& x, const at::Tensor& w, int64_t rows, int64_t cols, int64_t input_bits,
                     bool input_signed, int64_t dac_bits, int64_t weight_bits, int64_t cell_bits, int64_t adc_levels,
-                    int64_t adc_clip) {
+                    int64_t adc_clip, int64_t periphery) {
   return route_of(make_params_checked(x, w, rows, cols, input_bits, input_signed, dac_bits, weight_bits, cell_bits,
-                                      adc_levels, adc_clip));
+                                      adc_levels, adc_clip, periphery, kPeripheryCpuKernel));
 }
 
 // Float type in which every T_int of one tile (|T| <= rows * Qx * Qw) is exact.
@@ -155,11 +155,11 @@ at::Tensor gemm_weights(const at::Tensor& w, const at::Tensor& packed, const Rou
 
 at::Tensor xbar_pack_weights_cpu(const at::Tensor& w_codes, int64_t rows, int64_t cols, int64_t input_bits,
                                  bool input_signed, int64_t dac_bits, int64_t weight_bits, int64_t cell_bits,
-                                 int64_t adc_levels, int64_t adc_clip) {
+                                 int64_t adc_levels, int64_t adc_clip, int64_t periphery) {
   TORCH_CHECK(w_codes.dim() == 2, "xbar_pack_weights: w_codes must be [K, N], got ", w_codes.sizes());
   const at::Tensor no_rows = at::empty({0, w_codes.size(0)}, w_codes.options().dtype(at::kByte));
   const Route rt = checked_route(no_rows, w_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
-                                 cell_bits, adc_levels, adc_clip);
+                                 cell_bits, adc_levels, adc_clip, periphery);
   const std::vector<int64_t> header = packed_header(rt);
   for (const int64_t v : header)
     TORCH_CHECK(v >= INT32_MIN && v <= INT32_MAX, "xbar_pack_weights: w_codes ", w_codes.sizes(),
@@ -182,9 +182,9 @@ at::Tensor xbar_pack_weights_cpu(const at::Tensor& w_codes, int64_t rows, int64_
 // ------------------------------------------------------------------ xbar_tile_sums
 at::Tensor xbar_tile_sums_cpu(const at::Tensor& x_codes, const at::Tensor& w_codes, int64_t rows, int64_t cols,
                               int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits,
-                              int64_t cell_bits, int64_t adc_levels, int64_t adc_clip) {
+                              int64_t cell_bits, int64_t adc_levels, int64_t adc_clip, int64_t periphery) {
   const Route rt = checked_route(x_codes, w_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
-                                 cell_bits, adc_levels, adc_clip);
+                                 cell_bits, adc_levels, adc_clip, periphery);
   const Plan& pl = rt.pl;
   const int64_t M = pl.p.M, N = pl.p.N, Tr = pl.p.Tr();
   mul_checked(mul_checked(Tr, M, "xbar_tile_sums: the output [Tr, M, N]"), N, "xbar_tile_sums: the output [Tr, M, N]");
@@ -354,9 +354,9 @@ at::Tensor xbar_mvm_packed_cpu(const at::Tensor& x_codes, const at::Tensor& wb_c
                                const std::optional<at::Tensor>& wt_packed, const at::Tensor& coef_b,
                                const std::optional<at::Tensor>& coef_t, int64_t rows, int64_t cols, int64_t input_bits,
                                bool input_signed, int64_t dac_bits, int64_t weight_bits, int64_t cell_bits,
-                               int64_t adc_levels, int64_t adc_clip) {
+                               int64_t adc_levels, int64_t adc_clip, int64_t periphery) {
   const Route rt = checked_route(x_codes, wb_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
-                                 cell_bits, adc_levels, adc_clip);
+                                 cell_bits, adc_levels, adc_clip, periphery);
   const Plan& pl = rt.pl;
   TORCH_CHECK(wt_codes.has_value() == coef_t.has_value(), "xbar_mvm: wt_codes and coef_t must be given together");
   TORCH_CHECK(!wt_packed.has_value() || wt_codes.has_value(), "xbar_mvm: wt_packed given without wt_codes");
@@ -380,9 +380,10 @@ at::Tensor xbar_mvm_packed_cpu(const at::Tensor& x_codes, const at::Tensor& wb_c
 at::Tensor xbar_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& wb_codes, const std::optional<at::Tensor>& wt_codes,
                         const at::Tensor& coef_b, const std::optional<at::Tensor>& coef_t, int64_t rows, int64_t cols,
                         int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits, int64_t cell_bits,
-                        int64_t adc_levels, int64_t adc_clip) {
+                        int64_t adc_levels, int64_t adc_clip, int64_t periphery) {
   return xbar_mvm_packed_cpu(x_codes, wb_codes, std::nullopt, wt_codes, std::nullopt, coef_b, coef_t, rows, cols,
-                             input_bits, input_signed, dac_bits, weight_bits, cell_bits, adc_levels, adc_clip);
+                             input_bits, input_signed, dac_bits, weight_bits, cell_bits, adc_levels, adc_clip,
+                             periphery);
 }
 
 // ------------------------------------------------------------------ xbar_coef_grad
@@ -391,9 +392,9 @@ at::Tensor xbar_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& wb_codes, c
 at::Tensor xbar_coef_grad_packed_cpu(const at::Tensor& x_codes, const at::Tensor& w_codes,
                                      const std::optional<at::Tensor>& w_packed, const at::Tensor& gy, int64_t rows,
                                      int64_t cols, int64_t input_bits, bool input_signed, int64_t dac_bits,
-                                     int64_t weight_bits, int64_t cell_bits, int64_t adc_levels, int64_t adc_clip) {
+                                     int64_t weight_bits, int64_t cell_bits, int64_t adc_levels, int64_t adc_clip, int64_t periphery) {
   const Route rt = checked_route(x_codes, w_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
-                                 cell_bits, adc_levels, adc_clip);
+                                 cell_bits, adc_levels, adc_clip, periphery);
   const Plan& pl = rt.pl;
   const int64_t M = pl.p.M, N = pl.p.N, Tr = pl.p.Tr();
   TORCH_CHECK(gy.dim() == 2 && gy.size(0) == M && gy.size(1) == N, "xbar_coef_grad: gy must be [M, N] = [", M, ", ",
@@ -423,9 +424,9 @@ at::Tensor xbar_coef_grad_packed_cpu(const at::Tensor& x_codes, const at::Tensor
 
 at::Tensor xbar_coef_grad_cpu(const at::Tensor& x_codes, const at::Tensor& w_codes, const at::Tensor& gy, int64_t rows,
                               int64_t cols, int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits,
-                              int64_t cell_bits, int64_t adc_levels, int64_t adc_clip) {
+                              int64_t cell_bits, int64_t adc_levels, int64_t adc_clip, int64_t periphery) {
   return xbar_coef_grad_packed_cpu(x_codes, w_codes, std::nullopt, gy, rows, cols, input_bits, input_signed, dac_bits,
-                                   weight_bits, cell_bits, adc_levels, adc_clip);
+                                   weight_bits, cell_bits, adc_levels, adc_clip, periphery);
 }
 
 }  // namespace

@@ -12,28 +12,43 @@ namespace cpu {
 namespace {
 
 // Checks that the float32 ADC (and the int32 sums) of the vector kernels are exact for every
-// partial sum this config can produce.  P <= Pmax; past clip every code is `levels`, and
-// trunc(P*a + b) is monotone in P, so checking P in [0, min(Pmax, clip)] covers all.
+// partial sum this config can produce.  |V| <= Pmax (V >= 0 for the unsigned ADC), u = V + offset is
+// clamped to >= 0 before the float ADC; past hi every code is `levels`, and trunc(u*a + b) is monotone
+// in u, so checking u in [max(0, offset - Pmax), min(span, offset + Pmax)] covers all.  Under half_even
+// both the half-up and the half-down form are checked (the even one of the two is then the exact
+// half-even code: they differ, by one, exactly at a tie).
 bool vector_adc_exact(const XbarParams& p, Adc& adc) {
   if (p.adc_levels == 0) return false;
   const int64_t pmax = p.pmax();
-  adc.a = (float)((double)p.adc_levels / (double)p.adc_clip);
-  adc.b = (float)(0.5 + 0.25 / (double)p.adc_clip);  // the quarter step keeps exact halves from rounding down
-  const int64_t pcap = std::min(pmax, p.adc_clip);
-  if (pmax >= (1LL << 24) || pcap > (1 << 20)) return false;  // float P, and a bounded check
-  // The answer depends only on (levels, clip, pcap): checked once per process for each (up to 2^20
-  // steps), not on every call.
+  const bool sgn = p.adc_signed(), even = p.half_even();
+  const int64_t span = sgn ? 2 * p.adc_clip : p.adc_clip;
+  adc.sgn = sgn;
+  adc.half_even = even;
+  adc.offset = sgn ? p.adc_clip : 0;
+  adc.half = sgn ? p.adc_levels / 2 : 0;
+  adc.a = (float)((double)p.adc_levels / (double)span);
+  adc.b = (float)(0.5 + 0.25 / (double)span);  // the quarter step keeps exact halves from rounding down
+  adc.b_dn = (float)(0.5 - 0.25 / (double)span);  // ... and here from rounding up
+  const int64_t ulo = std::max<int64_t>(0, adc.offset - pmax), uhi = std::min(span, adc.offset + pmax);
+  // float u, int32 lanes for u (and for the offset added to V), and a bounded check
+  if (pmax >= (1LL << 24) || uhi >= (1LL << 24) || adc.offset >= (1LL << 24) || uhi - ulo > (sgn ? (1 << 21) : (1 << 20))) return false;
+  // The answer depends only on these numbers: checked once per process for each (up to 2^21 steps),
+  // not on every call.
   static std::mutex mu;
-  static std::map<std::tuple<int64_t, int64_t, int64_t>, bool> known;
-  const auto key = std::make_tuple((int64_t)p.adc_levels, p.adc_clip, pcap);
+  static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int>, bool> known;
+  const auto key = std::make_tuple((int64_t)p.adc_levels, p.adc_clip, ulo, uhi, (sgn ? 1 : 0) | (even ? 2 : 0));
   {
     std::lock_guard<std::mutex> lock(mu);
     const auto it = known.find(key);
     if (it != known.end()) return it->second;
   }
   bool exact = true;
-  for (int64_t v = 0; v <= pcap && exact; ++v)  // unclamped: up to clip the code needs no clamp either
-    exact = (int64_t)std::fma((float)v, adc.a, adc.b) == adc_code(v, p.adc_levels, p.adc_clip);
+  for (int64_t u = ulo; u <= uhi && exact; ++u) {  // unclamped: up to hi the code needs no clamp either
+    const int64_t num = 2 * u * p.adc_levels + span;
+    const int64_t up = num / (2 * span), down = (num - 1) / (2 * span);  // half up, half down (num >= 1)
+    exact = (int64_t)std::fma((float)u, adc.a, adc.b) == up;
+    if (even) exact = exact && (int64_t)std::fma((float)u, adc.a, adc.b_dn) == down;
+  }
   std::lock_guard<std::mutex> lock(mu);
   known[key] = exact;
   return exact;
@@ -47,7 +62,11 @@ Plan make_plan(const XbarParams& p) {
   pl.words = (p.rows + 31) / 32;
   pl.kpad = ((int64_t)p.rows + 63) / 64 * 64;
   pl.lossless = p.adc_identity();
-  pl.adc = {p.adc_levels, p.adc_clip, 0.f, 0.f};
+  pl.adc = Adc{p.adc_levels, p.adc_clip, 0.f, 0.f};
+  pl.adc.sgn = p.adc_signed();
+  pl.adc.half_even = p.half_even();
+  pl.adc.offset = pl.adc.sgn ? p.adc_clip : 0;
+  pl.adc.half = pl.adc.sgn ? p.adc_levels / 2 : 0;
   // |T| <= 2 * levels * sum_{i,j} 2^(i*db + j*cb) must fit the int32 lanes.
   double shifts = 0;
   for (int i = 0; i < p.chunks(); ++i)

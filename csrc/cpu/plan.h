@@ -11,11 +11,20 @@ namespace cpu {
 
 constexpr int64_t kRowBlock = 128;  // input rows per parallel work item (their planes stay in L1/L2)
 
-// The ADC of SPEC 3 in both forms: exact integers (scalar code) and code = min(trunc(P*a + b), levels)
-// in float32 (vector code), the latter used only where it was checked equal for every reachable P.
+// The ADC of SPEC 3 / 8.2 in both forms: exact integers (scalar code, adc_code_ext) and, in float32
+// (vector code), on u = V + offset (offset = clip for the signed ADC, else 0):
+//   up   = min(trunc(max(u, 0) * a + b), levels)       round half up
+//   down = min(trunc(max(u, 0) * a + b_dn), levels)    round half down (differs from up only at a tie)
+//   code = up, or under half_even the even one of up and down; minus `half` (n/2, signed ADC).
+// The float forms are used only where they were checked equal to the integer rule for every reachable u.
 struct Adc {
   int64_t levels, clip;
   float a, b;
+  float b_dn = 0.f;     // half-down constant (half_even only)
+  int64_t offset = 0;   // clip (signed ADC) or 0
+  int64_t half = 0;     // levels / 2 (signed ADC) or 0
+  bool sgn = false;     // signed ADC (SPEC 8.2)
+  bool half_even = false;
 };
 
 // Everything the kernels need about one call, resolved once (make_plan).

@@ -11,20 +11,29 @@ struct V {
     return _mm512_popcnt_epi32(_mm512_and_si512(_mm512_set1_epi32((int)x), _mm512_loadu_si512(w)));
   }
   static Cnt add(Cnt a, Cnt b) { return _mm512_add_epi32(a, b); }
+  static Cnt sub(Cnt a, Cnt b) { return _mm512_sub_epi32(a, b); }
   struct Consts {  // as in avx2::V
-    __m512 a, b;
-    __m512i levels, shift[32];
+    __m512 a, b, b_dn;
+    __m512i levels, offset, half, shift[32];
   };
   static Consts consts(const Adc& adc) {
-    Consts k{_mm512_set1_ps(adc.a), _mm512_set1_ps(adc.b), _mm512_set1_epi32((int)adc.levels), {}};
+    Consts k{_mm512_set1_ps(adc.a), _mm512_set1_ps(adc.b), _mm512_set1_ps(adc.b_dn), _mm512_set1_epi32((int)adc.levels),
+             _mm512_set1_epi32((int)adc.offset), _mm512_set1_epi32((int)adc.half), {}};
     for (int s = 0; s < 32; ++s) k.shift[s] = _mm512_set1_epi32(s);
     return k;
   }
   static Cnt add_shifted(const Consts& k, Cnt a, Cnt b, int s) { return _mm512_add_epi32(a, _mm512_sllv_epi32(b, k.shift[s])); }
   static Acc zero_acc() { return _mm512_setzero_si512(); }
+  template <bool kSgn = false, bool kEven = false>  // as in avx2::V
   static Acc add_code(const Consts& k, Acc t, Cnt p, int s, bool neg) {
-    const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), k.a, k.b);
-    const __m512i code = _mm512_sllv_epi32(_mm512_min_epi32(_mm512_cvttps_epi32(f), k.levels), k.shift[s]);
+    const __m512 u = _mm512_cvtepi32_ps(kSgn ? _mm512_max_epi32(_mm512_add_epi32(p, k.offset), _mm512_setzero_si512()) : p);
+    __m512i c = _mm512_min_epi32(_mm512_cvttps_epi32(_mm512_fmadd_ps(u, k.a, k.b)), k.levels);
+    if (kEven) {
+      const __m512i dn = _mm512_min_epi32(_mm512_cvttps_epi32(_mm512_fmadd_ps(u, k.a, k.b_dn)), k.levels);
+      c = _mm512_sub_epi32(c, _mm512_and_si512(_mm512_sub_epi32(c, dn), c));
+    }
+    if (kSgn) c = _mm512_sub_epi32(c, k.half);
+    const __m512i code = _mm512_sllv_epi32(c, k.shift[s]);
     return neg ? _mm512_sub_epi32(t, code) : _mm512_add_epi32(t, code);
   }
   static void store(int64_t* o, Acc t) {

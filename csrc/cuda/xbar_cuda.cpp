@@ -18,9 +18,10 @@ void check_cuda(const at::Tensor& t, const at::Tensor& like, const char* name) {
 
 XbarParams cuda_params(const at::Tensor& x, const at::Tensor& w, int64_t rows, int64_t cols, int64_t input_bits,
                        bool input_signed, int64_t dac_bits, int64_t weight_bits, int64_t cell_bits,
-                       int64_t adc_levels, int64_t adc_clip) {
+                       int64_t adc_levels, int64_t adc_clip, int64_t periphery) {
+  // The CUDA kernel computes Sections 2-3 only (periphery 0; SPEC 8 runs xma2_ops/periphery.py).
   const XbarParams p = make_params_checked(x, w, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
-                                           cell_bits, adc_levels, adc_clip);
+                                           cell_bits, adc_levels, adc_clip, periphery, 0);
   TORCH_CHECK(x.is_cuda(), "xbar: x_codes must be a CUDA tensor, got one on ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kInt, "xbar (CUDA): x_codes must be int32, got ", x.scalar_type());
   check_cuda(w, x, "w_codes");
@@ -37,9 +38,9 @@ void check_launch(cudaError_t err) {
 
 at::Tensor xbar_tile_sums_cuda(const at::Tensor& x_codes, const at::Tensor& w_codes, int64_t rows, int64_t cols,
                                int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits,
-                               int64_t cell_bits, int64_t adc_levels, int64_t adc_clip) {
+                               int64_t cell_bits, int64_t adc_levels, int64_t adc_clip, int64_t periphery) {
   const XbarParams p = cuda_params(x_codes, w_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
-                                   cell_bits, adc_levels, adc_clip);
+                                   cell_bits, adc_levels, adc_clip, periphery);
   check_weight_codes(w_codes, p, "w_codes");
   const c10::cuda::CUDAGuard guard(x_codes.device());
   const at::Tensor x = x_codes.contiguous(), w = w_codes.contiguous();
@@ -55,9 +56,9 @@ at::Tensor xbar_mvm_cuda(const at::Tensor& x_codes, const at::Tensor& wb_codes,
                          const std::optional<at::Tensor>& wt_codes, const at::Tensor& coef_b,
                          const std::optional<at::Tensor>& coef_t, int64_t rows, int64_t cols, int64_t input_bits,
                          bool input_signed, int64_t dac_bits, int64_t weight_bits, int64_t cell_bits,
-                         int64_t adc_levels, int64_t adc_clip) {
+                         int64_t adc_levels, int64_t adc_clip, int64_t periphery) {
   const XbarParams p = cuda_params(x_codes, wb_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
-                                   cell_bits, adc_levels, adc_clip);
+                                   cell_bits, adc_levels, adc_clip, periphery);
   check_weight_codes(wb_codes, p, "wb_codes");
   const int64_t tr = p.Tr();
   TORCH_CHECK(wt_codes.has_value() == coef_t.has_value(), "xbar_mvm: wt_codes and coef_t must be given together");
