@@ -7,12 +7,14 @@ read (aihwkit's GlobalDriftCompensation).  ``deploy`` does the same here with un
 inputs only, on the chip the layers hold (``config.device``, ``xma2_ops.program(model, seed)``):
 
 - ``"adc"``: ``calibrate_adc(..., cells=True)``: ADC clips from the partial sums of the device cells;
-- ``"bn"``: ``recalibrate_bn`` through the chip (the quantised forward on the cells, eval mode);
 - ``"gain"``: per output column, y <- g_n y + o_n on the crossbar output (before the bias), the least
   squares fit of the chip's layer outputs to the ideal-cell outputs of the same layer on the same
   inputs, layer by layer in network order (each layer's inputs from the already-corrected chip);
-- ``"drift"``: one scalar per layer, mean |ideal| / mean |chip| (corrected so far), folded into the
-  same correction (global drift compensation).
+- ``"bn"``: ``recalibrate_bn`` through the chip (the quantised forward on the cells, eval mode);
+- ``"drift"`` (optional): one scalar per layer, mean |ideal| / mean |chip| (corrected so far), folded
+  into the same correction (global drift compensation).
+
+Steps run in the order given; the default is ("adc", "gain", "bn").
 
 The correction lives on the layers (``out_gain``/``out_offset``) and travels in the task file.
 Folding the gain into XMA2's tier-2 column scales (which already multiply the frozen PEs' columns)
@@ -30,6 +32,7 @@ from ..calibration import calibrate_adc
 from .methods import bn_layers, recalibrate_bn, xbar_layers
 
 STEPS = ("adc", "bn", "gain", "drift")
+DEFAULT_STEPS = ("adc", "gain", "bn")  # bn last: its statistics must be those of the corrected outputs
 DEFAULT_INPUTS = 256  # inputs (not batches) taken from the loader when ``batches`` is None
 
 
@@ -173,13 +176,15 @@ def _fit_gain(y: torch.Tensor, ref: torch.Tensor) -> Tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def deploy(model: nn.Module, loader: Iterable, steps: Sequence[str] = ("adc", "bn", "gain"),
+def deploy(model: nn.Module, loader: Iterable, steps: Sequence[str] = DEFAULT_STEPS,
            batches: Optional[int] = None, *, adc_method: str = "percentile",
            percentile: float = 99.99) -> Deployment:
     """Calibrate the current task of ``model`` on its programmed chip from unlabelled inputs of
     ``loader`` (items ``x`` or ``(x, ...)``): ``batches`` batches, default (None) as many as give
     DEFAULT_INPUTS = 256 inputs.  ``steps`` run in the order given (module docstring: "adc", "bn",
-    "gain", "drift"); every crossbar layer needs a ``config.device`` (an ideal device is accepted:
+    "gain", "drift"); the default ("adc", "gain", "bn") re-estimates BN last, on the corrected
+    outputs (BN estimated before the gain would normalise outputs the gain then changes: measured
+    worse on a ``typical`` chip); every crossbar layer needs a ``config.device`` (an ideal device is accepted:
     every step then changes nothing material).  ``adc_method``/``percentile`` go to ``calibrate_adc``.
     The model is left in its training mode; returns what changed (``Deployment``).
 
