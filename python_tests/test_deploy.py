@@ -273,3 +273,15 @@ def test_report_counts_the_correction():
     for a, b in zip(plain.layers, rep.layers):  # nothing else changes
         assert (a.adc_conversions, a.shift_adds, a.inference_energy_j) == (b.adc_conversions, b.shift_adds,
                                                                             b.inference_energy_j)
+
+
+def test_adc_step_clips_are_part_of_the_checked_config(tmp_path):
+    """The clips live in the layer config, which task files record: a file saved before the adc
+    step no longer matches (documented in docs/MTA.md)."""
+    x = inputs()
+    m = _xma2_task(x)
+    path = tmp_path / "before.safetensors"
+    mta.save_task(m, path)
+    mta.deploy(m, batches(x), steps=("adc",))
+    with pytest.raises(ValueError, match="crossbar config: layer c1 config"):
+        mta.load_task(m, path)
