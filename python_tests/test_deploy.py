@@ -285,3 +285,12 @@ def test_adc_step_clips_are_part_of_the_checked_config(tmp_path):
     mta.deploy(m, batches(x), steps=("adc",))
     with pytest.raises(ValueError, match="crossbar config: layer c1 config"):
         mta.load_task(m, path)
+
+
+def test_prepare_starts_a_task_without_the_previous_correction():
+    x = inputs()
+    m = _xma2_task(x)
+    mta.deploy(m, batches(x), steps=("gain",))
+    assert m.c1.out_gain is not None
+    mta.prepare(m, mta.MethodSpec("classifier"), 10)
+    assert all(layer.out_gain is None and layer.out_offset is None for _, layer in mta.xbar_layers(m))
