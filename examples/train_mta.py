@@ -31,6 +31,7 @@ hardware that is evaluated; --weight-only-also repeats some methods without that
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import dataclasses
 import gzip
@@ -58,6 +59,7 @@ import xma2_ops  # noqa: E402
 from xma2_ops import DeviceModel, XbarConfig, convert  # noqa: E402
 from xma2_ops import models as xmodels  # noqa: E402
 from xma2_ops import mta  # noqa: E402
+from xma2_ops.mta.deploy import DEFAULT_INPUTS as DEPLOY_INPUTS  # noqa: E402
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -400,11 +402,14 @@ def with_device(device: Optional[DeviceModel]):
     return lambda c: dataclasses.replace(c, device=device)
 
 
-def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str) -> Tuple[float, float, float]:
+def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str,
+                    calib: Optional[torch.Tensor] = None) -> Tuple[float, float, float]:
     """(ideal-cell accuracy, mean and std over chips of the accuracy) with the layers' config carrying
     DeviceModel.preset(args.device), on the first --device-n-test test images, on --device-chips chips
     (device seeds seed+0, seed+1, ...: the same chips for every method and task).  The layers' own
-    config is restored afterwards (the adapters and the ideal-cell accuracy do not depend on it)."""
+    config is restored afterwards (the adapters and the ideal-cell accuracy do not depend on it).
+    --deploy: each chip is first calibrated with mta.deploy on the unlabelled images ``calib``; the
+    BN state and the correction are put back after each chip."""
     dev = DeviceModel.preset(args.device)
     data = (data[0][:args.device_n_test], data[1][:args.device_n_test])
     accs = []
@@ -415,7 +420,19 @@ def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str) -> 
         with mta.use_config(model, with_device(dev)):
             for chip in range(args.device_chips):
                 xma2_ops.program(model, seed=args.seed + chip)  # numbers the layers on the chip, draws its cells
-                accs.append(evaluate(model, data, args.eval_batch, progress, f"{desc} {args.device} chip {chip}")[0])
+                if not args.deploy:
+                    accs.append(evaluate(model, data, args.eval_batch, progress, f"{desc} {args.device} chip {chip}")[0])
+                    continue
+                bns = {n: copy.deepcopy(m.state_dict()) for n, m in mta.methods.bn_layers(model)}
+                try:
+                    mta.deploy(model, [calib[i:i + args.batch] for i in range(0, len(calib), args.batch)])
+                    accs.append(evaluate(model, data, args.eval_batch, progress,
+                                         f"{desc} {args.device} chip {chip} deployed")[0])
+                finally:
+                    for n, m in mta.methods.bn_layers(model):
+                        m.load_state_dict(bns[n])
+                    for _, m in mta.xbar_layers(model):
+                        m.set_output_correction(None, None)
     finally:
         torch.set_num_threads(threads)
     return (ideal,) + _mean_std(accs)
@@ -703,12 +720,17 @@ def parse_args(argv=None):
     p.add_argument("--device-chips", type=int, default=3, help="chips (device seeds) per device evaluation")
     p.add_argument("--device-n-test", type=int, default=300,
                    help="test images per task for the device evaluation (the device path is slower; --quick: 50)")
+    p.add_argument("--deploy", action="store_true",
+                   help="with --device: calibrate each chip with mta.deploy (ADC clips from the cells, column gains, "
+                        "BN) on unlabelled training images of the task before its evaluation")
     p.add_argument("--noise-aware", action="store_true",
                    help="with --device: adapt every task with noise-aware training (cells re-programmed with the "
                         "device model on every training forward)")
     args = p.parse_args(argv)
     if args.noise_aware and not args.device:
         raise SystemExit("--noise-aware needs --device PRESET")
+    if args.deploy and not args.device:
+        raise SystemExit("--deploy needs --device PRESET")
     if args.device_chips < 1 or args.device_n_test < 1:
         raise SystemExit("--device-chips and --device-n-test must be >= 1")
     if args.seeds < 1:
@@ -810,7 +832,8 @@ def main(argv=None) -> List[dict]:
                                                                                   if run.hw else 0),
                     wrap=ddp_wrap, progress=progress, calib_loader=make_loader(train, args.batch, sd, shuffle=False))
         acc, first = evaluate(model, test, args.eval_batch, progress, f"{task} {run.label}")
-        dev_acc = evaluate_device(model, test, args, progress, f"{task} {run.label}") if args.device else None
+        dev_acc = evaluate_device(model, test, args, progress, f"{task} {run.label}",
+                                  train[0][:DEPLOY_INPUTS]) if args.device else None
         rep = mta.report(model, example_input=test[0][:1])
         tag = run.label.replace("/", "_").replace("%", "pct")
         fname = out / "adapters" / (f"{task}__{tag}.safetensors" if args.seeds == 1 else

@@ -17,12 +17,21 @@ clip (for a signed ADC, from |V|: its range is [-clip, clip]):
 
 The histogram is kept as the distinct partial sums seen and their counts (memory grows with what
 is seen, not with Pmax, which reaches 2^32 for the largest configs).
+
+``cells=True`` (on-chip calibration, ``mta.deploy``'s "adc" step; every layer needs a
+``config.device``, an ideal device's cells being its codes): the partial sums come from the
+layer's programmed device cells instead of the ideal codes -- one read of the fixed-point
+conductances Gq [2, S, K, N] of SPEC 7 (``programmed.cells.read``, the read noise of the layer's
+next read, without advancing its counters), the re-programmed (tier-1) PEs' cells where the
+current ``pe_mask`` selects them.  A conversion sees V_F in units of 2^-F level steps; it is
+collected as round_half_even(V_F / 2^F), in level units like the clip (an integer clip cannot
+resolve finer).  With ``cells=False`` (default) the ideal-code behaviour is unchanged.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,6 +40,7 @@ from . import periphery
 from . import reference as ref
 from .config import GemmParams, adc_levels_for
 from .modules import XbarConv2d, XbarLinear
+from .reference import expand_tiles
 
 _MAX_ROWS = 2048  # input rows per layer and batch whose partial sums are collected (sampled evenly)
 _EXHAUSTIVE_CLIPS = 2048  # "mse": every clip up to this many, else a geometric grid of this many
@@ -49,8 +59,24 @@ def _merge(a: Counts, b: Counts) -> Counts:
     return values, torch.zeros_like(values).index_add_(0, inverse, torch.cat([a[1], b[1]]))
 
 
-def _histogram(layer: nn.Module, x: torch.Tensor) -> Counts:
-    """The distinct partial sum values P that ``x`` produces in ``layer`` and how often each occurs."""
+def _cell_slices(layer: nn.Module) -> List[List[torch.Tensor]]:
+    """slices[q][j] [K, N] (int64, units of 2^-F level steps): one read of the cells the layer's
+    current state drives (backbone cells; the task's where ``pe_mask`` re-programs a PE)."""
+    st = layer.programmed
+    gq = st.cells.read(layer.chip.reads)  # the next read's draw; the counter is not advanced
+    tw, pm = layer.adapter(layer)[:2] if layer.adapter is not None else (layer.task_weight, layer.pe_mask)
+    task = layer.programmed_task
+    if tw is not None and pm is not None and task is not None and task.cells is not None:
+        k, n = st.codes.shape
+        sel = expand_tiles(pm.detach() > 0, k, n, layer.config.row_layout(k), layer.config.cols).to(gq.device)
+        gq = torch.where(sel, task.cells.read(layer.chip.reads), gq)
+    g = gq.to(torch.int64)
+    return [[g[q, j] for j in range(g.shape[1])] for q in range(2)]
+
+
+def _histogram(layer: nn.Module, x: torch.Tensor, cells: bool = False) -> Counts:
+    """The distinct partial sum values P that ``x`` produces in ``layer`` and how often each occurs
+    (``cells``: from the programmed device cells, in level units; module docstring)."""
     cfg = layer.config
     if float(layer.input_range) == 0.0:
         layer._calibrate(x)  # a never-calibrated layer calibrates on its first batch, as its forward would
@@ -74,13 +100,18 @@ def _histogram(layer: nn.Module, x: torch.Tensor) -> Counts:
     layer.program()
     p = _layer_params(layer)
     groups_in = periphery.input_groups(codes.long(), p)
-    _, w = periphery.weight_groups(periphery.code_slices(layer.programmed.codes, p), p)  # [K, G, N]
+    if cells and layer.programmed.cells is not None:  # (an ideal device's cells hold the codes exactly)
+        slices, unit = _cell_slices(layer), 2.0 ** -layer.config.device.frac_bits
+    else:
+        slices, unit = periphery.code_slices(layer.programmed.codes, p), None
+    _, w = periphery.weight_groups(slices, p)  # [K, G, N]
     counts = _no_counts()
     k0 = 0
     for rows in p.tile_rows(w.shape[0]):
         wt = w[k0:k0 + rows].reshape(rows, -1).double()
         for _, _, xg in groups_in:
-            v = (xg[:, k0:k0 + rows].double() @ wt).round().long()  # exact: integers far below 2^53
+            v = xg[:, k0:k0 + rows].double() @ wt  # exact: integers far below 2^53
+            v = (v if unit is None else v * unit).round().long()  # (x 2^-F is exact too)
             counts = _merge(counts, torch.unique(v, sorted=True, return_counts=True))
         k0 += rows
     return counts
@@ -139,10 +170,12 @@ def _choose_clip(counts: Counts, adc_bits: int, method: str, percentile: float, 
 
 @torch.no_grad()
 def calibrate_adc(model: nn.Module, loader: Iterable, batches: int = 2, method: str = "percentile",
-                  percentile: float = 99.99) -> Dict[str, int]:
+                  percentile: float = 99.99, cells: bool = False) -> Dict[str, int]:
     """Set ``adc_clip`` of every quantised crossbar layer of ``model`` from ``batches`` batches of
     ``loader`` (items ``x`` or ``(x, ...)``); returns {layer name: clip}.  Layers keep their input
-    calibration (run one calibrated forward first, e.g. ``mta.calibrate``, or the first batch does it)."""
+    calibration (run one calibrated forward first, e.g. ``mta.calibrate``, or the first batch does it).
+    ``cells``: the partial sums of the programmed device cells (module docstring); every such layer
+    must have a non-ideal ``config.device``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float)):
@@ -157,17 +190,23 @@ def calibrate_adc(model: nn.Module, loader: Iterable, batches: int = 2, method: 
         raise TypeError(f"batches: expected an int >= 1, got {type(batches).__name__} ({batches!r})")
     if batches < 1:
         raise ValueError(f"batches: expected an int >= 1, got {batches!r}")
+    if not isinstance(cells, bool):
+        raise TypeError(f"cells: expected a bool, got {type(cells).__name__} ({cells!r})")
     try:
         items = iter(loader)
     except TypeError:
         raise TypeError(f"loader: expected an iterable of batches, got {type(loader).__name__}") from None
     layers = {name: m for name, m in model.named_modules()
               if isinstance(m, (XbarConv2d, XbarLinear)) and m.config.quantized and m.config.adc_bits is not None}
+    if cells:
+        no_chip = [name for name, m in layers.items() if m.config.device is None]
+        if no_chip:
+            raise ValueError(f"cells: layer(s) {no_chip} have no config.device (no chip to read); use cells=False")
     hists = {name: _no_counts() for name in layers}
 
     def hook(name):
         def fn(mod, args):
-            hists[name] = _merge(hists[name], _histogram(mod, args[0]))
+            hists[name] = _merge(hists[name], _histogram(mod, args[0], cells))
         return fn
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]

@@ -18,6 +18,12 @@ Tier-1/tier-2 state of the current task lives on the layer: ``task_weight`` (par
 shape as ``weight``), ``pe_mask`` [Tr, Tc] and ``col_scale`` [Tr, out]; all None by default
 (backbone only).  A multi-task method may instead set ``adapter``: a callable returning
 ``(task_weight, pe_mask, col_scale)`` for the layer, evaluated at every forward.
+
+Digital output correction (``mta.deploy``'s "gain"/"drift" steps): ``out_gain`` and ``out_offset``
+[out] (non-persistent buffers, None by default; they travel in the task file, not the state dict,
+since they belong to one chip and one task).  When set, the crossbar output y (before the bias) of
+every output column n becomes ``out_gain[n] * y + out_offset[n]``; without them the forward is
+exactly today's.
 """
 from __future__ import annotations
 
@@ -57,6 +63,8 @@ class _XbarMixin:
         self.register_parameter("task_weight", None)
         self.register_buffer("pe_mask", None)
         self.register_buffer("col_scale", None)
+        self.register_buffer("out_gain", None, persistent=False)
+        self.register_buffer("out_offset", None, persistent=False)
 
     @property
     def config(self) -> XbarConfig:
@@ -185,6 +193,42 @@ class _XbarMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward_with_state(x, reuse=not self.training)
 
+    def set_output_correction(self, gain: Optional[torch.Tensor], offset: Optional[torch.Tensor]) -> None:
+        """Set (or, with two Nones, remove) the digital per-column correction y <- gain * y + offset
+        applied to the crossbar output before the bias; both [out], finite."""
+        if (gain is None) != (offset is None):
+            raise ValueError("gain, offset: expected both tensors or both None")
+        if gain is None:
+            self.out_gain = self.out_offset = None
+            return
+        n = self.weight.shape[0]
+        for name, t in (("gain", gain), ("offset", offset)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,):
+                raise ValueError(f"{name}: expected a tensor of shape ({n},), got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name}: expected finite values, got NaN or inf")
+        self.out_gain = gain.detach().to(device=self.weight.device, dtype=torch.float32).clone()
+        self.out_offset = offset.detach().to(device=self.weight.device, dtype=torch.float32).clone()
+
+    @torch.no_grad()
+    def crossbar_output(self, x: torch.Tensor, cells: bool = True) -> torch.Tensor:
+        """The crossbar output before the correction and the bias, in eval semantics (the layer's
+        input calibration and programmed state).  ``cells=True``: the chip (one read of the cells, as
+        the forward does); ``cells=False``: the same layer on ideal cells (its weight codes through
+        the same periphery), programmed into a throw-away cache so that the chip's state and its
+        write/read counters are untouched."""
+        x, op = self._lowered(x)
+        kwargs = self._call_kwargs(x, reuse=True)
+        if not cells:
+            kwargs.update(caches=(ProgrammingCache(), ProgrammingCache()), chip=ChipPosition(), cells=False)
+        return op(x, None, kwargs)
+
+    def _corrected(self, y: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+        """gain * y + offset (per output column, ``shape`` broadcasts [out] onto y), then the bias."""
+        y = y * self.out_gain.view(shape).to(y.dtype) + self.out_offset.view(shape).to(y.dtype)
+        return y if self.bias is None else y + self.bias.view(shape)
+
 
 class XbarConv2d(_XbarMixin, nn.Conv2d):
     """nn.Conv2d computed on simulated ReRAM crossbars (same weight/bias names and shapes)."""
@@ -213,13 +257,19 @@ class XbarConv2d(_XbarMixin, nn.Conv2d):
         new.train(conv.training)
         return new
 
-    def _forward_with_state(self, x: torch.Tensor, reuse: bool) -> torch.Tensor:
+    def _lowered(self, x: torch.Tensor):
+        """(x after a non-zero padding mode, op(x, bias, kwargs)): the functional call of this layer."""
         padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return _conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, 1,
-                       **self._call_kwargs(x, reuse))
+        return x, lambda x, bias, kw: _conv2d(x, self.weight, bias, self.stride, padding, self.dilation, 1, **kw)
+
+    def _forward_with_state(self, x: torch.Tensor, reuse: bool) -> torch.Tensor:
+        x, op = self._lowered(x)
+        if self.out_gain is None:  # no correction: exactly the plain op
+            return op(x, self.bias, self._call_kwargs(x, reuse))
+        return self._corrected(op(x, None, self._call_kwargs(x, reuse)), (-1, 1, 1))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", config={self.config}"
@@ -247,8 +297,13 @@ class XbarLinear(_XbarMixin, nn.Linear):
         new.train(linear.training)
         return new
 
+    def _lowered(self, x: torch.Tensor):
+        return x, lambda x, bias, kw: _linear(x, self.weight, bias, **kw)
+
     def _forward_with_state(self, x: torch.Tensor, reuse: bool) -> torch.Tensor:
-        return _linear(x, self.weight, self.bias, **self._call_kwargs(x, reuse))
+        if self.out_gain is None:  # no correction: exactly the plain op
+            return _linear(x, self.weight, self.bias, **self._call_kwargs(x, reuse))
+        return self._corrected(_linear(x, self.weight, None, **self._call_kwargs(x, reuse)), (-1,))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", config={self.config}"

@@ -98,7 +98,8 @@ def _pe_blocks(w_kn: torch.Tensor, mask: torch.Tensor, rows: int, cols: int):
 
 
 def save_task(model: nn.Module, path: PathLike) -> None:
-    """Write the current task of ``model`` to ``path`` (safetensors)."""
+    """Write the current task of ``model`` to ``path`` (safetensors); with a deployed digital
+    correction (``mta.deploy``), each corrected layer's ``out_gain``/``out_offset`` too."""
     info = task_info(model)
     spec = info.spec
     tensors: Dict[str, torch.Tensor] = {}
@@ -118,6 +119,9 @@ def save_task(model: nn.Module, path: PathLike) -> None:
             tensors[f"{name}.col_code"] = ad.col_scale().detach().to(torch.uint8).cpu()
         if spec.method in ("xma", "xma2"):
             tensors[f"{name}.col_code"] = spec.levels.encode(ad.col_scale().detach()).cpu()
+        if layer.out_gain is not None:  # mta.deploy's digital column correction (optional in the format)
+            tensors[f"{name}.out_gain"] = layer.out_gain.detach().float().cpu().contiguous()
+            tensors[f"{name}.out_offset"] = layer.out_offset.detach().float().cpu().contiguous()
     head = model.get_submodule(info.head)
     tensors["head.weight"] = head.weight.detach().cpu().contiguous()
     tensors["head.bias"] = head.bias.detach().cpu().contiguous()
@@ -295,6 +299,9 @@ def _expected_tensors(model: nn.Module, spec: MethodSpec, head: nn.Linear, num_c
             top = spec.levels.k_max - spec.levels.k_min + 1
             exp[f"{name}.col_code"] = _Expected(torch.int8, (tr, n), lambda v, top=top: bool((v.abs() <= top).all()),
                                                 f"shift codes in [-{top}, {top}]")
+        if f"{name}.out_gain" in t or f"{name}.out_offset" in t:  # optional, both or neither (mta.deploy)
+            for key in ("out_gain", "out_offset"):
+                exp[f"{name}.{key}"] = _Expected(torch.float32, (n,), _finite, "finite values")
     exp["head.weight"] = _Expected(head.weight.dtype, (num_classes, head.in_features), _finite, "finite values")
     exp["head.bias"] = _Expected(head.weight.dtype, (num_classes,), _finite, "finite values")
     if spec.task_bn:
@@ -363,6 +370,7 @@ def _model_state(model: nn.Module, head_name: str) -> dict:
             "head": (head_name, model.get_submodule(head_name)),
             "adapters": [(m, m.adapter) for m in layers],
             "ranges": [(m, m.input_range.detach().clone(), m.input_signed.detach().clone()) for m in layers],
+            "corrections": [(m, m.out_gain, m.out_offset) for m in layers],
             "bn": [(m, {k: v.detach().clone() for k, v in m.state_dict().items()}) for _, m in bn_layers(model)],
             "training": [(m, m.training) for m in model.modules()]}
 
@@ -374,6 +382,8 @@ def _restore(model: nn.Module, st: dict) -> None:
         for m, rng, sgn in st["ranges"]:
             m.input_range.copy_(rng)
             m.input_signed.copy_(sgn)
+        for m, gain, offset in st["corrections"]:
+            m.out_gain, m.out_offset = gain, offset
         for m, sd in st["bn"]:
             m.load_state_dict(sd)
     _set(model, *st["head"])
@@ -420,6 +430,8 @@ def _load_layer(name: str, layer: nn.Module, ad: LayerAdapter, spec: MethodSpec,
     dev = layer.weight.device
     layer.input_range.copy_(t[f"{name}.input_range"].reshape(()))
     layer.input_signed.copy_(t[f"{name}.input_signed"].reshape(()).bool())
+    # the file's correction, or none (a file without one, e.g. saved before mta.deploy existed)
+    layer.set_output_correction(t.get(f"{name}.out_gain"), t.get(f"{name}.out_offset"))
     if spec.method in ("finetune",) + TIER1:
         mask = t[f"{name}.pe_mask"].to(dev)
         ad.pe_sel.copy_(mask)

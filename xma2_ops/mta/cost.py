@@ -43,6 +43,9 @@ semantics (SPEC 2-4) and the positions M (output pixels) the layer computes for 
                 'differential' once per column pair (not per polarity)
   shift_adds    one digital shift-and-add per ADC code (SPEC 3), plus M per tier-2 column
                 scale that is neither 0 nor 1 (a shift, or a multiply for real scales)
+  correction_muls / correction_adds  a layer with ``mta.deploy``'s digital column correction
+                (``out_gain``): M * N multiplies and M * N adds (M = output positions); not in the
+                energy (``EnergyModel`` has no multiply figure)
   energy        the counts times the per-operation figures of ``EnergyModel`` (defaults: ISAAC)
   latency       cycles * read_cycle_s: the PEs, slices and polarities of a layer work in
                 parallel (each PE with its own ADC, as in ISAAC), layers one after the other
@@ -142,6 +145,9 @@ class LayerCost:
     dac_conversions: int = 0
     cell_reads: int = 0
     shift_adds: int = 0
+    # mta.deploy's digital column correction y <- g y + o: N multiplies and N adds per output position
+    correction_muls: int = 0
+    correction_adds: int = 0
     inference_energy_j: float = 0.0
     latency_s: float = 0.0
 
@@ -186,6 +192,8 @@ class CostReport:
         if self.per_inference:
             cols += ["adc_conversions", "dac_conversions", "cell_reads", "shift_adds", "inference_energy_j",
                      "latency_s"]
+            if self.total.correction_muls:  # a deployed digital correction (mta.deploy)
+                cols[-2:-2] = ["correction_muls", "correction_adds"]
         width = max(len(lc.name) for lc in self.layers + [self.total])
         lines = [f"{'layer':<{width}} " + " ".join(f"{c:>18}" for c in cols)]
         for lc in self.layers + [self.total]:
@@ -436,6 +444,8 @@ def _inference_cost(model: nn.Module, lcs: List[LayerCost], positions: Dict[str,
         lc.adc_conversions = (conversions * int(conv_pe.sum()) * slices
                               * (1 if cfg.sensing == "differential" else 2))
         lc.shift_adds = lc.adc_conversions + positions[name] * int(scaled.sum())
+        if layer.out_gain is not None:  # (not in inference_energy_j: the energy model has no multiply cost)
+            lc.correction_muls = lc.correction_adds = positions[name] * n
         lc.inference_energy_j = (lc.adc_conversions * energy.adc_conversion_j(cfg)
                                  + lc.dac_conversions * energy.dac_conversion_j(cfg)
                                  + lc.cell_reads * energy.cell_read_energy_j

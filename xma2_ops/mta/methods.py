@@ -299,8 +299,8 @@ def _backbone_snapshot(model: nn.Module) -> dict:
 
 def prepare(model: nn.Module, spec: MethodSpec, num_classes: int, head: str = "fc") -> TaskInfo:
     """Start a new task on ``model`` (in place): restore the backbone BN and input ranges, install a
-    fresh :class:`LayerAdapter` on every crossbar layer and a fresh digital ``nn.Linear`` head at
-    ``head`` (an existing nn.Linear, whose in_features is kept)."""
+    fresh :class:`LayerAdapter` on every crossbar layer (without ``mta.deploy``'s correction) and a
+    fresh digital ``nn.Linear`` head at ``head`` (an existing nn.Linear, whose in_features is kept)."""
     # every argument checked before the model is touched (a bad task must not be trainable or saved)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -328,6 +328,7 @@ def prepare(model: nn.Module, spec: MethodSpec, num_classes: int, head: str = "f
             m.input_range.copy_(snap["ranges"][n][0])
             m.input_signed.copy_(snap["ranges"][n][1])
             m.adapter = LayerAdapter(m, spec)
+            m.set_output_correction(None, None)  # a deployed correction belongs to the previous task
     _set(model, head, nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype))
     info = TaskInfo(spec, head, num_classes)
     model.mta_task = info

@@ -1,0 +1,230 @@
+"""On-chip calibration of a model's current task on its programmed chip (docs/DEVICE.md, "Deploying
+on a chip").
+
+No real chip runs a network naively: its ADC ranges and BatchNorm statistics are calibrated on the
+chip, column gains/offsets are compensated digitally, and drift is compensated with a reference
+read (aihwkit's GlobalDriftCompensation).  ``deploy`` does the same here with unlabelled task
+inputs only, on the chip the layers hold (``config.device``, ``xma2_ops.program(model, seed)``):
+
+- ``"adc"``: ``calibrate_adc(..., cells=True)``: ADC clips from the partial sums of the device cells;
+- ``"gain"``: per output column, y <- g_n y + o_n on the crossbar output (before the bias), the least
+  squares fit of the chip's layer outputs to the ideal-cell outputs of the same layer on the same
+  inputs, layer by layer in network order (each layer's inputs from the already-corrected chip);
+- ``"bn"``: ``recalibrate_bn`` through the chip (the quantised forward on the cells, eval mode);
+- ``"drift"`` (optional): one scalar per layer, mean |ideal| / mean |chip| (corrected so far), folded
+  into the same correction (global drift compensation).
+
+Steps run in the order given; the default is ("adc", "gain", "bn").
+
+The correction lives on the layers (``out_gain``/``out_offset``) and travels in the task file.
+Folding the gain into XMA2's tier-2 column scales (which already multiply the frozen PEs' columns)
+would make it free; that is a later optimisation.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..calibration import calibrate_adc
+from .methods import bn_layers, recalibrate_bn, xbar_layers
+
+STEPS = ("adc", "bn", "gain", "drift")
+DEFAULT_STEPS = ("adc", "gain", "bn")  # bn last: its statistics must be those of the corrected outputs
+DEFAULT_INPUTS = 256  # inputs (not batches) taken from the loader when ``batches`` is None
+
+
+@dataclasses.dataclass
+class LayerDeployment:
+    """What deploy changed in one crossbar layer (None: the step did not run or does not apply)."""
+
+    name: str
+    old_clip: Optional[int] = None
+    new_clip: Optional[int] = None
+    gain_min: Optional[float] = None
+    gain_max: Optional[float] = None
+    offset_absmax: Optional[float] = None
+    drift: Optional[float] = None  # the drift step's scale
+    error_before: Optional[float] = None  # ||chip - ideal|| / ||ideal|| of the layer output before the gain step
+    error_after: Optional[float] = None  # ... after it
+
+
+@dataclasses.dataclass
+class Deployment:
+    """``deploy``'s result: the steps run, the inputs used, per layer what changed, the BN layers
+    re-estimated."""
+
+    steps: Tuple[str, ...]
+    inputs: int
+    batches: int
+    layers: List[LayerDeployment]
+    bn_layers: List[str]
+
+    def layer(self, name: str) -> LayerDeployment:
+        return next(lc for lc in self.layers if lc.name == name)
+
+
+class _Stop(Exception):
+    """Ends a forward once the layer being fitted has seen its input (later layers are not needed)."""
+
+
+def _check_args(model, steps, batches) -> Tuple[Tuple[str, ...], List[Tuple[str, nn.Module]]]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if isinstance(steps, str) or not isinstance(steps, (tuple, list)):
+        raise TypeError(f"steps: expected a tuple of step names from {STEPS}, got {steps!r}")
+    for s in steps:
+        if s not in STEPS:
+            raise ValueError(f"steps: unknown step {s!r}; expected names from {STEPS}")
+    if len(set(steps)) != len(steps) or not steps:
+        raise ValueError(f"steps: expected distinct step names from {STEPS}, at least one, got {tuple(steps)!r}")
+    if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int) or batches < 1):
+        raise ValueError(f"batches: expected an int >= 1 or None, got {batches!r}")
+    layers = xbar_layers(model)
+    if not layers:
+        raise ValueError("model: has no crossbar layers (XbarConv2d/XbarLinear): nothing to deploy")
+    no_chip = [n for n, m in layers if m.config.device is None]
+    if no_chip:
+        raise ValueError(f"model: crossbar layer(s) {no_chip} have no config.device (no chip to calibrate on); "
+                         "set XbarConfig.device (DeviceModel.preset('ideal') for ideal cells)")
+    return tuple(steps), layers
+
+
+def _inputs(loader: Iterable, batches: Optional[int]) -> List[torch.Tensor]:
+    """The calibration batches: ``batches`` batches, or (None) batches until DEFAULT_INPUTS inputs."""
+    try:
+        items = iter(loader)
+    except TypeError:
+        raise TypeError(f"loader: expected an iterable of batches, got {type(loader).__name__}") from None
+    xs: List[torch.Tensor] = []
+    seen = 0
+    for item in items:
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"loader: expected items x or (x, ...) with x a tensor, got {type(x).__name__}")
+        xs.append(x)
+        seen += x.shape[0] if x.dim() else 1
+        if (batches is not None and len(xs) >= batches) or (batches is None and seen >= DEFAULT_INPUTS):
+            break
+    if not xs:
+        raise ValueError("loader: expected at least one batch, got none (an empty loader or an exhausted iterator)")
+    return xs
+
+
+def _run_order(model: nn.Module, layers: List[Tuple[str, nn.Module]], x: torch.Tensor) -> List[Tuple[str, nn.Module]]:
+    """The crossbar layers in the order the forward calls them (network order)."""
+    order: List[str] = []
+    names = {id(m): n for n, m in layers}
+    handles = [m.register_forward_pre_hook(lambda mod, args: order.append(names[id(mod)])
+                                           if names[id(mod)] not in order else None) for _, m in layers]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    by_name = dict(layers)
+    return [(n, by_name[n]) for n in order] + [(n, m) for n, m in layers if n not in order]
+
+
+def _outputs(model: nn.Module, layer: nn.Module, xs: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(chip, ideal-cell) crossbar outputs of ``layer`` (before correction and bias) as [rows, N]
+    float64, on the inputs the chip forward (with the corrections so far) gives it."""
+    chip, ideal = [], []
+
+    def hook(mod, args):
+        x = args[0]
+        for out, cells in ((chip, True), (ideal, False)):
+            y = mod.crossbar_output(x, cells=cells).double()
+            out.append(y.movedim(1, -1).reshape(-1, y.shape[1]) if y.dim() == 4 else y.reshape(-1, y.shape[-1]))
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        for x in xs:
+            try:
+                model(x)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    if not chip:
+        raise ValueError("loader: the forward did not reach a crossbar layer; check the inputs")
+    return torch.cat(chip), torch.cat(ideal)
+
+
+def _current(layer: nn.Module, n: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    if layer.out_gain is None:
+        return torch.ones(n, dtype=torch.float64, device=device), torch.zeros(n, dtype=torch.float64, device=device)
+    return layer.out_gain.double(), layer.out_offset.double()
+
+
+def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _fit_gain(y: torch.Tensor, ref: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per column n, (g, o) minimising sum (g y + o - ref)^2; a constant column keeps g = 1."""
+    my, mr = y.mean(0), ref.mean(0)
+    dy = y - my
+    var = (dy * dy).mean(0)
+    cov = (dy * (ref - mr)).mean(0)
+    flat = var <= 1e-12 * (my * my).clamp_min(1e-30)  # (a dead column: only the offset is fitted)
+    g = torch.where(flat, torch.ones_like(var), cov / torch.where(flat, torch.ones_like(var), var))
+    return g, mr - g * my
+
+
+@torch.no_grad()
+def deploy(model: nn.Module, loader: Iterable, steps: Sequence[str] = DEFAULT_STEPS,
+           batches: Optional[int] = None, *, adc_method: str = "percentile",
+           percentile: float = 99.99) -> Deployment:
+    """Calibrate the current task of ``model`` on its programmed chip from unlabelled inputs of
+    ``loader`` (items ``x`` or ``(x, ...)``): ``batches`` batches, default (None) as many as give
+    DEFAULT_INPUTS = 256 inputs.  ``steps`` run in the order given (module docstring: "adc", "bn",
+    "gain", "drift"); the default ("adc", "gain", "bn") re-estimates BN last, on the corrected
+    outputs (BN estimated before the gain would normalise outputs the gain then changes: measured
+    worse on a ``typical`` chip); every crossbar layer needs a ``config.device`` (an ideal device is accepted:
+    every step then changes nothing material).  ``adc_method``/``percentile`` go to ``calibrate_adc``.
+    The model is left in its training mode; returns what changed (``Deployment``).
+
+    The "gain" correction (and "drift", folded into it) costs N multiplies and N adds per output
+    position of a layer (``mta.report``); folding it into XMA2's tier-2 column scales would make
+    it free and is left for later."""
+    steps, layers = _check_args(model, steps, batches)
+    xs = _inputs(loader, batches)
+    result = Deployment(steps, sum(int(x.shape[0]) for x in xs), len(xs), [LayerDeployment(n) for n, _ in layers], [])
+    info: Dict[str, LayerDeployment] = {lc.name: lc for lc in result.layers}
+    was_training = model.training
+    try:
+        model.eval()
+        for _, m in layers:  # the chip the calibration runs on (programmed now if not yet)
+            m.program()
+        for step in steps:
+            if step == "adc":
+                old = {n: m.config.adc_clip for n, m in layers}
+                clips = calibrate_adc(model, xs, batches=len(xs), method=adc_method, percentile=percentile,
+                                      cells=True)
+                for n, clip in clips.items():
+                    info[n].old_clip, info[n].new_clip = old[n], clip
+            elif step == "bn":
+                recalibrate_bn(model, [(x, None) for x in xs], batches=len(xs))
+                result.bn_layers = [n for n, _ in bn_layers(model)]
+            else:  # "gain" / "drift": layer by layer, each fitted on the already-corrected chip forward
+                for name, layer in _run_order(model, layers, xs[0]):
+                    y, ref = _outputs(model, layer, xs)
+                    g, o = _current(layer, y.shape[1], y.device)
+                    if step == "gain":
+                        info[name].error_before = _rel_error(y * g + o, ref)
+                        g, o = _fit_gain(y, ref)
+                        info[name].error_after = _rel_error(y * g + o, ref)
+                        info[name].gain_min, info[name].gain_max = float(g.min()), float(g.max())
+                        info[name].offset_absmax = float(o.abs().max())
+                    else:
+                        scale = float(ref.abs().mean() / (y * g + o).abs().mean().clamp_min(1e-30))
+                        info[name].drift = scale
+                        g, o = g * scale, o * scale
+                    layer.set_output_correction(g.float(), o.float())
+    finally:
+        model.train(was_training)
+    return result
