@@ -147,7 +147,7 @@ inline XbarParams make_cell_params_checked(const at::Tensor& x, const at::Tensor
 
 // The numbers that bound every integer of a cell op, from the actual largest conductance g_max:
 // every P_F <= pbound = rows (2^db - 1) g_max, the ADC's 2 P_F n + clip 2^F, and the digital sum
-// |T_int| <= 2 code_max sum_{i,j} 2^(i db + j cb) (code_max = n, or pbound for the ideal ADC).  A
+// |T_int| <= tile_sum_bound(p, code_max) (xbar_quant.h; code_max = n, or pbound for the ideal ADC).  A
 // config where one could overflow int64 is refused.
 struct CellBounds {
   int64_t pbound, clip_f, t_bound;
@@ -164,14 +164,12 @@ inline CellBounds cell_bounds_checked(const XbarParams& p, int64_t g_max, int64_
     TORCH_CHECK(2 * pb * p.adc_levels + clip_f <= lim, "xbar_cell: the ADC's 2 * P_F * adc_levels + adc_clip * 2^frac_bits "
                 "overflows int64 (largest P_F = ", (int64_t)pb, ", adc_levels = ", p.adc_levels, ", adc_clip = ",
                 p.adc_clip, ", frac_bits = ", frac_bits, "): lower rows, frac_bits or the conductances");
-  i128 shifts = 0;
-  for (int i = 0; i < p.chunks(); ++i)
-    for (int j = 0; j < p.slices(); ++j) shifts += (i128)1 << (i * p.dac_bits + j * p.cell_bits);
+  const i128 shifts = shift_sum(p);
   const i128 code_max = p.adc_levels > 0 ? (i128)p.adc_levels : pb;
   const bool t_ok = code_max == 0 || shifts <= lim / (2 * code_max);
   TORCH_CHECK(t_ok, "xbar_cell: the tile sums (up to 2 * ", (int64_t)code_max, " * ", (int64_t)shifts,
               ") overflow int64: lower rows, frac_bits or the conductances");
-  return {(int64_t)pb, (int64_t)clip_f, (int64_t)(2 * code_max * shifts)};
+  return {(int64_t)pb, (int64_t)clip_f, (int64_t)tile_sum_bound<i128>(p, code_max)};
 }
 
 }  // namespace xma2

@@ -66,6 +66,34 @@ struct XbarParams {
   }
 };
 
+// sum_{i < chunks, j < slices} 2^(i db + j cb): the weight that the digital shift-and-add gives one ADC
+// code, summed over every (chunk, slice).  (chunks - 1) db < x_bits <= 16 and (slices - 1) cb < w_bits <= 15,
+// so it is below 2^37: exact in int64 and in double.
+XBAR_HD int64_t shift_sum(const XbarParams& p) {
+  int64_t s = 0;
+  for (int i = 0; i < p.chunks(); ++i)
+    for (int j = 0; j < p.slices(); ++j) s += (int64_t)1 << (i * p.dac_bits + j * p.cell_bits);
+  return s;
+}
+
+// The tile-sum bound (SPEC 3): |T_int| <= 2 code_max shift_sum(p), code_max the largest ADC code (n, or the
+// largest partial sum under the ideal ADC).  The one rule behind every exactness decision on T_int: the
+// vector lanes of the bit-plane kernels (plan.cpp, in double), the int64 check of the cell ops
+// (xbar_check.h, in a wider integer) and the int8 AMX path (driver.cpp, on one_conversion).
+template <typename T>
+XBAR_HD T tile_sum_bound(const XbarParams& p, T code_max) {
+  return 2 * code_max * (T)shift_sum(p);
+}
+
+// A lossless call as one conversion per tile: the whole input magnitude one chunk, the whole weight magnitude
+// one slice (the ADC is then the identity and the code the partial sum).  Its pmax() = rows Qx Qw bounds
+// every partial sum of the exact GEMM of one tile.
+XBAR_HD XbarParams one_conversion(XbarParams p) {
+  p.dac_bits = p.x_bits;
+  p.cell_bits = p.w_bits;
+  return p;
+}
+
 // ADC code of a non-negative partial sum: clamp(floor((2 P n + clip) / (2 clip)), 0, n).
 // levels == 0 is the ideal ADC (the code is P itself).  Within the checked limits (P <= Pmax < 2^33,
 // n < 2^24, clip <= 2^32) 2 P n + clip < 2^58: no int64 overflow.

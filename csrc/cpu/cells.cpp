@@ -5,14 +5,15 @@
 // Three paths, all exact:
 //  - ideal ADC (adc_levels == 0): T_int is linear in the partial sums, so per tile one GEMM of the
 //    whole input codes with W[k, n] = sum_j 2^(j cb) (g[+, j, k, n] - g[-, j, k, n]), in float64
-//    when every sum is below 2^53, else int64.
+//    when every sum is below 2^53, else int64 (as the GEMM route of ops_cpu.cpp).
 //  - fast (x86 with AVX2, max(g) < 2^15, every P_F < 2^31, the float32 ADC checked equal to the
-//    integer rule for every reachable P_F, |T_int| < 2^31): per block of 96 input rows and row tile,
+//    integer rule for every reachable P_F (plan.h float_adc_exact), |T_int| < 2^31): per block of 96 input rows and row tile,
 //    the input chunks and the conductances as int16 pairs, a 6 x 16 AVX2 microkernel (vpmaddwd,
 //    exact int32 sums) per (chunk, polarity, slice, 16 columns), the ADC and the shift-and-add
 //    on its registers into int32 T.
 //  - generic (anything else, or XMA2_CPU_ISA=scalar): per block of rows, tile and chunk one exact
 //    ATen GEMM (float32 / float64 / int64 by the bound of P_F), the exact integer ADC, int64 T.
+// Every path runs its work items on the one parallel loop of the CPU kernels (driver.h parallel_items).
 // xbar_cell_mvm combines coef * T_int in float64 in the order row tile outer, then base, then task
 // set (as xbar_mvm), one rounding to the coefficient dtype at the end.
 #include <ATen/ATen.h>
@@ -20,15 +21,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
-#include <map>
-#include <mutex>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -38,6 +33,8 @@
 #include "../xbar_check.h"
 #include "cells.h"
 #include "coef_grad.h"
+#include "driver.h"
+#include "plan.h"
 
 namespace xma2 {
 namespace cpu {
@@ -63,39 +60,12 @@ struct CellPlan {
   int64_t block_rows = 1;   // input rows per work item
 };
 
-// ------------------------------------------------------------------ the float32 ADC, checked
-// code = min(trunc(fma((float)min(P, cap), a, b)), n) equals the integer rule for every P in [0, cap];
-// past clip 2^F every code is n, so with cap = min(pbound, clip 2^F) it holds for every reachable P.
-bool float_adc_exact(int64_t n, int64_t clip_f, int64_t cap, float& a, float& b) {
-  a = (float)((double)n / (double)clip_f);
-  b = (float)(0.5 + 0.25 / (double)clip_f);
-  static std::mutex mu;
-  static std::map<std::tuple<int64_t, int64_t, int64_t>, bool> seen;
-  const auto key = std::make_tuple(n, clip_f, cap);
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = seen.find(key);
-    if (it != seen.end()) return it->second;
-  }
-  bool ok = true;
-  for (int64_t v = 0; v <= cap && ok; ++v) {
-    const int64_t f = std::min<int64_t>((int64_t)std::fma((float)v, a, b), n);
-    ok = f == adc_code(v, n, clip_f);
-  }
-  std::lock_guard<std::mutex> lock(mu);
-  if (seen.size() > 256) seen.clear();
-  seen[key] = ok;
-  return ok;
-}
-
+// The AVX2 cell kernel runs unless XMA2_CPU_ISA=scalar (any other choice, avx512 and amx included, runs
+// it: the bit-plane instruction sets have no cell kernel).
 bool fast_cpu() {
-#if defined(__x86_64__)
   const char* env = std::getenv("XMA2_CPU_ISA");
   if (env && std::string(env) == "scalar") return false;
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
+  return cpu_runs("avx2");
 }
 
 // ------------------------------------------------------------------ checks and the plan
@@ -130,7 +100,12 @@ CellPlan make_cell_plan(const at::Tensor& x, const std::vector<std::pair<at::Ten
     pl.path = Path::kLinear;
   } else if (fast_cpu() && g_max < (1 << 15) && pl.b.pbound < (1LL << 31) && pl.b.t_bound < (1LL << 31)) {
     const int64_t cap = std::min(pl.b.pbound, pl.b.clip_f);
-    if (cap <= kMaxAdcCheck && float_adc_exact(pl.p.adc_levels, pl.b.clip_f, cap, pl.a, pl.bb)) {
+    // The kernel clamps the code to n; past clip 2^F every code is n, so with cap = min(pbound, clip 2^F)
+    // the check on [0, cap] holds for every reachable P_F.
+    if (cap <= kMaxAdcCheck && float_adc_exact(pl.p.adc_levels, pl.b.clip_f, 0, cap, false, true)) {
+      const FloatAdc f = float_adc(pl.p.adc_levels, pl.b.clip_f);
+      pl.a = f.a;
+      pl.bb = f.b;
       pl.path = Path::kFast;
       pl.cap = (int32_t)cap;
     }
@@ -147,31 +122,15 @@ CellPlan make_cell_plan(const at::Tensor& x, const std::vector<std::pair<at::Ten
   return pl;
 }
 
-// Receives T_int of one (weight set, row tile, block of input rows): t[mi * N + n] = T_int[r, m0 + mi, n].
+// Receives T_int of one (weight set, row tile, block of input rows, range of columns):
+// t[mi * ldt + c] = T_int[r, m0 + mi, n0 + c] for c < nw; then done() for the item, on the same thread.
+// `worker` is the item's thread (driver.h parallel_items).
 struct Sink {
   virtual ~Sink() = default;
-  virtual void tile(int worker, int set, int64_t r, int64_t m0, int64_t nm, const int64_t* t) = 0;
-  virtual void done(int worker, int64_t m0, int64_t nm) = 0;
+  virtual void tile(int64_t worker, int set, int64_t r, int64_t m0, int64_t nm, int64_t n0, int64_t nw,
+                    const int64_t* t, int64_t ldt) = 0;
+  virtual void done(int64_t worker, int64_t m0, int64_t nm, int64_t n0, int64_t n1) = 0;
 };
-
-// Runs row blocks of `rows_per_block` on the worker threads, handed out one at a time (as driver.cpp).
-int64_t run_blocks(int64_t M, int64_t rows_per_block, const std::function<void(int, int64_t, int64_t)>& body) {
-  const int64_t blocks = (M + rows_per_block - 1) / rows_per_block;
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t) {
-    for (int64_t blk = next++; blk < blocks; blk = next++) {
-      const int64_t m0 = blk * rows_per_block;
-      body((int)w0, m0, std::min(rows_per_block, M - m0));
-    }
-  });
-  return workers;
-}
-
-int64_t workers_for(int64_t M, int64_t rows_per_block) {
-  const int64_t blocks = (M + rows_per_block - 1) / rows_per_block;
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
-}
 
 // active[s][r * NP + np]: the 16-column panel np of tile r of set s is needed.
 using Active = std::vector<std::vector<char>>;
@@ -196,19 +155,22 @@ void run_linear(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
     for (int j = 0; j < pl.S; ++j) wk.add_(d.select(0, j), (int64_t)1 << (j * pl.p.cell_bits));
     w.push_back(wk.to(ft));
   }
-  for (int64_t m0 = 0; m0 < M; m0 += pl.block_rows) {
-    const int64_t nm = std::min(pl.block_rows, M - m0);
+  // The GEMM route of ops_cpu.cpp on the device cells: items of rows (and, when there are few, groups of
+  // at least 64 columns) on the one parallel loop, each thread's GEMMs run by the thread.
+  parallel_items(M, pl.block_rows, N, 64, [&](int64_t wk, int64_t m0, int64_t nm, int64_t n0, int64_t n1) {
+    if (n1 <= n0) return;
     const at::Tensor xb = x.narrow(0, m0, nm).to(ft);
     for (int64_t r = 0; r < Tr; ++r) {
       const int64_t k0 = r * R, kr = std::min(R, K - k0);
       for (size_t s = 0; s < gs.size(); ++s) {
         if (!any_active(active[s], r, NP)) continue;
-        const at::Tensor t = at::mm(xb.narrow(1, k0, kr), w[s].narrow(0, k0, kr)).to(at::kLong).contiguous();
-        sink.tile(0, (int)s, r, m0, nm, t.data_ptr<int64_t>());
+        const at::Tensor t =
+            at::mm(xb.narrow(1, k0, kr), w[s].narrow(0, k0, kr).narrow(1, n0, n1 - n0)).to(at::kLong).contiguous();
+        sink.tile(wk, (int)s, r, m0, nm, n0, n1 - n0, t.data_ptr<int64_t>(), n1 - n0);
       }
     }
-    sink.done(0, m0, nm);
-  }
+    sink.done(wk, m0, nm, n0, n1);
+  });
 }
 
 // ------------------------------------------------------------------ generic: ATen GEMMs, integer ADC
@@ -223,7 +185,7 @@ void run_generic_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const
   const code_t* xp = x.data_ptr<code_t>();
   const int64_t db = pl.p.dac_bits, cb = pl.p.cell_bits, mask = (1LL << db) - 1;
   const int64_t n = pl.p.adc_levels, clip_f = pl.b.clip_f;
-  run_blocks(M, pl.block_rows, [&](int w, int64_t m0, int64_t nm) {
+  parallel_items(M, pl.block_rows, 1, 1, [&](int64_t w, int64_t m0, int64_t nm, int64_t, int64_t) {
     std::vector<int64_t> t((size_t)(nm * N));
     std::vector<int64_t> chunk((size_t)(nm * R));
     for (int64_t r = 0; r < Tr; ++r) {
@@ -254,10 +216,10 @@ void run_generic_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const
               }
           }
         }
-        sink.tile(w, (int)s, r, m0, nm, t.data());
+        sink.tile(w, (int)s, r, m0, nm, 0, N, t.data(), N);
       }
     }
-    sink.done(w, m0, nm);
+    sink.done(w, m0, nm, 0, N);
   });
 }
 
@@ -414,7 +376,7 @@ void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
                       _mm256_set1_epi32((int)pl.p.adc_levels)};
   const int64_t nmicro_max = (pl.block_rows + kMR - 1) / kMR, ldt = NP * kNR;
   const int db = pl.p.dac_bits, cb = pl.p.cell_bits, chunks = pl.p.chunks();
-  run_blocks(M, pl.block_rows, [&](int w, int64_t m0, int64_t nm) {
+  parallel_items(M, pl.block_rows, 1, 1, [&](int64_t w, int64_t m0, int64_t nm, int64_t, int64_t) {
     std::vector<int16_t> xa((size_t)(pl.C * nmicro_max * kp_max * kMR * 2));
     std::vector<char> nonzero((size_t)(pl.C * nmicro_max));
     std::vector<int32_t> t32((size_t)(nmicro_max * kMR * ldt));
@@ -446,10 +408,10 @@ void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
             }
         for (int64_t mi = 0; mi < nm; ++mi)
           for (int64_t c = 0; c < N; ++c) t64[(size_t)(mi * N + c)] = t32[(size_t)(mi * ldt + c)];
-        sink.tile(w, (int)s, r, m0, nm, t64.data());
+        sink.tile(w, (int)s, r, m0, nm, 0, N, t64.data(), N);
       }
     }
-    sink.done(w, m0, nm);
+    sink.done(w, m0, nm, 0, N);
   });
 }
 
@@ -494,10 +456,12 @@ namespace {
 struct TileSumsSink : Sink {
   int64_t* o;
   int64_t M, N;
-  void tile(int, int, int64_t r, int64_t m0, int64_t nm, const int64_t* t) override {
-    std::memcpy(o + (r * M + m0) * N, t, sizeof(int64_t) * (size_t)(nm * N));
+  void tile(int64_t, int, int64_t r, int64_t m0, int64_t nm, int64_t n0, int64_t nw, const int64_t* t,
+            int64_t ldt) override {
+    for (int64_t mi = 0; mi < nm; ++mi)
+      std::memcpy(o + (r * M + m0 + mi) * N + n0, t + mi * ldt, sizeof(int64_t) * (size_t)nw);
   }
-  void done(int, int64_t, int64_t) override {}
+  void done(int64_t, int64_t, int64_t, int64_t, int64_t) override {}
 };
 }  // namespace
 
@@ -526,24 +490,30 @@ struct MvmSink : Sink {
   std::vector<const scalar_t*> coef;
   scalar_t* out;
   int64_t N;
-  std::vector<std::vector<double>> acc;  // per worker [rows of a block, N]
-  void tile(int w, int s, int64_t r, int64_t, int64_t nm, const int64_t* t) override {
-    double* a = acc[(size_t)w].data();
-    const scalar_t* c = coef[(size_t)s] + r * N;
+  int64_t acc_size = 0;
+  std::vector<std::vector<double>> acc;  // per worker [rows of a block, N], made on the worker's first use
+  void tile(int64_t w, int s, int64_t r, int64_t, int64_t nm, int64_t n0, int64_t nw, const int64_t* t,
+            int64_t ldt) override {
+    std::vector<double>& aw = acc[(size_t)w];
+    if (aw.empty()) aw.assign((size_t)acc_size, 0.0);
+    double* a = aw.data() + n0;
+    const scalar_t* c = coef[(size_t)s] + r * N + n0;
     for (int64_t mi = 0; mi < nm; ++mi) {
       double* row = a + mi * N;
-      const int64_t* tr = t + mi * N;
-      for (int64_t n = 0; n < N; ++n) row[n] += (double)c[n] * (double)tr[n];
+      const int64_t* tr = t + mi * ldt;
+      for (int64_t n = 0; n < nw; ++n) row[n] += (double)c[n] * (double)tr[n];
     }
   }
-  void done(int w, int64_t m0, int64_t nm) override {
+  void done(int64_t w, int64_t m0, int64_t nm, int64_t n0, int64_t n1) override {
     std::vector<double>& a = acc[(size_t)w];
-    for (int64_t i = 0; i < nm * N; ++i) out[m0 * N + i] = (scalar_t)a[(size_t)i];
-    std::fill(a.begin(), a.begin() + nm * N, 0.0);
+    if (a.empty()) a.assign((size_t)acc_size, 0.0);  // no active tile: every output is 0
+    for (int64_t mi = 0; mi < nm; ++mi) {
+      double* row = a.data() + mi * N;
+      for (int64_t n = n0; n < n1; ++n) out[(m0 + mi) * N + n] = (scalar_t)row[n];
+      std::fill(row + n0, row + n1, 0.0);
+    }
   }
 };
-
-int64_t block_rows(const CellPlan& pl) { return pl.block_rows; }
 }  // namespace
 
 at::Tensor xbar_cell_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& gb, const std::optional<at::Tensor>& gt,
@@ -579,9 +549,8 @@ at::Tensor xbar_cell_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& gb, co
     }
     sink.out = y.data_ptr<scalar_t>();
     sink.N = N;
-    const int64_t br = block_rows(pl);
-    const int64_t acc_rows = std::min(br, M);
-    sink.acc.assign((size_t)workers_for(M, br), std::vector<double>((size_t)mul_checked(acc_rows, N, "xbar_cell_mvm"), 0.0));
+    sink.acc_size = mul_checked(std::min(pl.block_rows, M), N, "xbar_cell_mvm");
+    sink.acc.resize((size_t)at::get_num_threads());
     run_cells(x_codes, gs, pl, active, NP, sink);
   });
   return y;
@@ -593,8 +562,11 @@ namespace {
 struct CoefGradSink : Sink {
   CoefGradSum* sum;
   int64_t N;
-  void tile(int, int, int64_t r, int64_t m0, int64_t nm, const int64_t* t) override { sum->add(r, 0, N, m0, nm, t, N); }
-  void done(int, int64_t, int64_t) override {}
+  void tile(int64_t, int, int64_t r, int64_t m0, int64_t nm, int64_t n0, int64_t nw, const int64_t* t,
+            int64_t ldt) override {
+    sum->add(r, n0, nw, m0, nm, t, ldt);
+  }
+  void done(int64_t, int64_t, int64_t, int64_t, int64_t) override {}
 };
 }  // namespace
 

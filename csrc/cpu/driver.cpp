@@ -60,10 +60,10 @@ const Isa* lossless_on_amx(Plan& pl) {
   if (!(want.empty() || want == "auto" || want == "amx") || !cpu_runs("amx")) return nullptr;
   if (pl.p.x_bits > 8 || pl.p.w_bits > 7) return nullptr;
   if (pl.p.periphery != 0) return nullptr;  // (exact there too, but not run on hardware: the float GEMM)
-  const double bound = 2.0 * pl.p.rows * ((1 << pl.p.x_bits) - 1) * ((1 << pl.p.w_bits) - 1);
+  const XbarParams one = one_conversion(pl.p);
+  const double bound = tile_sum_bound(one, (double)one.pmax());  // the code is the partial sum: code_max = Pmax
   if (bound >= 2147483647.0) return nullptr;
-  pl.p.dac_bits = pl.p.x_bits;
-  pl.p.cell_bits = pl.p.w_bits;
+  pl.p = one;
   pl.identity = true;
   pl.float_sums = bound < 16777216.0;
   return &kAmx;
@@ -79,52 +79,63 @@ int64_t column_groups(int64_t row_blocks, int64_t column_units) {
   return std::min(column_units, (4 * threads + row_blocks - 1) / row_blocks);
 }
 
+void parallel_items(int64_t M, int64_t block, int64_t units, int64_t min_units, const ItemBody& body) {
+  const int64_t blocks = (M + block - 1) / block;
+  const int64_t groups = column_groups(blocks, (units + min_units - 1) / min_units);
+  const int64_t per_group = (units + groups - 1) / groups;
+  const int64_t items = blocks * groups;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items), 1, [&](int64_t worker, int64_t) {
+    for (int64_t item = next++; item < items; item = next++) {
+      const int64_t blk = item / groups, u0 = (item % groups) * per_group, u1 = std::min(units, u0 + per_group);
+      if (u0 >= u1 && units > 0) continue;  // an empty group (its rows are handled by the others)
+      const int64_t m0 = blk * block;
+      body(worker, m0, std::min(block, M - m0), u0, u1);
+    }
+  });
+}
+
 void run_quantized(const CodesView& x, const Plan& pl, const Isa& isa, const std::vector<WeightSet>& sets,
                    const TileEpilogue& epi, const BlockDone& done) {
-  const int64_t M = pl.p.M, Tr = pl.p.Tr(), L = isa.lanes;
+  const int64_t Tr = pl.p.Tr(), L = isa.lanes;
   const int64_t stride = isa.row_words(pl);
   int64_t plane_words = 0;
   TORCH_CHECK(!__builtin_mul_overflow(stride, kRowBlock, &plane_words), "xbar: packed input size overflows int64");
   std::atomic<bool> bad{false};
-  // Work items are (row block, group of lane blocks), handed out one at a time rather than in equal
-  // shares: on a machine shared with other processes, a thread whose core is busy then takes fewer
-  // items instead of stalling all.  Few row blocks (small batches, late layers: M = 16 at batch 1) are
-  // split over the output columns too, so that every thread has work; each item packs its input rows.
-  const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+  // Work items: (row block, group of lane blocks).  Few row blocks (small batches, late layers: M = 16 at
+  // batch 1) are split over the output columns too, so that every thread has work; each item packs its
+  // input rows.
   const int64_t lane_blocks = sets.empty() ? 0 : sets[0].planes.g.blocks;  // 0 when N == 0
-  const int64_t threads = at::get_num_threads();
-  const int64_t groups = column_groups(blocks, lane_blocks);
-  const int64_t per_group = (lane_blocks + groups - 1) / groups;
-  const int64_t items = blocks * groups;
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(threads, items), 1, [&](int64_t, int64_t) {
+  struct Scratch {
     std::vector<uint16_t> mags;
-    std::vector<uint32_t> xplanes((size_t)plane_words);
-    std::vector<int64_t> t((size_t)(kRowBlock * L));
-    for (int64_t item = next++; item < items; item = next++) {
-      const int64_t blk = item / groups, nb0 = (item % groups) * per_group;
-      const int64_t nb1 = std::min(lane_blocks, nb0 + per_group);
-      const int64_t m0 = blk * kRowBlock, nm = std::min(kRowBlock, M - m0);
-      const int64_t n0 = nb0 * L, n1 = std::min(pl.p.N, nb1 * L);
-      if (nb0 >= nb1 && lane_blocks > 0) continue;  // an empty group (its rows are packed by the others)
-      if (Tr == 0) {  // K == 0: no codes, every T_int is 0
-        done(m0, nm, n0, n1);
-        continue;
-      }
-      pack_input_rows(x, pl, isa, m0, nm, mags, xplanes.data(), bad);
-      for (int64_t r = 0; r < Tr; ++r) {
-        const uint32_t* xr = xplanes.data() + r * (stride / Tr);
-        for (size_t s = 0; s < sets.size(); ++s) {
-          const WeightPlanes& wp = sets[s].planes;
-          for (int64_t nb = nb0; nb < nb1; ++nb) {
-            if (!sets[s].active[(size_t)(r * wp.g.blocks + nb)]) continue;
-            isa.block(pl, xr, stride, nm, wp.at(r, nb), t.data());
-            epi((int)s, r, nb * L, m0, nm, t.data());
-          }
+    std::vector<uint32_t> xplanes;
+    std::vector<int64_t> t;
+  };
+  std::vector<Scratch> scratch((size_t)at::get_num_threads());
+  parallel_items(pl.p.M, kRowBlock, lane_blocks, 1, [&](int64_t worker, int64_t m0, int64_t nm, int64_t nb0, int64_t nb1) {
+    const int64_t n0 = nb0 * L, n1 = std::min(pl.p.N, nb1 * L);
+    if (Tr == 0) {  // K == 0: no codes, every T_int is 0
+      done(m0, nm, n0, n1);
+      return;
+    }
+    Scratch& sc = scratch[(size_t)worker];
+    if (sc.t.empty()) {
+      sc.xplanes.resize((size_t)plane_words);
+      sc.t.resize((size_t)(kRowBlock * L));
+    }
+    pack_input_rows(x, pl, isa, m0, nm, sc.mags, sc.xplanes.data(), bad);
+    for (int64_t r = 0; r < Tr; ++r) {
+      const uint32_t* xr = sc.xplanes.data() + r * (stride / Tr);
+      for (size_t s = 0; s < sets.size(); ++s) {
+        const WeightPlanes& wp = sets[s].planes;
+        for (int64_t nb = nb0; nb < nb1; ++nb) {
+          if (!sets[s].active[(size_t)(r * wp.g.blocks + nb)]) continue;
+          isa.block(pl, xr, stride, nm, wp.at(r, nb), sc.t.data());
+          epi((int)s, r, nb * L, m0, nm, sc.t.data());
         }
       }
-      done(m0, nm, n0, n1);
     }
+    done(m0, nm, n0, n1);
   });
   TORCH_CHECK(!bad, "xbar: x_codes must hold codes in [", pl.p.x_pols == 2 ? -((1LL << pl.p.x_bits) - 1) : 0, ", ",
               (1LL << pl.p.x_bits) - 1, "]");

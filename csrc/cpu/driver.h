@@ -40,6 +40,17 @@ using BlockDone = std::function<void(int64_t m0, int64_t nm, int64_t n0, int64_t
 // `column_units` (the smallest column ranges the caller hands out).
 int64_t column_groups(int64_t row_blocks, int64_t column_units);
 
+// The one parallel loop of the CPU kernels (run_quantized below, the GEMM route of ops_cpu.cpp, the device
+// cells of cells.cpp): work items of `block` input rows [m0, m0 + nm) and a range [u0, u1) of `units` column
+// units, handed out one at a time rather than in equal shares (on a machine shared with other processes a
+// thread whose core is busy then takes fewer items instead of stalling all; one parallel region per call,
+// nothing nested).  Each row block is split into column_groups(row blocks, ceil(units / min_units)) groups
+// of ceil(units / groups) units; an item with an empty range is skipped, except with units == 0 (each row
+// block then comes once, with u0 = u1 = 0).  `worker` < at::get_num_threads() is the item's thread, for
+// per-thread scratch.
+using ItemBody = std::function<void(int64_t worker, int64_t m0, int64_t nm, int64_t u0, int64_t u1)>;
+void parallel_items(int64_t M, int64_t block, int64_t units, int64_t min_units, const ItemBody& body);
+
 // Calls epi for every needed (tile, set, lane block) of each work item -- a block of kRowBlock input
 // rows and a range of lane blocks (output columns [n0, n1)) -- in this order: row tile outer, then
 // the weight sets in order, then lane blocks (so every output element sees its terms in the order row

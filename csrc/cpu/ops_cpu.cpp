@@ -16,7 +16,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -66,10 +65,10 @@ Route checked_route(const at::Tensor& x, const at::Tensor& w, int64_t rows, int6
                                       adc_levels, adc_clip, periphery, kPeripheryCpuKernel));
 }
 
-// Float type in which every T_int of one tile (|T| <= rows * Qx * Qw) is exact.
+// Float type in which every partial sum of one tile's GEMM (|sum_k x w| <= rows Qx Qw, the Pmax of the call
+// as one conversion, xbar_quant.h) is exact.
 at::ScalarType exact_float(const Plan& pl) {
-  const double bound = (double)pl.p.rows * ((1LL << pl.p.x_bits) - 1) * ((1LL << pl.p.w_bits) - 1);
-  return bound < 16777216.0 ? at::kFloat : at::kDouble;
+  return one_conversion(pl.p).pmax() < (1LL << 24) ? at::kFloat : at::kDouble;
 }
 
 // ------------------------------------------------------------------ packed weights (xbar_pack_weights)
@@ -254,25 +253,14 @@ void mvm_quantized(const at::Tensor& x, const std::vector<at::Tensor>& w, const 
                 });
 }
 
-// The work items of the GEMM route, in one parallel region per call: blocks of `block` rows (split
-// over the columns too, in groups of at least 64, when there are few, so that every thread has work),
-// handed out one at a time as in the quantised driver; each thread runs its items' small GEMMs itself
-// (ATen does not nest parallel regions): no region per tile, nothing that spins while a core is busy
+// The work items of the GEMM route on the one parallel loop (driver.h): blocks of `block` rows, split over
+// the columns too, in groups of at least 64, when there are few; each thread runs its items' small GEMMs
+// itself (ATen does not nest parallel regions): no region per tile, nothing that spins while a core is busy
 // with another process.  body(m0, nm, n0, nw) gets rows [m0, m0 + nm), columns [n0, n0 + nw).
 template <typename F>
 void for_gemm_items(int64_t M, int64_t N, int64_t block, const F& body) {
-  const int64_t blocks = (M + block - 1) / block;
-  const int64_t groups = column_groups(blocks, (N + 63) / 64);
-  const int64_t width = (N + groups - 1) / groups;
-  const int64_t items = blocks * groups;
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items), 1, [&](int64_t, int64_t) {
-    for (int64_t item = next++; item < items; item = next++) {
-      const int64_t blk = item / groups, n0 = (item % groups) * width, nw = std::min(width, N - n0);
-      if (nw <= 0) continue;
-      const int64_t m0 = blk * block;
-      body(m0, std::min(block, M - m0), n0, nw);
-    }
+  parallel_items(M, block, N, 64, [&](int64_t, int64_t m0, int64_t nm, int64_t n0, int64_t n1) {
+    if (n1 > n0) body(m0, nm, n0, n1 - n0);
   });
 }
 

@@ -9,6 +9,41 @@
 
 namespace xma2 {
 namespace cpu {
+
+FloatAdc float_adc(int64_t levels, int64_t span) {
+  return {(float)((double)levels / (double)span),
+          (float)(0.5 + 0.25 / (double)span),   // the quarter step keeps exact halves from rounding down
+          (float)(0.5 - 0.25 / (double)span)};  // ... and here from rounding up
+}
+
+bool float_adc_exact(int64_t levels, int64_t span, int64_t ulo, int64_t uhi, bool half_even, bool clamped) {
+  // The answer depends only on these numbers: checked once per process for each, not on every call.
+  static std::mutex mu;
+  static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int>, bool> known;
+  const auto key = std::make_tuple(levels, span, ulo, uhi, (half_even ? 1 : 0) | (clamped ? 2 : 0));
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    const auto it = known.find(key);
+    if (it != known.end()) return it->second;
+  }
+  const FloatAdc f = float_adc(levels, span);
+  const auto code = [&](int64_t u, float b) {
+    const int64_t c = (int64_t)std::fma((float)u, f.a, b);
+    return clamped ? std::min(c, levels) : c;
+  };
+  bool exact = true;
+  for (int64_t u = ulo; u <= uhi && exact; ++u) {
+    const int64_t num = 2 * u * levels + span;
+    const int64_t up = num / (2 * span), down = (num - 1) / (2 * span);  // half up, half down (num >= 1)
+    exact = code(u, f.b) == up;
+    if (half_even) exact = exact && code(u, f.b_dn) == down;
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  if (known.size() > 256) known.clear();
+  known[key] = exact;
+  return exact;
+}
+
 namespace {
 
 // Checks that the float32 ADC (and the int32 sums) of the vector kernels are exact for every
@@ -26,32 +61,15 @@ bool vector_adc_exact(const XbarParams& p, Adc& adc) {
   adc.half_even = even;
   adc.offset = sgn ? p.adc_clip : 0;
   adc.half = sgn ? p.adc_levels / 2 : 0;
-  adc.a = (float)((double)p.adc_levels / (double)span);
-  adc.b = (float)(0.5 + 0.25 / (double)span);  // the quarter step keeps exact halves from rounding down
-  adc.b_dn = (float)(0.5 - 0.25 / (double)span);  // ... and here from rounding up
+  const FloatAdc f = float_adc(p.adc_levels, span);
+  adc.a = f.a;
+  adc.b = f.b;
+  adc.b_dn = f.b_dn;
   const int64_t ulo = std::max<int64_t>(0, adc.offset - pmax), uhi = std::min(span, adc.offset + pmax);
   // float u, int32 lanes for u (and for the offset added to V), and a bounded check
   if (pmax >= (1LL << 24) || uhi >= (1LL << 24) || adc.offset >= (1LL << 24) || uhi - ulo > (sgn ? (1 << 21) : (1 << 20))) return false;
-  // The answer depends only on these numbers: checked once per process for each (up to 2^21 steps),
-  // not on every call.
-  static std::mutex mu;
-  static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int>, bool> known;
-  const auto key = std::make_tuple((int64_t)p.adc_levels, p.adc_clip, ulo, uhi, (sgn ? 1 : 0) | (even ? 2 : 0));
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    const auto it = known.find(key);
-    if (it != known.end()) return it->second;
-  }
-  bool exact = true;
-  for (int64_t u = ulo; u <= uhi && exact; ++u) {  // unclamped: up to hi the code needs no clamp either
-    const int64_t num = 2 * u * p.adc_levels + span;
-    const int64_t up = num / (2 * span), down = (num - 1) / (2 * span);  // half up, half down (num >= 1)
-    exact = (int64_t)std::fma((float)u, adc.a, adc.b) == up;
-    if (even) exact = exact && (int64_t)std::fma((float)u, adc.a, adc.b_dn) == down;
-  }
-  std::lock_guard<std::mutex> lock(mu);
-  known[key] = exact;
-  return exact;
+  // unclamped: up to hi the code needs no clamp either
+  return float_adc_exact(p.adc_levels, span, ulo, uhi, even, false);
 }
 
 }  // namespace
@@ -67,11 +85,8 @@ Plan make_plan(const XbarParams& p) {
   pl.adc.half_even = p.half_even();
   pl.adc.offset = pl.adc.sgn ? p.adc_clip : 0;
   pl.adc.half = pl.adc.sgn ? p.adc_levels / 2 : 0;
-  // |T| <= 2 * levels * sum_{i,j} 2^(i*db + j*cb) must fit the int32 lanes.
-  double shifts = 0;
-  for (int i = 0; i < p.chunks(); ++i)
-    for (int j = 0; j < p.slices(); ++j) shifts += std::ldexp(1.0, i * p.dac_bits + j * p.cell_bits);
-  const double t_bound = 2.0 * (double)p.adc_levels * shifts;
+  // The tile-sum bound (xbar_quant.h) must fit the int32 lanes.
+  const double t_bound = tile_sum_bound(p, (double)p.adc_levels);
   pl.simd_exact = vector_adc_exact(p, pl.adc) && t_bound < 2147483647.0;
   pl.float_sums = t_bound < 16777216.0;
   pl.no_clamp = p.adc_clip >= p.pmax();

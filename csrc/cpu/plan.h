@@ -27,6 +27,20 @@ struct Adc {
   bool half_even = false;
 };
 
+// The float32 form of the ADC on u in [0, span] (u = V + offset; span = clip, 2 clip for the signed ADC,
+// clip 2^F for the cell ops): code = trunc(fma((float)u, a, b)) rounds half up, with b_dn half down.
+struct FloatAdc {
+  float a, b, b_dn;
+};
+FloatAdc float_adc(int64_t levels, int64_t span);  // plan.cpp
+
+// The float-ADC exactness check, the one rule for every vector kernel (the bit-plane kernels through
+// make_plan, the AVX2 cell kernel of cells.cpp): true when, for every u in [ulo, uhi] (uhi <= span), the
+// float form (min(., levels) first when `clamped`: the kernel clamps the code) equals the integer rule of
+// xbar_quant.h (half up; under half_even also half down).  Checked value by value, once per process for
+// each argument set; the caller bounds uhi - ulo.
+bool float_adc_exact(int64_t levels, int64_t span, int64_t ulo, int64_t uhi, bool half_even, bool clamped);
+
 // Everything the kernels need about one call, resolved once (make_plan).
 struct Plan {
   XbarParams p;
