@@ -1,7 +1,7 @@
 """Whole-network speed: converted models against the same float model, measured in one run.
 
     python benchmarks/bench_models.py                     # all cases, 2 threads
-    python benchmarks/bench_models.py --quick             # tiny model, 1 round, no RSS probes (seconds)
+    python benchmarks/bench_models.py --quick             # tiny model, 1 round, no RSS probes (a smoke test)
     python benchmarks/bench_models.py --cases small-x32 --busy 1   # the example's evaluation with a busy process
     python benchmarks/bench_models.py --profile resnet18-b64       # + where the time goes (torch.profiler)
     python benchmarks/bench_models.py --device cuda --no-rss       # on a GPU (scripts/gpu_check.sh)
@@ -40,7 +40,6 @@ import copy
 import importlib.util
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -50,6 +49,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timing import busy as busy_processes, cpu_name, load, row, time_in_turns
 
 import xma2_ops
 from xma2_ops import XbarConfig, models
@@ -103,10 +103,6 @@ CONFIGS = {
     "ideal": {"weight_bits": None, "input_bits": None, "adc_bits": None},
 }
 TRAIN_CONFIGS = ("weight-only", "default")
-
-
-def _load() -> str:
-    return "load average " + " / ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def float_model(case: str) -> Tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -168,24 +164,6 @@ def train_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[],
     return run
 
 
-def time_in_turns(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
-    """Median seconds per call of each function; one warm-up call each, then the calls in turns (one
-    of each per round) so that a change of machine load hits all of them alike."""
-    for fn in fns.values():
-        fn()
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _row(cells: List[str], widths: List[int]) -> str:
-    return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-
 # ------------------------------------------------------------------ peak RSS, one subprocess per measurement
 def _status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
@@ -229,19 +207,16 @@ def bench_case(case: str, configs: List[str], repeats: int, threads: int, rss: b
             train[c] = train_fn(converted(model, case, c), x, y)
     fns = {f"infer/{k}": v for k, v in infer.items()}
     fns.update({f"train/{k}": v for k, v in train.items()})
-    procs = _start_busy(busy)
-    try:
+    with busy_processes(busy):
         t = time_in_turns(fns, repeats)
-    finally:
-        _stop_busy(procs)
     _, shape, size, _ = CASES[case]
     where = f"{threads} threads" if device == "cpu" else torch.cuda.get_device_name(device)
     print(f"\n{case}: input {tuple(shape)}, {size}x{size} crossbars, {where}, {repeats} rounds"
-          f"{f', {busy} busy process(es)' if busy else ''}; {_load()} (after)")
+          f"{f', {busy} busy process(es)' if busy else ''}; {load()} (after)")
     head = ["config", "infer ms", "img/s", "x float", "train ms", "x float", "peak MB", "x float", "train MB",
             "x float"]
     widths = [12, 10, 8, 8, 10, 8, 8, 8, 9, 8]
-    print(_row(head, widths))
+    print(row(head, widths))
     mem: Dict[str, Tuple[float, float]] = {}
     for k in infer:
         ti, tt = t[f"infer/{k}"], t.get(f"train/{k}")
@@ -253,18 +228,8 @@ def bench_case(case: str, configs: List[str], repeats: int, threads: int, rss: b
                  f"{tt * 1e3:.1f}" if tt else "-", f"{tt / t['train/float']:.2f}" if tt else "-",
                  f"{mi:.0f}" if mi is not None else "-", f"{mi / fi:.2f}" if mi is not None and fi else "-",
                  f"{mt:.0f}" if mt is not None else "-", f"{mt / ft:.2f}" if mt is not None and ft else "-"]
-        print(_row(cells, widths))
+        print(row(cells, widths))
     return t
-
-
-def _start_busy(n: int) -> List[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
-
-
-def _stop_busy(procs: List[subprocess.Popen]) -> None:
-    for p in procs:
-        p.kill()
-        p.wait()
 
 
 # ------------------------------------------------------------------ where the time goes
@@ -285,16 +250,16 @@ def profile_case(case: str, config: str, mode: str, rows: int) -> None:
         wall = time.perf_counter() - t0
     ev = {e.key: e for e in prof.key_averages()}
     print(f"\nwhere the time goes: {case}, {config}, {mode}, one call {wall * 1e3:.1f} ms wall under the profiler; "
-          f"{_load()}")
-    print(_row(["phase (all crossbar layers)", "ms", "% of call"], [34, 10, 9]))
+          f"{load()}")
+    print(row(["phase (all crossbar layers)", "ms", "% of call"], [34, 10, 9]))
     total = 0.0
     for name in PHASES:
         if name in ev:
             ms = ev[name].cpu_time_total / 1e3
             total += ms
-            print(_row([name, f"{ms:.1f}", f"{100 * ms / (wall * 1e3):.1f}"], [34, 10, 9]))
+            print(row([name, f"{ms:.1f}", f"{100 * ms / (wall * 1e3):.1f}"], [34, 10, 9]))
     rest = wall * 1e3 - total
-    print(_row(["rest (float layers, Python, autograd)", f"{rest:.1f}", f"{100 * rest / (wall * 1e3):.1f}"],
+    print(row(["rest (float layers, Python, autograd)", f"{rest:.1f}", f"{100 * rest / (wall * 1e3):.1f}"],
                [34, 10, 9]))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
@@ -322,10 +287,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     configs = args.configs or list(CONFIGS)
     repeats = args.repeats or (1 if args.quick else 3)
     rss = not (args.quick or args.no_rss or args.device != "cpu")
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?") \
-        if os.path.exists("/proc/cpuinfo") else "?"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {cpu}, {os.cpu_count()} cores, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, {_load()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {cpu_name()}, {os.cpu_count()} cores, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, {load()}")
     for case in cases:
         quiet = bench_case(case, configs, repeats, args.threads, rss, device=args.device)
         if args.busy:

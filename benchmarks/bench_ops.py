@@ -28,12 +28,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
-import statistics
 import time
 from typing import Callable, Dict, List, Optional
 
 import torch
+from timing import cpu_name, row, time_in_turns
 
 import xma2_ops
 from xma2_ops import DeviceModel, XbarConfig
@@ -58,23 +57,9 @@ MODES = {
 
 
 def _time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, device: str) -> Dict[str, float]:
-    """Median ms per call of each function, the calls taken in turns (one of each per round) so that
-    a change of machine load hits all of them alike; one warm-up call each (caches, weight packing)."""
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    sync()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    """Median ms per call of each function, timed in turns (timing.time_in_turns)."""
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    return {k: v * 1e3 for k, v in time_in_turns(fns, repeats, sync).items()}
 
 
 def _inputs(batch, ch, hw, device, dtype=torch.float32):
@@ -139,7 +124,7 @@ def bench_periphery(shapes, repeats: int, device: str, cells: bool) -> None:
     print(f"\nPeriphery conventions (SPEC 8), forward ms, signed inputs, {'typical device' if cells else 'ideal cells'}; "
           f"ratio = convention / default in the same run")
     widths = [22, 16] + [16] * len(PERIPHERY)
-    print(_row(["shape (B, C, HxW)", "default ms"] + list(PERIPHERY), widths))
+    print(row(["shape (B, C, HxW)", "default ms"] + list(PERIPHERY), widths))
     for batch, ch, hw in shapes:
         x, w = _inputs(batch, ch, hw, device)
         x = x - 0.2  # signed
@@ -150,7 +135,7 @@ def bench_periphery(shapes, repeats: int, device: str, cells: bool) -> None:
         t = _time_interleaved(fns, repeats, device)
         cells_ = [f"{batch}, {ch}, {hw}x{hw}", f"{t['default']:.1f}"]
         cells_ += [f"{t[n]:.1f} ({t[n] / t['default']:.2f}x)" for n in PERIPHERY]
-        print(_row(cells_, widths))
+        print(row(cells_, widths))
     print("conventions that convert less than the default: " + ", ".join(n for n, (_, less) in PERIPHERY.items() if less))
 
 
@@ -172,15 +157,11 @@ def _conv_fns(x, w, dtype=torch.float32):
     return fwd, fwd_bwd
 
 
-def _row(cells: List[str], widths: List[int]) -> str:
-    return "  ".join(c.rjust(wd) if i else c.ljust(wd) for i, (c, wd) in enumerate(zip(cells, widths)))
-
-
 def bench_cpu(shapes, repeats: int, modes: List[str], with_reference: bool) -> None:
     head = ["shape", "mode", "fwd ms", "x conv", "fwd+bwd ms", "x conv", "+mask ms", "x conv", "eval ms", "ref fwd ms*",
             "speed-up"]
     widths = [20, 9, 9, 7, 11, 7, 9, 7, 8, 12, 9]
-    print(_row(head, widths))
+    print(row(head, widths))
     for batch, ch, hw in shapes:
         x, w = _inputs(batch, ch, hw, "cpu")
         fns = dict(zip(("conv/f", "conv/fb"), _conv_fns(x, w)))
@@ -192,7 +173,7 @@ def bench_cpu(shapes, repeats: int, modes: List[str], with_reference: bool) -> N
                 fns[f"{mode}/eval"] = _eval_module_fwd(x, w, MODES[mode])
         t = _time_interleaved(fns, repeats, "cpu")
         name = f"{batch}x{ch}x{hw}x{hw}"
-        print(_row([name, "nn.Conv2d", f"{t['conv/f']:.1f}", "1.00", f"{t['conv/fb']:.1f}", "1.00", "", "", "", "",
+        print(row([name, "nn.Conv2d", f"{t['conv/f']:.1f}", "1.00", f"{t['conv/fb']:.1f}", "1.00", "", "", "", "",
                     ""], widths))
         for mode in modes:
             cfg = MODES[mode]
@@ -204,7 +185,7 @@ def bench_cpu(shapes, repeats: int, modes: List[str], with_reference: bool) -> N
                 ref_fwd()
                 t_ref = (time.perf_counter() - t0) * 1e3 * batch  # one call on one image, scaled by the batch
                 ref_cell, speed_cell = f"{t_ref:.0f}", f"{t_ref / tf:.0f}x"
-            print(_row([name, mode, f"{tf:.1f}", f"{tf / t['conv/f']:.2f}", f"{tfb:.1f}",
+            print(row([name, mode, f"{tf:.1f}", f"{tf / t['conv/f']:.2f}", f"{tfb:.1f}",
                         f"{tfb / t['conv/fb']:.2f}", f"{tfbm:.1f}" if tfbm else "-",
                         f"{tfbm / t['conv/fb']:.2f}" if tfbm else "-", f"{tev:.1f}" if tev else "-", ref_cell,
                         speed_cell], widths))
@@ -227,7 +208,7 @@ def bench_kernels(shapes, repeats: int) -> None:
           f"frac_bits {dev.frac_bits}), default XbarConfig(), uint8 codes")
     head = ["shape", "M x K x N", "xbar_mvm ms", "cell_mvm ms", "ratio", "max G (levels)"]
     widths = [20, 18, 12, 12, 7, 15]
-    print(_row(head, widths))
+    print(row(head, widths))
     for batch, ch, hw in shapes:
         x, w = _inputs(batch, ch, hw, "cpu")
         s_x = ref.derived_scale(x, cfg.input_qmax(False))
@@ -246,7 +227,7 @@ def bench_kernels(shapes, repeats: int) -> None:
         }
         t = _time_interleaved(fns, repeats, "cpu")
         m, k = x_codes.shape
-        print(_row([f"{batch}x{ch}x{hw}x{hw}", f"{m} x {k} x {ch}", f"{t['ideal']:.1f}", f"{t['cells']:.1f}",
+        print(row([f"{batch}x{ch}x{hw}x{hw}", f"{m} x {k} x {ch}", f"{t['ideal']:.1f}", f"{t['cells']:.1f}",
                     f"{t['cells'] / t['ideal']:.2f}", f"{float(gq.max()) / 2 ** dev.frac_bits:.2f}"], widths))
 
 
@@ -256,7 +237,7 @@ def bench_cuda(shapes, repeats: int, modes: List[str]) -> None:
         print("no CUDA backend available (xma2_ops.available_backends() =", xma2_ops.available_backends(), ")")
     head = ["shape", "backend/mode", "fwd ms", "x fp32", "x bf16", "fwd+bwd ms", "x fp32"]
     widths = [20, 22, 9, 7, 7, 11, 7]
-    print(_row(head, widths))
+    print(row(head, widths))
     for batch, ch, hw in shapes:
         x, w = _inputs(batch, ch, hw, "cuda")
         f32, fb32 = _conv_fns(x, w)
@@ -269,12 +250,12 @@ def bench_cuda(shapes, repeats: int, modes: List[str]) -> None:
         t = _time_interleaved(fns, repeats, "cuda")
         t32, tb32, t16 = t["f32"], t["fb32"], t["f16"]
         name = f"{batch}x{ch}x{hw}x{hw}"
-        print(_row([name, "cuDNN fp32", f"{t32:.2f}", "1.00", f"{t32 / t16:.2f}", f"{tb32:.2f}", "1.00"], widths))
-        print(_row([name, "cuDNN bf16", f"{t16:.2f}", f"{t16 / t32:.2f}", "1.00", "", ""], widths))
+        print(row([name, "cuDNN fp32", f"{t32:.2f}", "1.00", f"{t32 / t16:.2f}", f"{tb32:.2f}", "1.00"], widths))
+        print(row([name, "cuDNN bf16", f"{t16:.2f}", f"{t16 / t32:.2f}", "1.00", "", ""], widths))
         for backend in backends:
             for mode in modes:
                 tf, tfb = t[f"{backend}/{mode}/f"], t[f"{backend}/{mode}/fb"]
-                print(_row([name, f"{backend}/{mode}", f"{tf:.2f}", f"{tf / t32:.2f}", f"{tf / t16:.2f}",
+                print(row([name, f"{backend}/{mode}", f"{tf:.2f}", f"{tf / t32:.2f}", f"{tf / t16:.2f}",
                             f"{tfb:.2f}", f"{tfb / tb32:.2f}"], widths))
 
 
@@ -296,13 +277,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = args.repeats or (2 if args.quick else 5)
     modes = args.modes or (["ideal", "default", "lossless", "device"] if args.quick else list(MODES))
-    cpu_name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu_name}, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu_name()}, "
           f"XMA2_CPU_ISA={os.environ.get('XMA2_CPU_ISA', 'auto')}, load average {os.getloadavg()[0]:.1f}")
     if args.periphery:
         bench_periphery(shapes, repeats, args.device, args.cells)
