@@ -1,6 +1,7 @@
 """Random cases shared by the tests."""
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from typing import Optional
@@ -8,7 +9,9 @@ from typing import Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import xma2_ops
 from xma2_ops import XbarConfig
+from xma2_ops.config import GemmParams
 
 
 @dataclass
@@ -128,3 +131,31 @@ class OpLog(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+# A small lossy config that every instruction set computes (the probe of cpu_isas).
+ISA_PROBE = GemmParams(rows=16, cols=8, input_bits=4, input_signed=False, dac_bits=1, weight_bits=4, cell_bits=1,
+                       adc_levels=3, adc_clip=16)
+
+
+def cpu_isas() -> list:
+    """The instruction sets (XMA2_CPU_ISA) this machine and build run, asked of the C++ kernel itself;
+    [] without the C++ CPU backend.  XMA2_CPU_ISA is restored afterwards."""
+    if "cpu" not in xma2_ops.available_backends():
+        return []
+    out, old = [], os.environ.get("XMA2_CPU_ISA")
+    try:
+        for isa in ("scalar", "avx2", "avx512", "amx"):
+            os.environ["XMA2_CPU_ISA"] = isa
+            try:
+                torch.ops.xma2_ops.xbar_tile_sums(torch.ones(2, 20, dtype=torch.int32),
+                                                  torch.ones(20, 3, dtype=torch.int32), *ISA_PROBE.as_args())
+                out.append(isa)
+            except RuntimeError as e:
+                assert "cannot run" in str(e)
+    finally:
+        if old is None:
+            os.environ.pop("XMA2_CPU_ISA", None)
+        else:
+            os.environ["XMA2_CPU_ISA"] = old
+    return out

@@ -16,7 +16,7 @@ from xma2_ops import reference as ref
 from xma2_ops._ops import available_backends
 from xma2_ops.config import MAX_ADC_CLIP, GemmParams
 
-from helpers import ordered_mvm as _ordered_mvm
+from helpers import cpu_isas, ordered_mvm as _ordered_mvm
 
 pytestmark = pytest.mark.skipif("cpu" not in available_backends(), reason="C++ extension not built")
 
@@ -24,28 +24,7 @@ N_CASES = int(os.environ.get("XMA2_FUZZ_CASES", "24"))
 OPS = torch.ops.xma2_ops
 
 
-def _isas() -> list[str]:
-    old = os.environ.get("XMA2_CPU_ISA")
-    p = GemmParams(16, 8, 4, False, 1, 4, 1, 3, 16)
-    out = []
-    try:
-        for isa in ("scalar", "avx2", "avx512", "amx"):
-            os.environ["XMA2_CPU_ISA"] = isa
-            try:
-                OPS.xbar_tile_sums(torch.ones(2, 20, dtype=torch.int32), torch.ones(20, 3, dtype=torch.int32),
-                                   *p.as_args())
-                out.append(isa)
-            except RuntimeError as e:
-                assert "cannot run" in str(e)
-    finally:
-        if old is None:
-            os.environ.pop("XMA2_CPU_ISA", None)
-        else:
-            os.environ["XMA2_CPU_ISA"] = old
-    return out
-
-
-ISAS = _isas()
+ISAS = cpu_isas()
 
 
 def _random_params(rnd: random.Random) -> GemmParams:

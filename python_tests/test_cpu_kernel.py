@@ -2,7 +2,6 @@
 runs (XMA2_CPU_ISA forces one): bit-exact tile sums, float64 mvm and coefficient gradients,
 odd sizes, every bit width, saturated / ideal / lossless ADCs, and the layer-level API."""
 import dataclasses
-import os
 import random
 import zlib
 
@@ -15,32 +14,11 @@ from xma2_ops import XbarConfig, reference as ref
 from xma2_ops._ops import available_backends, get_backend
 from xma2_ops.config import GemmParams
 
-from helpers import ordered_coef_grad, ordered_mvm as _ordered_mvm
+from helpers import ISA_PROBE, cpu_isas, ordered_coef_grad, ordered_mvm as _ordered_mvm
 
 pytestmark = pytest.mark.skipif("cpu" not in available_backends(), reason="C++ extension not built")
 
-_LOSSY = GemmParams(rows=16, cols=8, input_bits=4, input_signed=False, dac_bits=1, weight_bits=4, cell_bits=1,
-                    adc_levels=3, adc_clip=16)
-
-
-def _runs(isa: str) -> bool:
-    old = os.environ.get("XMA2_CPU_ISA")
-    os.environ["XMA2_CPU_ISA"] = isa
-    try:
-        torch.ops.xma2_ops.xbar_tile_sums(torch.ones(2, 20, dtype=torch.int32), torch.ones(20, 3, dtype=torch.int32),
-                                          *_LOSSY.as_args())
-        return True
-    except RuntimeError as e:
-        assert "cannot run" in str(e)
-        return False
-    finally:
-        if old is None:
-            del os.environ["XMA2_CPU_ISA"]
-        else:
-            os.environ["XMA2_CPU_ISA"] = old
-
-
-ISAS = [isa for isa in ("scalar", "avx2", "avx512", "amx") if "cpu" in available_backends() and _runs(isa)]
+ISAS = cpu_isas()
 
 
 @pytest.fixture(params=ISAS)
@@ -223,7 +201,7 @@ def test_bad_isa_name_is_refused(monkeypatch):
     monkeypatch.setenv("XMA2_CPU_ISA", "sse9")
     with pytest.raises(RuntimeError, match="XMA2_CPU_ISA"):
         torch.ops.xma2_ops.xbar_tile_sums(torch.ones(2, 20, dtype=torch.int32), torch.ones(20, 3, dtype=torch.int32),
-                                          *_LOSSY.as_args())
+                                          *ISA_PROBE.as_args())
 
 
 def test_weight_changes_without_version_bump_are_seen(isa):

@@ -21,6 +21,7 @@ import xma2_ops
 from xma2_ops import DeviceModel, XbarConfig, reference as ref
 from xma2_ops.config import PERIPHERY_FIELDS, GemmParams, row_tile_sizes
 
+from helpers import cpu_isas
 from strategies import examples, fuzz_seed
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
@@ -196,21 +197,28 @@ def _backends():
     return names
 
 
+def _masked_conv_case(gen, cfg: XbarConfig, signed: bool = True):
+    """x [2, 3, 6, 6] (non-negative unless signed), w [8, 3, 3, 3] and the xbar_conv2d keywords of a conv
+    with task weights and fractional masks (config, task_weight, pe_mask, col_scale, padding=1), float64."""
+    x = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64)
+    x = x if signed else x.abs()
+    w = torch.randn(8, 3, 3, 3, generator=gen, dtype=torch.float64)
+    wt = torch.randn(8, 3, 3, 3, generator=gen, dtype=torch.float64)
+    tr, tc = cfg.tiles(27, 8)
+    mask = torch.rand(tr, tc, generator=gen, dtype=torch.float64)
+    alpha = torch.rand(tr, 8, generator=gen, dtype=torch.float64) + 0.5
+    return x, w, dict(config=cfg, task_weight=wt, pe_mask=mask, col_scale=alpha, padding=1)
+
+
 @pytest.mark.parametrize("combo", _FIELD_COMBOS[::3] + [_FIELD_COMBOS[-1]])
 def test_layers_give_the_same_bits_on_every_backend(combo):
     """xbar_conv2d with task weights and fractional masks: cpu (and triton in the interpreter) == reference."""
     fields = dict(zip(PERIPHERY_FIELDS, combo))
     gen = torch.Generator().manual_seed(sum(i * (2 ** n) for n, i in enumerate(map(len, combo))))
     cfg = XbarConfig(rows=20, cols=6, weight_bits=6, cell_bits=2, input_bits=5, dac_bits=2, adc_bits=5, **fields)
-    x = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64)
-    w = torch.randn(8, 3, 3, 3, generator=gen, dtype=torch.float64)
-    wt = torch.randn(8, 3, 3, 3, generator=gen, dtype=torch.float64)
-    tr, tc = cfg.tiles(27, 8)
-    mask = torch.rand(tr, tc, generator=gen, dtype=torch.float64)
-    alpha = torch.rand(tr, 8, generator=gen, dtype=torch.float64) + 0.5
-    kw = dict(config=cfg, task_weight=wt, pe_mask=mask, col_scale=alpha, padding=1)
+    x, w, kw = _masked_conv_case(gen, cfg)
     want = xma2_ops.xbar_conv2d(x, w, backend="reference", **kw)
-    oracle = ref.xbar_conv2d_reference(x, w, config=cfg, task_weight=wt, pe_mask=mask, col_scale=alpha, padding=1)
+    oracle = ref.xbar_conv2d_reference(x, w, **kw)
     torch.testing.assert_close(want, oracle, rtol=1e-12, atol=1e-12)
     for be in _backends():
         assert torch.equal(xma2_ops.xbar_conv2d(x, w, backend=be, **kw), want), be
@@ -426,32 +434,7 @@ def _kernel_fields(bits: int) -> dict:
     return dict(v for b, v in _KERNEL_FIELDS.items() if bits & b)
 
 
-def _cpu_isas() -> list:
-    """The instruction sets this machine runs (XMA2_CPU_ISA), asked of the kernel itself."""
-    if "cpu" not in xma2_ops.available_backends():
-        return []
-    import os
-    p = GemmParams(rows=16, cols=8, input_bits=4, input_signed=False, dac_bits=1, weight_bits=4, cell_bits=1,
-                   adc_levels=3, adc_clip=16)
-    out, old = [], os.environ.get("XMA2_CPU_ISA")
-    try:
-        for isa in ("scalar", "avx2", "avx512", "amx"):
-            os.environ["XMA2_CPU_ISA"] = isa
-            try:
-                torch.ops.xma2_ops.xbar_tile_sums(torch.ones(2, 20, dtype=torch.int32),
-                                                  torch.ones(20, 3, dtype=torch.int32), *p.as_args())
-                out.append(isa)
-            except RuntimeError as e:
-                assert "cannot run" in str(e)
-    finally:
-        if old is None:
-            os.environ.pop("XMA2_CPU_ISA", None)
-        else:
-            os.environ["XMA2_CPU_ISA"] = old
-    return out
-
-
-_ISAS = _cpu_isas()
+_ISAS = cpu_isas()
 needs_cpu = pytest.mark.skipif(not _ISAS, reason="C++ extension not built")
 
 
@@ -570,14 +553,8 @@ def test_cpu_layers_compute_the_periphery_in_the_kernel(bits, signed, monkeypatc
     p = GemmParams.from_config(cfg, signed)
     assert xma2_ops._ops.backend_for("cpu", torch.device("cpu"), p) == (xma2_ops._ops.get_backend("cpu", torch.device("cpu")), p)
     gen = torch.Generator().manual_seed(bits * 2 + signed)
-    x = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64)
-    x = x if signed else x.abs()
-    w = torch.randn(8, 3, 3, 3, generator=gen, dtype=torch.float64)
-    wt = torch.randn(8, 3, 3, 3, generator=gen, dtype=torch.float64)
-    tr, tc = cfg.tiles(27, 8)
-    mask = torch.rand(tr, tc, generator=gen, dtype=torch.float64)
-    alpha = torch.rand(tr, 8, generator=gen, dtype=torch.float64) + 0.5
-    kw = dict(config=cfg, task_weight=wt, pe_mask=mask, col_scale=alpha, padding=1)
+    x, w, kw = _masked_conv_case(gen, cfg, signed)
+    mask, alpha = kw["pe_mask"], kw["col_scale"]
     want = xma2_ops.xbar_conv2d(x, w, backend="reference", **kw)
 
     def not_here(*args, **kwargs):

@@ -177,22 +177,33 @@ def test_threads_with_new_task_weights_per_call():
     mask = torch.ones(tr, tc)
     deltas = [torch.randn(5, 3, 3, 3, generator=g) * 0.1 for _ in range(8)]
     expected = [xma2_ops.xbar_conv2d(x, w, config=CFG, task_weight=w + d, pe_mask=mask) for d in deltas]
-    results, errors = [None] * 8, []
+
+    def run(i):
+        for _ in range(5):
+            out = xma2_ops.xbar_conv2d(x, w, config=CFG, task_weight=w + deltas[i], pe_mask=mask)
+        return out
+
+    results = _in_threads(8, run)
+    assert all(torch.equal(r, e) for r, e in zip(results, expected))
+
+
+def _in_threads(n: int, fn):
+    """[fn(0), ..., fn(n - 1)], each on its own thread, all at once; fails with the errors if any raised."""
+    results, errors = [None] * n, []
 
     def run(i):
         try:
-            for _ in range(5):
-                results[i] = xma2_ops.xbar_conv2d(x, w, config=CFG, task_weight=w + deltas[i], pe_mask=mask)
+            results[i] = fn(i)
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert not errors
-    assert all(torch.equal(r, e) for r, e in zip(results, expected))
+    assert not errors, errors
+    return results
 
 
 def _small_resnet():
@@ -311,21 +322,12 @@ def test_threads_program_a_shared_eval_layer_once(edit, read_noise, monkeypatch)
 
     monkeypatch.setattr(xma2_ops.programmed, "program_cells", slow_program_cells)
     barrier = threading.Barrier(8)
-    results, errors = [None] * 8, []
 
     def run(i):
-        try:
-            barrier.wait()
-            results[i] = layer(x)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        barrier.wait()
+        return layer(x)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    results = _in_threads(8, run)
     assert len(calls) == 1 and layer.chip.writes == writes0 + 1
     assert layer.chip.reads == reads0 + 8  # every read numbered once
     assert torch.equal(layer.programmed.cells.g, ref_layer.programmed.cells.g)
