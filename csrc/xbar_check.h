@@ -113,6 +113,19 @@ inline void check_mvm_coefs(const char* op, const at::Tensor& coef_b, const std:
                 ": coef_t must match coef_b in shape and dtype, got ", coef_t->scalar_type(), " ", coef_t->sizes());
 }
 
+// The task weights of an mvm op (xbar_mvm's wt_codes, xbar_cell_mvm's gt; every backend) and their
+// coefficients coef_t: both or neither.
+inline void check_task_given(const char* op, const char* task, bool has_task, bool has_coef_t) {
+  TORCH_CHECK(has_task == has_coef_t, op, ": ", task, " and coef_t must be given together");
+}
+
+// gy of a coefficient-gradient op (xbar_coef_grad, xbar_cell_coef_grad): floating point [M, N].
+inline void check_coef_grad_gy(const char* op, const at::Tensor& gy, int64_t M, int64_t N) {
+  TORCH_CHECK(gy.dim() == 2 && gy.size(0) == M && gy.size(1) == N, op, ": gy must be [M, N] = [", M, ", ", N,
+              "], got ", gy.sizes());
+  TORCH_CHECK(gy.is_floating_point(), op, ": gy must be floating point, got ", gy.scalar_type());
+}
+
 // The task weight codes of xbar_mvm beside the base ones: int32 of the same shape.
 inline void check_task_codes(const at::Tensor& wb_codes, const at::Tensor& wt_codes) {
   TORCH_CHECK(wt_codes.sizes() == wb_codes.sizes() && wt_codes.scalar_type() == at::kInt,

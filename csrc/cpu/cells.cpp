@@ -520,7 +520,7 @@ at::Tensor xbar_cell_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& gb, co
                              const at::Tensor& coef_b, const std::optional<at::Tensor>& coef_t, int64_t rows,
                              int64_t cols, int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits,
                              int64_t cell_bits, int64_t adc_levels, int64_t adc_clip, int64_t frac_bits) {
-  TORCH_CHECK(gt.has_value() == coef_t.has_value(), "xbar_cell_mvm: gt and coef_t must be given together");
+  check_task_given("xbar_cell_mvm", "gt", gt.has_value(), coef_t.has_value());
   std::vector<std::pair<at::Tensor, const char*>> named{{gb, "gb"}};
   if (gt.has_value()) named.push_back({*gt, "gt"});
   const CellPlan pl = make_cell_plan(x_codes, named, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
@@ -580,9 +580,7 @@ at::Tensor xbar_cell_coef_grad_cpu(const at::Tensor& x_codes, const at::Tensor& 
   // path: every block's rows then come in one call, in order.
   pl.block_rows = std::max<int64_t>(1, pl.block_rows / kGradRows) * kGradRows;
   const int64_t M = pl.p.M, N = pl.p.N, Tr = pl.p.Tr();
-  TORCH_CHECK(gy.dim() == 2 && gy.size(0) == M && gy.size(1) == N, "xbar_cell_coef_grad: gy must be [M, N] = [", M,
-              ", ", N, "], got ", gy.sizes());
-  TORCH_CHECK(gy.is_floating_point(), "xbar_cell_coef_grad: gy must be floating point, got ", gy.scalar_type());
+  check_coef_grad_gy("xbar_cell_coef_grad", gy, M, N);
   TORCH_CHECK(gy.device().is_cpu(), "xbar_cell_coef_grad: gy must be a CPU tensor, got ", gy.device());
   const int64_t g_size = mul_checked(Tr, N, "xbar_cell_coef_grad: the output [Tr, N]");
   if (g_size == 0 || M == 0) return at::zeros({Tr, N}, gy.options().dtype(at::kDouble));

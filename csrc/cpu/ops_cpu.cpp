@@ -346,7 +346,7 @@ at::Tensor xbar_mvm_packed_cpu(const at::Tensor& x_codes, const at::Tensor& wb_c
   const Route rt = checked_route(x_codes, wb_codes, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
                                  cell_bits, adc_levels, adc_clip, periphery);
   const Plan& pl = rt.pl;
-  TORCH_CHECK(wt_codes.has_value() == coef_t.has_value(), "xbar_mvm: wt_codes and coef_t must be given together");
+  check_task_given("xbar_mvm", "wt_codes", wt_codes.has_value(), coef_t.has_value());
   TORCH_CHECK(!wt_packed.has_value() || wt_codes.has_value(), "xbar_mvm: wt_packed given without wt_codes");
   check_mvm_coefs("xbar_mvm", coef_b, coef_t, pl.p.Tr(), pl.p.N);
   std::vector<at::Tensor> w{wb_codes}, packed{opt_tensor(wb_packed)}, coef{coef_b.contiguous()};
@@ -385,9 +385,7 @@ at::Tensor xbar_coef_grad_packed_cpu(const at::Tensor& x_codes, const at::Tensor
                                  cell_bits, adc_levels, adc_clip, periphery);
   const Plan& pl = rt.pl;
   const int64_t M = pl.p.M, N = pl.p.N, Tr = pl.p.Tr();
-  TORCH_CHECK(gy.dim() == 2 && gy.size(0) == M && gy.size(1) == N, "xbar_coef_grad: gy must be [M, N] = [", M, ", ",
-              N, "], got ", gy.sizes());
-  TORCH_CHECK(gy.is_floating_point(), "xbar_coef_grad: gy must be floating point, got ", gy.scalar_type());
+  check_coef_grad_gy("xbar_coef_grad", gy, M, N);
   const at::Tensor g64 = gy.to(at::kDouble).contiguous();
   CoefGradSum sum(g64.data_ptr<double>(), M, Tr, N, "xbar_coef_grad");
   if (!rt.isa) {

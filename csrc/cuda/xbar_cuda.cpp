@@ -61,7 +61,7 @@ at::Tensor xbar_mvm_cuda(const at::Tensor& x_codes, const at::Tensor& wb_codes,
                                    cell_bits, adc_levels, adc_clip, periphery);
   check_weight_codes(wb_codes, p, "wb_codes");
   const int64_t tr = p.Tr();
-  TORCH_CHECK(wt_codes.has_value() == coef_t.has_value(), "xbar_mvm: wt_codes and coef_t must be given together");
+  check_task_given("xbar_mvm", "wt_codes", wt_codes.has_value(), coef_t.has_value());
   check_mvm_coefs("xbar_mvm", coef_b, coef_t, tr, p.N);
   check_cuda(coef_b, x_codes, "coef_b");
   if (coef_t.has_value()) {
