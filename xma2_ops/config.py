@@ -370,10 +370,20 @@ class GemmParams:
         return _adc_signed(self.periphery, self.input_signed)
 
     @property
+    def conversion_bits(self) -> int:
+        """Bits of the input values one conversion sees: the DAC chunk, or (analog accumulation) every
+        magnitude bit of the input (SPEC 8.1)."""
+        return self.x_bits if self.has("input_accumulation") else self.dac_bits
+
+    def conversion_bound(self, w_max: int) -> int:
+        """Largest |V| of one conversion of a tile of R rows with weight values up to ``w_max`` (levels, or
+        fixed-point conductances): R (2^D - 1) w_max."""
+        return self.rows * ((1 << self.conversion_bits) - 1) * w_max
+
+    @property
     def full_scale_unit(self) -> int:
         """Vmax of one row: (2^cb - 1) D (SPEC 8.1)."""
-        d_bits = self.x_bits if self.has("input_accumulation") else self.dac_bits
-        return (2 ** self.cell_bits - 1) * (2 ** d_bits - 1)
+        return (2 ** self.cell_bits - 1) * (2 ** self.conversion_bits - 1)
 
     def tile_rows(self, k: int) -> Tuple[int, ...]:
         """Rows of each row tile (row_tile_sizes)."""

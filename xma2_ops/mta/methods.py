@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from ..config import XbarConfig
 from ..modules import XbarConv2d, XbarLinear
-from ..reference import expand_tiles
+from ..quant import expand_tiles
 from .masks import ShiftLevels, binarize, from_kn, pe_extent, pe_sum, to_kn, topk_masks, topk_masks_by_cost
 
 METHODS = ("finetune", "classifier", "piggyback", "xbm", "xma", "pe", "xma2")
