@@ -169,7 +169,7 @@ def check_params(p: GemmParams) -> None:
         raise RuntimeError(f"xbar: cols must be in [1, {_MAX_COLS}], got {p.cols}")
     lo, hi = (2, _MAX_X_BITS + 1) if p.input_signed else (1, _MAX_X_BITS)
     if not lo <= p.input_bits <= hi:
-        raise RuntimeError(f"xbar: input_bits must be in [{lo}, {hi}] (input_signed={p.input_signed}), "
+        raise RuntimeError(f"xbar: input_bits must be in [{lo}, {hi}] (input_signed={int(p.input_signed)}), "
                            f"got {p.input_bits}")
     if not 2 <= p.weight_bits <= _MAX_W_BITS + 1:
         raise RuntimeError(f"xbar: weight_bits must be in [2, {_MAX_W_BITS + 1}], got {p.weight_bits}")
