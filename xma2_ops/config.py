@@ -64,6 +64,37 @@ def row_tile_sizes(k: int, rows: int, row_split: str = "fixed") -> Tuple[int, ..
     return (size,) * (tr - 1) + (last,)
 
 
+# ---- derived numbers (SPEC 2, 3, 8.1): each computed here once; XbarConfig and GemmParams delegate.
+def magnitude_bits(input_bits: int, signed: bool) -> int:
+    """Magnitude bits per input polarity: bits - 1 signed, bits unsigned."""
+    return input_bits - 1 if signed else input_bits
+
+
+def weight_slice_count(weight_bits: int, cell_bits: int) -> int:
+    """S = ceil((wb-1)/cb): cell columns per weight polarity."""
+    return -(-(weight_bits - 1) // cell_bits)
+
+
+def input_chunk_count(x_bits: int, dac_bits: int) -> int:
+    """I = ceil(magnitude bits / db): DAC cycles per input polarity."""
+    return -(-x_bits // dac_bits)
+
+
+def partial_sum_max(rows: int, dac_bits: int, cell_bits: int) -> int:
+    """Pmax of SPEC 3: R (2^db - 1)(2^cb - 1)."""
+    return rows * (2 ** dac_bits - 1) * (2 ** cell_bits - 1)
+
+
+def full_scale_per_row(cell_bits: int, d_bits: int) -> int:
+    """Vmax of one row (SPEC 8.1): (2^cb - 1)(2^D - 1), D the bits one conversion sees per input."""
+    return (2 ** cell_bits - 1) * (2 ** d_bits - 1)
+
+
+def row_layout(k: int, rows: int, row_split: str):
+    """How K rows map to row tiles: R (fixed split) or each tile's rows (even split; SPEC 8.4)."""
+    return rows if row_split == "fixed" else row_tile_sizes(k, rows, "even")
+
+
 def _check_int(name: str, value, lo: int, hi: int, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -202,7 +233,7 @@ class XbarConfig:
     def weight_slices(self) -> int:
         """S = ceil((wb-1)/cb): cell columns per weight polarity."""
         assert self.weight_bits is not None
-        return math.ceil((self.weight_bits - 1) / self.cell_bits)
+        return weight_slice_count(self.weight_bits, self.cell_bits)
 
     def input_qmax(self, signed: bool) -> int:
         """Qx: 2^ab - 1 unsigned, 2^(ab-1) - 1 signed."""
@@ -211,16 +242,16 @@ class XbarConfig:
 
     def input_magnitude_bits(self, signed: bool) -> int:
         assert self.input_bits is not None
-        return self.input_bits - 1 if signed else self.input_bits
+        return magnitude_bits(self.input_bits, signed)
 
     def input_chunks(self, signed: bool) -> int:
         """I = ceil(bits/db): DAC cycles per input polarity."""
-        return math.ceil(self.input_magnitude_bits(signed) / self.dac_bits)
+        return input_chunk_count(self.input_magnitude_bits(signed), self.dac_bits)
 
     @property
     def pmax(self) -> int:
         """Largest analog partial sum of Section 3: R (2^db - 1)(2^cb - 1)."""
-        return self.rows * (2 ** self.dac_bits - 1) * (2 ** self.cell_bits - 1)
+        return partial_sum_max(self.rows, self.dac_bits, self.cell_bits)
 
     @property
     def periphery(self) -> int:
@@ -233,7 +264,7 @@ class XbarConfig:
         """Vmax of SPEC 8.1 for a tile of ``rows`` rows: rows (2^cb - 1) D, D = 2^db - 1 (digital) or
         2^bits - 1 (analog accumulation; bits = the input's magnitude bits)."""
         d_bits = self.input_magnitude_bits(signed) if self.input_accumulation == "analog" else self.dac_bits
-        return rows * (2 ** self.cell_bits - 1) * (2 ** d_bits - 1)
+        return rows * full_scale_per_row(self.cell_bits, d_bits)
 
     @property
     def clip(self) -> int:
@@ -270,7 +301,7 @@ class XbarConfig:
 
     def row_layout(self, k: int):
         """How K rows map to row tiles: R (fixed split) or each tile's rows (even split; SPEC 8.4)."""
-        return self.rows if self.row_split == "fixed" else row_tile_sizes(k, self.rows, "even")
+        return row_layout(k, self.rows, self.row_split)
 
     def tiles(self, k: int, n: int) -> tuple[int, int]:
         """(Tr, Tc) for a [K, N] weight matrix."""
@@ -383,7 +414,7 @@ class GemmParams:
     @property
     def full_scale_unit(self) -> int:
         """Vmax of one row: (2^cb - 1) D (SPEC 8.1)."""
-        return (2 ** self.cell_bits - 1) * (2 ** self.conversion_bits - 1)
+        return full_scale_per_row(self.cell_bits, self.conversion_bits)
 
     def tile_rows(self, k: int) -> Tuple[int, ...]:
         """Rows of each row tile (row_tile_sizes)."""
@@ -391,7 +422,7 @@ class GemmParams:
 
     def row_layout(self, k: int):
         """R (fixed split) or each tile's rows (even split): XbarConfig.row_layout."""
-        return self.tile_rows(k) if self.has("row_split") else self.rows
+        return row_layout(k, self.rows, "even" if self.has("row_split") else "fixed")
 
     def tile_adc(self, rows: int) -> Tuple[int, int]:
         """(levels n, clip) of the ADC of a tile of ``rows`` rows: per tile under adc_range='tile_rows'
@@ -417,19 +448,19 @@ class GemmParams:
     @property
     def x_bits(self) -> int:
         """Magnitude bits per input polarity."""
-        return self.input_bits - 1 if self.input_signed else self.input_bits
+        return magnitude_bits(self.input_bits, self.input_signed)
 
     @property
     def chunks(self) -> int:
-        return -(-self.x_bits // self.dac_bits)
+        return input_chunk_count(self.x_bits, self.dac_bits)
 
     @property
     def slices(self) -> int:
-        return -(-(self.weight_bits - 1) // self.cell_bits)
+        return weight_slice_count(self.weight_bits, self.cell_bits)
 
     @property
     def pmax(self) -> int:
-        return self.rows * (2 ** self.dac_bits - 1) * (2 ** self.cell_bits - 1)
+        return partial_sum_max(self.rows, self.dac_bits, self.cell_bits)
 
     @property
     def adc_identity(self) -> bool:
