@@ -33,7 +33,7 @@ PERIPHERY_FIELDS: Dict[str, Tuple[str, str]] = {
 # Each non-default value is one bit of GemmParams.periphery (the order of PERIPHERY_FIELDS).
 PERIPHERY_BIT: Dict[str, int] = {name: 1 << i for i, name in enumerate(PERIPHERY_FIELDS)}
 # The periphery bits that a bit-plane kernel can compute itself, once analog accumulation is reduced to
-# one chunk (GemmParams.kernel_form): the C++ CPU kernels do (Backend.periphery in _ops.py).
+# one chunk (GemmParams.kernel_form): the C++ CPU kernels do (BackendBase.periphery, backends/base.py).
 KERNEL_PERIPHERY = PERIPHERY_BIT["sensing"] | PERIPHERY_BIT["signed_inputs"] | PERIPHERY_BIT["adc_rounding"]
 # Named sets of conventions for XbarConfig.conventions(); docs/PERIPHERY.md gives the sources.
 PERIPHERY_PRESETS: Dict[str, Dict[str, str]] = {
@@ -358,7 +358,7 @@ class GemmParams:
 
     def as_args(self, with_periphery: bool = False) -> tuple:
         """The integer arguments of the C++/CUDA/Triton kernels.  ``with_periphery``: and the periphery bit
-        field, last (the C++ CPU codes ops, which compute some of SPEC 8: ``Backend.periphery``); without it
+        field, last (the C++ CPU codes ops, which compute some of SPEC 8: ``BackendBase.periphery``); without it
         the kernels compute Sections 2-3 only."""
         args = (self.rows, self.cols, self.input_bits, self.input_signed, self.dac_bits, self.weight_bits,
                 self.cell_bits, self.adc_levels, self.adc_clip)
@@ -376,7 +376,7 @@ class GemmParams:
     def kernel_form(self) -> Optional["GemmParams"]:
         """The params whose bit-plane arithmetic gives exactly these tile sums, for the C++/CUDA/Triton
         kernels, or None.  Its ``periphery`` keeps only bits that a kernel may compute itself
-        (``Backend.periphery``: differential sensing, sign-magnitude inputs, half-even rounding); 0 means
+        (``BackendBase.periphery``: differential sensing, sign-magnitude inputs, half-even rounding); 0 means
         Sections 2-3.  Analog accumulation over inputs of at most 8 magnitude bits is one DAC chunk of all
         of them (V = P of that chunk, Vmax = its Pmax, under any sensing and sign convention); with the
         ideal ADC only the row split changes a value."""

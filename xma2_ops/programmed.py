@@ -115,7 +115,7 @@ class ProgrammedWeight:
         from .backends import backend_for
         runs, kp = backend_for(backend.name, self.codes.device, params)
         if runs.name != backend.name:
-            return None  # (a periphery that the kernels do not compute runs periphery.py, which packs nothing)
+            return None  # (a periphery that the kernels do not compute runs backends/periphery.py, which packs nothing)
         # the params the kernel runs (GemmParams.kernel_form), which the packed header is checked against
         key = ("packed", backend.name, kp.as_args(with_periphery=True), os.environ.get("XMA2_CPU_ISA", ""))
         return self._keep(key, (_version_of(self.codes),), lambda: backend.pack_weights(self.codes, kp))

@@ -12,7 +12,7 @@ from ...config import GemmParams, adc_multiply_shift
 from .kernels import _cell_kernel, _xbar_kernel  # noqa: F401  (the kernels these functions launch)
 
 # Tile sizes picked from ptxas register/spill reports for sm_80 and sm_90 (Triton compiled ahead of
-# time, scripts/check_triton_compile.py prints them; no GPU timings yet): a 64 x 64 output block with
+# time, scripts/check_triton_compile.py prints them): a 64 x 64 output block with
 # 8 warps; a row tile of up to 128 rows (the default crossbar) has its codes loaded once and kept in
 # registers, with a 64 x 32 block above 64 rows (no spills at the default config; 64 x 64 spills
 # ~200 bytes); longer row tiles stream K in steps of 32.  The cell kernel (int32 conductances of up to

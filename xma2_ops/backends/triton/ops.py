@@ -226,7 +226,7 @@ def cell_tile_sums(x_codes: torch.Tensor, gq: torch.Tensor, p: GemmParams, frac_
 def cell_mvm(x_codes: torch.Tensor, gb: torch.Tensor, gt: Optional[torch.Tensor], coef_b: torch.Tensor,
              coef_t: Optional[torch.Tensor], p: GemmParams, frac_bits: int) -> torch.Tensor:
     """y [M, N] = sum_r coef_b T_b_int + coef_t T_t_int over the cells gb / gt [2, S, K, N] int32, in coef_b's
-    dtype, accumulated in float64 (row tile outer, then base, then task; contract in xma2_ops/_ops.py)."""
+    dtype, accumulated in float64 (row tile outer, then base, then task; contract in backends/base.py)."""
     checks.check_cells(x_codes, gb, p, frac_bits, "gb")
     m, k = x_codes.shape
     checks.check_coefs(x_codes, gb.shape[3], -(-k // p.rows), checks.CELL_NAMES, gb, gt, coef_b, coef_t,
