@@ -27,8 +27,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def triton_be() -> BackendBase:
     be = dispatch._BACKENDS.get("triton")
     if be is None:
-        pytest.skip("xma2_ops.triton_kernels did not load")
-    if DEVICE not in be.devices:
+        pytest.skip("xma2_ops.backends.triton did not load")
+    if DEVICE not in be.supported_devices:
         # A CUDA build of torch without a GPU, and xma2_ops imported before this module set the variable.
         pytest.skip("Triton was imported before TRITON_INTERPRET=1 was set: no interpreter for CPU tensors")
     return be
