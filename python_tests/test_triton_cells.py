@@ -271,10 +271,12 @@ def test_compiled_triton_body_traces_to_the_kernel(tk, monkeypatch):
     from torch._subclasses.functional_tensor import dispatch_functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
     from triton.runtime.interpreter import InterpretedFunction
-    for name, obj in list(vars(tk).items()):
-        if isinstance(obj, InterpretedFunction):
-            monkeypatch.setattr(tk, name, triton.runtime.jit.JITFunction(obj.fn))
-    monkeypatch.setattr(tk, "_INTERPRET", False)
+    from xma2_ops.backends.triton import kernels
+    for mod in (kernels, tk):  # the kernels' module (their helpers) and the ops' (the kernels launched)
+        for name, obj in list(vars(mod).items()):
+            if isinstance(obj, InterpretedFunction):
+                monkeypatch.setattr(mod, name, triton.runtime.jit.JITFunction(obj.fn))
+    monkeypatch.setattr(tk, "INTERPRET", False)
     p, (x, gq, gt, cb, ct) = _op_args(torch.Generator().manual_seed(4))
     args = (x, gq, gt, cb, ct, *p.as_args(), 4, 2)
     gm = make_fx(dispatch_functionalize(lambda *a: torch.ops.xma2_ops.triton_cell_mvm(*a)), tracing_mode="fake")(*args)
