@@ -35,8 +35,9 @@ import torch
 from timing import cpu_name, row, time_in_turns
 
 import xma2_ops
+from xma2_ops import quant
 from xma2_ops import DeviceModel, XbarConfig
-from xma2_ops import reference as ref
+from xma2_ops.backends import reference as ref
 from xma2_ops.config import GemmParams
 from xma2_ops.device import program_cells
 
@@ -211,11 +212,11 @@ def bench_kernels(shapes, repeats: int) -> None:
     print(row(head, widths))
     for batch, ch, hw in shapes:
         x, w = _inputs(batch, ch, hw, "cpu")
-        s_x = ref.derived_scale(x, cfg.input_qmax(False))
-        xq = ref.quantize_input(x, s_x, cfg.input_bits, False).to(torch.uint8)
+        s_x = quant.derived_scale(x, cfg.input_qmax(False))
+        xq = quant.quantize_input(x, s_x, cfg.input_bits, False).to(torch.uint8)
         x_codes = torch.ops.xma2_ops.xbar_unfold_codes(xq, [3, 3], [1, 1], [1, 1], [1, 1])
         wk = w.reshape(ch, -1)
-        w_codes = ref.quantize_weight(wk, ref.derived_scale(wk, cfg.weight_qmax), cfg.weight_bits).T
+        w_codes = quant.quantize_weight(wk, quant.derived_scale(wk, cfg.weight_qmax), cfg.weight_bits).T
         w_codes = w_codes.to(torch.int32).contiguous()
         gq = program_cells(w_codes, cfg.weight_bits, cfg.cell_bits, dev, 0, 0).read(0)
         tr = -(-w_codes.shape[0] // cfg.rows)

@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
 
 import strategies  # noqa: E402,F401  (registers the Hypothesis profiles "ci"/"long" before --hypothesis-profile is read)
 import xma2_ops  # noqa: E402
-from xma2_ops import _ops  # noqa: E402
+from xma2_ops.backends import cpp  # noqa: E402
 
-if not _ops._HAS_C:
-    raise RuntimeError(f"xma2_ops._C is not built ({_ops._C_ERROR}); run `pip install --no-build-isolation -e .` first")
+if not cpp.HAS_C:
+    raise RuntimeError(f"xma2_ops._C is not built ({cpp.C_ERROR}); run `pip install --no-build-isolation -e .` first")

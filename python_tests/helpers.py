@@ -91,7 +91,7 @@ def random_conv_case(seed: int, quantized: bool = True, dtype=torch.float64) -> 
 def ordered_mvm(x, wb, wt, cb, ct, p):
     """The summation order every CPU path uses: row tile outer, then the base set, then the task
     set, each term coef * T_int rounded to float64 and added in float64; one rounding at the end."""
-    from xma2_ops import reference as ref
+    from xma2_ops.backends import reference as ref
     tb = ref.tile_sums(x, wb, p).double()
     tt = ref.tile_sums(x, wt, p).double() if wt is not None else None
     acc = torch.zeros(x.shape[0], wb.shape[1], dtype=torch.float64)

@@ -5,8 +5,10 @@ import torch
 import torch.nn.functional as F
 
 import xma2_ops
-from xma2_ops import XbarConfig, reference as ref
-from xma2_ops.functional import effective_weight
+from xma2_ops import quant
+from xma2_ops import XbarConfig
+from xma2_ops.backends import reference as ref
+from xma2_ops.lowering import effective_weight
 
 IDEAL = XbarConfig(rows=5, cols=2, weight_bits=None, input_bits=None, adc_bits=None)
 
@@ -93,11 +95,11 @@ def test_straight_through_gradients(signed):
     gy = torch.randn_like(y)
     y.backward(gy)
 
-    s_w = ref.derived_scale(w, cfg.weight_qmax)
-    s_t = ref.derived_scale(wt, cfg.weight_qmax)
-    x_deq = (ref.quantize_input(x, s_x, cfg.input_bits, signed) * s_x).requires_grad_()
-    wb_deq = (ref.quantize_weight(w, s_w, cfg.weight_bits) * s_w).requires_grad_()
-    wt_deq = (ref.quantize_weight(wt, s_t, cfg.weight_bits) * s_t).requires_grad_()
+    s_w = quant.derived_scale(w, cfg.weight_qmax)
+    s_t = quant.derived_scale(wt, cfg.weight_qmax)
+    x_deq = (quant.quantize_input(x, s_x, cfg.input_bits, signed) * s_x).requires_grad_()
+    wb_deq = (quant.quantize_weight(w, s_w, cfg.weight_bits) * s_w).requires_grad_()
+    wt_deq = (quant.quantize_weight(wt, s_t, cfg.weight_bits) * s_t).requires_grad_()
     y_ste = F.conv2d(x_deq, effective_weight(wb_deq, wt_deq, m, a, cfg.rows, cfg.cols))
     y_ste.backward(gy)
     r = torch.round(x / s_x)
@@ -117,8 +119,8 @@ def test_bias_gradient_and_weight_only_mode():
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True)
     y = xma2_ops.xbar_conv2d(x, w, b, padding=1, config=cfg)
-    s = ref.derived_scale(w, cfg.weight_qmax)
-    w_fq = ref.quantize_weight(w.detach(), s, 4) * s
+    s = quant.derived_scale(w, cfg.weight_qmax)
+    w_fq = quant.quantize_weight(w.detach(), s, 4) * s
     torch.testing.assert_close(y, F.conv2d(x, w_fq, b, padding=1), rtol=1e-12, atol=1e-12)
     y.sum().backward()
     torch.testing.assert_close(b.grad, torch.full((3,), 32.0, dtype=torch.float64))

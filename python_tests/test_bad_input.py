@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import xma2_ops
-from xma2_ops import XbarConfig, reference as ref
+from xma2_ops import XbarConfig
+from xma2_ops.backends import reference as ref
 
 CFG = XbarConfig(rows=8, cols=2)
 

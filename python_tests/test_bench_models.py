@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from xma2_ops._ops import available_backends
+from xma2_ops.backends import available_backends
 
 pytestmark = pytest.mark.skipif("cpu" not in available_backends(), reason="C++ extension not built")
 

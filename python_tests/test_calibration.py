@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 import xma2_ops
+from xma2_ops import quant
 from xma2_ops import XbarConfig
 from xma2_ops.calibration import _histogram, choose_clip
 
@@ -97,15 +98,15 @@ def test_empty_loader_is_refused_and_changes_nothing(loader):
 def _dense_histogram(layer, x):
     """The partial sums' histogram over [0, Pmax] (int64, Pmax + 1 entries): the implementation
     before the memory fix, kept here as an independent oracle for small configs."""
-    from xma2_ops import reference as ref
+    from xma2_ops.backends import reference as ref
     from xma2_ops.config import GemmParams
     cfg = layer.config
     if float(layer.input_range) == 0.0:
-        layer._calibrate(x)
+        layer.observe_input(x)
     signed = bool(layer.input_signed) if cfg.input_signed is None else cfg.input_signed
     rng = float(layer.input_range)
     s_x = torch.tensor(rng / cfg.input_qmax(signed) if rng > 0 else 1.0, dtype=torch.float64)
-    codes = ref.quantize_input(x.detach().double(), s_x, cfg.input_bits, signed)
+    codes = quant.quantize_input(x.detach().double(), s_x, cfg.input_bits, signed)
     if isinstance(layer, xma2_ops.XbarConv2d):
         cols = nn.functional.unfold(codes, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
                                     stride=layer.stride)
@@ -121,11 +122,11 @@ def _dense_histogram(layer, x):
     x_pols = [codes.clamp(min=0), (-codes).clamp(min=0)] if signed else [codes]
     for r in range(-(-w.shape[0] // cfg.rows)):
         k0, k1 = r * cfg.rows, min((r + 1) * cfg.rows, w.shape[0])
-        slices = torch.cat([ref.bit_field(wq[k0:k1].long(), j, cfg.cell_bits).double()
+        slices = torch.cat([quant.bit_field(wq[k0:k1].long(), j, cfg.cell_bits).double()
                             for wq in (w.clamp(min=0), (-w).clamp(min=0)) for j in range(p.slices)], 1)
         for xp in x_pols:
             for i in range(p.chunks):
-                psum = (ref.bit_field(xp[:, k0:k1].long(), i, cfg.dac_bits).double() @ slices).round().long()
+                psum = (quant.bit_field(xp[:, k0:k1].long(), i, cfg.dac_bits).double() @ slices).round().long()
                 hist += torch.bincount(psum.flatten(), minlength=cfg.pmax + 1)
     return hist
 

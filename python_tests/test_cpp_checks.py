@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from xma2_ops._ops import available_backends
+from xma2_ops.backends import available_backends
 from xma2_ops.config import MAX_ADC_CLIP, GemmParams
 
 pytestmark = pytest.mark.skipif("cpu" not in available_backends(), reason="C++ extension not built")
@@ -77,7 +77,7 @@ def test_adc_clip_out_of_range_is_refused(clip):
 def test_largest_adc_clip_is_accepted():
     x, w = _codes()
     args = _with(adc_levels=(1 << 24) - 1, adc_clip=MAX_ADC_CLIP)
-    from xma2_ops import reference
+    from xma2_ops.backends import reference
     p = GemmParams(*args)
     assert torch.equal(torch.ops.xma2_ops.xbar_tile_sums(x, w, *args), reference.tile_sums(x, w, p))
 

@@ -12,8 +12,8 @@ import random
 import pytest
 import torch
 
-from xma2_ops import reference as ref
-from xma2_ops._ops import available_backends
+from xma2_ops.backends import reference as ref
+from xma2_ops.backends import available_backends
 from xma2_ops.config import MAX_ADC_CLIP, GemmParams
 
 from helpers import cpu_isas, ordered_mvm as _ordered_mvm

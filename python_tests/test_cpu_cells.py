@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import xma2_ops
-from xma2_ops import DeviceModel, XbarConfig, reference as ref
+from xma2_ops import DeviceModel, XbarConfig
+from xma2_ops.backends import reference as ref
 from xma2_ops.config import GemmParams
 from xma2_ops.device import program_cells
 

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import xma2_ops
-from xma2_ops import XbarConfig, reference as ref
-from xma2_ops._ops import available_backends, get_backend
+from xma2_ops import XbarConfig
+from xma2_ops.backends import reference as ref
+from xma2_ops.backends import available_backends, get_backend
 from xma2_ops.config import GemmParams
 
 from helpers import ISA_PROBE, cpu_isas, ordered_coef_grad, ordered_mvm as _ordered_mvm

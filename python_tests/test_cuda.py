@@ -10,11 +10,11 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 import xma2_ops  # noqa: E402
-from xma2_ops import _ops, reference  # noqa: E402
+from xma2_ops.backends import BackendBase, dispatch, reference  # noqa: E402
 from xma2_ops.config import XbarConfig  # noqa: E402
 from xbar_cases import CONFIGS, make_codes, make_mvm_case, make_params, make_shape  # noqa: E402
 
-GPU_BACKENDS = [b for b in ("cuda", "triton") if b in _ops.available_backends()]
+GPU_BACKENDS = [b for b in ("cuda", "triton") if b in dispatch.available_backends()]
 
 
 @pytest.fixture(autouse=True)
@@ -28,13 +28,13 @@ def no_tf32():
 
 def test_default_backend_on_cuda():
     """backend=None on CUDA tensors: Triton (until the CUDA kernel is measured on a GPU), else CUDA."""
-    want = "triton" if "triton" in _ops.available_backends() else "cuda"
-    assert _ops.get_backend(None, torch.device("cuda")).name == want
+    want = "triton" if "triton" in dispatch.available_backends() else "cuda"
+    assert dispatch.get_backend(None, torch.device("cuda")).name == want
 
 
 def test_cuda_backend_built():
     """Fails where a CUDA build was asked for (XMA2_CUDA=1, as scripts/gpu_check.sh does), else skips."""
-    if "cuda" not in _ops.available_backends():
+    if "cuda" not in dispatch.available_backends():
         message = "the extension was built without its CUDA kernels (set CUDA_HOME / XMA2_CUDA=1)"
         if os.environ.get("XMA2_CUDA") == "1":
             pytest.fail(message)
@@ -53,7 +53,7 @@ def test_tile_sums_bit_exact(backend, case):
     cfg, p = make_params(CONFIGS[case])
     m, k, n = _big_shape(case, g)
     x, w = make_codes(cfg, p.input_signed, m, k, n, g)
-    got = _ops.get_backend(backend, torch.device("cuda")).tile_sums(x.cuda(), w.cuda(), p)
+    got = dispatch.get_backend(backend, torch.device("cuda")).tile_sums(x.cuda(), w.cuda(), p)
     assert got.dtype == torch.int64 and got.is_cuda
     assert torch.equal(got.cpu(), reference.tile_sums(x, w, p))
 
@@ -63,8 +63,8 @@ def test_tile_sums_bit_exact(backend, case):
 def test_mvm_matches_reference(backend, case):
     g = torch.Generator().manual_seed(600 + case)
     args, p, dtype, tol = make_mvm_case(case, _big_shape(case + 1, g), g)
-    want = _ops._reference_mvm(*args, p)
-    got = _ops.get_backend(backend, torch.device("cuda")).mvm(
+    want = reference.mvm(*args, p)
+    got = dispatch.get_backend(backend, torch.device("cuda")).mvm(
         *(a.cuda() if a is not None else None for a in args), p)
     assert got.dtype == dtype and got.is_cuda
     torch.testing.assert_close(got.cpu(), want, **tol)
@@ -109,7 +109,7 @@ def test_float32_linear_and_long_row_tiles(backend):
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.skipif("cuda" not in _ops.available_backends(), reason="built without the CUDA kernels")
+@pytest.mark.skipif("cuda" not in dispatch.available_backends(), reason="built without the CUDA kernels")
 def test_cuda_op_checks_and_layouts():
     cfg, p = make_params(CONFIGS[3])
     x, w = make_codes(cfg, p.input_signed, 40, 70, 30, torch.Generator().manual_seed(900))

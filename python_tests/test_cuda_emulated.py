@@ -13,7 +13,8 @@ from typing import Optional
 import pytest
 import torch
 
-from xma2_ops import _ops, reference
+from xma2_ops.backends import dispatch, reference
+from xma2_ops import quant
 from xma2_ops.config import GemmParams
 from xbar_cases import CONFIGS, make_codes, make_params, make_shape
 
@@ -74,18 +75,18 @@ def test_emulated_cuda_kernel(emu, case):
 
     tr, tc = cfg.tiles(k, n)
     mask = torch.randint(0, 3, (tr, tc), generator=g).double() / 2  # 0, 1/2, 1 per PE
-    m_col = reference.column_tiles(mask, n, cfg.cols)
+    m_col = quant.column_tiles(mask, n, cfg.cols)
     coef_b = ((1 - m_col) * torch.rand(tr, n, generator=g, dtype=torch.float64)).contiguous()
     coef_t = (m_col * torch.rand(tr, n, generator=g, dtype=torch.float64)).contiguous()
     y = torch.empty(m, n, dtype=torch.float64)
     assert emu.emu_mvm_f64(_ptr(x), _ptr(wb), _ptr(wt), _ptr(coef_b), _ptr(coef_t), _ptr(y),
                            ctypes.byref(params)) == 0
-    torch.testing.assert_close(y, _ops._reference_mvm(x, wb, wt, coef_b, coef_t, p), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(y, reference.mvm(x, wb, wt, coef_b, coef_t, p), rtol=1e-12, atol=1e-9)
 
     coef_f = coef_b.float()
     y = torch.empty(m, n, dtype=torch.float32)
     assert emu.emu_mvm_f32(_ptr(x), _ptr(wb), None, _ptr(coef_f), None, _ptr(y), ctypes.byref(params)) == 0
-    torch.testing.assert_close(y, _ops._reference_mvm(x, wb, None, coef_f, None, p), rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(y, reference.mvm(x, wb, None, coef_f, None, p), rtol=1e-6, atol=1e-3)
 
 
 def test_emulated_cuda_kernel_levels_above_clip_is_not_lossless(emu):

@@ -9,7 +9,9 @@ import torch
 from scipy import stats
 
 import xma2_ops
-from xma2_ops import DeviceModel, XbarConfig, reference as ref
+from xma2_ops import quant
+from xma2_ops import DeviceModel, XbarConfig
+from xma2_ops.backends import reference as ref
 from xma2_ops.config import GemmParams
 from xma2_ops.device import CellState, cell_levels, program_cells
 
@@ -193,7 +195,7 @@ def test_reprogramming_keeps_faults_and_changes_only_reprogrammed_pes():
     stuck = backbone.stuck
     assert bool(stuck.any()) and torch.equal(task.g[stuck], backbone.g[stuck])  # stuck cells ignore the write
     # what the chip holds after the switch: task cells in re-programmed PEs, backbone cells elsewhere
-    m_kn = ref.expand_tiles(mask, 24, 12, 8, 4).bool()
+    m_kn = quant.expand_tiles(mask, 24, 12, 8, 4).bool()
     held = torch.where(m_kn, task.g, backbone.g)
     assert torch.equal(held[:, :, ~m_kn], backbone.g[:, :, ~m_kn])
     assert not torch.equal(held[:, :, m_kn], backbone.g[:, :, m_kn])
@@ -223,8 +225,8 @@ def test_weight_only_mode_uses_the_weights_the_cells_hold():
     g = torch.Generator().manual_seed(4)
     x, w = torch.randn(3, 20, generator=g, dtype=torch.float64), torch.randn(6, 20, generator=g, dtype=torch.float64)
     y = xma2_ops.xbar_linear(x, w, config=cfg)
-    s = ref.derived_scale(w, cfg.weight_qmax)
-    codes = ref.quantize_weight(w, s, cfg.weight_bits).T.to(torch.int32)
+    s = quant.derived_scale(w, cfg.weight_qmax)
+    codes = quant.quantize_weight(w, s, cfg.weight_bits).T.to(torch.int32)
     gq = program_cells(codes, cfg.weight_bits, cfg.cell_bits, dev, 0, 0).read(0).double()
     shifts = torch.tensor([4.0 ** j for j in range(gq.shape[1])], dtype=torch.float64)
     held = ((gq[0] - gq[1]) * shifts.view(-1, 1, 1)).sum(0) / 2 ** dev.frac_bits  # [K, N] codes the cells hold
@@ -270,8 +272,8 @@ def test_device_needs_weight_bits_and_presets():
 
 def test_backend_without_cells_refuses_device_models_clearly():
     """A backend without a device-model kernel (the CUDA kernel today) refuses, naming the backend."""
-    from xma2_ops import _ops
-    be = dataclasses.replace(_ops._BACKENDS["reference"], name="cuda", cell_tile_sums=None, cell_mvm_kernel=None)
+    from xma2_ops.backends import dispatch
+    be = dataclasses.replace(dispatch._BACKENDS["reference"], name="cuda", cell_tile_sums=None, cell_mvm_kernel=None)
     p = GemmParams(8, 4, 4, False, 1, 4, 2, 15, 48)
     g = torch.zeros(2, 2, 8, 3, dtype=torch.int32)
     with pytest.raises(ValueError, match="'cuda' does not implement the device model"):

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import xma2_ops
-from xma2_ops import XbarConfig, reference as ref
-from xma2_ops._ops import get_backend
+from xma2_ops import quant
+from xma2_ops import XbarConfig
+from xma2_ops.backends import reference as ref
+from xma2_ops.backends import get_backend
 from xma2_ops.config import GemmParams
 
 from helpers import random_config, random_conv_case
@@ -69,8 +71,8 @@ def _one_code_tolerance(case):
     """Half the output change caused by one ADC code in the lowest slice: any wrong code fails."""
     cfg = case.config
     signed = cfg.resolve_signed(bool((case.x < 0).any()))
-    s_x = ref.derived_scale(case.x, cfg.input_qmax(signed))
-    s_w = ref.derived_scale(case.weight, cfg.weight_qmax) if case.weight_scale is None else case.weight_scale.min()
+    s_x = quant.derived_scale(case.x, cfg.input_qmax(signed))
+    s_w = quant.derived_scale(case.weight, cfg.weight_qmax) if case.weight_scale is None else case.weight_scale.min()
     step = float(s_x * s_w * cfg.adc_step)
     scales = [1.0] if case.col_scale is None else case.col_scale.abs().flatten().tolist()
     nonzero = [s for s in scales if s > 1e-3] or [1.0]
@@ -122,8 +124,8 @@ def test_wrong_single_code_is_detected():
     y_ref = ref.xbar_conv2d_reference(case.x, case.weight, **case.kwargs())
     tol = _one_code_tolerance(case)
     signed = bool((case.x < 0).any())
-    s_x = ref.derived_scale(case.x, case.config.input_qmax(signed))
-    s_w = ref.derived_scale(case.weight, case.config.weight_qmax)
+    s_x = quant.derived_scale(case.x, case.config.input_qmax(signed))
+    s_w = quant.derived_scale(case.weight, case.config.weight_qmax)
     bumped = y_ref.clone()
     bumped.view(-1)[0] += float(s_x * s_w * case.config.adc_step)  # one code more, shift 2^0
     with pytest.raises(AssertionError):

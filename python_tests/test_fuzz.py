@@ -27,8 +27,10 @@ from hypothesis import event, example, given, note, seed
 from hypothesis import strategies as st
 
 import xma2_ops
-from xma2_ops import XbarConfig, reference as ref
-from xma2_ops._ops import available_backends
+from xma2_ops import quant
+from xma2_ops import XbarConfig
+from xma2_ops.backends import reference as ref
+from xma2_ops.backends import available_backends
 from xma2_ops.config import MAX_ADC_CLIP, GemmParams, adc_is_identity
 
 from strategies import ApiCase, GemmCase, api_cases, chunks_of, examples, fuzz_seed, gemm_cases, slices_of
@@ -211,7 +213,7 @@ def test_quantize_weight_matches_integer_formulation(case):
     rows = [[_to_dtype(v, dtype) for v in row] for row in rows]
     w = torch.tensor(rows, dtype=dtype)
     s = torch.tensor(scales, dtype=dtype).reshape(-1, 1) if per_row else torch.tensor(scales[0], dtype=dtype)
-    got = ref.quantize_weight(w, s, wb)
+    got = quant.quantize_weight(w, s, wb)
     assert got.dtype == dtype and got.shape == w.shape
     want = [[weight_code(v, scales[i if per_row else 0], wb, dtype) for v in row] for i, row in enumerate(rows)]
     assert got.tolist() == want
@@ -236,11 +238,11 @@ def input_quant_cases(draw):
 def test_quantize_input_matches_integer_formulation(case):
     dtype, ab, signed, s, values = case
     s, values = _to_dtype(s, dtype), [_to_dtype(v, dtype) for v in values]
-    got = ref.quantize_input(torch.tensor(values, dtype=dtype), torch.tensor(s, dtype=dtype), ab, signed)
+    got = quant.quantize_input(torch.tensor(values, dtype=dtype), torch.tensor(s, dtype=dtype), ab, signed)
     assert got.dtype == dtype
     assert got.tolist() == [input_code(v, s, ab, signed, dtype) for v in values]
     # The straight-through mask: in range exactly where clamping did not change the rounded value.
-    inside = ref.input_in_range(torch.tensor(values, dtype=dtype), torch.tensor(s, dtype=dtype), ab, signed)
+    inside = quant.input_in_range(torch.tensor(values, dtype=dtype), torch.tensor(s, dtype=dtype), ab, signed)
     lo = -(2 ** (ab - 1) - 1) if signed else 0
     hi = 2 ** (ab - 1) - 1 if signed else 2 ** ab - 1
     assert inside.tolist() == [lo <= round_half_even(ieee_quotient(v, s, dtype)) <= hi for v in values]
@@ -272,7 +274,7 @@ def test_adc_codes_match_integer_formulation(case):
     ba, clip, ps = case
     n = adc_levels(ba, clip)
     assert XbarConfig(rows=1, adc_bits=ba, adc_clip=clip).adc_levels == n
-    got = ref.adc_codes(torch.tensor(ps, dtype=torch.int64), n, clip)
+    got = quant.adc_codes(torch.tensor(ps, dtype=torch.int64), n, clip)
     assert got.dtype == torch.int64
     got = got.tolist()
     assert got == [adc_code(p, n, clip) for p in ps]
@@ -291,7 +293,7 @@ def test_adc_codes_match_integer_formulation(case):
     st.just(width), st.integers(0, 62 // width), st.lists(st.integers(0, 2 ** 62), min_size=1, max_size=20))))
 def test_bit_field_matches_binary_string(case):
     width, index, values = case
-    got = ref.bit_field(torch.tensor(values, dtype=torch.int64), index, width)
+    got = quant.bit_field(torch.tensor(values, dtype=torch.int64), index, width)
     assert got.tolist() == [bit_field_of(v, index, width) for v in values]
 
 
@@ -513,18 +515,18 @@ def output_tolerance(case: ApiCase, with_code: bool = False):
     signed = cfg.resolve_signed(bool((case.x < 0).any()))
 
     def scale(given, t, qmax):
-        s = ref.derived_scale(t, qmax) if given is None else torch.as_tensor(given, dtype=torch.float64)
+        s = quant.derived_scale(t, qmax) if given is None else torch.as_tensor(given, dtype=torch.float64)
         return s.double().reshape(-1).expand(n) if s.numel() == 1 else s.double().reshape(-1)
 
-    s_x = float(ref.derived_scale(case.x, cfg.input_qmax(signed)) if case.input_scale is None
+    s_x = float(quant.derived_scale(case.x, cfg.input_qmax(signed)) if case.input_scale is None
                 else case.input_scale)
-    x_codes = _unfold(case, ref.quantize_input(case.x, torch.tensor(s_x, dtype=torch.float64), cfg.input_bits,
+    x_codes = _unfold(case, quant.quantize_input(case.x, torch.tensor(s_x, dtype=torch.float64), cfg.input_bits,
                                                signed))
     p = GemmParams.from_config(cfg, signed)
     k = x_codes.shape[1]
     tr, _ = cfg.tiles(k, n)
     m_col = (torch.zeros(tr, n, dtype=torch.float64) if case.pe_mask is None
-             else ref.column_tiles(case.pe_mask, n, cfg.cols))
+             else quant.column_tiles(case.pe_mask, n, cfg.cols))
     alpha = torch.ones(tr, n, dtype=torch.float64) if case.col_scale is None else case.col_scale
     unit = s_x * cfg.adc_step
     weights = [(case.weight, case.weight_scale, lambda s: ((1 - m_col) * alpha * s).abs())]
@@ -534,7 +536,7 @@ def output_tolerance(case: ApiCase, with_code: bool = False):
     effects = []
     for w, given, coef in weights:
         s_w = scale(given, w, cfg.weight_qmax)
-        w_codes = ref.quantize_weight(w.reshape(n, -1), s_w.reshape(-1, 1), cfg.weight_bits).T
+        w_codes = quant.quantize_weight(w.reshape(n, -1), s_w.reshape(-1, 1), cfg.weight_bits).T
         c = coef(s_w)  # [Tr, N]
         mag += unit * (c.unsqueeze(1) * ref.tile_sums(x_codes, w_codes, p).double().abs()).sum(0)
         effects.append(c)
@@ -572,8 +574,8 @@ def _api_skip_reason(backend: str, isa):
     if backend not in available_backends():
         return f"backend {backend!r} not available"
     if backend == "triton":
-        from xma2_ops import _ops
-        if "cpu" not in _ops._BACKENDS["triton"].devices:
+        from xma2_ops.backends import dispatch
+        if "cpu" not in dispatch._BACKENDS["triton"].supported_devices:
             return "Triton runs on CUDA tensors only here (TRITON_INTERPRET was not set before Triton loaded)"
     return None
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 from xma2_ops import XbarConfig, XbarLinear, convert
 from xma2_ops import mta
 from xma2_ops.mta.masks import pe_extent
-from xma2_ops.reference import expand_tiles
+from xma2_ops.quant import expand_tiles
 
 from mta_net import CFG, Net, make_model
 

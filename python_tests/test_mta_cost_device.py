@@ -14,7 +14,7 @@ import torch.nn as nn
 import xma2_ops
 from xma2_ops import DeviceModel, XbarConfig, XbarLinear
 from xma2_ops import mta
-from xma2_ops.reference import expand_tiles
+from xma2_ops.quant import expand_tiles
 
 # 30 % of the cells stuck (15 % low, 15 % high): every re-programmed PE holds hundreds of stuck cells
 DEVICE = DeviceModel(saf_low=0.15, saf_high=0.15, sigma_rel=0.05, seed=7)

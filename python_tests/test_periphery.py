@@ -18,7 +18,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import xma2_ops
-from xma2_ops import DeviceModel, XbarConfig, reference as ref
+from xma2_ops import quant
+from xma2_ops import DeviceModel, XbarConfig
+from xma2_ops.backends import reference as ref
 from xma2_ops.config import PERIPHERY_FIELDS, GemmParams, row_tile_sizes
 
 from helpers import cpu_isas
@@ -181,7 +183,7 @@ def test_cells_reference_matches_the_section8_formulation(case):
 @given(periphery_cases())
 def test_engine_gives_the_reference_bits(case):
     """periphery.py (what cpu/triton/cuda run) == the reference loops, codes and cells, int64 exact."""
-    from xma2_ops import periphery
+    from xma2_ops.backends import periphery
     cfg, signed, m, k, n, seed = case
     x, w = _codes(seed, cfg, signed, m, k, n)
     p = GemmParams.from_config(cfg, signed)
@@ -343,10 +345,10 @@ def test_coefficient_gradients_are_the_tile_sums(preset):
     p = GemmParams.from_config(cfg, signed)
     s_x = x.abs().max() / cfg.input_qmax(signed)
     s_w = w.abs().max() / cfg.weight_qmax
-    x_int = ref.quantize_input(x, s_x, cfg.input_bits, signed)
-    w_int = ref.quantize_weight(w, s_w, cfg.weight_bits).T
+    x_int = quant.quantize_input(x, s_x, cfg.input_bits, signed)
+    w_int = quant.quantize_weight(w, s_w, cfg.weight_bits).T
     t = ref.tile_sums(x_int, w_int, p).double() * torch.tensor(p.tile_steps(40), dtype=torch.float64)[:, None, None]
-    m_col = ref.column_tiles(mask.detach(), 7, cfg.cols)
+    m_col = quant.column_tiles(mask.detach(), 7, cfg.cols)
     want_alpha = (1 - m_col) * s_x * s_w * torch.einsum("rmn,mn->rn", t, gy)
     for be, (g_mask, g_alpha) in grads.items():
         torch.testing.assert_close(g_alpha, want_alpha, rtol=1e-12, atol=1e-12, msg=be)
@@ -373,10 +375,10 @@ def test_periphery_does_not_change_the_default_path():
     cfg = XbarConfig(rows=128, cols=4)
     p = GemmParams.from_config(cfg, True)
     assert p.periphery == 0 and p.adc_levels == 255 and p.adc_clip == cfg.pmax == 384
-    assert xma2_ops._ops.backend_for("cpu", torch.device("cpu"), p)[0].name == "cpu"
+    assert xma2_ops.backends.backend_for("cpu", torch.device("cpu"), p)[0].name == "cpu"
     # the C++ CPU kernels compute half_even (and differential, sign_magnitude) themselves; an even split not
     q = GemmParams.from_config(dataclasses.replace(cfg, row_split="even"), True)
-    assert xma2_ops._ops.backend_for("cpu", torch.device("cpu"), q)[0].name == "periphery"
+    assert xma2_ops.backends.backend_for("cpu", torch.device("cpu"), q)[0].name == "periphery"
 
 
 # ------------------------------------------------------------------ ADC calibration sees what a conversion sees
@@ -394,7 +396,7 @@ def test_calibrate_adc_uses_the_values_one_conversion_sees(fields):
     clips = xma2_ops.calibrate_adc(lin, [x], batches=1, method="percentile", percentile=100)
     signed = bool(lin.input_signed)
     s_x = float(lin.input_range) / cfg.input_qmax(signed)
-    xi = ref.quantize_input(x.double(), torch.tensor(s_x, dtype=torch.float64), cfg.input_bits, signed).long()
+    xi = quant.quantize_input(x.double(), torch.tensor(s_x, dtype=torch.float64), cfg.input_bits, signed).long()
     lin.program()
     w = lin.programmed.codes.long()
     db, cb = cfg.dac_bits, cfg.cell_bits
@@ -533,7 +535,7 @@ def test_cpu_backend_gives_the_reference_bits(case):
     cfg, signed, m, k, n, seed = case
     x, w = _codes(seed, cfg, signed, m, k, n)
     p = GemmParams.from_config(cfg, signed)
-    be, kp = xma2_ops._ops.backend_for("cpu", torch.device("cpu"), p)
+    be, kp = xma2_ops.backends.backend_for("cpu", torch.device("cpu"), p)
     runs_kernel = not (p.periphery & ~(1 | 2 | 4 | 8)) and not (p.has("input_accumulation") and p.x_bits > 8)
     assert (be.name == "cpu") == (runs_kernel or p.adc_levels == 0 and not p.has("row_split")), (cfg, signed)
     got = be.tile_sums(x.to(torch.int32), w.to(torch.int32), kp)
@@ -546,12 +548,12 @@ def test_cpu_backend_gives_the_reference_bits(case):
 def test_cpu_layers_compute_the_periphery_in_the_kernel(bits, signed, monkeypatch):
     """xbar_conv2d / xbar_linear with task weights and fractional masks: backend='cpu' runs its own kernel
     (backend_for names it, and periphery.py is never called) and gives the reference backend's bits."""
-    from xma2_ops import periphery
+    from xma2_ops.backends import periphery
 
     cfg = XbarConfig(rows=20, cols=6, weight_bits=6, cell_bits=2, input_bits=5, dac_bits=2, adc_bits=5,
                      input_signed=signed, **_kernel_fields(bits))
     p = GemmParams.from_config(cfg, signed)
-    assert xma2_ops._ops.backend_for("cpu", torch.device("cpu"), p) == (xma2_ops._ops.get_backend("cpu", torch.device("cpu")), p)
+    assert xma2_ops.backends.backend_for("cpu", torch.device("cpu"), p) == (xma2_ops.backends.get_backend("cpu", torch.device("cpu")), p)
     gen = torch.Generator().manual_seed(bits * 2 + signed)
     x, w, kw = _masked_conv_case(gen, cfg, signed)
     mask, alpha = kw["pe_mask"], kw["col_scale"]
@@ -591,15 +593,15 @@ def test_cpu_backend_routes_only_what_its_kernels_compute():
                          (dict(row_split="even"), "periphery"), (dict(adc_range="tile_rows"), "periphery"),
                          (dict(sensing="differential", row_split="even"), "periphery")]:
         p = GemmParams.from_config(XbarConfig(**base, **fields), True)
-        be, kp = xma2_ops._ops.backend_for("cpu", cpu, p)
+        be, kp = xma2_ops.backends.backend_for("cpu", cpu, p)
         assert be.name == runs, fields
-        assert xma2_ops._ops.backend_for("cpu", cpu, p, cells=True)[0].name in ("periphery",), fields
+        assert xma2_ops.backends.backend_for("cpu", cpu, p, cells=True)[0].name in ("periphery",), fields
         if runs == "cpu":
             assert kp.periphery == p.periphery & ~2
-    assert xma2_ops._ops.get_backend("cpu", cpu).periphery == 1 | 4 | 8
+    assert xma2_ops.backends.get_backend("cpu", cpu).periphery == 1 | 4 | 8
     if "triton" in xma2_ops.available_backends():
         p = GemmParams.from_config(XbarConfig(**base, sensing="differential"), True)
-        assert xma2_ops._ops.backend_for("triton", cpu, p)[0].name == "periphery"
+        assert xma2_ops.backends.backend_for("triton", cpu, p)[0].name == "periphery"
 
 
 @needs_cpu

@@ -10,7 +10,9 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 import xma2_ops
-from xma2_ops import XbarConfig, reference as ref
+from xma2_ops import quant
+from xma2_ops import XbarConfig
+from xma2_ops.backends import reference as ref
 
 CFG = XbarConfig(rows=16, cols=4)
 
@@ -29,8 +31,8 @@ def _layer(kind: str, seed: int = 0, config: XbarConfig = CFG):
 def _stateless(layer, x):
     """The same layer computed by the stateless functional API (programs on every call)."""
     fresh = copy.deepcopy(layer)
-    fresh._programming[0].clear()
-    fresh._programming[1].clear()
+    fresh.crossbar.caches[0].clear()
+    fresh.crossbar.caches[1].clear()
     return fresh(x)
 
 
@@ -112,11 +114,11 @@ def test_programmed_state_holds_the_spec_codes():
     layer.program()
     p = layer.programmed
     w2 = layer.weight.detach().reshape(6, -1)
-    s = ref.derived_scale(w2, CFG.weight_qmax)
+    s = quant.derived_scale(w2, CFG.weight_qmax)
     assert p.codes.dtype == torch.int32 and p.codes.shape == (27, 6)
-    assert torch.equal(p.codes, ref.quantize_weight(w2, s, CFG.weight_bits).T.to(torch.int32))
+    assert torch.equal(p.codes, quant.quantize_weight(w2, s, CFG.weight_bits).T.to(torch.int32))
     assert torch.equal(p.scale, s)
-    assert torch.equal(p.dequantized(torch.float32), (ref.quantize_weight(w2, s, 8) * s).reshape(layer.weight.shape))
+    assert torch.equal(p.dequantized(torch.float32), (quant.quantize_weight(w2, s, 8) * s).reshape(layer.weight.shape))
 
 
 def test_program_model_and_reuse_in_eval():
@@ -289,7 +291,7 @@ def test_packed_weights_follow_the_codes(kind, cfg):
 def _device_layer(device: "xma2_ops.DeviceModel"):
     """A calibrated eval-mode linear layer with a device model, never programmed for eval."""
     layer, x = _layer("linear", config=XbarConfig(rows=16, cols=4, device=device))
-    for cache in layer._programming:
+    for cache in layer.crossbar.caches:
         cache.clear()  # (the calibrating training forward used ideal cells) the first eval forward programs
     assert layer.chip.writes == 0 and layer.chip.reads == 0
     return layer, x

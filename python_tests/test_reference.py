@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import xma2_ops
-from xma2_ops import XbarConfig, reference as ref
+from xma2_ops import quant
+from xma2_ops import XbarConfig
+from xma2_ops.backends import reference as ref
 from xma2_ops.config import GemmParams
 
 from helpers import random_conv_case
@@ -15,19 +17,19 @@ from helpers import random_conv_case
 def test_adc_codes_by_hand():
     # n = 3 levels, clip = 6: step 2; codes round half up, saturate above clip.
     p = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 100])
-    assert ref.adc_codes(p, 3, 6).tolist() == [0, 1, 1, 2, 2, 3, 3, 3, 3]
+    assert quant.adc_codes(p, 3, 6).tolist() == [0, 1, 1, 2, 2, 3, 3, 3, 3]
     # clip = 1, one level: P >= 1 -> 1 (P=0.5 boundary cannot occur with integers).
-    assert ref.adc_codes(torch.tensor([0, 1, 5]), 1, 1).tolist() == [0, 1, 1]
+    assert quant.adc_codes(torch.tensor([0, 1, 5]), 1, 1).tolist() == [0, 1, 1]
 
 
 def test_quantizers_by_hand():
     s = torch.tensor(0.5)
     x = torch.tensor([-1.0, -0.25, 0.25, 0.75, 1.25, 100.0])
     # round half to even: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2
-    assert ref.quantize_input(x, s, 3, signed=False).tolist() == [0, 0, 0, 2, 2, 7]
-    assert ref.quantize_input(x, s, 3, signed=True).tolist() == [-2, 0, 0, 2, 2, 3]
-    assert ref.quantize_weight(torch.tensor([-9.0, 0.26, 1.0]), torch.tensor(0.5), 3).tolist() == [-3, 1, 2]
-    assert ref.derived_scale(torch.zeros(3), 7).item() == 1.0
+    assert quant.quantize_input(x, s, 3, signed=False).tolist() == [0, 0, 0, 2, 2, 7]
+    assert quant.quantize_input(x, s, 3, signed=True).tolist() == [-2, 0, 0, 2, 2, 3]
+    assert quant.quantize_weight(torch.tensor([-9.0, 0.26, 1.0]), torch.tensor(0.5), 3).tolist() == [-3, 1, 2]
+    assert quant.derived_scale(torch.zeros(3), 7).item() == 1.0
 
 
 def test_tile_sums_by_hand():
@@ -49,10 +51,10 @@ def test_tile_sums_by_hand():
 def _fake_quant_conv(case, signed):
     cfg = case.config
     x, w = case.x, case.weight
-    s_x = ref.derived_scale(x, cfg.input_qmax(signed))
-    s_w = ref.derived_scale(w, cfg.weight_qmax)
-    xq = ref.quantize_input(x, s_x, cfg.input_bits, signed) * s_x
-    wq = ref.quantize_weight(w, s_w, cfg.weight_bits) * s_w
+    s_x = quant.derived_scale(x, cfg.input_qmax(signed))
+    s_w = quant.derived_scale(w, cfg.weight_qmax)
+    xq = quant.quantize_input(x, s_x, cfg.input_bits, signed) * s_x
+    wq = quant.quantize_weight(w, s_w, cfg.weight_bits) * s_w
     return F.conv2d(xq, wq, case.bias, case.stride, case.padding, case.dilation)
 
 

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import xma2_ops  # noqa: E402
-from xma2_ops import _ops, reference  # noqa: E402
+from xma2_ops.backends import BackendBase, dispatch, reference  # noqa: E402
 from xma2_ops.config import XbarConfig  # noqa: E402
 from xbar_cases import CONFIGS, make_codes, make_mvm_case, make_params, make_shape  # noqa: E402
 
@@ -24,11 +24,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="module")
-def triton_be() -> _ops.Backend:
-    be = _ops._BACKENDS.get("triton")
+def triton_be() -> BackendBase:
+    be = dispatch._BACKENDS.get("triton")
     if be is None:
-        pytest.skip("xma2_ops.triton_kernels did not load")
-    if DEVICE not in be.devices:
+        pytest.skip("xma2_ops.backends.triton did not load")
+    if DEVICE not in be.supported_devices:
         # A CUDA build of torch without a GPU, and xma2_ops imported before this module set the variable.
         pytest.skip("Triton was imported before TRITON_INTERPRET=1 was set: no interpreter for CPU tensors")
     return be
@@ -49,7 +49,7 @@ def test_tile_sums_bit_exact(triton_be, case):
 def test_mvm_matches_reference(triton_be, case):
     g = torch.Generator().manual_seed(200 + case)
     args, p, dtype, tol = make_mvm_case(case, make_shape(case + 1, g), g)
-    want = _ops._reference_mvm(*args, p)
+    want = reference.mvm(*args, p)
     got = triton_be.mvm(*(a.to(DEVICE) if a is not None else None for a in args), p)
     assert got.dtype == dtype
     torch.testing.assert_close(got.cpu(), want, **tol)
@@ -175,7 +175,7 @@ def test_backend_calls_the_triton_ops_and_compiles(triton_be):
         t = triton_be.tile_sums(x, w, p)
     assert "xma2_ops.triton_mvm.default" in log.ops and "xma2_ops.triton_tile_sums.default" in log.ops
     assert torch.equal(t.cpu(), reference.tile_sums(x.cpu(), w.cpu(), p))
-    torch.testing.assert_close(y.cpu(), _ops._reference_mvm(x.cpu(), w.cpu(), wt.cpu(), cb.cpu(), ct.cpu(), p),
+    torch.testing.assert_close(y.cpu(), reference.mvm(x.cpu(), w.cpu(), wt.cpu(), cb.cpu(), ct.cpu(), p),
                                rtol=1e-12, atol=1e-12)
     f = torch.compile(lambda *a: torch.ops.xma2_ops.triton_mvm(*a) * 2, backend="aot_eager", fullgraph=True)
     assert torch.equal(f(x, w, wt, cb, ct, *p.as_args()), 2 * y)

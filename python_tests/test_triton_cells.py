@@ -18,7 +18,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import xma2_ops  # noqa: E402
-from xma2_ops import DeviceModel, XbarConfig, _ops, reference as ref  # noqa: E402
+from xma2_ops import DeviceModel, XbarConfig  # noqa: E402
+from xma2_ops.backends import dispatch, reference as ref  # noqa: E402
 from xma2_ops.config import GemmParams  # noqa: E402
 from xma2_ops.device import cell_levels, program_cells  # noqa: E402
 
@@ -29,12 +30,12 @@ ALL_ON = DeviceModel(on_off=8.0, sigma_abs=0.02, sigma_rel=0.05, saf_low=0.02, s
 
 @pytest.fixture(scope="module")
 def tk():
-    be = _ops._BACKENDS.get("triton")
+    be = dispatch._BACKENDS.get("triton")
     if be is None:
-        pytest.skip("xma2_ops.triton_kernels did not load")
-    if DEVICE not in be.devices:
+        pytest.skip("xma2_ops.backends.triton did not load")
+    if DEVICE not in be.supported_devices:
         pytest.skip("Triton was imported before TRITON_INTERPRET=1 was set: no interpreter for CPU tensors")
-    from xma2_ops import triton_kernels
+    from xma2_ops.backends.triton import ops as triton_kernels
     assert be.cell_tile_sums is triton_kernels.cell_tile_sums and be.cell_mvm_kernel is triton_kernels.cell_mvm
     return triton_kernels
 
@@ -103,7 +104,7 @@ def test_strided_conductances(tk):
 
 @pytest.mark.parametrize("seed", range(8))
 def test_cell_mvm_matches_reference(tk, seed):
-    """coef * T per row tile in float64, row tile outer, then base, then task (as _ops.Backend.cell_mvm)."""
+    """coef * T per row tile in float64, row tile outer, then base, then task (as BackendBase.cell_mvm)."""
     p, x, gb, f, gen = _case(200 + seed)
     k, n = gb.shape[2], gb.shape[3]
     gt = program_cells(torch.randint(-3, 4, (k, n), generator=gen, dtype=torch.int32), p.weight_bits, p.cell_bits,
@@ -115,7 +116,7 @@ def test_cell_mvm_matches_reference(tk, seed):
     coef_t = (mask * torch.rand(tr, n, generator=gen, dtype=torch.float64)).to(dtype)
     with_task = seed % 4 < 2
     args = (x, gb, gt if with_task else None, coef_b, coef_t if with_task else None)
-    want = _ops._BACKENDS["reference"].cell_mvm(*args, p, f)
+    want = dispatch._BACKENDS["reference"].cell_mvm(*args, p, f)
     got = tk.cell_mvm(*(a.to(DEVICE) if a is not None else None for a in args), p, f)
     assert got.dtype == dtype and got.shape == (x.shape[0], n)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-4)
@@ -255,7 +256,7 @@ def test_functional_trace(tk):
     args = (x, gq, gt, cb, ct, *p.as_args(), 4, 2)
     gm = make_fx(dispatch_functionalize(lambda *a: torch.ops.xma2_ops.triton_cell_mvm(*a)), tracing_mode="fake")(*args)
     code = gm.code
-    if tk._INTERPRET:
+    if tk.INTERPRET:
         assert "triton_cell_mvm_interpreted" in code
     else:
         assert "triton_kernel_wrapper_functional" in code
@@ -270,10 +271,12 @@ def test_compiled_triton_body_traces_to_the_kernel(tk, monkeypatch):
     from torch._subclasses.functional_tensor import dispatch_functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
     from triton.runtime.interpreter import InterpretedFunction
-    for name, obj in list(vars(tk).items()):
-        if isinstance(obj, InterpretedFunction):
-            monkeypatch.setattr(tk, name, triton.runtime.jit.JITFunction(obj.fn))
-    monkeypatch.setattr(tk, "_INTERPRET", False)
+    from xma2_ops.backends.triton import kernels
+    for mod in (kernels, tk):  # the kernels' module (their helpers) and the ops' (the kernels launched)
+        for name, obj in list(vars(mod).items()):
+            if isinstance(obj, InterpretedFunction):
+                monkeypatch.setattr(mod, name, triton.runtime.jit.JITFunction(obj.fn))
+    monkeypatch.setattr(tk, "INTERPRET", False)
     p, (x, gq, gt, cb, ct) = _op_args(torch.Generator().manual_seed(4))
     args = (x, gq, gt, cb, ct, *p.as_args(), 4, 2)
     gm = make_fx(dispatch_functionalize(lambda *a: torch.ops.xma2_ops.triton_cell_mvm(*a)), tracing_mode="fake")(*args)

@@ -10,7 +10,9 @@ import torch
 from scipy import stats
 
 import xma2_ops
-from xma2_ops import DeviceModel, XbarConfig, reference as ref
+from xma2_ops import quant
+from xma2_ops import DeviceModel, XbarConfig
+from xma2_ops.backends import reference as ref
 from xma2_ops.device import CellState, cell_levels, fixed_point, program_cells, stream
 
 ALPHA = 0.001  # every statistical test: a 99.9 % interval
@@ -286,7 +288,7 @@ def test_layer_known_faults_follow_the_cells_the_chip_holds():
     layer.pe_mask = mask
     faults = layer.known_faults()
     task = layer.programmed_task.cells
-    sel = ref.expand_tiles(mask > 0, 24, 12, 8, 4)
+    sel = quant.expand_tiles(mask > 0, 24, 12, 8, 4)
     assert torch.equal(faults, torch.where(sel, task.verify_failed, backbone.verify_failed))
     assert not torch.equal(task.verify_failed[:, :, sel], backbone.verify_failed[:, :, sel])  # a new write
     for off in (dataclasses.replace(dev, verify_tolerance=None), DeviceModel(verify_tolerance=0.2)):

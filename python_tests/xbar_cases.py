@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from xma2_ops import reference as xma2_reference
+from xma2_ops.backends import reference as xma2_reference
+from xma2_ops import quant
 from xma2_ops.config import GemmParams, XbarConfig
 
 # (rows, cols, weight_bits, cell_bits, input_bits, dac_bits, adc_bits, adc_clip, input_signed)
@@ -61,7 +62,7 @@ def make_mvm_case(case: int, shape: tuple[int, int, int], g: torch.Generator):
     dtype = (torch.float64, torch.float32)[case // 2 % 2]
     tr, tc = cfg.tiles(k, n)
     mask = torch.randint(0, 3, (tr, tc), generator=g).double() / 2
-    m_col = xma2_reference.column_tiles(mask, n, cfg.cols)
+    m_col = quant.column_tiles(mask, n, cfg.cols)
     coef_b = ((1 - m_col) * torch.rand(tr, n, generator=g, dtype=torch.float64)).to(dtype)
     coef_t = (m_col * torch.rand(tr, n, generator=g, dtype=torch.float64)).to(dtype)
     args = (x, wb, wt if with_task else None, coef_b, coef_t if with_task else None)

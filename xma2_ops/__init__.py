@@ -6,7 +6,7 @@ from importlib import metadata as _metadata
 
 from .config import XbarConfig
 from .device import DeviceModel
-from ._ops import available_backends
+from .backends import available_backends
 from .functional import xbar_conv2d, xbar_linear
 from .modules import XbarConv2d, XbarLinear, convert, program
 from .calibration import calibrate_adc

@@ -36,11 +36,10 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from . import periphery
-from . import reference as ref
+from .backends import periphery
 from .config import GemmParams, adc_levels_for
 from .modules import XbarConv2d, XbarLinear
-from .reference import expand_tiles
+from .quant import adc_codes, expand_tiles, quantize_input
 
 _MAX_ROWS = 2048  # input rows per layer and batch whose partial sums are collected (sampled evenly)
 _EXHAUSTIVE_CLIPS = 2048  # "mse": every clip up to this many, else a geometric grid of this many
@@ -79,11 +78,11 @@ def _histogram(layer: nn.Module, x: torch.Tensor, cells: bool = False) -> Counts
     (``cells``: from the programmed device cells, in level units; module docstring)."""
     cfg = layer.config
     if float(layer.input_range) == 0.0:
-        layer._calibrate(x)  # a never-calibrated layer calibrates on its first batch, as its forward would
+        layer.observe_input(x)  # a never-calibrated layer calibrates on its first batch, as its forward would
     signed = bool(layer.input_signed) if cfg.input_signed is None else cfg.input_signed
     rng = float(layer.input_range)
     s_x = torch.tensor(rng / cfg.input_qmax(signed) if rng > 0 else 1.0, dtype=torch.float64)
-    codes = ref.quantize_input(x.detach().double(), s_x, cfg.input_bits, signed)
+    codes = quantize_input(x.detach().double(), s_x, cfg.input_bits, signed)
     if isinstance(layer, XbarConv2d):
         if layer.padding_mode != "zeros":
             codes = nn.functional.pad(codes, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
@@ -99,21 +98,18 @@ def _histogram(layer: nn.Module, x: torch.Tensor, cells: bool = False) -> Counts
         codes = codes[torch.linspace(0, codes.shape[0] - 1, _MAX_ROWS).long()]
     layer.program()
     p = _layer_params(layer)
-    groups_in = periphery.input_groups(codes.long(), p)
     if cells and layer.programmed.cells is not None:  # (an ideal device's cells hold the codes exactly)
         slices, unit = _cell_slices(layer), 2.0 ** -layer.config.device.frac_bits
+        w_max = max((int(w.max()) for ws in slices for w in ws if w.numel()), default=0)
     else:
         slices, unit = periphery.code_slices(layer.programmed.codes, p), None
-    _, w = periphery.weight_groups(slices, p)  # [K, G, N]
+        w_max = (1 << p.cell_bits) - 1
+    _, x_all, _, w = periphery.gemm_operands(codes.long(), slices, w_max, p)
     counts = _no_counts()
-    k0 = 0
-    for rows in p.tile_rows(w.shape[0]):
-        wt = w[k0:k0 + rows].reshape(rows, -1).double()
-        for _, _, xg in groups_in:
-            v = xg[:, k0:k0 + rows].double() @ wt  # exact: integers far below 2^53
-            v = (v if unit is None else v * unit).round().long()  # (x 2^-F is exact too)
-            counts = _merge(counts, torch.unique(v, sorted=True, return_counts=True))
-        k0 += rows
+    for _, _, _, v in periphery.conversions(x_all, w, p):  # exact integers (periphery.gemm_operands)
+        v = v.double()
+        v = (v if unit is None else v * unit).round().long()  # (x 2^-F is exact too)
+        counts = _merge(counts, torch.unique(v, sorted=True, return_counts=True))
     return counts
 
 
@@ -127,7 +123,7 @@ def _adc_mse(values: torch.Tensor, counts: torch.Tensor, clip: int, bits: int, p
     periphery (SPEC 8.2; None: the unsigned, half-up ADC of SPEC 3)."""
     signed = p is not None and p.adc_signed
     n = adc_levels_for(bits, clip, signed)
-    code = ref.adc_codes(values, n, clip, 0, signed, p is not None and p.has("adc_rounding"))
+    code = adc_codes(values, n, clip, 0, signed, p is not None and p.has("adc_rounding"))
     v_hat = code * ((2 if signed else 1) * clip / n)
     return float((counts.double() * (v_hat - values.double()) ** 2).sum())
 

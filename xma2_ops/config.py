@@ -33,7 +33,7 @@ PERIPHERY_FIELDS: Dict[str, Tuple[str, str]] = {
 # Each non-default value is one bit of GemmParams.periphery (the order of PERIPHERY_FIELDS).
 PERIPHERY_BIT: Dict[str, int] = {name: 1 << i for i, name in enumerate(PERIPHERY_FIELDS)}
 # The periphery bits that a bit-plane kernel can compute itself, once analog accumulation is reduced to
-# one chunk (GemmParams.kernel_form): the C++ CPU kernels do (Backend.periphery in _ops.py).
+# one chunk (GemmParams.kernel_form): the C++ CPU kernels do (BackendBase.periphery, backends/base.py).
 KERNEL_PERIPHERY = PERIPHERY_BIT["sensing"] | PERIPHERY_BIT["signed_inputs"] | PERIPHERY_BIT["adc_rounding"]
 # Named sets of conventions for XbarConfig.conventions(); docs/PERIPHERY.md gives the sources.
 PERIPHERY_PRESETS: Dict[str, Dict[str, str]] = {
@@ -62,6 +62,37 @@ def row_tile_sizes(k: int, rows: int, row_split: str = "fixed") -> Tuple[int, ..
         raise ValueError(f"XbarConfig.row_split: 'even' splits K = {k} rows into {tr} tiles of {size} and a last one "
                          f"of {last} > R = {rows} rows; use row_split='fixed' or other rows")
     return (size,) * (tr - 1) + (last,)
+
+
+# ---- derived numbers (SPEC 2, 3, 8.1): each computed here once; XbarConfig and GemmParams delegate.
+def magnitude_bits(input_bits: int, signed: bool) -> int:
+    """Magnitude bits per input polarity: bits - 1 signed, bits unsigned."""
+    return input_bits - 1 if signed else input_bits
+
+
+def weight_slice_count(weight_bits: int, cell_bits: int) -> int:
+    """S = ceil((wb-1)/cb): cell columns per weight polarity."""
+    return -(-(weight_bits - 1) // cell_bits)
+
+
+def input_chunk_count(x_bits: int, dac_bits: int) -> int:
+    """I = ceil(magnitude bits / db): DAC cycles per input polarity."""
+    return -(-x_bits // dac_bits)
+
+
+def partial_sum_max(rows: int, dac_bits: int, cell_bits: int) -> int:
+    """Pmax of SPEC 3: R (2^db - 1)(2^cb - 1)."""
+    return rows * (2 ** dac_bits - 1) * (2 ** cell_bits - 1)
+
+
+def full_scale_per_row(cell_bits: int, d_bits: int) -> int:
+    """Vmax of one row (SPEC 8.1): (2^cb - 1)(2^D - 1), D the bits one conversion sees per input."""
+    return (2 ** cell_bits - 1) * (2 ** d_bits - 1)
+
+
+def row_layout(k: int, rows: int, row_split: str):
+    """How K rows map to row tiles: R (fixed split) or each tile's rows (even split; SPEC 8.4)."""
+    return rows if row_split == "fixed" else row_tile_sizes(k, rows, "even")
 
 
 def _check_int(name: str, value, lo: int, hi: int, allow_none: bool = False) -> None:
@@ -202,7 +233,7 @@ class XbarConfig:
     def weight_slices(self) -> int:
         """S = ceil((wb-1)/cb): cell columns per weight polarity."""
         assert self.weight_bits is not None
-        return math.ceil((self.weight_bits - 1) / self.cell_bits)
+        return weight_slice_count(self.weight_bits, self.cell_bits)
 
     def input_qmax(self, signed: bool) -> int:
         """Qx: 2^ab - 1 unsigned, 2^(ab-1) - 1 signed."""
@@ -211,16 +242,16 @@ class XbarConfig:
 
     def input_magnitude_bits(self, signed: bool) -> int:
         assert self.input_bits is not None
-        return self.input_bits - 1 if signed else self.input_bits
+        return magnitude_bits(self.input_bits, signed)
 
     def input_chunks(self, signed: bool) -> int:
         """I = ceil(bits/db): DAC cycles per input polarity."""
-        return math.ceil(self.input_magnitude_bits(signed) / self.dac_bits)
+        return input_chunk_count(self.input_magnitude_bits(signed), self.dac_bits)
 
     @property
     def pmax(self) -> int:
         """Largest analog partial sum of Section 3: R (2^db - 1)(2^cb - 1)."""
-        return self.rows * (2 ** self.dac_bits - 1) * (2 ** self.cell_bits - 1)
+        return partial_sum_max(self.rows, self.dac_bits, self.cell_bits)
 
     @property
     def periphery(self) -> int:
@@ -233,7 +264,7 @@ class XbarConfig:
         """Vmax of SPEC 8.1 for a tile of ``rows`` rows: rows (2^cb - 1) D, D = 2^db - 1 (digital) or
         2^bits - 1 (analog accumulation; bits = the input's magnitude bits)."""
         d_bits = self.input_magnitude_bits(signed) if self.input_accumulation == "analog" else self.dac_bits
-        return rows * (2 ** self.cell_bits - 1) * (2 ** d_bits - 1)
+        return rows * full_scale_per_row(self.cell_bits, d_bits)
 
     @property
     def clip(self) -> int:
@@ -270,7 +301,7 @@ class XbarConfig:
 
     def row_layout(self, k: int):
         """How K rows map to row tiles: R (fixed split) or each tile's rows (even split; SPEC 8.4)."""
-        return self.rows if self.row_split == "fixed" else row_tile_sizes(k, self.rows, "even")
+        return row_layout(k, self.rows, self.row_split)
 
     def tiles(self, k: int, n: int) -> tuple[int, int]:
         """(Tr, Tc) for a [K, N] weight matrix."""
@@ -327,7 +358,7 @@ class GemmParams:
 
     def as_args(self, with_periphery: bool = False) -> tuple:
         """The integer arguments of the C++/CUDA/Triton kernels.  ``with_periphery``: and the periphery bit
-        field, last (the C++ CPU codes ops, which compute some of SPEC 8: ``Backend.periphery``); without it
+        field, last (the C++ CPU codes ops, which compute some of SPEC 8: ``BackendBase.periphery``); without it
         the kernels compute Sections 2-3 only."""
         args = (self.rows, self.cols, self.input_bits, self.input_signed, self.dac_bits, self.weight_bits,
                 self.cell_bits, self.adc_levels, self.adc_clip)
@@ -345,7 +376,7 @@ class GemmParams:
     def kernel_form(self) -> Optional["GemmParams"]:
         """The params whose bit-plane arithmetic gives exactly these tile sums, for the C++/CUDA/Triton
         kernels, or None.  Its ``periphery`` keeps only bits that a kernel may compute itself
-        (``Backend.periphery``: differential sensing, sign-magnitude inputs, half-even rounding); 0 means
+        (``BackendBase.periphery``: differential sensing, sign-magnitude inputs, half-even rounding); 0 means
         Sections 2-3.  Analog accumulation over inputs of at most 8 magnitude bits is one DAC chunk of all
         of them (V = P of that chunk, Vmax = its Pmax, under any sensing and sign convention); with the
         ideal ADC only the row split changes a value."""
@@ -370,10 +401,20 @@ class GemmParams:
         return _adc_signed(self.periphery, self.input_signed)
 
     @property
+    def conversion_bits(self) -> int:
+        """Bits of the input values one conversion sees: the DAC chunk, or (analog accumulation) every
+        magnitude bit of the input (SPEC 8.1)."""
+        return self.x_bits if self.has("input_accumulation") else self.dac_bits
+
+    def conversion_bound(self, w_max: int) -> int:
+        """Largest |V| of one conversion of a tile of R rows with weight values up to ``w_max`` (levels, or
+        fixed-point conductances): R (2^D - 1) w_max."""
+        return self.rows * ((1 << self.conversion_bits) - 1) * w_max
+
+    @property
     def full_scale_unit(self) -> int:
         """Vmax of one row: (2^cb - 1) D (SPEC 8.1)."""
-        d_bits = self.x_bits if self.has("input_accumulation") else self.dac_bits
-        return (2 ** self.cell_bits - 1) * (2 ** d_bits - 1)
+        return full_scale_per_row(self.cell_bits, self.conversion_bits)
 
     def tile_rows(self, k: int) -> Tuple[int, ...]:
         """Rows of each row tile (row_tile_sizes)."""
@@ -381,7 +422,7 @@ class GemmParams:
 
     def row_layout(self, k: int):
         """R (fixed split) or each tile's rows (even split): XbarConfig.row_layout."""
-        return self.tile_rows(k) if self.has("row_split") else self.rows
+        return row_layout(k, self.rows, "even" if self.has("row_split") else "fixed")
 
     def tile_adc(self, rows: int) -> Tuple[int, int]:
         """(levels n, clip) of the ADC of a tile of ``rows`` rows: per tile under adc_range='tile_rows'
@@ -407,19 +448,19 @@ class GemmParams:
     @property
     def x_bits(self) -> int:
         """Magnitude bits per input polarity."""
-        return self.input_bits - 1 if self.input_signed else self.input_bits
+        return magnitude_bits(self.input_bits, self.input_signed)
 
     @property
     def chunks(self) -> int:
-        return -(-self.x_bits // self.dac_bits)
+        return input_chunk_count(self.x_bits, self.dac_bits)
 
     @property
     def slices(self) -> int:
-        return -(-(self.weight_bits - 1) // self.cell_bits)
+        return weight_slice_count(self.weight_bits, self.cell_bits)
 
     @property
     def pmax(self) -> int:
-        return self.rows * (2 ** self.dac_bits - 1) * (2 ** self.cell_bits - 1)
+        return partial_sum_max(self.rows, self.dac_bits, self.cell_bits)
 
     @property
     def adc_identity(self) -> bool:

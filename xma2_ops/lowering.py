@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import reference as ref
+from .quant import RowLayout, column_tiles, expand_rows, expand_tiles
 
 
 @dataclass(frozen=True)
@@ -105,12 +105,12 @@ class LinearLowering:
 
 # ------------------------------------------------------------------ the two-tier masks
 def effective_weight(w_b: torch.Tensor, w_t: Optional[torch.Tensor], pe_mask: torch.Tensor, col_scale: torch.Tensor,
-                     rows: ref.RowLayout, cols: int) -> torch.Tensor:
+                     rows: RowLayout, cols: int) -> torch.Tensor:
     """W_eff = m W_t + (1 - m) alpha W_b per PE (SPEC 4), in the weight's own layout [N, ...];
     ``rows``: XbarConfig.row_layout(K)."""
     n, k = w_b.shape[0], w_b[0].numel()
-    m_kn = ref.expand_tiles(pe_mask, k, n, rows, cols)
-    a_kn = ref.expand_rows(col_scale, k, rows)
+    m_kn = expand_tiles(pe_mask, k, n, rows, cols)
+    a_kn = expand_rows(col_scale, k, rows)
     w_eff = ((1 - m_kn) * a_kn).T.reshape(w_b.shape) * w_b
     if w_t is not None:
         w_eff = w_eff + m_kn.T.reshape(w_b.shape) * w_t
@@ -121,7 +121,7 @@ def coefficients(pe_mask, col_scale, s_x, s_w, s_t, cols: int, steps: list, dtyp
     """coef_b, coef_t [Tr, N] such that y = sum_r coef_b T_b_int + coef_t T_t_int (SPEC 4).
     ``s_w``/``s_t``: scalar or per-column [N] weight scales; ``steps``: the value of one unit of T_int
     per row tile (GemmParams.tile_steps)."""
-    m_col = ref.column_tiles(pe_mask, col_scale.shape[1], cols).to(dtype)
+    m_col = column_tiles(pe_mask, col_scale.shape[1], cols).to(dtype)
     if len(set(steps)) <= 1:  # one step for every tile (a Python float: the bits of a scalar multiply)
         base = s_x.to(dtype) * (steps[0] if steps else 1.0)
     else:

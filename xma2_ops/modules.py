@@ -7,7 +7,7 @@ Input range rule (the modules own the input quantiser):
   (buffer) becomes True once a negative input has been seen and stays True.
 - the input scale is ``input_range / Qx`` (1 when the range is 0, as for an all-zero tensor).
 
-Programmed state (see programmed.py): a layer programs its weights onto its crossbars
+Programmed state (see programmed.py; the layer's ``crossbar``, crossbar.py, holds it): a layer programs its weights onto its crossbars
 (``layer.program()``, ``xma2_ops.program(model)``, or automatically on the first forward).  In
 training mode it re-programs on every forward; in eval mode it keeps the programmed state while
 the weight's content is unchanged (compared exactly at every forward, inside the call's one host
@@ -36,28 +36,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import XbarConfig
-from .functional import _conv2d, _linear, program_layer
-from .programmed import ChipPosition, ProgrammedWeight, ProgrammingCache, _Lock
-from .reference import expand_tiles
+from .crossbar import Crossbar, TaskState
+from .programmed import ChipPosition, ProgrammedWeight
+from .quant import expand_tiles
 
-AdapterFn = Callable[[nn.Module], Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]]
+AdapterFn = Callable[[nn.Module], TaskState]
 
 
 class _XbarMixin:
-    """Config, input calibration, programmed state and task state shared by the crossbar layers."""
+    """Config, input range and sign, task state and the Crossbar shared by the crossbar layers."""
 
     def _init_xbar(self, config: XbarConfig) -> None:
+        self.crossbar = Crossbar()  # programmed state, chip position, input sign as last read
         self.config = config
         self.backend: Optional[str] = None
         self.adapter: Optional[AdapterFn] = None
-        lock = _Lock()  # one per layer: its programming happens once, whatever the threads (programmed.py)
-        self._programming = (ProgrammingCache(lock), ProgrammingCache(lock))  # backbone weight, task weight
-        self.chip = ChipPosition()  # layer index on the chip, write/read counters (device model draws)
         # Noise-aware training (device model): in training mode, program the cells anew on every
         # forward (fresh programming variation per batch, the chip's faults kept); False: train on
         # ideal cells.  Eval mode always uses the device model of the config.
         self.noise_aware: bool = False
-        self._signed_hint: Optional[bool] = None  # input_signed as last read (for torch.compile)
         self.register_buffer("input_range", torch.zeros((), device=self.weight.device, dtype=torch.float32))
         self.register_buffer("input_signed", torch.zeros((), device=self.weight.device, dtype=torch.bool))
         self.register_parameter("task_weight", None)
@@ -76,6 +73,15 @@ class _XbarMixin:
             raise TypeError(f"config: expected an XbarConfig, got {type(value).__name__}")
         self.__dict__["_xbar_config"] = value
 
+    @property
+    def chip(self) -> ChipPosition:
+        """The layer's place on the chip and its write/read counters (SPEC 7 draws)."""
+        return self.crossbar.chip
+
+    @chip.setter
+    def chip(self, value: ChipPosition) -> None:
+        self.crossbar.chip = value
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # A plain nn.Conv2d/nn.Linear state dict has no calibration: keep ours (uncalibrated = 0).
@@ -84,7 +90,7 @@ class _XbarMixin:
                 state_dict[prefix + name] = getattr(self, name)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        self._signed_hint = None
+        self.crossbar.signed_hint = None
 
     @property
     def tiles(self) -> Tuple[int, int]:
@@ -94,12 +100,12 @@ class _XbarMixin:
     @property
     def programmed(self) -> Optional[ProgrammedWeight]:
         """What the backbone PEs hold (weight codes and scale), None before the first programming."""
-        return self._programming[0].state
+        return self.crossbar.programmed
 
     @property
     def programmed_task(self) -> Optional[ProgrammedWeight]:
         """What the re-programmed (tier-1) PEs hold for the current task, if any."""
-        return self._programming[1].state
+        return self.crossbar.programmed_task
 
     @torch.no_grad()
     def program(self) -> "_XbarMixin":
@@ -108,8 +114,7 @@ class _XbarMixin:
         if self.config.weight_bits is None:  # the ideal crossbar holds the float weights themselves
             return self
         task_weight = self.adapter(self)[0] if self.adapter is not None else self.task_weight
-        program_layer(self.weight, task_weight, self.config, self._programming, self.chip)
-        self._signed_hint = bool(self.input_signed)
+        self.crossbar.program(self.weight, task_weight, self.config, self.input_signed)
         return self
 
     @torch.no_grad()
@@ -137,61 +142,30 @@ class _XbarMixin:
             faults = torch.where(sel, task.cells.known_faults(), faults)
         return faults
 
-    def _calibrate(self, x: torch.Tensor) -> None:
-        """Tensor ops only (no host synchronisation): the range and sign are read by the op."""
-        if not self.config.quantized:
-            return
-        with torch.no_grad():
-            if x.numel():
-                lo, hi = torch.aminmax(x.detach())  # one pass gives the range and the sign
-                amax = torch.maximum(-lo, hi).float()
-            else:
-                lo, amax = None, x.new_zeros((), dtype=torch.float32)
-            learn = torch.ones((), dtype=torch.bool, device=x.device) if self.training else self.input_range == 0
-            self.input_range.copy_(torch.where(learn, torch.maximum(self.input_range, amax), self.input_range))
-            if self.config.input_signed is None and lo is not None:
-                self.input_signed.logical_or_(learn & (lo < 0))
+    def observe_input(self, x: torch.Tensor) -> None:
+        """Update ``input_range`` / ``input_signed`` from x as a forward does (module docstring), without
+        running the layer; tensor ops only (no host synchronisation)."""
+        self.crossbar.observe_input(x, self.config, self.input_range, self.input_signed, self.training)
 
-    def _input_sign(self):
-        """The calibrated sign: eagerly, the buffer itself (read in the op's one synchronisation, which
-        reports it back); under torch.compile in eval mode, the value last read, checked against the
-        buffer on the device (a stale value fails loudly, it is never used silently)."""
-        if not torch.compiler.is_compiling():
-            return self.input_signed
-        if self.training or self._signed_hint is None:
-            return bool(self.input_signed)  # a graph break, but right
-        torch._assert_async(self.input_signed == self._signed_hint,
-                            "XbarConv2d/XbarLinear: input_signed changed since this layer last ran eagerly; "
-                            "run one eager forward (or layer.program()) before the compiled model")
-        return self._signed_hint
-
-    def _remember_sign(self, signed: bool) -> None:
-        self._signed_hint = signed
-
-    def _call_kwargs(self, x: torch.Tensor, reuse: bool) -> dict:
-        """Everything the functional op needs besides x, weight and bias."""
-        self._calibrate(x)
-        cfg = self.config
-        kwargs = {"backend": self.backend, "config": cfg, "caches": self._programming, "reuse": reuse,
-                  "chip": self.chip, "cells": not self.training or self.noise_aware}
-        if cfg.quantized:
-            signed = self._input_sign() if cfg.input_signed is None else cfg.input_signed
-            q_signed, q_unsigned = cfg.input_qmax(True) if cfg.input_bits >= 2 else 1, cfg.input_qmax(False)
-            qx = torch.where(self.input_signed, q_signed, q_unsigned) if cfg.input_signed is None else (
-                cfg.input_qmax(cfg.input_signed))
-            rng = self.input_range
-            kwargs["input_scale"] = torch.where(rng > 0, rng / qx, torch.ones_like(rng)).to(self.weight.dtype)
-            kwargs["signed"] = signed
-            kwargs["on_sign"] = self._remember_sign
+    def _task_state(self) -> TaskState:
+        """(task_weight, pe_mask, col_scale) now: the adapter's, or the layer's own."""
         if self.adapter is not None:
-            tw, pm, cs = self.adapter(self)
-        else:
-            tw, pm, cs = self.task_weight, self.pe_mask, self.col_scale
-        kwargs.update(task_weight=tw, pe_mask=pm, col_scale=cs)
-        return kwargs
+            return self.adapter(self)
+        return self.task_weight, self.pe_mask, self.col_scale
+
+    def _crossbar_call(self, x: torch.Tensor, bias: Optional[torch.Tensor], reuse: bool,
+                       ideal_cells: bool = False) -> torch.Tensor:
+        """This layer on its crossbar (x already padded for a non-zero padding mode)."""
+        return self.crossbar(x, self.weight, bias, self._conv_geometry(), config=self.config, backend=self.backend,
+                             task_state=self._task_state, input_range=self.input_range,
+                             input_signed=self.input_signed, training=self.training,
+                             cells=not self.training or self.noise_aware, reuse=reuse, ideal_cells=ideal_cells)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward_with_state(x, reuse=not self.training)
+        x = self._padded(x)
+        if self.out_gain is None:  # no correction: exactly the plain op
+            return self._crossbar_call(x, self.bias, reuse=not self.training)
+        return self._corrected(self._crossbar_call(x, None, reuse=not self.training))
 
     def set_output_correction(self, gain: Optional[torch.Tensor], offset: Optional[torch.Tensor]) -> None:
         """Set (or, with two Nones, remove) the digital per-column correction y <- gain * y + offset
@@ -218,14 +192,11 @@ class _XbarMixin:
         the forward does); ``cells=False``: the same layer on ideal cells (its weight codes through
         the same periphery), programmed into a throw-away cache so that the chip's state and its
         write/read counters are untouched."""
-        x, op = self._lowered(x)
-        kwargs = self._call_kwargs(x, reuse=True)
-        if not cells:
-            kwargs.update(caches=(ProgrammingCache(), ProgrammingCache()), chip=ChipPosition(), cells=False)
-        return op(x, None, kwargs)
+        return self._crossbar_call(self._padded(x), None, reuse=True, ideal_cells=not cells)
 
-    def _corrected(self, y: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
-        """gain * y + offset (per output column, ``shape`` broadcasts [out] onto y), then the bias."""
+    def _corrected(self, y: torch.Tensor) -> torch.Tensor:
+        """gain * y + offset (per output column), then the bias."""
+        shape = (-1, 1, 1) if self._conv_geometry() is not None else (-1,)
         y = y * self.out_gain.view(shape).to(y.dtype) + self.out_offset.view(shape).to(y.dtype)
         return y if self.bias is None else y + self.bias.view(shape)
 
@@ -257,19 +228,15 @@ class XbarConv2d(_XbarMixin, nn.Conv2d):
         new.train(conv.training)
         return new
 
-    def _lowered(self, x: torch.Tensor):
-        """(x after a non-zero padding mode, op(x, bias, kwargs)): the functional call of this layer."""
-        padding = self.padding
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        """x after a non-zero padding mode (the crossbar call then pads nothing)."""
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = 0
-        return x, lambda x, bias, kw: _conv2d(x, self.weight, bias, self.stride, padding, self.dilation, 1, **kw)
+        return x
 
-    def _forward_with_state(self, x: torch.Tensor, reuse: bool) -> torch.Tensor:
-        x, op = self._lowered(x)
-        if self.out_gain is None:  # no correction: exactly the plain op
-            return op(x, self.bias, self._call_kwargs(x, reuse))
-        return self._corrected(op(x, None, self._call_kwargs(x, reuse)), (-1, 1, 1))
+    def _conv_geometry(self) -> Tuple[tuple, tuple, tuple]:
+        padding = self.padding if self.padding_mode == "zeros" else 0
+        return self.stride, padding, self.dilation
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", config={self.config}"
@@ -297,13 +264,11 @@ class XbarLinear(_XbarMixin, nn.Linear):
         new.train(linear.training)
         return new
 
-    def _lowered(self, x: torch.Tensor):
-        return x, lambda x, bias, kw: _linear(x, self.weight, bias, **kw)
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
-    def _forward_with_state(self, x: torch.Tensor, reuse: bool) -> torch.Tensor:
-        if self.out_gain is None:  # no correction: exactly the plain op
-            return _linear(x, self.weight, self.bias, **self._call_kwargs(x, reuse))
-        return self._corrected(_linear(x, self.weight, None, **self._call_kwargs(x, reuse)), (-1,))
+    def _conv_geometry(self) -> None:
+        return None
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", config={self.config}"
@@ -345,11 +310,9 @@ def program(model: nn.Module, seed: Optional[int] = None) -> nn.Module:
         raise ValueError(f"seed: expected an int in [0, 2**63) or None, got {seed!r}")
     layers = [m for m in model.modules() if isinstance(m, (XbarConv2d, XbarLinear))]
     for index, m in enumerate(layers):
-        with m._programming[0].lock:  # no thread's forward programs the layer in between
+        with m.crossbar.lock:  # no thread's forward programs the layer in between
             if seed is not None and m.config.device is not None:
                 m.config = dataclasses.replace(m.config, device=dataclasses.replace(m.config.device, seed=seed))
-            m.chip = ChipPosition(layer=index)
-            for cache in m._programming:
-                cache.clear()
+            m.crossbar.reset(ChipPosition(layer=index))
             m.program()
     return model

@@ -29,13 +29,8 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import reference as ref
 from .device import CellState, DeviceModel, cell_weight_codes, program_cells
-
-
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """Quantisers run in the tensor's dtype, half precisions in float32 (so 16-bit codes stay exact)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from .quant import compute_dtype, quantize_weight
 
 
 class _Lock:
@@ -117,10 +112,10 @@ class ProgrammedWeight:
         when the backend packs per call, and under torch.compile (the op then packs inside the graph)."""
         if backend.pack_weights is None or torch.compiler.is_compiling():
             return None
-        from ._ops import backend_for
+        from .backends import backend_for
         runs, kp = backend_for(backend.name, self.codes.device, params)
         if runs.name != backend.name:
-            return None  # (a periphery that the kernels do not compute runs periphery.py, which packs nothing)
+            return None  # (a periphery that the kernels do not compute runs backends/periphery.py, which packs nothing)
         # the params the kernel runs (GemmParams.kernel_form), which the packed header is checked against
         key = ("packed", backend.name, kp.as_args(with_periphery=True), os.environ.get("XMA2_CPU_ISA", ""))
         return self._keep(key, (_version_of(self.codes),), lambda: backend.pack_weights(self.codes, kp))
@@ -165,7 +160,7 @@ def program_weight(w: torch.Tensor, scale: torch.Tensor, weight_bits: int, *, ce
     cd = compute_dtype(w)
     s = scale.to(cd)
     w2 = w.detach().reshape(w.shape[0], -1).to(cd)
-    codes = ref.quantize_weight(w2, s.reshape(-1, 1), weight_bits).T.contiguous().to(torch.int32)
+    codes = quantize_weight(w2, s.reshape(-1, 1), weight_bits).T.contiguous().to(torch.int32)
     cells = None
     if device is not None:
         chip = chip if chip is not None else ChipPosition()

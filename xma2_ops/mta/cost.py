@@ -70,7 +70,7 @@ import torch.nn as nn
 
 from .. import reference as ref
 from ..config import XbarConfig
-from ..reference import column_tiles, expand_tiles
+from ..quant import column_tiles, expand_tiles
 from .masks import pe_extent, pe_max, pe_sum, to_kn
 from .methods import TIER1, task_info, use_config, weight_only, xbar_layers
 

@@ -14,7 +14,7 @@ from typing import List, Sequence, Tuple
 import torch
 
 from ..config import row_tile_sizes
-from ..reference import RowLayout
+from ..quant import RowLayout
 
 
 # ------------------------------------------------------------------ straight-through estimators

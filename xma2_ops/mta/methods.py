@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from ..config import XbarConfig
 from ..modules import XbarConv2d, XbarLinear
-from ..reference import expand_tiles
+from ..quant import expand_tiles
 from .masks import ShiftLevels, binarize, from_kn, pe_extent, pe_sum, to_kn, topk_masks, topk_masks_by_cost
 
 METHODS = ("finetune", "classifier", "piggyback", "xbm", "xma", "pe", "xma2")
@@ -566,6 +566,7 @@ def calibrate(model: nn.Module, loader: Iterable, batches: int = 4) -> None:
     eval mode, with the float training forward (the quantised one is not needed to observe
     inputs).  Under torch.distributed the ranges are reduced with MAX (the signs with OR) over
     ranks, on each layer's device (NCCL refuses CPU tensors)."""
+    from ..crossbar import observe_range_and_sign  # the one rule the layers observe inputs by
     layers = xbar_layers(model)
     seen: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -574,7 +575,7 @@ def calibrate(model: nn.Module, loader: Iterable, batches: int = 4) -> None:
         x = args[0].detach()
         if x.numel() == 0:
             return
-        rng, neg = x.abs().amax().float(), (x < 0).any()
+        rng, neg = observe_range_and_sign(x)
         s = seen.get(id(mod))
         seen[id(mod)] = (rng, neg) if s is None else (torch.maximum(s[0], rng), s[1] | neg)
 

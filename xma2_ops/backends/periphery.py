@@ -7,7 +7,9 @@ slices).  So each (row tile, input group) is ONE dense GEMM against all weight g
 done in floating point where every partial sum is an integer below the float's exact range (so the
 result does not depend on the summation order), then the ADC of SPEC 8.2 in int64 and the
 shift-and-add of 8.3.  The readable oracle is ``reference._periphery_tile_sums`` (loops, one
-conversion at a time); this module is what the cpu, triton and cuda backends run for section 8.
+conversion at a time); this module is what the cpu, triton and cuda backends run for section 8
+(``BACKEND``, chosen by dispatch.backend_for), and what calibration.py reads the values V from
+(``gemm_operands`` and ``conversions``).
 
 Every function returns T_int[r, m, n] in units of ``GemmParams.tile_steps(K)[r]``, like the kernels.
 """
@@ -18,8 +20,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .config import GemmParams
-from .reference import adc_codes, bit_field
+from ..config import GemmParams
+from ..quant import adc_codes, bit_field
+from .base import BackendBase, mvm_from_tile_sums
 
 # Output rows per GEMM block: bounds the float/int64 temporaries to about this many elements.
 _BLOCK_ELEMS = 1 << 23
@@ -57,51 +60,64 @@ def _gemm_dtype(bound: int, device: torch.device) -> torch.dtype:
     return torch.float32 if exact32 else torch.float64
 
 
-def _tile_sums(x_codes: torch.Tensor, slices: List[List[torch.Tensor]], w_max: int, p: GemmParams,
-               frac_bits: int) -> torch.Tensor:
+def gemm_operands(x_codes: torch.Tensor, slices: List[List[torch.Tensor]], w_max: int, p: GemmParams):
+    """(input groups' (sign, chunk) [Gi], X [Gi, M, K], weight groups' (sign, slice) [Gw], W [K, Gw, N]) in
+    the GEMM dtype: float32 where every partial sum |V| <= rows (2^D - 1) w_max is exact in it, else float64
+    (refused beyond float64's exact range).  ``slices[q][j]`` [K, N]: weight slice j of polarity q, values
+    up to ``w_max``."""
     x = x_codes.to(torch.int64)
-    m_rows, k_total = x.shape
     groups_in = input_groups(x, p)
     w_meta, w = weight_groups(slices, p)  # [K, G, N]
-    n_total = w.shape[2]
-    d_bits = p.x_bits if p.has("input_accumulation") else p.dac_bits
-    bound = p.rows * ((1 << d_bits) - 1) * w_max
+    bound = p.conversion_bound(w_max)
     if bound >= 1 << 53:
         raise ValueError(f"xbar: partial sums up to {bound} are beyond exact float64 arithmetic (rows, bits, "
                          f"conductances too large)")
     gdt = _gemm_dtype(bound, x.device)
-    w = w.to(gdt)
-    analog = p.has("input_accumulation")
-    # T[r] = sum over (input group, weight group) of sign * 2^shift * code: one exact float64 contraction
-    shift_w = torch.tensor([[sx * sw * float(1 << (j * p.cell_bits + (0 if analog else i * p.dac_bits)))
-                             for sw, j in w_meta] for sx, i, _ in groups_in], dtype=torch.float64, device=x.device)
     x_all = torch.stack([g.to(gdt) for _, _, g in groups_in])  # [Gi, M, K]
-    gi, gw = len(groups_in), len(w_meta)
-    tiles = p.tile_rows(k_total)
-    out = torch.empty(len(tiles), m_rows, n_total, dtype=torch.int64, device=x.device)
+    return [(sx, i) for sx, i, _ in groups_in], x_all, w_meta, w.to(gdt)
+
+
+def conversions(x_all: torch.Tensor, w: torch.Tensor, p: GemmParams):
+    """Yields (row tile r, its rows, first input row m0, V [Gi, m, Gw, N]): every value one conversion of
+    SPEC 8.1 sees, one dense GEMM per row tile (in blocks of input rows), exact integers."""
+    gi, m_rows, k_total = x_all.shape
+    gw, n_total = w.shape[1], w.shape[2]
     block = max(1, _BLOCK_ELEMS // max(1, gi * gw * n_total))
     k0 = 0
-    for r, rows in enumerate(tiles):
+    for r, rows in enumerate(p.tile_rows(k_total)):
         k1 = k0 + rows
-        levels, clip = p.tile_adc(rows)
         wt = w[k0:k1].reshape(rows, -1)  # [rows, Gw*N]
         for m0 in range(0, m_rows, block):
             xb = x_all[:, m0:m0 + block, k0:k1]  # a strided view: the GEMM reads it in place
-            mb = xb.shape[1]
-            v = torch.matmul(xb, wt).view(gi, mb, gw, n_total)
-            code = v if levels == 0 else _adc(v, levels, clip, frac_bits, p)
-            # float32 where every partial sum of the contraction is an integer below 2^24, else float64
-            t_max = float(shift_w.abs().sum()) * (bound if levels == 0 else levels)
-            cdt = torch.float32 if t_max < (1 << 24) and code.dtype == torch.float32 else torch.float64
-            t = torch.einsum("imgn,ig->mn", code.to(cdt), shift_w.to(cdt))
-            out[r, m0:m0 + mb] = t.round_().to(torch.int64)
+            yield r, rows, m0, torch.matmul(xb, wt).view(gi, xb.shape[1], gw, n_total)
         k0 = k1
+
+
+def _tile_sums(x_codes: torch.Tensor, slices: List[List[torch.Tensor]], w_max: int, p: GemmParams,
+               frac_bits: int) -> torch.Tensor:
+    in_meta, x_all, w_meta, w = gemm_operands(x_codes, slices, w_max, p)
+    m_rows, k_total = x_codes.shape
+    n_total = w.shape[2]
+    bound = p.conversion_bound(w_max)
+    analog = p.has("input_accumulation")
+    # T[r] = sum over (input group, weight group) of sign * 2^shift * code: one exact float64 contraction
+    shift_w = torch.tensor([[sx * sw * float(1 << (j * p.cell_bits + (0 if analog else i * p.dac_bits)))
+                             for sw, j in w_meta] for sx, i in in_meta], dtype=torch.float64, device=x_all.device)
+    out = torch.empty(len(p.tile_rows(k_total)), m_rows, n_total, dtype=torch.int64, device=x_all.device)
+    for r, rows, m0, v in conversions(x_all, w, p):
+        levels, clip = p.tile_adc(rows)
+        code = v if levels == 0 else _adc(v, levels, clip, frac_bits, p)
+        # float32 where every partial sum of the contraction is an integer below 2^24, else float64
+        t_max = float(shift_w.abs().sum()) * (bound if levels == 0 else levels)
+        cdt = torch.float32 if t_max < (1 << 24) and code.dtype == torch.float32 else torch.float64
+        t = torch.einsum("imgn,ig->mn", code.to(cdt), shift_w.to(cdt))
+        out[r, m0:m0 + v.shape[1]] = t.round_().to(torch.int64)
     return out
 
 
 def _adc(v: torch.Tensor, levels: int, clip: int, frac_bits: int, p: GemmParams) -> torch.Tensor:
-    """reference.adc_codes on the exact integer values ``v`` (a float tensor), as float codes: a lookup in
-    the table of every code of [lo, hi] (made by reference.adc_codes itself) when it is small, else in
+    """quant.adc_codes on the exact integer values ``v`` (a float tensor), as float codes: a lookup in
+    the table of every code of [lo, hi] (made by quant.adc_codes itself) when it is small, else in
     int64 arithmetic."""
     c = clip << frac_bits
     span = 2 * c if p.adc_signed else c
@@ -156,3 +172,13 @@ def _check_codes(x_codes: torch.Tensor, w_codes: Optional[torch.Tensor], p: Gemm
         qw = (1 << (p.weight_bits - 1)) - 1
         if int(w_codes.abs().max()) > qw:
             raise ValueError(f"w_codes: expected codes in [{-qw}, {qw}], got |w| up to {int(w_codes.abs().max())}")
+
+
+def _mvm(x_codes, wb, wt, coef_b, coef_t, p: GemmParams) -> torch.Tensor:
+    return mvm_from_tile_sums(lambda x, w: tile_sums(x, w, p), x_codes, wb, wt, coef_b, coef_t, wb.shape[1])
+
+
+# What cpu, cuda and triton run under a periphery (SPEC 8) that their kernels do not compute: this module's
+# exact GEMM-per-conversion form, the same bits on every device; mvm and the coefficient gradients from its
+# tile sums in the one order of every backend.
+BACKEND = BackendBase("periphery", tile_sums, _mvm, ("cpu", "cuda"), small_codes=True, cell_tile_sums=cell_tile_sums)

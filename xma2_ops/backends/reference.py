@@ -1,72 +1,24 @@
-"""The readable oracle of docs/SPEC.md, in plain PyTorch.
+"""The readable oracle of docs/SPEC.md, in plain PyTorch, and the "reference" backend.
 
-Also the one place where the Python side computes each quantisation rule (weight codes,
-input codes, the ADC); the functional API and the other backends import them from here.
-Nothing in this file is meant to be fast.
+``tile_sums`` / ``cell_tile_sums`` compute T_int of SPEC 3, 7.2 and 8 literally (loops over row
+tiles, polarities, input chunks and weight slices, every conversion through the ADC);
+``xbar_conv2d_reference`` is SPEC 1-4 for a conv2d, step by step.  The quantisation rules come
+from xma2_ops.quant.  Nothing in this file is meant to be fast.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .config import GemmParams, XbarConfig
-
-
-# ---------------------------------------------------------------- quantisation rules (SPEC 2)
-def derived_scale(t: torch.Tensor, qmax: int, amax: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """max|t| / qmax over the whole tensor; a scale of 0 (all-zero tensor) becomes 1.
-    ``amax``: max|t|, when the caller has already computed it."""
-    if amax is None:
-        amax = t.detach().abs().amax() if t.numel() else t.new_zeros(())
-    s = amax / qmax
-    return torch.where(s > 0, s, torch.ones_like(s))
-
-
-def quantize_weight(w: torch.Tensor, scale: torch.Tensor, weight_bits: int) -> torch.Tensor:
-    """Signed weight codes clamp(round(w / s), -Qw, Qw) (float tensor of integers)."""
-    q = 2 ** (weight_bits - 1) - 1
-    return torch.clamp(torch.round(w / scale), -q, q)
-
-
-def quantize_input(x: torch.Tensor, scale: torch.Tensor, input_bits: int, signed: bool) -> torch.Tensor:
-    """Input codes: signed in [-Qx, Qx] or unsigned in [0, Qx] (float tensor of integers)."""
-    if signed:
-        q = 2 ** (input_bits - 1) - 1
-        return torch.clamp(torch.round(x / scale), -q, q)
-    return torch.clamp(torch.round(x / scale), 0, 2 ** input_bits - 1)
-
-
-def input_in_range(x: torch.Tensor, scale: torch.Tensor, input_bits: int, signed: bool) -> torch.Tensor:
-    """True where the input quantiser did not clip (the straight-through estimator passes there)."""
-    r = torch.round(x / scale)
-    q = 2 ** (input_bits - 1) - 1 if signed else 2 ** input_bits - 1
-    return (r <= q) & (r >= (-q if signed else 0))
-
-
-def adc_codes(p: torch.Tensor, levels: int, clip: int, frac_bits: int = 0, signed: bool = False,
-              half_even: bool = False) -> torch.Tensor:
-    """ADC of SPEC 3 / 8.2 on int64 values V: with lo = 0 (unsigned) or -clip (signed),
-    hi - lo = span, code = clamp(floor((2 (V - lo) n + span) / (2 span)), 0, n), a tie rounded to the
-    even code under half_even.  With fixed-point conductances (SPEC 7.2) V is V_F and clip is clip 2^F.
-    Returns the code, minus n/2 for the signed ADC (so that code * (span / n) is the value V_hat)."""
-    c = clip << frac_bits
-    span = 2 * c if signed else c
-    u = torch.clamp(p + c if signed else p, 0, span)  # V outside [lo, hi] gives code 0 or n either way
-    num = 2 * u * levels + span
-    code = torch.div(num, 2 * span, rounding_mode="floor")
-    if half_even:  # q = num / (2 span) is an integer exactly at a tie
-        code = code - ((num % (2 * span) == 0) & (code % 2 == 1)).to(code.dtype)
-    return code - levels // 2 if signed else code
+from ..config import GemmParams, XbarConfig
+from ..quant import (adc_codes, bit_field, column_tiles, derived_scale, expand_rows, quantize_input,
+                     quantize_weight)
+from .base import BackendBase, mvm_from_tile_sums
 
 
 # ---------------------------------------------------------------- the crossbar GEMM (SPEC 3 and 8)
-def bit_field(v: torch.Tensor, index: int, width: int) -> torch.Tensor:
-    """(v >> (index*width)) & (2^width - 1) for non-negative int64 v."""
-    return torch.bitwise_and(torch.bitwise_right_shift(v, index * width), 2 ** width - 1)
-
-
 def tile_sums(x_codes: torch.Tensor, w_codes: torch.Tensor, p: GemmParams) -> torch.Tensor:
     """T_int[r, m, n] of SPEC 3 / 8 as int64, literally: loops over row tiles, polarities,
     input chunks and weight slices, every conversion through the ADC.
@@ -136,26 +88,6 @@ def _periphery_tile_sums(x_codes: torch.Tensor, w_slices, p: GemmParams, frac_bi
                         out[r] += sign * (2 ** shift) * code
         k0 = k1
     return out
-
-
-RowLayout = Union[int, Tuple[int, ...]]  # R (fixed split) or each row tile's rows (XbarConfig.row_layout)
-
-
-def expand_tiles(t: torch.Tensor, k_total: int, n_total: int, rows: RowLayout, cols: int) -> torch.Tensor:
-    """[Tr, Tc] per-PE values -> [K, N] per-weight values."""
-    return expand_rows(t, k_total, rows).repeat_interleave(cols, 1)[:, :n_total]
-
-
-def expand_rows(t: torch.Tensor, k_total: int, rows: RowLayout) -> torch.Tensor:
-    """[Tr, N] per-(row tile, column) values -> [K, N]; ``rows``: R, or the tiles' row counts."""
-    if isinstance(rows, int):
-        return t.repeat_interleave(rows, 0)[:k_total]
-    return t.repeat_interleave(torch.tensor(rows, device=t.device), 0, output_size=k_total)
-
-
-def column_tiles(t: torch.Tensor, n_total: int, cols: int) -> torch.Tensor:
-    """[Tr, Tc] per-PE values -> [Tr, N] (each column gets its PE's value)."""
-    return t.repeat_interleave(cols, 1)[:, :n_total]
 
 
 # ---------------------------------------------------------------- the whole op (SPEC 1-4)
@@ -241,3 +173,21 @@ def _scale(given, t: torch.Tensor, qmax: int) -> torch.Tensor:
     if given is None:
         return derived_scale(t, qmax)
     return torch.as_tensor(given, dtype=t.dtype).detach()
+
+
+# ---------------------------------------------------------------- the backend
+def _backend_tile_sums(x_codes, w_codes, p: GemmParams) -> torch.Tensor:
+    return tile_sums(x_codes, w_codes, p).to(x_codes.device)
+
+
+def mvm(x_codes, wb_codes, wt_codes, coef_b, coef_t, p: GemmParams) -> torch.Tensor:
+    """y [M, N] = sum_r coef_b T_b_int + coef_t T_t_int from the literal tile sums (base.ordered_sum's order)."""
+    return mvm_from_tile_sums(lambda x, w: _backend_tile_sums(x, w, p), x_codes, wb_codes, wt_codes, coef_b,
+                              coef_t, wb_codes.shape[1])
+
+
+def _backend_cell_tile_sums(x_codes, gq, p: GemmParams, frac_bits: int) -> torch.Tensor:
+    return cell_tile_sums(x_codes.cpu(), gq.cpu(), p, frac_bits).to(x_codes.device)
+
+
+BACKEND = BackendBase("reference", _backend_tile_sums, mvm, ("cpu", "cuda"), cell_tile_sums=_backend_cell_tile_sums)
