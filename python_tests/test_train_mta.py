@@ -1,9 +1,8 @@
-"""examples/train_mta.py: the --quick CI run, DistributedDataParallel on 2 CPU ranks, the
-ImageFolder path, and the resnet50 path."""
+"""The mta experiment (xma2_ops.mta.experiment; examples/train_mta.py and python -m xma2_ops.mta):
+the --quick CI run, DistributedDataParallel on 2 CPU ranks, the ImageFolder path, and the resnet50 path."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import socket
@@ -20,10 +19,13 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTH
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("train_mta", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The experiment's library (what the example script runs)."""
+    from types import SimpleNamespace
+
+    from xma2_ops.mta.experiment import backbone, cli, stats, targets
+    return SimpleNamespace(parse_args=cli.parse_args, main=cli.main, build_model=backbone.build_model,
+                           summarize=stats.summarize, paired_differences=stats.paired_differences,
+                           check_targets=targets.check_targets)
 
 
 def test_quick_run(tmp_path):
@@ -226,18 +228,19 @@ def test_resnet_archs_load_torchvision_keys(tmp_path):
         mod.main(["--arch", "resnet50", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path)])
 
 
-def test_busy_hint_only_on_a_loaded_machine_without_a_spin_setting(monkeypatch):
-    ex = _example()
-    monkeypatch.setattr(ex.os, "cpu_count", lambda: 2)
-    for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
-        monkeypatch.delenv(var, raising=False)
+def test_spinning_hint_only_for_a_spinning_policy_on_a_loaded_machine(monkeypatch):
+    """The old busy-machine hint is gone (the command line sets a passive policy itself); what is
+    left is a note when the user chose a spinning policy and the machine is loaded."""
+    from xma2_ops.mta.experiment import threads
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (3.0, 3.0, 3.0))
     lines = []
-    monkeypatch.setattr(ex.os, "getloadavg", lambda: (3.0, 3.0, 3.0))
-    ex.busy_hint(lines.append)
-    assert len(lines) == 1 and "GOMP_SPINCOUNT=1000" in lines[0] and "load average 3.0 on 2 cores" in lines[0]
-    monkeypatch.setattr(ex.os, "getloadavg", lambda: (0.4, 0.4, 0.4))
-    ex.busy_hint(lines.append)
-    monkeypatch.setattr(ex.os, "getloadavg", lambda: (3.0, 3.0, 3.0))
-    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
-    ex.busy_hint(lines.append)
+    threads.spinning_hint(lines.append, {})
+    threads.spinning_hint(lines.append, {"OMP_WAIT_POLICY": "PASSIVE"})
+    threads.spinning_hint(lines.append, {"GOMP_SPINCOUNT": "1000"})
+    assert lines == []
+    threads.spinning_hint(lines.append, {"OMP_WAIT_POLICY": "active"})
+    assert len(lines) == 1 and "load average 3.0 on 2 cores" in lines[0] and "PASSIVE" in lines[0]
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.4, 0.4, 0.4))
+    threads.spinning_hint(lines.append, {"GOMP_SPINCOUNT": "INFINITE"})
     assert len(lines) == 1

@@ -8,6 +8,7 @@ from typing import List, Optional
 from ... import DeviceModel
 from .. import METHODS, Schedule
 from .backbone import ARCHS
+from .quick import TASKS as QUICK_TASKS
 
 DESCRIPTION = """Multi-task adaption on simulated ReRAM crossbars: one backbone, one adapter per task.
 
@@ -48,7 +49,8 @@ OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself (docs/MTA.md, "A shared machine").
 def build_parser(prog: str = "python -m xma2_ops.mta") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="xma2_out", help="output directory (table, plots, adapters, cached backbone)")
-    p.add_argument("--quick", action="store_true", help="tiny subsets, 1 epoch, 1 budget (CI smoke run, < 2 min)")
+    p.add_argument("--quick", action="store_true", help="smoke run (CI): every kind of run on 2 tasks, tiny subsets, 1 epoch, 1 budget; a large "
+                        "backbone gets 1 task and 32 images (quick.py); prints what the full run costs")
     p.add_argument("--data-root", help="one ImageFolder-style folder per task instead of the built-in tasks")
     p.add_argument("--tasks", nargs="+", help="subset of the built-in tasks (animals sk_digits letters shapes)")
     p.add_argument("--arch", default="small", choices=ARCHS,
@@ -131,6 +133,8 @@ def parse_args(argv=None, prog: str = "python -m xma2_ops.mta") -> argparse.Name
         args.width, args.n_source, args.n_train, args.n_test = 8, 1024, 256, 100
         args.backbone_epochs, args.stage1_epochs, args.stage2_epochs = 3, 1, 1
         args.device_n_test = min(args.device_n_test, 50)
+        if args.tasks is None and not args.data_root:
+            args.tasks = list(QUICK_TASKS)  # 2 of the 4 built-in tasks (quick.py)
     if args.budgets is None:
         args.budgets = [0.10] if args.quick else [0.05, 0.10, 0.20]
     # the smoke run exercises every kind of run; the full default keeps to the method sweep (time)

@@ -19,11 +19,13 @@ from .backbone import backbone, backbone_adc_clips, build_model, xbar_config
 from .data import builtin_tasks, folder_tasks, source_task
 from .estimate import print_full_run_estimate
 from .evaluate import evaluate, evaluate_device, noise_aware_training
+from .quick import cap_large_model
 from .report import plot_accuracy, plot_energy, plot_masks, print_paired, print_table, write_results
 from .runs import how, method_list
 from .runtime import ddp_wrap, is_dist, make_loader, setup_distributed, state_hash
 from .stats import paired_differences, summarize
 from .targets import check_targets
+from .threads import spinning_hint
 
 
 def run_experiment(args, full_args=None) -> List[dict]:
@@ -39,6 +41,7 @@ def run_experiment(args, full_args=None) -> List[dict]:
     (out / "adapters").mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress and rank == 0
     log = print if rank == 0 else (lambda *a, **k: None)
+    spinning_hint(log)
 
     if args.arch != "small":
         if args.data_root and not args.backbone_weights:
@@ -51,6 +54,8 @@ def run_experiment(args, full_args=None) -> List[dict]:
     if args.arch == "small" or not args.data_root:
         src = source_task(args)
     model = backbone(args, src, out, progress)
+    n_tasks = len(tasks)
+    tasks = cap_large_model(args, model, tasks, log)  # --quick on a large backbone (quick.py)
     cfg = xbar_config(args)
     n_pe = sum(math.prod(m.tiles) for _, m in xbar_layers(model))
     log(f"backbone: {args.arch}, {len(xbar_layers(model))} crossbar layers, {n_pe} PEs of {cfg.rows}x{cfg.cols}, "
@@ -71,7 +76,7 @@ def run_experiment(args, full_args=None) -> List[dict]:
     runs = method_list(args)
     seeds = list(range(args.seed, args.seed + args.seeds))
     if full_args is not None and rank == 0:
-        print_full_run_estimate(model, tasks, args, full_args, log)
+        print_full_run_estimate(model, tasks, args, full_args, log, n_tasks)
     rows: List[dict] = []
     masks: Dict[str, Dict[str, Dict[str, np.ndarray]]] = {}
     checks: Dict[tuple, tuple] = {}
