@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -154,7 +155,8 @@ def run_experiment(args, full_args=None) -> List[dict]:
                 "backbone_acc": backbone_acc, "wall_s": round(wall, 1), "seed_wall_s": [round(w, 1) for w in seed_walls],
                 "threads": torch.get_num_threads(), "energy_model": dataclasses.asdict(EnergyModel()),
                 "device": dataclasses.asdict(DeviceModel.preset(args.device)) if args.device else None,
-                "switch_bit_identical": switch_ok, "world_size": world}
+                "switch_bit_identical": switch_ok, "world_size": world,
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT")}
         write_results(out, rows, summary, paired, targets, meta)
         plot_accuracy(summary, out / "accuracy_vs_pes.png")
         plot_energy(summary, out / "accuracy_vs_energy.png", len(seeds))
