@@ -20,7 +20,7 @@ from .backbone import backbone, backbone_adc_clips, build_model, xbar_config
 from .data import builtin_tasks, folder_tasks, source_task
 from .estimate import print_full_run_estimate
 from .evaluate import evaluate, evaluate_device, noise_aware_training
-from .quick import cap_large_model
+from .quick import adc_data, cap_large_model
 from .report import plot_accuracy, plot_energy, plot_masks, print_paired, print_table, write_results
 from .runs import how, method_list
 from .runtime import ddp_wrap, is_dist, make_loader, setup_distributed, state_hash
@@ -66,7 +66,8 @@ def run_experiment(args, full_args=None) -> List[dict]:
         backbone_acc["pmax"] = evaluate(model, src[1], args.eval_batch, progress, "backbone, Pmax clip")[0]
         log(f"backbone MNIST accuracy (quantised crossbar forward), ADC clip Pmax = {cfg.pmax}: "
             f"{backbone_acc['pmax']:.2f}%")
-    clips = backbone_adc_clips(model, src[0] if src is not None else next(iter(tasks.values()))[0], args, log)
+    clips = backbone_adc_clips(model, adc_data(args, model, src[0] if src is not None else next(iter(tasks.values()))[0]),
+                               args, log)
     if src is not None and clips:
         backbone_acc[args.adc_clip] = evaluate(model, src[1], args.eval_batch, progress, "backbone, calibrated")[0]
         log(f"backbone MNIST accuracy with the {args.adc_clip} clips: {backbone_acc[args.adc_clip]:.2f}%")
