@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from ... import DeviceModel, calibrate_adc, program
 from .. import calibrate_inputs, use_config, weight_only, xbar_layers
-from .backbone import backbone
+from .backbone import backbone as load_backbone
 from .cli import parse_args as parse_experiment_args
 from .data import source_task
 from .evaluate import evaluate
@@ -294,7 +294,7 @@ def main(argv=None, prog: str = "python -m xma2_ops.mta device-sweep") -> List[d
     out.mkdir(parents=True, exist_ok=True)
     src = source_task(ex)  # as the experiment
     t = time.time()
-    backbone = backbone(ex, src, out, progress)
+    backbone = load_backbone(ex, src, out, progress)
     t_backbone = time.time() - t
     test = (src[1][0][:args.n_eval], src[1][1][:args.n_eval])
     models = {}
