@@ -9,8 +9,8 @@
 Cases (``--cases``):
 - ``resnet18-b64`` / ``resnet18-b1``: ``models.resnet18(num_classes=10, cifar=True)`` on
   3x32x32 images, batch 64 / 1; every conv and the fc on 128x128 crossbars (21 crossbar layers).
-- ``small-x32`` / ``small-x128``: the backbone of ``examples/train_mta.py`` (``SmallResNet``, width 24,
-  imported from the example) on its evaluation batch (100 images of 1x28x28), convs on 32x32 or
+- ``small-x32`` / ``small-x128``: the backbone of the mta experiment (``xma2_ops.models.SmallResNet``,
+  width 24) on its evaluation batch (100 images of 1x28x28), convs on 32x32 or
   128x128 crossbars, the fc head digital (as in the example).
 - ``layer``: one 3x3 convolution, 64 -> 64 channels, batch 32 of 32x32 (the first shape of
   BENCHMARKS.md), 128x128 crossbars: the single-layer ratios to ``nn.Conv2d``.
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import os
 import subprocess
@@ -58,12 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _small_resnet_class():
-    """SmallResNet of examples/train_mta.py (importing the example has no side effects)."""
-    spec = importlib.util.spec_from_file_location("_train_mta_example", ROOT / "examples" / "train_mta.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # (its dataclasses look their module up)
-    spec.loader.exec_module(mod)
-    return mod.SmallResNet
+    """SmallResNet of the mta experiment (xma2_ops.models)."""
+    return models.SmallResNet
 
 
 class _Tiny(nn.Module):

@@ -158,7 +158,7 @@ def test_typical_chip_deploy_brings_outputs_closer_to_ideal():
             opt.step()
     m.eval()
     calibrate_adc(m, [xtr[:256]], batches=1)
-    mta.recalibrate_bn(m, [(xtr[:256], None)], 1)
+    mta.refresh_bn_stats(m, [(xtr[:256], None)], 1)
     with torch.no_grad():
         ideal = m(xte)
     assert float((ideal.argmax(1) == yte).float().mean()) > 0.85  # the ideal model solves the task

@@ -1,9 +1,9 @@
-"""examples/device_sweep.py --quick: the CSV's rows, the ideal points against the model without a
+"""The device sweep (xma2_ops.mta.experiment.device_sweep; examples/device_sweep.py, python -m
+xma2_ops.mta device-sweep) --quick: the CSV's rows, the ideal points against the model without a
 device, and the noisy points against the ideal accuracy."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,14 +13,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "device_sweep.py"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-
-
-def _load(name: str, path: Path):
-    sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_quick_sweep(tmp_path):
@@ -46,19 +38,20 @@ def test_quick_sweep(tmp_path):
     rows = [row for row in all_rows if row["sensing"] == "per_polarity" and row["sweep"] != "preset"]
     by = {(row["model"], row["sweep"], float(row["value"])): row for row in rows}
 
-    # the model without a device, evaluated here on the same images with the example's own code
-    tm = _load("train_mta", ROOT / "examples" / "train_mta.py")
-    ds = _load("device_sweep", SCRIPT)
+    # the model without a device, evaluated here on the same images with the experiment's own code
+    from xma2_ops import mta
+    from xma2_ops.mta.experiment import backbone, data, evaluate
+    from xma2_ops.mta.experiment import device_sweep as ds
     args = ds.parse_args(["--quick", "--out", str(out)])
     ex = ds.example_args(args)
-    src = tm._split(*tm.load_mnist(), ex.n_source, 100, ex.seed)
-    model = tm.backbone(ex, src, out, False)  # the cached backbone
-    assert all(m.config.device is None for _, m in tm.mta.xbar_layers(model))
+    src = data.split(*data.load_mnist(), ex.n_source, 100, ex.seed)
+    model = backbone.backbone(ex, src, out, False)  # the cached backbone
+    assert all(m.config.device is None for _, m in mta.xbar_layers(model))
     # each sensing's ADC clips were calibrated on the source data: the per-polarity ones here
     clips = json.loads((out / "device_sweep.json").read_text())["meta"]["adc_clips"]["backbone"]["per_polarity"]
-    assert set(clips) == {name for name, _ in tm.mta.xbar_layers(model)} and all(c >= 1 for c in clips.values())
+    assert set(clips) == {name for name, _ in mta.xbar_layers(model)} and all(c >= 1 for c in clips.values())
     ds.set_device(model, None, "per_polarity", clips)
-    ideal = tm.evaluate(model, (src[1][0][:100], src[1][1][:100]), 100, False, "")[0]
+    ideal = evaluate.evaluate(model, (src[1][0][:100], src[1][1][:100]), 100, False, "")[0]
     assert ideal > 30.0  # a trained backbone (10 classes)
     assert float(by[("backbone", "sigma_rel", 0.0)]["ideal_acc"]) == ideal
 
@@ -80,11 +73,11 @@ def test_quick_sweep(tmp_path):
 
 
 def test_train_mta_device_option(tmp_path):
-    """examples/train_mta.py --device: every row carries the device accuracy next to the ideal-cell
+    """The experiment's --device (here through python -m xma2_ops.mta): every row carries the device accuracy next to the ideal-cell
     accuracy of the same images; chen2017 (10.8 % stuck cells) costs accuracy; the ideal preset
     costs none, on every chip; the layers' own config comes back without the device."""
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "train_mta.py"), "--quick", "--tasks", "sk_digits",
+    r = subprocess.run([sys.executable, "-m", "xma2_ops.mta", "--quick", "--tasks", "sk_digits",
                         "--methods", "classifier", "xma2", "--weight-only-also", "--also", "--device", "chen2017",
                         "--device-chips", "2", "--out", str(out), "--no-progress", "--threads", "1"],
                        env=ENV, capture_output=True, text=True, timeout=600)
@@ -97,11 +90,12 @@ def test_train_mta_device_option(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["meta"]["switch_bit_identical"] is True and res["meta"]["device"]["saf_high"] == 0.0904
 
-    tm = _load("train_mta", ROOT / "examples" / "train_mta.py")
-    args = tm.parse_args(["--quick", "--out", str(out), "--device", "ideal", "--device-chips", "3"])
-    src = tm._split(*tm.load_mnist(), args.n_source, 100, args.seed)
-    model = tm.backbone(args, src, out, False)
-    ideal, mean, std = tm.evaluate_device(model, src[1], args, False, "")
+    from xma2_ops import mta
+    from xma2_ops.mta.experiment import backbone, cli, data, evaluate
+    args = cli.parse_args(["--quick", "--out", str(out), "--device", "ideal", "--device-chips", "3"])
+    src = data.split(*data.load_mnist(), args.n_source, 100, args.seed)
+    model = backbone.backbone(args, src, out, False)
+    ideal, mean, std = evaluate.evaluate_device(model, src[1], args, False, "")
     assert ideal == mean and std == 0.0
-    assert ideal == tm.evaluate(model, (src[1][0][:50], src[1][1][:50]), 100, False, "")[0]
-    assert all(m.config.device is None for _, m in tm.mta.xbar_layers(model))
+    assert ideal == evaluate.evaluate(model, (src[1][0][:50], src[1][1][:50]), 100, False, "")[0]
+    assert all(m.config.device is None for _, m in mta.xbar_layers(model))

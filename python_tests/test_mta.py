@@ -58,7 +58,7 @@ def test_binarize_forward_and_identity_gradient():
 def test_mask_gradients_reach_the_scores_through_the_quantised_forward(method, param, data):
     model = make_model()
     mta.prepare(model, mta.MethodSpec(method, budget=0.5), 10)
-    ads = dict(mta.adapters(model))
+    ads = dict(mta.layer_adapters(model))
     for name, ad in ads.items():
         if method == "pe":  # search phase; task weights away from the backbone, else dL/dm = 0
             ad.phase = "search"
@@ -122,7 +122,7 @@ def test_topk_budget_is_exact(rho):
                                   mta.MethodSpec("pe", budget=0.75, selection="sensitivity")])
 def test_fit_respects_the_budget_exactly(spec, data):
     model = trained(spec, data)
-    sels = [ad.pe_sel for _, ad in mta.adapters(model)]
+    sels = [ad.pe_sel for _, ad in mta.layer_adapters(model)]
     if spec.per_layer:
         assert [int(s.sum()) for s in sels] == [mta.budget_count(spec.budget, s.numel()) for s in sels]
     else:
@@ -148,7 +148,7 @@ def test_shift_levels_are_powers_of_two_or_zero():
 def test_trained_column_scales_are_levels(data):
     model = trained(mta.MethodSpec("xma"), data)
     lv = mta.ShiftLevels()
-    for _, ad in mta.adapters(model):
+    for _, ad in mta.layer_adapters(model):
         assert set(ad.col_scale().unique().tolist()) <= set(lv.levels)
 
 
@@ -241,14 +241,14 @@ def test_load_refuses_other_architecture_config_backbone_and_corruption(data, tm
     mta.load_task(make_model(), path)
 
 
-def test_recalibrate_bn_is_the_plain_average_of_batch_statistics(data):
+def test_refresh_bn_stats_is_the_plain_average_of_batch_statistics(data):
     model = make_model()
     mta.prepare(model, mta.MethodSpec("xma"), 10)
     batches = loader(data)[:2]
     feats = []
     model.c1.register_forward_hook(lambda m, i, o: feats.append(o.detach()))
     model.eval()
-    mta.recalibrate_bn(model, batches, batches=2)
+    mta.refresh_bn_stats(model, batches, batches=2)
     mean = torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0)
     assert torch.allclose(model.b1.running_mean, mean, atol=1e-6)
     assert model.b1.momentum == 0.1 and not model.training
@@ -266,7 +266,7 @@ def test_adc_aware_stage_trains_through_the_quantised_forward(data, hw_epochs):
                                                                  m.config.adc_bits is not None)))
     batches = loader(data)
     sched = mta.Schedule(stage2_epochs=1, hw_epochs=hw_epochs, bn_batches=2, sensitivity_batches=1)
-    before = [p.detach().clone() for _, ad in mta.adapters(model) for p in (ad.task_weight, ad.col_param)]
+    before = [p.detach().clone() for _, ad in mta.layer_adapters(model) for p in (ad.task_weight, ad.col_param)]
     mta.fit(model, batches, sched, progress=False)
     train_quant = [s for s in seen if s[0] and s[1]]
     assert len(train_quant) == hw_epochs * len(batches)
@@ -277,7 +277,7 @@ def test_adc_aware_stage_trains_through_the_quantised_forward(data, hw_epochs):
     evals = [s for s in seen if not s[0]]
     assert [s[1] for s in evals[-n_cal:]] == [False] * n_cal
     assert [s[1] for s in evals[-(2 + n_cal):-n_cal]] == [hw_epochs > 0] * 2
-    after = [p.detach() for _, ad in mta.adapters(model) for p in (ad.task_weight, ad.col_param)]
+    after = [p.detach() for _, ad in mta.layer_adapters(model) for p in (ad.task_weight, ad.col_param)]
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
     assert model.c2.config == CFG  # the layers' own config is back
 

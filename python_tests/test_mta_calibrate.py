@@ -1,4 +1,4 @@
-"""mta.calibrate under torch.distributed: input ranges reduced with MAX and signs with OR over
+"""mta.calibrate_inputs under torch.distributed: input ranges reduced with MAX and signs with OR over
 ranks, on the layer's device (NCCL refuses CPU tensors)."""
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def rank_batches(rank: int):
 
 def local_calibration(rank: int) -> dict:
     model = make_model()
-    mta.calibrate(model, rank_batches(rank), batches=2)
+    mta.calibrate_inputs(model, rank_batches(rank), batches=2)
     return {n: (float(m.input_range), bool(m.input_signed)) for n, m in mta.xbar_layers(model)}
 
 
@@ -38,7 +38,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         model = make_model()
-        mta.calibrate(model, rank_batches(rank), batches=2)
+        mta.calibrate_inputs(model, rank_batches(rank), batches=2)
         res = {n: (float(m.input_range), bool(m.input_signed), str(m.input_range.device))
                for n, m in mta.xbar_layers(model)}
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
@@ -102,7 +102,7 @@ def test_reduction_runs_on_the_layer_device_meta(monkeypatch):
 
     calls = _fake_distributed(monkeypatch, check)
     x = torch.empty(8, 1, 12, 12, device="meta")
-    mta.calibrate(model, [(x, torch.zeros(8, dtype=torch.long, device="meta"))], batches=1)
+    mta.calibrate_inputs(model, [(x, torch.zeros(8, dtype=torch.long, device="meta"))], batches=1)
     assert len(calls) == 2
     for _, m in mta.xbar_layers(model):
         assert m.input_range.device.type == "meta"
@@ -111,7 +111,7 @@ def test_reduction_runs_on_the_layer_device_meta(monkeypatch):
 def test_reduced_values_are_used_cpu(monkeypatch):
     model = make_model()
     calls = _fake_distributed(monkeypatch, lambda t, op: None)
-    mta.calibrate(model, rank_batches(1), batches=2)
+    mta.calibrate_inputs(model, rank_batches(1), batches=2)
     assert [d.type for d, _ in calls] == ["cpu", "cpu"]
     for n, m in mta.xbar_layers(model):
         assert float(m.input_range) == 100.0, n
@@ -120,7 +120,7 @@ def test_reduced_values_are_used_cpu(monkeypatch):
 
 def test_calibrate_without_batches_keeps_zero_ranges():
     model = make_model()
-    mta.calibrate(model, [], batches=2)
+    mta.calibrate_inputs(model, [], batches=2)
     assert all(float(m.input_range) == 0.0 for _, m in mta.xbar_layers(model))
 
 

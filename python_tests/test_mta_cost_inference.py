@@ -96,7 +96,7 @@ def test_gated_columns_and_pes_are_counted_pe_by_pe(seed):
     mta.prepare(model, mta.MethodSpec("xma2", budget=0.25), 5)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, ad in mta.adapters(model):
+        for _, ad in mta.layer_adapters(model):
             ad.pe_sel.copy_((torch.rand(ad.pe_sel.shape, generator=g) < 0.3).to(ad.pe_sel.dtype))
             # shift-level parameters: 0 (scale 0), 1, 0.5, -2
             choice = torch.randint(0, 4, ad.col_param.shape, generator=g)
@@ -126,7 +126,7 @@ def test_zero_columns_save_conversions_and_energy():
     mta.prepare(model, mta.MethodSpec("xma"), 5)
     full = mta.report(model, example_input=x[:1]).total
     with torch.no_grad():
-        for _, ad in mta.adapters(model):
+        for _, ad in mta.layer_adapters(model):
             ad.col_param[:, ::2] = 0  # half of the columns off
     half = mta.report(model, example_input=x[:1]).total
     assert half.adc_conversions * 2 == full.adc_conversions

@@ -18,7 +18,7 @@ from safetensors.torch import save as st_save
 
 from xma2_ops import XbarLinear
 from xma2_ops import mta
-from xma2_ops.mta.adapters import content_hash
+from xma2_ops.mta.taskfile import content_hash
 
 from mta_net import CFG, make_model
 
@@ -30,7 +30,7 @@ def make_task(model: nn.Module, spec: mta.MethodSpec, seed: int) -> None:
         for i, (_, layer) in enumerate(mta.xbar_layers(model)):
             layer.input_range.fill_(1.0 + i + seed / 10)
             layer.input_signed.fill_(i % 2 == 0)
-        for _, ad in mta.adapters(model):
+        for _, ad in mta.layer_adapters(model):
             if hasattr(ad, "task_weight"):
                 ad.task_weight.add_(0.05 * torch.randn(ad.task_weight.shape, generator=g))
             if spec.method in mta.TIER1:
@@ -44,7 +44,7 @@ def make_task(model: nn.Module, spec: mta.MethodSpec, seed: int) -> None:
                 ad.col_param.copy_(torch.randn(ad.col_param.shape, generator=g))
         model.fc.weight.copy_(torch.randn(model.fc.weight.shape, generator=g))
         model.fc.bias.copy_(torch.randn(model.fc.bias.shape, generator=g))
-        for _, bn in mta.methods.bn_layers(model):
+        for _, bn in mta.bn_layers(model):
             bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=g))
             bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=g) + 0.5)
             bn.num_batches_tracked.fill_(seed + 3)
@@ -293,7 +293,7 @@ def snapshot_of(model: nn.Module) -> dict:
 def test_failure_while_applying_rolls_back(files, loaded, monkeypatch):
     """Second line of defence: an error after prepare (here injected in the second layer's copy)
     restores the adapters, head, ranges, BN and task info."""
-    adapters_mod = importlib.import_module("xma2_ops.mta.adapters")  # mta.adapters is the function
+    adapters_mod = importlib.import_module("xma2_ops.mta.taskfile")  # the task file format module
     real = adapters_mod._load_layer
     calls = []
 

@@ -4,6 +4,9 @@ loads with ``load_state_dict`` as it is, and ``xma2_ops.convert`` maps the model
 
 ``cifar=True`` gives the usual CIFAR variant (3x3 stem with stride 1, no max-pool); its keys are
 the same except the stem's weight shape.
+
+``SmallResNet``: the multi-task experiment's backbone (``python -m xma2_ops.mta``) for 28x28 grey
+images.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from typing import List, Optional, Type, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -104,3 +108,40 @@ def resnet18(num_classes: int = 1000, **kwargs) -> ResNet:
 def resnet50(num_classes: int = 1000, **kwargs) -> ResNet:
     """ResNet-50 (v1.5: stride on the 3x3 conv) with torchvision's state_dict keys."""
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, **kwargs)
+
+
+class SmallBasicBlock(nn.Module):
+    """SmallResNet's block: two 3x3 convs with BN, a 1x1 conv + BN shortcut when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = None
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return F.relu(y + (x if self.short is None else self.short(x)))
+
+
+class SmallResNet(nn.Module):
+    """ResNet for 28x28 grey images: stem (stride 2) -> 14x14 -> 7x7 -> 4x4 -> 2x2, one basic block
+    per stage, widths w, 2w, 4w, 8w (w = 24: 68 PEs of 128x128, 194 of 64x64, 692 of 32x32)."""
+
+    def __init__(self, width: int = 24, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.layer1 = SmallBasicBlock(width, width, 1)
+        self.layer2 = SmallBasicBlock(width, 2 * width, 2)
+        self.layer3 = SmallBasicBlock(2 * width, 4 * width, 2)
+        self.layer4 = SmallBasicBlock(4 * width, 8 * width, 2)
+        self.fc = nn.Linear(8 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        return self.fc(x.mean((2, 3)))

@@ -8,20 +8,35 @@
     mta.deploy(model, unlabelled_loader)               # on-chip calibration: ADC, BN, column gains
     print(mta.report(model).table())                   # PEs, cells, energy, mask memory
 
-See methods.py (methods, selection, schedule), masks.py (STE, shift levels, budgets),
-adapters.py (file format), deploy.py (on-chip calibration) and cost.py (cost model and its constants).
+Modules: methods.py (MethodSpec, one class per method), schedule.py, adapter.py (LayerAdapter),
+task.py (prepare, task_info), training.py (fit), calibration.py (calibrate_inputs, refresh_bn_stats),
+masks.py (STE, shift levels, budgets, PE layout), taskfile.py (the task file format), cost.py (cost
+model and its constants), deploy.py (on-chip calibration), layers.py (model helpers); experiment/
+is the example experiment as a library, with its CLI ``python -m xma2_ops.mta`` (docs/MTA.md).
 """
-from .adapters import backbone_hash, load_task, read_task, save_task
+from .adapter import LayerAdapter
+from .calibration import calibrate_inputs, refresh_bn_stats
 from .cost import (CostReport, EnergyModel, LayerCost, backbone_state, deployed_pulses, deployed_state, endurance,
                    report, task_state)
 from .deploy import Deployment, LayerDeployment, deploy
+from .layers import bn_layers, use_config, weight_only, xbar_layers
 from .masks import ShiftLevels, binarize, budget_count, topk_masks, topk_masks_by_cost
-from .methods import (METHODS, TIER1, LayerAdapter, MethodSpec, Schedule, TaskInfo, adapters, calibrate, fit,
-                      prepare, recalibrate_bn, select_pes, set_train, task_info, use_config, weight_only,
-                      xbar_layers)
+from .methods import METHOD_CLASSES, METHODS, TIER1, Method, MethodSpec
+from .schedule import Schedule
+from .task import TaskInfo, layer_adapters, prepare, set_train, task_info
+from .taskfile import backbone_hash, load_task, read_task, save_task
+from .training import fit, select_pes
 
-__all__ = ["METHODS", "TIER1", "CostReport", "EnergyModel", "LayerAdapter", "LayerCost", "MethodSpec", "Schedule",
-           "ShiftLevels", "TaskInfo", "adapters", "backbone_hash", "backbone_state", "binarize", "budget_count",
-           "calibrate", "deploy", "Deployment", "LayerDeployment", "deployed_pulses", "deployed_state", "endurance", "fit", "load_task", "prepare", "read_task",
-           "recalibrate_bn", "report", "save_task", "select_pes", "set_train", "task_info", "task_state", "topk_masks", "topk_masks_by_cost",
-           "use_config", "weight_only", "xbar_layers"]
+# former names, kept working: ``adapters`` (the function; the file format module is taskfile.py),
+# ``calibrate`` (input ranges: calibrate_inputs) and ``recalibrate_bn`` (refresh_bn_stats)
+adapters = layer_adapters
+calibrate = calibrate_inputs
+recalibrate_bn = refresh_bn_stats
+
+__all__ = ["METHODS", "METHOD_CLASSES", "TIER1", "CostReport", "EnergyModel", "LayerAdapter", "LayerCost", "Method",
+           "MethodSpec", "Schedule", "ShiftLevels", "TaskInfo", "adapters", "backbone_hash", "backbone_state",
+           "binarize", "bn_layers", "budget_count", "calibrate_inputs", "deploy", "Deployment",
+           "LayerDeployment", "deployed_pulses", "deployed_state", "endurance", "fit", "layer_adapters", "load_task",
+           "prepare", "read_task", "refresh_bn_stats", "report", "save_task", "select_pes",
+           "set_train", "task_info", "task_state", "topk_masks", "topk_masks_by_cost", "use_config", "weight_only",
+           "xbar_layers"]

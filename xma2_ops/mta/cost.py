@@ -68,11 +68,13 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .. import reference as ref
+from .. import quant
 from ..config import XbarConfig
 from ..quant import column_tiles, expand_tiles
 from .masks import pe_extent, pe_max, pe_sum, to_kn
-from .methods import TIER1, task_info, use_config, weight_only, xbar_layers
+from .layers import use_config, weight_only, xbar_layers
+from .task import task_info
+from .taskfile import load_task
 
 PathLike = Union[str, os.PathLike]
 State = Dict[str, Tuple[torch.Tensor, torch.Tensor]]  # layer -> (pe mask bool [Tr,Tc], cell levels [K,N,2,S])
@@ -218,9 +220,9 @@ def _cell_levels(w: torch.Tensor, cfg: XbarConfig) -> torch.Tensor:
     whole tensor and reference.quantize_weight, in the weight's compute dtype, as the op runs
     them), so the cost model counts exactly the codes the crossbars are programmed with."""
     w_kn = to_kn(w.detach()).to(_compute_dtype(w))
-    codes = ref.quantize_weight(w_kn, ref.derived_scale(w_kn, cfg.weight_qmax), cfg.weight_bits).to(torch.int64)
+    codes = quant.quantize_weight(w_kn, quant.derived_scale(w_kn, cfg.weight_qmax), cfg.weight_bits).to(torch.int64)
     pols = [codes.clamp(min=0), (-codes).clamp(min=0)]
-    return torch.stack([torch.stack([ref.bit_field(p, j, cfg.cell_bits) for j in range(cfg.weight_slices)], -1)
+    return torch.stack([torch.stack([quant.bit_field(p, j, cfg.cell_bits) for j in range(cfg.weight_slices)], -1)
                         for p in pols], -2)
 
 
@@ -310,7 +312,6 @@ def backbone_state(model: nn.Module) -> State:
 
 
 def _task(model: nn.Module, path: PathLike, with_pulses: bool) -> Tuple[State, Pulses]:
-    from .adapters import load_task
     other = copy.deepcopy(model)
     load_task(other, path)
     return _deployed(other, with_pulses)
@@ -332,6 +333,7 @@ def _written_pulses(pulses: Optional[torch.Tensor], written: torch.Tensor, cells
 def _switch_cost(model: nn.Module, prev: State, new: State, energy: EnergyModel, pulses: Pulses) -> List[LayerCost]:
     info = task_info(model)
     spec = info.spec
+    impl = spec.impl
     out = []
     for name, layer in xbar_layers(model):
         cfg = layer.config
@@ -354,21 +356,8 @@ def _switch_cost(model: nn.Module, prev: State, new: State, energy: EnergyModel,
         lc.finetune_bits = k * n * cfg.weight_bits
         frozen_cols = int((ext[..., 1] * (~m_new)).sum())  # column entries of frozen PEs
         reprog_weights = int(used[m_new].sum())
-        if spec.method == "finetune":
-            lc.mask_bits = lc.finetune_bits
-        elif spec.method == "piggyback":
-            lc.mask_bits = lc.piggyback_bits
-        elif spec.method == "xbm":
-            lc.mask_bits = frozen_cols
-        elif spec.method == "xma":
-            lc.mask_bits = frozen_cols * spec.levels.bits
-        elif spec.method == "pe":
-            lc.mask_bits = lc.pes
-        elif spec.method == "xma2":
-            lc.mask_bits = lc.pes + frozen_cols * spec.levels.bits
-        lc.adapter_bits = lc.mask_bits
-        if spec.method in TIER1:
-            lc.adapter_bits += reprog_weights * cfg.weight_bits
+        lc.mask_bits = impl.mask_bits(lc.pes, frozen_cols, lc.weights, cfg.weight_bits, spec)  # methods.py
+        lc.adapter_bits = impl.adapter_bits(lc.mask_bits, reprog_weights, cfg.weight_bits)
         out.append(lc)
     return out
 

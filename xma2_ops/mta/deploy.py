@@ -10,7 +10,7 @@ inputs only, on the chip the layers hold (``config.device``, ``xma2_ops.program(
 - ``"gain"``: per output column, y <- g_n y + o_n on the crossbar output (before the bias), the least
   squares fit of the chip's layer outputs to the ideal-cell outputs of the same layer on the same
   inputs, layer by layer in network order (each layer's inputs from the already-corrected chip);
-- ``"bn"``: ``recalibrate_bn`` through the chip (the quantised forward on the cells, eval mode);
+- ``"bn"``: ``refresh_bn_stats`` through the chip (the quantised forward on the cells, eval mode);
 - ``"drift"`` (optional): one scalar per layer, mean |ideal| / mean |chip| (corrected so far), folded
   into the same correction (global drift compensation).
 
@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 
 from ..calibration import calibrate_adc
-from .methods import bn_layers, recalibrate_bn, xbar_layers
+from .calibration import refresh_bn_stats
+from .layers import bn_layers, xbar_layers
 
 STEPS = ("adc", "bn", "gain", "drift")
 DEFAULT_STEPS = ("adc", "gain", "bn")  # bn last: its statistics must be those of the corrected outputs
@@ -208,7 +209,7 @@ def deploy(model: nn.Module, loader: Iterable, steps: Sequence[str] = DEFAULT_ST
                 for n, clip in clips.items():
                     info[n].old_clip, info[n].new_clip = old[n], clip
             elif step == "bn":
-                recalibrate_bn(model, [(x, None) for x in xs], batches=len(xs))
+                refresh_bn_stats(model, [(x, None) for x in xs], batches=len(xs))
                 result.bn_layers = [n for n, _ in bn_layers(model)]
             else:  # "gain" / "drift": layer by layer, each fitted on the already-corrected chip forward
                 for name, layer in _run_order(model, layers, xs[0]):

@@ -1,4 +1,4 @@
-"""Task adapters on disk: safetensors tensors + JSON metadata, no pickle.
+"""The task file format: a task's adapters on disk, safetensors tensors + JSON metadata, no pickle.
 
 An adapter holds only what the task adds to the backbone:
   <layer>.input_range / .input_signed   the task's input calibration of each crossbar layer
@@ -28,7 +28,6 @@ import json
 import os
 from typing import Dict, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
@@ -38,9 +37,10 @@ from safetensors.torch import save as st_save
 from ..config import PERIPHERY_FIELDS, XbarConfig
 from ..device import DeviceModel
 from ..modules import XbarLinear
-from .masks import pe_extent, to_kn
-from .methods import (SCORE_THRESHOLD, LayerAdapter, MethodSpec, TIER1, _set, adapters, bn_layers, prepare, task_info,
-                      xbar_layers)
+from .adapter import LayerAdapter
+from .layers import bn_layers, set_module, xbar_layers
+from .methods import Expected, MethodSpec, finite
+from .task import layer_adapters, prepare, task_info
 
 FORMAT = "xma2-mta-adapter"
 VERSION = 2  # 2: the checksum covers the metadata too (version 1 files are refused)
@@ -90,35 +90,18 @@ def content_hash(meta: dict, tensors: Dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _pe_blocks(w_kn: torch.Tensor, mask: torch.Tensor, rows: int, cols: int):
-    """(r, c, slice) of every selected PE in raster order."""
-    k, n = w_kn.shape
-    for r, c in mask.nonzero().tolist():
-        yield r, c, (slice(r * rows, min((r + 1) * rows, k)), slice(c * cols, min((c + 1) * cols, n)))
-
-
 def save_task(model: nn.Module, path: PathLike) -> None:
     """Write the current task of ``model`` to ``path`` (safetensors); with a deployed digital
     correction (``mta.deploy``), each corrected layer's ``out_gain``/``out_offset`` too."""
     info = task_info(model)
     spec = info.spec
     tensors: Dict[str, torch.Tensor] = {}
-    for (name, layer), (_, ad) in zip(xbar_layers(model), adapters(model)):
+    impl = spec.impl
+    for (name, layer), (_, ad) in zip(xbar_layers(model), layer_adapters(model)):
         tensors[f"{name}.input_range"] = layer.input_range.detach().reshape(1).float().cpu()
         tensors[f"{name}.input_signed"] = layer.input_signed.detach().reshape(1).to(torch.uint8).cpu()
-        if spec.method in ("finetune",) + TIER1:
-            mask = torch.ones_like(ad.pe_sel) if spec.method == "finetune" else ad.pe_sel
-            w_kn = to_kn(ad.task_weight.detach())
-            blocks = [w_kn[sl].reshape(-1) for _, _, sl in _pe_blocks(w_kn, mask, ad.rows, ad.cols)]
-            tensors[f"{name}.pe_mask"] = mask.to(torch.uint8).cpu()
-            tensors[f"{name}.task_weight"] = (torch.cat(blocks) if blocks else w_kn.new_zeros(0)).cpu().contiguous()
-        if spec.method == "piggyback":
-            keep = (ad.scores.detach() > SCORE_THRESHOLD).reshape(-1).cpu().numpy()
-            tensors[f"{name}.weight_mask"] = torch.from_numpy(np.packbits(keep.astype(np.uint8)))
-        if spec.method == "xbm":
-            tensors[f"{name}.col_code"] = ad.col_scale().detach().to(torch.uint8).cpu()
-        if spec.method in ("xma", "xma2"):
-            tensors[f"{name}.col_code"] = spec.levels.encode(ad.col_scale().detach()).cpu()
+        for key, v in impl.file_tensors(ad, spec).items():  # what the method adds (methods.py)
+            tensors[f"{name}.{key}"] = v
         if layer.out_gain is not None:  # mta.deploy's digital column correction (optional in the format)
             tensors[f"{name}.out_gain"] = layer.out_gain.detach().float().cpu().contiguous()
             tensors[f"{name}.out_offset"] = layer.out_offset.detach().float().cpu().contiguous()
@@ -256,65 +239,33 @@ def _check_compatible(model: nn.Module, meta: dict, where: str) -> None:
                          "load the backbone weights the adapter was trained on")
 
 
-class _Expected:
-    """What one tensor of the file must be: dtype, shape and a value check (None: any value)."""
-
-    def __init__(self, dtype: torch.dtype, shape, check=None, what: str = "") -> None:
-        self.dtype, self.shape, self.check, self.what = dtype, tuple(shape), check, what
-
-
-def _finite(t: torch.Tensor) -> bool:
-    return bool(torch.isfinite(t).all())
-
-
 def _expected_tensors(model: nn.Module, spec: MethodSpec, head: nn.Linear, num_classes: int,
-                      t: Dict[str, torch.Tensor]) -> Dict[str, _Expected]:
-    exp: Dict[str, _Expected] = {}
+                      t: Dict[str, torch.Tensor]) -> Dict[str, Expected]:
+    exp: Dict[str, Expected] = {}
     binary = (lambda v: bool(((v == 0) | (v == 1)).all()), "0 or 1")
     for name, layer in xbar_layers(model):
-        tr, tc = layer.tiles
-        k, n = layer.weight[0].numel(), layer.weight.shape[0]
-        exp[f"{name}.input_range"] = _Expected(torch.float32, (1,), lambda v: _finite(v) and bool((v >= 0).all()),
+        n = layer.weight.shape[0]
+        exp[f"{name}.input_range"] = Expected(torch.float32, (1,), lambda v: finite(v) and bool((v >= 0).all()),
                                                "a finite value >= 0")
-        exp[f"{name}.input_signed"] = _Expected(torch.uint8, (1,), *binary)
-        if spec.method in ("finetune",) + TIER1:
-            if spec.method == "finetune":
-                exp[f"{name}.pe_mask"] = _Expected(torch.uint8, (tr, tc), lambda v: bool((v == 1).all()),
-                                                   "all 1 (fine-tuning re-programs every PE)")
-            else:
-                exp[f"{name}.pe_mask"] = _Expected(torch.uint8, (tr, tc), *binary)
-            mask = t.get(f"{name}.pe_mask")
-            count = 0
-            if mask is not None and mask.dtype == torch.uint8 and tuple(mask.shape) == (tr, tc):
-                count = int((pe_extent(k, n, layer.config.row_layout(k), layer.config.cols).prod(-1) * (mask != 0)).sum())
-            exp[f"{name}.task_weight"] = _Expected(layer.weight.dtype, (count,), _finite, "finite values")
-        if spec.method == "piggyback":
-            numel = layer.weight.numel()
-            exp[f"{name}.weight_mask"] = _Expected(
-                torch.uint8, (-(-numel // 8),), lambda v, numel=numel: not np.unpackbits(v.numpy())[numel:].any(),
-                f"zero padding bits after the {numel} mask bits")
-        if spec.method == "xbm":
-            exp[f"{name}.col_code"] = _Expected(torch.uint8, (tr, n), *binary)
-        if spec.method in ("xma", "xma2"):
-            top = spec.levels.k_max - spec.levels.k_min + 1
-            exp[f"{name}.col_code"] = _Expected(torch.int8, (tr, n), lambda v, top=top: bool((v.abs() <= top).all()),
-                                                f"shift codes in [-{top}, {top}]")
+        exp[f"{name}.input_signed"] = Expected(torch.uint8, (1,), *binary)
+        for key, e in spec.impl.expected_tensors(layer, spec, lambda key, name=name: t.get(f"{name}.{key}")).items():
+            exp[f"{name}.{key}"] = e
         if f"{name}.out_gain" in t or f"{name}.out_offset" in t:  # optional, both or neither (mta.deploy)
             for key in ("out_gain", "out_offset"):
-                exp[f"{name}.{key}"] = _Expected(torch.float32, (n,), _finite, "finite values")
-    exp["head.weight"] = _Expected(head.weight.dtype, (num_classes, head.in_features), _finite, "finite values")
-    exp["head.bias"] = _Expected(head.weight.dtype, (num_classes,), _finite, "finite values")
+                exp[f"{name}.{key}"] = Expected(torch.float32, (n,), finite, "finite values")
+    exp["head.weight"] = Expected(head.weight.dtype, (num_classes, head.in_features), finite, "finite values")
+    exp["head.bias"] = Expected(head.weight.dtype, (num_classes,), finite, "finite values")
     if spec.task_bn:
         for bn_name, m in bn_layers(model):
             for key, v in m.state_dict().items():
                 if v.is_floating_point():
                     if key == "running_var":
-                        chk = (lambda x: _finite(x) and bool((x >= 0).all()), "finite values >= 0")
+                        chk = (lambda x: finite(x) and bool((x >= 0).all()), "finite values >= 0")
                     else:
-                        chk = (_finite, "finite values")
+                        chk = (finite, "finite values")
                 else:
                     chk = (lambda x: bool((x >= 0).all()), "values >= 0")
-                exp[f"bn.{bn_name}.{key}"] = _Expected(v.dtype, v.shape, *chk)
+                exp[f"bn.{bn_name}.{key}"] = Expected(v.dtype, tuple(v.shape), *chk)
     return exp
 
 
@@ -386,7 +337,7 @@ def _restore(model: nn.Module, st: dict) -> None:
             m.out_gain, m.out_offset = gain, offset
         for m, sd in st["bn"]:
             m.load_state_dict(sd)
-    _set(model, *st["head"])
+    set_module(model, *st["head"])
     for attr, key in (("mta_task", "task"), ("_mta_backbone", "backbone")):
         if st[key] is _ABSENT:
             if hasattr(model, attr):
@@ -410,7 +361,7 @@ def load_task(model: nn.Module, path: PathLike) -> MethodSpec:
     try:
         prepare(model, spec, meta["num_classes"], meta["head"])
         with torch.no_grad():
-            for (name, layer), (_, ad) in zip(xbar_layers(model), adapters(model)):
+            for (name, layer), (_, ad) in zip(xbar_layers(model), layer_adapters(model)):
                 _load_layer(name, layer, ad, spec, t)
             head = model.get_submodule(meta["head"])
             head.weight.copy_(t["head.weight"])
@@ -427,28 +378,9 @@ def load_task(model: nn.Module, path: PathLike) -> MethodSpec:
 
 def _load_layer(name: str, layer: nn.Module, ad: LayerAdapter, spec: MethodSpec, t: Dict[str, torch.Tensor]) -> None:
     """Copy one layer's validated tensors (see _expected_tensors) into the fresh adapter."""
-    dev = layer.weight.device
     layer.input_range.copy_(t[f"{name}.input_range"].reshape(()))
     layer.input_signed.copy_(t[f"{name}.input_signed"].reshape(()).bool())
     # the file's correction, or none (a file without one, e.g. saved before mta.deploy existed)
     layer.set_output_correction(t.get(f"{name}.out_gain"), t.get(f"{name}.out_offset"))
-    if spec.method in ("finetune",) + TIER1:
-        mask = t[f"{name}.pe_mask"].to(dev)
-        ad.pe_sel.copy_(mask)
-        flat = t[f"{name}.task_weight"].to(dev)
-        w_kn = to_kn(layer.weight.detach()).clone()
-        i = 0
-        for _, _, sl in _pe_blocks(w_kn, mask, ad.rows, ad.cols):
-            blk = w_kn[sl]
-            w_kn[sl] = flat[i:i + blk.numel()].reshape(blk.shape)
-            i += blk.numel()
-        ad.task_weight.copy_(w_kn.T.reshape(layer.weight.shape))
-        ad.phase = "dense" if spec.method == "finetune" else "final"
-    if spec.method == "piggyback":
-        n = layer.weight.numel()
-        bits = np.unpackbits(t[f"{name}.weight_mask"].numpy())[:n]
-        ad.scores.copy_(torch.from_numpy(bits.astype(np.float32)).reshape(layer.weight.shape))
-    if spec.method == "xbm":
-        ad.col_param.copy_(t[f"{name}.col_code"].float())
-    if spec.method in ("xma", "xma2"):
-        ad.col_param.copy_(spec.levels.decode(t[f"{name}.col_code"]))
+    prefix = f"{name}."
+    spec.impl.load_tensors(layer, ad, spec, {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)})

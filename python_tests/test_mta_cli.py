@@ -1,0 +1,107 @@
+"""The experiment's command line (python -m xma2_ops.mta, the xma2-mta script, the example scripts):
+the full default arguments are the old example's, the OpenMP wait policy, the entry points."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from xma2_ops.mta.experiment import cli, quick, threads
+from xma2_ops.mta.experiment.runs import method_list
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+# vars(parse_args([])) of examples/train_mta.py before the move (commit 8ec8ae6): the full default run
+OLD_DEFAULTS = {
+    'out': 'xma2_out', 'quick': False, 'data_root': None, 'tasks': None, 'arch': 'small', 'backbone_weights': None,
+    'width': 24, 'xbar': 128, 'rows': 128, 'cols': 128, 'adc_clip': 'percentile', 'adc_percentile': 99.99,
+    'adc_batches': 4, 'methods': ['finetune', 'classifier', 'piggyback', 'xbm', 'xma', 'pe', 'xma2'],
+    'budgets': [0.05, 0.1, 0.2], 'selection': 'sensitivity', 'also': [], 'shared_bn': [], 'weight_only_also': [],
+    'n_source': 4000, 'n_train': 1500, 'n_test': 1000, 'backbone_epochs': 6, 'stage1_epochs': 1, 'stage2_epochs': 6,
+    'hw_epochs': 1, 'lr_weight': 0.003, 'lr_head': 0.01, 'lr_mask': 0.0001, 'lr_scale': 0.01, 'optimizer': 'adam',
+    'batch': 64, 'eval_batch': 100, 'seed': 0, 'seeds': 1, 'threads': 0, 'no_progress': False, 'device': None,
+    'device_chips': 3, 'device_n_test': 300, 'deploy': False, 'noise_aware': False, 'cifar': False}
+OLD_RUNS = ['finetune', 'classifier', 'piggyback', 'xbm', 'xma', 'pe@5%/snip', 'pe@10%/snip', 'pe@20%/snip',
+            'xma2@5%/snip', 'xma2@10%/snip', 'xma2@20%/snip']
+# ... and of --quick (the old example's; quick now also restricts the built-in tasks to 2)
+OLD_QUICK = {**OLD_DEFAULTS, 'quick': True, 'width': 8, 'budgets': [0.1], 'also': ['xma2@10%/delta'],
+             'weight_only_also': ['xma2@10%'], 'n_source': 1024, 'n_train': 256, 'n_test': 100, 'backbone_epochs': 3,
+             'stage2_epochs': 1, 'device_n_test': 50}
+
+
+def test_full_default_arguments_are_the_old_examples():
+    args = cli.parse_args([])
+    assert vars(args) == OLD_DEFAULTS
+    assert [r.label for r in method_list(args)] == OLD_RUNS and all(r.hw for r in method_list(args))
+    q = cli.parse_args(["--quick"])
+    assert vars(q) == {**OLD_QUICK, "tasks": quick.TASKS}  # the only deliberate change of --quick
+    assert vars(cli.parse_args(["--quick", "--tasks", "animals"])) == {**OLD_QUICK, "tasks": ["animals"]}
+    assert cli.parse_args(["--quick", "--data-root", "d"]).tasks is None  # folder tasks: all of them
+
+
+def test_reexec_sets_a_passive_policy_when_unset():
+    env, calls = {}, []
+    cmd = threads.reexec_with_passive_wait_policy(["--quick", "--out", "x"], env, lambda exe, argv: calls.append(argv))
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert calls == [cmd] == [[sys.executable, "-m", "xma2_ops.mta", "--quick", "--out", "x"]]
+    # the new process finds the variable set: no second exec (no loop)
+    assert threads.reexec_with_passive_wait_policy(["--quick"], env, lambda *a: calls.append(a)) is None
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("user", [{"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "1000"}, {"OMP_WAIT_POLICY": ""}])
+def test_reexec_keeps_the_users_policy(user):
+    env, calls = dict(user), []
+    assert threads.reexec_with_passive_wait_policy(["--quick"], env, lambda *a: calls.append(a)) is None
+    assert env == user and calls == []
+    env = dict(user)
+    assert threads.set_passive_wait_policy(env) is False and env == user
+    env = {}
+    assert threads.set_passive_wait_policy(env) is True and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _seen_policy(cmd, env) -> str:
+    """Run ``cmd`` (which must print the child's OMP_WAIT_POLICY via sitecustomize) and return it."""
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r.stdout
+
+
+@pytest.mark.parametrize("user", [None, "ACTIVE"])
+def test_python_m_runs_with_a_passive_policy_unless_set(tmp_path, user):
+    """python -m xma2_ops.mta re-executes once with OMP_WAIT_POLICY=PASSIVE; a user's value is kept.
+    (device-sweep --help exits before any work; the policy is read back in the process that runs.)"""
+    probe = tmp_path / "sitecustomize.py"  # runs in every interpreter started with this PYTHONPATH
+    probe.write_text("import atexit, os\n"
+                     "atexit.register(lambda: print('POLICY=' + os.environ.get('OMP_WAIT_POLICY', '-')))\n")
+    env = {k: v for k, v in ENV.items() if k not in threads.USER_VARIABLES}
+    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
+    if user:
+        env["OMP_WAIT_POLICY"] = user
+    out = _seen_policy([sys.executable, "-m", "xma2_ops.mta", "device-sweep", "--help"], env)
+    assert "--sigmas" in out and out.count("POLICY=") == 1  # one process ran to the end (exec replaced the first)
+    assert f"POLICY={user or 'PASSIVE'}" in out
+    out = _seen_policy([sys.executable, str(ROOT / "examples" / "train_mta.py"), "--help"], env)
+    assert "--weight-only-also" in out and f"POLICY={user or 'PASSIVE'}" in out
+
+
+def test_console_script_and_main_module_entry_points():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert '[project.scripts]' in text and 'xma2-mta = "xma2_ops.mta.experiment.cli:console_main"' in text
+    assert callable(cli.console_main)
+    assert (ROOT / "xma2_ops" / "mta" / "__main__.py").exists()
+    for script in ("train_mta.py", "device_sweep.py"):
+        assert len((ROOT / "examples" / script).read_text().splitlines()) <= 100
+
+
+def test_cli_help_lists_the_example_flags(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--quick", "--data-root", "--arch", "--backbone-weights", "--device", "--deploy", "--noise-aware",
+                 "--weight-only-also", "--shared-bn", "--seeds", "--threads", "--no-progress"):
+        assert flag in out

@@ -1,0 +1,54 @@
+"""The runs of an experiment: which method specs, with or without the ADC-aware stage."""
+from __future__ import annotations
+
+from typing import List, NamedTuple
+
+from .. import METHODS, TIER1, MethodSpec
+
+class Run(NamedTuple):
+    """One adaption run: a method spec, trained with the ADC-aware final stage or weight-only."""
+
+    spec: MethodSpec
+    hw: bool = True
+
+    @property
+    def label(self) -> str:
+        return self.spec.label + ("" if self.hw else "/weight-only")
+
+def _parse_label(label: str, flag: str, **kw) -> MethodSpec:
+    """"xma2@10%" -> MethodSpec("xma2", budget=0.1, **kw); "xma2@10%cells": a budget in cells."""
+    m, _, b = label.partition("@")
+    if m not in METHODS:
+        raise SystemExit(f"{flag}: unknown method in {label!r}, expected one of {METHODS}")
+    unit = "cells" if b.endswith("%cells") else "pes"
+    try:
+        budget = float(b.removesuffix("cells").rstrip("%")) / 100 if b else 0.1
+    except ValueError:
+        raise SystemExit(f"{flag}: expected METHOD, METHOD@PCT% or METHOD@PCT%cells, got {label!r}") from None
+    return MethodSpec(m, budget=budget, budget_unit=unit, **kw)
+
+def method_list(args) -> List[Run]:
+    specs = []
+    for m in args.methods:
+        if m in TIER1:
+            specs += [MethodSpec(m, budget=b, selection=args.selection) for b in args.budgets]
+        else:
+            specs.append(MethodSpec(m))
+    for label in args.also:
+        head, _, how = label.partition("/")
+        if how not in ("learned", "snip", "delta"):
+            raise SystemExit(f"--also: expected METHOD@BUDGET/{{learned,snip,delta}}, got {label!r}")
+        extra = (_parse_label(head, "--also", selection="learned") if how == "learned"
+                 else _parse_label(head, "--also", selection="sensitivity", criterion=how))
+        if extra not in specs:
+            specs.append(extra)
+    # the same methods with the backbone's BN (task_bn=False)
+    specs += [_parse_label(label, "--shared-bn", selection=args.selection, task_bn=False) for label in args.shared_bn]
+    runs = [Run(s) for s in specs]  # with --hw-epochs 0 the ADC-aware stage has no epochs
+    if args.hw_epochs > 0:  # the ablation: the same methods without the ADC-aware stage
+        runs += [Run(_parse_label(label, "--weight-only-also", selection=args.selection), hw=False)
+                 for label in args.weight_only_also]
+    return runs
+
+def how(args) -> str:
+    return "learned" if args.selection == "learned" else "snip"
