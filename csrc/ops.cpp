@@ -1,5 +1,5 @@
 // Schemas of the xma2_ops operators: declared once here, implemented per device in
-// cpu/ops_cpu.cpp (the device-model ops in cpu/cells.cpp) and cuda/xbar_cuda.cpp, faked (for torch.compile/opcheck) in xma2_ops/_ops.py.
+// cpu/ops_cpu.cpp (the device-model ops in cpu/cells.cpp) and cuda/xbar_cuda.cpp, faked (for torch.compile/opcheck) in xma2_ops/backends/cpp.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(xma2_ops, m) {

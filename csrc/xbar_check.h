@@ -55,7 +55,7 @@ inline XbarParams make_params_checked(const at::Tensor& x, const at::Tensor& w, 
   TORCH_CHECK(periphery >= 0 && periphery < 64 && (periphery & ~periphery_supported) == 0,
               "xbar: periphery must be a combination of the SPEC 8 bits that this kernel computes (",
               periphery_supported, ": 1 = differential sensing, 4 = sign-magnitude inputs, 8 = half-even ADC "
-              "rounding; the others run xma2_ops/periphery.py), got ", periphery);
+              "rounding; the others run xma2_ops/backends/periphery.py), got ", periphery);
   const bool adc_signed = (periphery & kPeripheryDifferential) || ((periphery & kPeripherySignMagnitude) && input_signed);
   if (adc_signed) {
     TORCH_CHECK(adc_levels <= 2 * adc_clip && adc_levels % 2 == 0, "xbar: a signed ADC (periphery ", periphery,

@@ -1,4 +1,4 @@
-"""Random cases for the raw C++ CPU ops against the reference (xma2_ops.reference.tile_sums), on every
+"""Random cases for the raw C++ CPU ops against the reference (xma2_ops.backends.reference.tile_sums), on every
 instruction set this CPU runs, plus random bad inputs that must be refused with a RuntimeError.
 
 The number of random cases is XMA2_FUZZ_CASES (default 24); scripts/check_sanitizers.sh runs a few

@@ -1,5 +1,5 @@
 """The C++ device-model ops of the cpu backend (csrc/cpu/cells.cpp, docs/SPEC.md 7.2):
-xbar_cell_tile_sums bit for bit against reference.cell_tile_sums on every path (the AVX2 int16
+xbar_cell_tile_sums bit for bit against backends.reference.cell_tile_sums on every path (the AVX2 int16
 kernel, the generic ATen-GEMM one forced by XMA2_CPU_ISA=scalar, the ideal-ADC GEMM), xbar_cell_mvm
 against a float64 combination of reference tile sums in the same order, xbar_cell_coef_grad against
 einsum, opcheck, bad arguments, and a whole conv through backend="cpu" vs "reference"."""

@@ -1,7 +1,7 @@
 """The "triton" backend against the reference, bit for bit (docs/SPEC.md sections 2-4).
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, set
-before Triton is first imported: here, or by xma2_ops.triton_kernels with a CPU-only torch);
+before Triton is first imported: here, or by xma2_ops.backends.triton with a CPU-only torch);
 with a GPU they run compiled on CUDA.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 // The device-model ops on the CPU (docs/SPEC.md 7.2, docs/CPU_KERNEL.md "Device model"): partial sums
 // of input chunks with fixed-point conductances g [2, S, K, N] int32, each through the fixed-point
-// ADC, shifted and added into T_int [Tr, M, N] int64 -- bit-exact, as xma2_ops.reference.cell_tile_sums.
+// ADC, shifted and added into T_int [Tr, M, N] int64 -- bit-exact, as xma2_ops.backends.reference.cell_tile_sums.
 //
 // Three paths, all exact:
 //  - ideal ADC (adc_levels == 0): T_int is linear in the partial sums, so per tile one GEMM of the

@@ -7,7 +7,7 @@
 namespace xma2 {
 namespace cpu {
 
-// T_int [Tr, M, N] int64 of the fixed-point conductances g [2, S, K, N] int32 (reference.cell_tile_sums).
+// T_int [Tr, M, N] int64 of the fixed-point conductances g [2, S, K, N] int32 (backends.reference.cell_tile_sums).
 at::Tensor xbar_cell_tile_sums_cpu(const at::Tensor& x_codes, const at::Tensor& g, int64_t rows, int64_t cols,
                                    int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits,
                                    int64_t cell_bits, int64_t adc_levels, int64_t adc_clip, int64_t frac_bits);

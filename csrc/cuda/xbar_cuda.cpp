@@ -19,7 +19,7 @@ void check_cuda(const at::Tensor& t, const at::Tensor& like, const char* name) {
 XbarParams cuda_params(const at::Tensor& x, const at::Tensor& w, int64_t rows, int64_t cols, int64_t input_bits,
                        bool input_signed, int64_t dac_bits, int64_t weight_bits, int64_t cell_bits,
                        int64_t adc_levels, int64_t adc_clip, int64_t periphery) {
-  // The CUDA kernel computes Sections 2-3 only (periphery 0; SPEC 8 runs xma2_ops/periphery.py).
+  // The CUDA kernel computes Sections 2-3 only (periphery 0; SPEC 8 runs xma2_ops/backends/periphery.py).
   const XbarParams p = make_params_checked(x, w, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
                                            cell_bits, adc_levels, adc_clip, periphery, 0);
   TORCH_CHECK(x.is_cuda(), "xbar: x_codes must be a CUDA tensor, got one on ", x.device());

@@ -216,7 +216,7 @@ def mvm_packed(x_codes: torch.Tensor, wb_codes: torch.Tensor, wb_packed: Optiona
 
 def cell_tile_sums(x_codes: torch.Tensor, gq: torch.Tensor, p: GemmParams, frac_bits: int) -> torch.Tensor:
     """T_int [Tr, M, N] int64 over the cells' fixed-point conductances ``gq`` [2, S, K, N] int32
-    (SPEC 7.2; the contract of reference.cell_tile_sums: with the ideal ADC T_int is in units of 2^-F)."""
+    (SPEC 7.2; the contract of backends.reference.cell_tile_sums: with the ideal ADC T_int is in units of 2^-F)."""
     checks.check_cells(x_codes, gq, p, frac_bits)
     checks.check_x_values(x_codes, p)
     digits = checks.cell_digits(p, x_codes.shape[1], frac_bits, ("gq", gq))
