@@ -20,7 +20,9 @@ LAYERS = [
     ("xma2_ops.calibration",),
     ("xma2_ops.models",),
     ("xma2_ops",),  # the public API (__init__.py)
-    ("xma2_ops.mta",),  # above all: it may use the public API
+    ("xma2_ops.mta",),  # multi-task adaption: it may use the public API
+    ("xma2_ops.mta.experiment",),  # the experiment over the mta library
+    ("xma2_ops.mta.__main__",),  # its command line
 ]
 
 
