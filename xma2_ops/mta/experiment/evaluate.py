@@ -56,7 +56,7 @@ def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str,
     accs = []
     ideal = evaluate(model, data, args.eval_batch, False, "")[0]  # the same images on ideal cells (paired drop)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the device path is many small int64 ops: several threads were ~10x slower here
+    torch.set_num_threads(1)  # the device path is many small int64 ops: more threads only add overhead (docs/DEVICE.md)
     try:
         with use_config(model, with_device(dev)):
             for chip in range(args.device_chips):

@@ -2,8 +2,8 @@
 
 libgomp (PyTorch's OpenMP runtime on Linux) lets an idle worker thread spin for a while after every
 parallel region before it sleeps.  On a machine whose cores other processes keep busy, those spins
-steal the time the other threads of the same region need: the experiment's many small ops ran 2-3x
-slower than the cores they lost (``--quick`` 54 s quiet, 140 s next to one busy process).  With
+steal the time the other threads of the same region need: the experiment's many small ops lose far
+more than the cores they lost (measurements in BENCHMARKS.md).  With
 ``OMP_WAIT_POLICY=PASSIVE`` idle threads sleep at once.
 
 libgomp reads the variable once, when it is loaded (with torch), so it must be in the environment
