@@ -117,9 +117,10 @@ class Crossbar:
         ``ideal_cells``: the same call on ideal cells, programmed into a throw-away cache (the chip's
         state and counters untouched)."""
         self.observe_input(x, config, input_range, input_signed, training)
-        state = forward.CallState(self.caches, self.chip, reuse, cells)
         if ideal_cells:
             state = forward.CallState((ProgrammingCache(), ProgrammingCache()), ChipPosition(), reuse, False)
+        else:
+            state = forward.CallState(self.caches, self.chip, reuse, cells)
         input_scale = None
         if config.quantized:
             state.signed = self.input_sign(input_signed, training) if config.input_signed is None else (
