@@ -235,3 +235,17 @@ def test_calibration_memory_does_not_grow_with_the_full_scale():
     growth_mib, pmax = out.stdout.split()
     assert int(pmax) == 1024 * 255 * 255
     assert float(growth_mib) < 100.0, f"peak RSS grew by {growth_mib} MiB"
+
+
+@pytest.mark.parametrize("span", [7, 1000, (1 << 22) + 5])
+def test_value_counts_equal_unique(span):
+    """calibration._count (bincount over a small range, unique over a wide one) gives torch.unique's
+    distinct values and counts exactly."""
+    from xma2_ops.calibration import _count
+    g = torch.Generator().manual_seed(span)
+    v = torch.randint(-span // 3, span - span // 3, (5000,), generator=g, dtype=torch.int64)
+    v[0], v[1] = -span // 3, span - span // 3 - 1  # both ends present
+    values, counts = _count(v.reshape(50, 100))
+    ref_values, ref_counts = torch.unique(v, sorted=True, return_counts=True)
+    assert torch.equal(values, ref_values) and torch.equal(counts, ref_counts)
+    assert _count(torch.zeros(0, dtype=torch.int64))[0].numel() == 0

@@ -73,29 +73,45 @@ def test_quick_sweep(tmp_path):
 
 
 def test_train_mta_device_option(tmp_path):
-    """The experiment's --device (here through python -m xma2_ops.mta): every row carries the device accuracy next to the ideal-cell
-    accuracy of the same images; chen2017 (10.8 % stuck cells) costs accuracy; the ideal preset
-    costs none, on every chip; the layers' own config comes back without the device."""
+    """The experiment's --device (here through python -m xma2_ops.mta) with --deploy naive chip-aware:
+    every row carries each mode's accuracy next to the ideal-cell accuracy of the same images, and
+    device.csv one row per run, mode and chip, then the chip table; chen2017 (10.8 % stuck cells)
+    costs accuracy when naive; the ideal preset costs none, on every chip; the layers' own config
+    comes back without the device."""
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "xma2_ops.mta", "--quick", "--tasks", "sk_digits",
                         "--methods", "classifier", "xma2", "--weight-only-also", "--also", "--device", "chen2017",
-                        "--device-chips", "2", "--out", str(out), "--no-progress", "--threads", "1"],
-                       env=ENV, capture_output=True, text=True, timeout=600)
+                        "--device-chips", "2", "--deploy", "naive", "chip-aware", "--out", str(out), "--no-progress",
+                        "--threads", "1"], env=ENV, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [row for row in csv.DictReader(open(out / "results.csv")) if row["seed"] != "mean"]
     assert [row["method"] for row in rows] == ["classifier", "xma2@10%/snip"]
     for row in rows:
         assert int(row["device_n_test"]) == 50
-        assert float(row["device_acc"]) < float(row["ideal_acc_subset"]) - 10.0, row
+        assert float(row["device_acc_naive"]) < float(row["ideal_acc_subset"]) - 10.0, row
+        assert row["device_acc_chip-aware"] != ""
+    chips = list(csv.DictReader(open(out / "device.csv")))
+    per_chip = [c for c in chips if c["chip"] != "mean"]
+    assert sorted((c["method"], c["mode"], c["chip"]) for c in per_chip) == sorted(
+        (m, mode, str(c)) for m in ("classifier", "xma2@10%/snip") for mode in ("naive", "chip-aware") for c in (0, 1))
+    for row in rows:  # the row's mean is the mean of its chips
+        for mode in ("naive", "chip-aware"):
+            accs = [float(c["acc"]) for c in per_chip if c["method"] == row["method"] and c["mode"] == mode]
+            assert abs(sum(accs) / 2 - float(row[f"device_acc_{mode}"])) < 0.01
+    table = [c for c in chips if c["chip"] == "mean" and c["task"] == "AVERAGE"]
+    assert len(table) == 4 and all(float(c["drop_ci95_lo"]) <= float(c["drop"]) <= float(c["drop_ci95_hi"])
+                                   for c in table)
+    assert "on chen2017 chips" in r.stdout and "chen2017: chip-aware" in r.stdout
     res = json.loads((out / "results.json").read_text())
     assert res["meta"]["switch_bit_identical"] is True and res["meta"]["device"]["saf_high"] == 0.0904
+    assert len(res["device_rows"]) == 8
 
     from xma2_ops import mta
     from xma2_ops.mta.experiment import backbone, cli, data, evaluate
     args = cli.parse_args(["--quick", "--out", str(out), "--device", "ideal", "--device-chips", "3"])
     src = data.split(*data.load_mnist(), args.n_source, 100, args.seed)
     model = backbone.backbone(args, src, out, False)
-    ideal, mean, std = evaluate.evaluate_device(model, src[1], args, False, "")
-    assert ideal == mean and std == 0.0
-    assert ideal == evaluate.evaluate(model, (src[1][0][:50], src[1][1][:50]), 100, False, "")[0]
+    res = evaluate.evaluate_device(model, src[1], args, False, "")
+    assert res.accs["naive"] == [res.ideal] * 3 and res.n_test == 50
+    assert res.ideal == evaluate.evaluate(model, (src[1][0][:50], src[1][1][:50]), 100, False, "")[0]
     assert all(m.config.device is None for _, m in mta.xbar_layers(model))

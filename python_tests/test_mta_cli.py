@@ -25,6 +25,8 @@ OLD_DEFAULTS = {
     'hw_epochs': 1, 'lr_weight': 0.003, 'lr_head': 0.01, 'lr_mask': 0.0001, 'lr_scale': 0.01, 'optimizer': 'adam',
     'batch': 64, 'eval_batch': 100, 'seed': 0, 'seeds': 1, 'threads': 0, 'no_progress': False, 'device': None,
     'device_chips': 3, 'device_n_test': 300, 'deploy': False, 'noise_aware': False, 'cifar': False}
+# ... changed on purpose since (the deployment issue): >= 5 chips, every test image, the --deploy modes
+DEVICE_DEFAULTS = {'device_chips': 5, 'device_n_test': 0, 'deploy': ['naive'], 'chip_aware_epochs': 1}
 OLD_RUNS = ['finetune', 'classifier', 'piggyback', 'xbm', 'xma', 'pe@5%/snip', 'pe@10%/snip', 'pe@20%/snip',
             'xma2@5%/snip', 'xma2@10%/snip', 'xma2@20%/snip']
 # ... and of --quick (the old example's; quick now also restricts the built-in tasks to 2)
@@ -35,12 +37,31 @@ OLD_QUICK = {**OLD_DEFAULTS, 'quick': True, 'width': 8, 'budgets': [0.1], 'also'
 
 def test_full_default_arguments_are_the_old_examples():
     args = cli.parse_args([])
-    assert vars(args) == OLD_DEFAULTS
+    assert vars(args) == {**OLD_DEFAULTS, **DEVICE_DEFAULTS}
     assert [r.label for r in method_list(args)] == OLD_RUNS and all(r.hw for r in method_list(args))
     q = cli.parse_args(["--quick"])
-    assert vars(q) == {**OLD_QUICK, "tasks": quick.TASKS}  # the only deliberate change of --quick
-    assert vars(cli.parse_args(["--quick", "--tasks", "animals"])) == {**OLD_QUICK, "tasks": ["animals"]}
+    quick_now = {**OLD_QUICK, **DEVICE_DEFAULTS, "device_n_test": 50}
+    assert vars(q) == {**quick_now, "tasks": quick.TASKS}  # the only other deliberate change of --quick
+    assert vars(cli.parse_args(["--quick", "--tasks", "animals"])) == {**quick_now, "tasks": ["animals"]}
     assert cli.parse_args(["--quick", "--data-root", "d"]).tasks is None  # folder tasks: all of them
+
+
+@pytest.mark.parametrize("argv, modes", [
+    ([], ["naive"]), (["--deploy"], ["calibrated"]), (["--deploy", "naive", "calibrated", "chip-aware"],
+                                                     ["naive", "calibrated", "chip-aware"]),
+    (["--deploy", "chip-aware", "chip-aware", "naive"], ["chip-aware", "naive"])])
+def test_deploy_modes(argv, modes):
+    assert cli.parse_args(["--device", "typical"] + argv).deploy == modes
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--deploy", "naive"], "--deploy needs --device"), (["--device", "typical", "--deploy", "calibrate"], "invalid choice"),
+    (["--device", "typical", "--device-n-test", "-1"], "--device-n-test"),
+    (["--device", "typical", "--chip-aware-epochs", "-1"], "--chip-aware-epochs")])
+def test_deploy_refusals(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(argv)
+    assert message in str(e.value) + capsys.readouterr().err
 
 
 def test_reexec_sets_a_passive_policy_when_unset():

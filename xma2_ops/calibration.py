@@ -42,6 +42,7 @@ from .modules import XbarConv2d, XbarLinear
 from .quant import adc_codes, expand_tiles, quantize_input
 
 _MAX_ROWS = 2048  # input rows per layer and batch whose partial sums are collected (sampled evenly)
+_BINCOUNT_SPAN = 1 << 22  # value ranges up to this are counted by bincount, wider ones by unique
 _EXHAUSTIVE_CLIPS = 2048  # "mse": every clip up to this many, else a geometric grid of this many
 
 
@@ -71,6 +72,19 @@ def _cell_slices(layer: nn.Module) -> List[List[torch.Tensor]]:
         gq = torch.where(sel, task.cells.read(layer.chip.reads), gq)
     g = gq.to(torch.int64)
     return [[g[q, j] for j in range(g.shape[1])] for q in range(2)]
+
+
+def _count(v: torch.Tensor) -> Counts:
+    """The distinct values of the int64 tensor v (ascending) and their counts: ``torch.unique``'s
+    result, by one bincount over [min, max] when that range is small (no sort: several times faster)."""
+    if not v.numel():
+        return _no_counts()
+    lo, hi = (int(t) for t in torch.aminmax(v))
+    if hi - lo >= _BINCOUNT_SPAN:
+        return torch.unique(v, sorted=True, return_counts=True)
+    counts = torch.bincount((v - lo).flatten(), minlength=hi - lo + 1)
+    values = torch.nonzero(counts).flatten()
+    return values + lo, counts[values]
 
 
 def _histogram(layer: nn.Module, x: torch.Tensor, cells: bool = False) -> Counts:
@@ -109,7 +123,7 @@ def _histogram(layer: nn.Module, x: torch.Tensor, cells: bool = False) -> Counts
     for _, _, _, v in periphery.conversions(x_all, w, p):  # exact integers (periphery.gemm_operands)
         v = v.double()
         v = (v if unit is None else v * unit).round().long()  # (x 2^-F is exact too)
-        counts = _merge(counts, torch.unique(v, sorted=True, return_counts=True))
+        counts = _merge(counts, _count(v))
     return counts
 
 

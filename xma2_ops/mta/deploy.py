@@ -67,11 +67,7 @@ class Deployment:
         return next(lc for lc in self.layers if lc.name == name)
 
 
-class _Stop(Exception):
-    """Ends a forward once the layer being fitted has seen its input (later layers are not needed)."""
-
-
-def _check_args(model, steps, batches) -> Tuple[Tuple[str, ...], List[Tuple[str, nn.Module]]]:
+def _check_args(model, steps, batches, adc_batches) -> Tuple[Tuple[str, ...], List[Tuple[str, nn.Module]]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if isinstance(steps, str) or not isinstance(steps, (tuple, list)):
@@ -81,8 +77,9 @@ def _check_args(model, steps, batches) -> Tuple[Tuple[str, ...], List[Tuple[str,
             raise ValueError(f"steps: unknown step {s!r}; expected names from {STEPS}")
     if len(set(steps)) != len(steps) or not steps:
         raise ValueError(f"steps: expected distinct step names from {STEPS}, at least one, got {tuple(steps)!r}")
-    if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int) or batches < 1):
-        raise ValueError(f"batches: expected an int >= 1 or None, got {batches!r}")
+    for name, v in (("batches", batches), ("adc_batches", adc_batches)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name}: expected an int >= 1 or None, got {v!r}")
     layers = xbar_layers(model)
     if not layers:
         raise ValueError("model: has no crossbar layers (XbarConv2d/XbarLinear): nothing to deploy")
@@ -114,45 +111,42 @@ def _inputs(loader: Iterable, batches: Optional[int]) -> List[torch.Tensor]:
     return xs
 
 
-def _run_order(model: nn.Module, layers: List[Tuple[str, nn.Module]], x: torch.Tensor) -> List[Tuple[str, nn.Module]]:
-    """The crossbar layers in the order the forward calls them (network order)."""
-    order: List[str] = []
+def _flat(y: torch.Tensor) -> torch.Tensor:
+    """A layer output as [rows, N] float64 (conv: every output position of every input is a row)."""
+    return (y.movedim(1, -1).reshape(-1, y.shape[1]) if y.dim() == 4 else y.reshape(-1, y.shape[-1])).double()
+
+
+def _fit_in_one_pass(model: nn.Module, layers: List[Tuple[str, nn.Module]], x: torch.Tensor, step: str,
+                     info: Dict[str, LayerDeployment]) -> None:
+    """The "gain" / "drift" step: one chip forward of all the calibration inputs ``x``; as the forward
+    reaches a crossbar layer (network order), its chip and ideal-cell crossbar outputs on the input it
+    gets -- from the layers before it, already corrected -- give its correction, which its own forward
+    then applies."""
     names = {id(m): n for n, m in layers}
-    handles = [m.register_forward_pre_hook(lambda mod, args: order.append(names[id(mod)])
-                                           if names[id(mod)] not in order else None) for _, m in layers]
+
+    def fit(layer: nn.Module, args) -> None:
+        name = names[id(layer)]
+        y = _flat(layer.crossbar_output(args[0], cells=True))
+        ref = _flat(layer.crossbar_output(args[0], cells=False))
+        g, o = _current(layer, y.shape[1], y.device)
+        if step == "gain":
+            info[name].error_before = _rel_error(y * g + o, ref)
+            g, o = _fit_gain(y, ref)
+            info[name].error_after = _rel_error(y * g + o, ref)
+            info[name].gain_min, info[name].gain_max = float(g.min()), float(g.max())
+            info[name].offset_absmax = float(o.abs().max())
+        else:
+            scale = float(ref.abs().mean() / (y * g + o).abs().mean().clamp_min(1e-30))
+            info[name].drift = scale
+            g, o = g * scale, o * scale
+        layer.set_output_correction(g.float(), o.float())
+
+    handles = [m.register_forward_pre_hook(fit) for _, m in layers]
     try:
         model(x)
     finally:
         for h in handles:
             h.remove()
-    by_name = dict(layers)
-    return [(n, by_name[n]) for n in order] + [(n, m) for n, m in layers if n not in order]
-
-
-def _outputs(model: nn.Module, layer: nn.Module, xs: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(chip, ideal-cell) crossbar outputs of ``layer`` (before correction and bias) as [rows, N]
-    float64, on the inputs the chip forward (with the corrections so far) gives it."""
-    chip, ideal = [], []
-
-    def hook(mod, args):
-        x = args[0]
-        for out, cells in ((chip, True), (ideal, False)):
-            y = mod.crossbar_output(x, cells=cells).double()
-            out.append(y.movedim(1, -1).reshape(-1, y.shape[1]) if y.dim() == 4 else y.reshape(-1, y.shape[-1]))
-        raise _Stop
-
-    handle = layer.register_forward_pre_hook(hook)
-    try:
-        for x in xs:
-            try:
-                model(x)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    if not chip:
-        raise ValueError("loader: the forward did not reach a crossbar layer; check the inputs")
-    return torch.cat(chip), torch.cat(ideal)
 
 
 def _current(layer: nn.Module, n: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -179,20 +173,22 @@ def _fit_gain(y: torch.Tensor, ref: torch.Tensor) -> Tuple[torch.Tensor, torch.T
 @torch.no_grad()
 def deploy(model: nn.Module, loader: Iterable, steps: Sequence[str] = DEFAULT_STEPS,
            batches: Optional[int] = None, *, adc_method: str = "percentile",
-           percentile: float = 99.99) -> Deployment:
+           percentile: float = 99.99, adc_batches: Optional[int] = 1) -> Deployment:
     """Calibrate the current task of ``model`` on its programmed chip from unlabelled inputs of
     ``loader`` (items ``x`` or ``(x, ...)``): ``batches`` batches, default (None) as many as give
     DEFAULT_INPUTS = 256 inputs.  ``steps`` run in the order given (module docstring: "adc", "bn",
     "gain", "drift"); the default ("adc", "gain", "bn") re-estimates BN last, on the corrected
     outputs (BN estimated before the gain would normalise outputs the gain then changes: measured
     worse on a ``typical`` chip); every crossbar layer needs a ``config.device`` (an ideal device is accepted:
-    every step then changes nothing material).  ``adc_method``/``percentile`` go to ``calibrate_adc``.
+    every step then changes nothing material).  ``adc_method``/``percentile`` go to ``calibrate_adc``,
+    which reads the first ``adc_batches`` of the batches (default 1: a batch of 64 inputs already gives
+    each layer up to 2048 input rows x N columns x every conversion of partial sums; None: all).
     The model is left in its training mode; returns what changed (``Deployment``).
 
     The "gain" correction (and "drift", folded into it) costs N multiplies and N adds per output
     position of a layer (``mta.report``); folding it into XMA2's tier-2 column scales would make
     it free and is left for later."""
-    steps, layers = _check_args(model, steps, batches)
+    steps, layers = _check_args(model, steps, batches, adc_batches)
     xs = _inputs(loader, batches)
     result = Deployment(steps, sum(int(x.shape[0]) for x in xs), len(xs), [LayerDeployment(n) for n, _ in layers], [])
     info: Dict[str, LayerDeployment] = {lc.name: lc for lc in result.layers}
@@ -204,28 +200,15 @@ def deploy(model: nn.Module, loader: Iterable, steps: Sequence[str] = DEFAULT_ST
         for step in steps:
             if step == "adc":
                 old = {n: m.config.adc_clip for n, m in layers}
-                clips = calibrate_adc(model, xs, batches=len(xs), method=adc_method, percentile=percentile,
-                                      cells=True)
+                clips = calibrate_adc(model, xs, batches=min(len(xs), adc_batches or len(xs)), method=adc_method,
+                                      percentile=percentile, cells=True)
                 for n, clip in clips.items():
                     info[n].old_clip, info[n].new_clip = old[n], clip
             elif step == "bn":
                 refresh_bn_stats(model, [(x, None) for x in xs], batches=len(xs))
                 result.bn_layers = [n for n, _ in bn_layers(model)]
-            else:  # "gain" / "drift": layer by layer, each fitted on the already-corrected chip forward
-                for name, layer in _run_order(model, layers, xs[0]):
-                    y, ref = _outputs(model, layer, xs)
-                    g, o = _current(layer, y.shape[1], y.device)
-                    if step == "gain":
-                        info[name].error_before = _rel_error(y * g + o, ref)
-                        g, o = _fit_gain(y, ref)
-                        info[name].error_after = _rel_error(y * g + o, ref)
-                        info[name].gain_min, info[name].gain_max = float(g.min()), float(g.max())
-                        info[name].offset_absmax = float(o.abs().max())
-                    else:
-                        scale = float(ref.abs().mean() / (y * g + o).abs().mean().clamp_min(1e-30))
-                        info[name].drift = scale
-                        g, o = g * scale, o * scale
-                    layer.set_output_correction(g.float(), o.float())
+            else:  # "gain" / "drift": every layer fitted on the already-corrected chip forward
+                _fit_in_one_pass(model, layers, torch.cat(xs), step, info)
     finally:
         model.train(was_training)
     return result

@@ -86,18 +86,26 @@ def _epochs(model, net, loader, groups, epochs: int, sched: Schedule, progress: 
             opt.step()
 
 
-def _sensitivity(model, loader, batches: int, loss_fn) -> List[torch.Tensor]:
-    """Per-PE sum of |dL/dW * W| (at the dense task weights) over ``batches`` batches."""
+def grad_products(model, loader, batches: int, loss_fn, *factors: List[torch.Tensor]) -> List[List[torch.Tensor]]:
+    """For each of ``factors`` (one tensor per crossbar layer, in its weight's shape), per layer the
+    per-PE sum of |dL/dW * factor| over ``batches`` batches, dL/dW taken at the dense task weights
+    (the caller sets the phase and ``requires_grad``); the snip score is ``factor = W``."""
     ads = layer_adapters(model)
-    acc = [torch.zeros_like(ad.pe_sel) for _, ad in ads]
+    acc = [[torch.zeros_like(ad.pe_sel) for _, ad in ads] for _ in factors]
     set_train(model, False)  # statistics of the backbone/task, no BN update while probing
     for i, (x, y) in enumerate(loader):
         if i >= batches:
             break
         grads = torch.autograd.grad(loss_fn(model(x), y), [ad.task_weight for _, ad in ads])
-        for a, (_, ad), g in zip(acc, ads, grads):
-            a += pe_sum(to_kn((g * ad.task_weight).abs().detach()), ad.rows, ad.cols)
+        for sums, fac in zip(acc, factors):
+            for a, (_, ad), g, f in zip(sums, ads, grads, fac):
+                a += pe_sum(to_kn((g * f).abs().detach()), ad.rows, ad.cols)
     return acc
+
+
+def _sensitivity(model, loader, batches: int, loss_fn) -> List[torch.Tensor]:
+    """Per-PE sum of |dL/dW * W| (at the dense task weights) over ``batches`` batches."""
+    return grad_products(model, loader, batches, loss_fn, [ad.task_weight.detach() for _, ad in layer_adapters(model)])[0]
 
 
 def _normalise(scores: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -118,6 +126,24 @@ def select_pes(model: nn.Module, scores: List[torch.Tensor]) -> None:
         for (_, ad), m in zip(layer_adapters(model), masks):
             ad.pe_sel.copy_(m)
             ad.phase = "final"
+
+
+def probe_dense(model: nn.Module) -> None:
+    """Every PE on its task weight ("dense" phase) and only the task weights trainable: the state the
+    sensitivity scores are taken in."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, ad in layer_adapters(model):
+        ad.phase = "dense"
+        ad.task_weight.requires_grad_(True)
+
+
+@torch.no_grad()
+def backbone_outside_selection(model: nn.Module) -> None:
+    """Every PE outside the tier-1 selection holds the backbone's weights again (a selected PE keeps its
+    task weights)."""
+    for (_, ad), (_, m) in zip(layer_adapters(model), xbar_layers(model)):
+        ad.task_weight.copy_(torch.where(ad._pe_to_weight(ad.pe_sel, m.weight) > 0, ad.task_weight, m.weight))
 
 
 def _sync_distributed(model: nn.Module) -> None:
@@ -159,22 +185,14 @@ def fit(model: nn.Module, loader: Iterable, schedule: Schedule = Schedule(), *,
                     scores = _normalise([pe_sum(to_kn((ad.task_weight - m.weight).abs().detach()), ad.rows, ad.cols)
                                          for (_, ad), (_, m) in zip(ads, xbar_layers(model))])
             else:
-                for _, ad in ads:
-                    ad.phase = "dense"
-                for p in model.parameters():
-                    p.requires_grad_(False)
-                for _, ad in ads:
-                    ad.task_weight.requires_grad_(True)
+                probe_dense(model)
                 # unwrapped: autograd.grad bypasses DDP's reducer; ranks are combined below
                 scores = _normalise(_sensitivity(model, loader, schedule.sensitivity_batches, loss_fn))
             if dist.is_available() and dist.is_initialized():
                 for s in scores:  # every rank must select the same PEs
                     dist.all_reduce(s)
             select_pes(model, scores)
-            with torch.no_grad():  # selected PEs continue from their stage-1 weights, the others hold W_b
-                for (_, ad), (_, m) in zip(ads, xbar_layers(model)):
-                    ad.task_weight.copy_(torch.where(ad._pe_to_weight(ad.pe_sel, m.weight) > 0,
-                                                     ad.task_weight, m.weight))
+            backbone_outside_selection(model)  # selected PEs continue from their stage-1 weights
         groups = _param_groups(model, "final", schedule)
         _only_trainable(model, groups)
         _epochs(model, wrap(model), loader, groups, schedule.stage2_epochs, schedule, progress, desc, loss_fn)

@@ -8,6 +8,7 @@ from typing import List, Optional
 from ... import DeviceModel
 from .. import METHODS, Schedule
 from .backbone import ARCHS
+from .evaluate import DEPLOY_MODES
 from .quick import TASKS as QUICK_TASKS
 
 DESCRIPTION = """Multi-task adaption on simulated ReRAM crossbars: one backbone, one adapter per task.
@@ -37,7 +38,8 @@ hardware that is evaluated; --weight-only-also repeats some methods without that
     python -m xma2_ops.mta --quick                # smoke run (CI): 2 tasks, tiny subsets, 1 epoch
     python -m xma2_ops.mta --data-root DIR        # one ImageFolder-style folder per task
     python -m xma2_ops.mta --arch resnet18 --backbone-weights resnet18.pth --data-root DIR
-    python -m xma2_ops.mta --device typical       # also evaluate every adapter on non-ideal cells
+    python -m xma2_ops.mta --device typical       # also evaluate every adapter on non-ideal cells (5 chips)
+    python -m xma2_ops.mta --device typical --deploy naive calibrated chip-aware
     python -m xma2_ops.mta device-sweep --quick   # the backbone on imperfect cells (device_sweep.py)
     torchrun --nproc_per_node=2 -m xma2_ops.mta --quick   # DistributedDataParallel (gloo)
 
@@ -102,12 +104,17 @@ def build_parser(prog: str = "python -m xma2_ops.mta") -> argparse.ArgumentParse
     p.add_argument("--device", choices=DeviceModel.presets(),
                    help="also evaluate every method with the layers' config carrying DeviceModel.preset(DEVICE) "
                         "(non-ideal ReRAM cells, docs/DEVICE.md); training stays on ideal cells unless --noise-aware")
-    p.add_argument("--device-chips", type=int, default=3, help="chips (device seeds) per device evaluation")
-    p.add_argument("--device-n-test", type=int, default=300,
-                   help="test images per task for the device evaluation (the device path is slower; --quick: 50)")
-    p.add_argument("--deploy", action="store_true",
-                   help="with --device: calibrate each chip with mta.deploy (ADC clips from the cells, column gains, "
-                        "BN) on unlabelled training images of the task before its evaluation")
+    p.add_argument("--device-chips", type=int, default=5, help="chips (device seeds seed, seed+1, ...) per device evaluation")
+    p.add_argument("--device-n-test", type=int, default=0,
+                   help="test images per task for the device evaluation (0, the default: all; --quick: 50)")
+    p.add_argument("--deploy", nargs="*", choices=DEPLOY_MODES, default=None, metavar="MODE",
+                   help="with --device: how each chip is used, one or more of naive (programmed and read as is; the "
+                        "default), calibrated (mta.deploy: ADC clips from the cells, column gains, BN, on 256 "
+                        "unlabelled training images of the task), chip-aware (mta.adapt_on_chip: the task trained "
+                        "with the chip's known stuck cells, tier-1 PEs re-scored by them, then calibrated); "
+                        "--deploy alone: calibrated")
+    p.add_argument("--chip-aware-epochs", type=int, default=1,
+                   help="epochs of the chip-aware adaption per chip (--deploy chip-aware)")
     p.add_argument("--noise-aware", action="store_true",
                    help="with --device: adapt every task with noise-aware training (cells re-programmed with the "
                         "device model on every training forward)")
@@ -119,10 +126,11 @@ def parse_args(argv=None, prog: str = "python -m xma2_ops.mta") -> argparse.Name
     args = build_parser(prog).parse_args(argv)
     if args.noise_aware and not args.device:
         raise SystemExit("--noise-aware needs --device PRESET")
-    if args.deploy and not args.device:
+    if args.deploy is not None and not args.device:
         raise SystemExit("--deploy needs --device PRESET")
-    if args.device_chips < 1 or args.device_n_test < 1:
-        raise SystemExit("--device-chips and --device-n-test must be >= 1")
+    args.deploy = ["naive"] if args.deploy is None else list(dict.fromkeys(args.deploy or ["calibrated"]))
+    if args.device_chips < 1 or args.device_n_test < 0 or args.chip_aware_epochs < 0:
+        raise SystemExit("--device-chips must be >= 1, --device-n-test and --chip-aware-epochs >= 0")
     if args.seeds < 1:
         raise SystemExit(f"--seeds: expected >= 1, got {args.seeds}")
     if args.hw_epochs < 0:
@@ -132,7 +140,7 @@ def parse_args(argv=None, prog: str = "python -m xma2_ops.mta") -> argparse.Name
     if args.quick:
         args.width, args.n_source, args.n_train, args.n_test = 8, 1024, 256, 100
         args.backbone_epochs, args.stage1_epochs, args.stage2_epochs = 3, 1, 1
-        args.device_n_test = min(args.device_n_test, 50)
+        args.device_n_test = min(args.device_n_test or 50, 50)
         if args.tasks is None and not args.data_root:
             args.tasks = list(QUICK_TASKS)  # 2 of the 4 built-in tasks (quick.py)
     if args.budgets is None:

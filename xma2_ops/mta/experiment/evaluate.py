@@ -1,18 +1,19 @@
-"""Accuracy of the current task: the quantised crossbar forward, and on simulated chips (--device,
---deploy); noise-aware training (--noise-aware)."""
+"""Accuracy of the current task: the quantised crossbar forward, and on simulated chips (--device) in
+the --deploy modes naive / calibrated / chip-aware; noise-aware training (--noise-aware)."""
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from ... import DeviceModel, program
-from .. import bn_layers, deploy, use_config, xbar_layers
-from .runtime import is_dist
+from .. import Schedule, adapt_on_chip, deploy, layer_adapters, use_config, xbar_layers
+from ..deploy import DEFAULT_INPUTS as DEPLOY_INPUTS
+from .runtime import is_dist, make_loader
 from .stats import mean_std
 
 @torch.no_grad()
@@ -43,40 +44,80 @@ def with_device(device: Optional[DeviceModel]):
     """A config transform for mta.use_config: the layers' config with ``device`` (None: ideal cells)."""
     return lambda c: dataclasses.replace(c, device=device)
 
-def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str,
-                    calib: Optional[torch.Tensor] = None) -> Tuple[float, float, float]:
-    """(ideal-cell accuracy, mean and std over chips of the accuracy) with the layers' config carrying
-    DeviceModel.preset(args.device), on the first --device-n-test test images, on --device-chips chips
-    (device seeds seed+0, seed+1, ...: the same chips for every method and task).  The layers' own
-    config is restored afterwards (the adapters and the ideal-cell accuracy do not depend on it).
-    --deploy: each chip is first calibrated with mta.deploy on the unlabelled images ``calib``; the
-    BN state and the correction are put back after each chip."""
+DEPLOY_MODES = ("naive", "calibrated", "chip-aware")
+
+@dataclasses.dataclass
+class DeviceResult:
+    """One adapter on --device-chips chips: the ideal-cell accuracy of the same test images and,
+    per --deploy mode, the accuracy on each chip (chip c = device seed --seed + c)."""
+
+    ideal: float
+    n_test: int
+    accs: Dict[str, List[float]]
+
+    def mean_std(self, mode: str) -> Tuple[float, float]:
+        return mean_std(self.accs[mode])
+
+class _TaskSnapshot:
+    """The model's current task as it is before a chip's deployment (parameters, buffers, layer
+    configs, adapter phases), put back after it: every chip and mode starts from the trained adapter."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.state = copy.deepcopy(model.state_dict())
+        self.configs = [m.config for _, m in xbar_layers(model)]
+        self.phases = [ad.phase for _, ad in layer_adapters(model)]
+
+    def restore(self) -> None:
+        self.model.load_state_dict(self.state)
+        for (_, m), cfg in zip(xbar_layers(self.model), self.configs):
+            m.config = cfg
+            m.set_output_correction(None, None)
+        for (_, ad), phase in zip(layer_adapters(self.model), self.phases):
+            ad.phase = phase
+
+def chip_schedule(args) -> Schedule:
+    """The chip-aware adaption's schedule: --chip-aware-epochs at the ADC-aware stage's rates."""
+    return Schedule(stage1_epochs=0, stage2_epochs=0, hw_epochs=args.chip_aware_epochs, optimizer=args.optimizer,
+                    lr_weight=args.lr_weight, lr_head=args.lr_head, lr_mask=args.lr_mask, lr_scale=args.lr_scale)
+
+def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str, train=None) -> DeviceResult:
+    """The current task on --device-chips chips of DeviceModel.preset(--device) (device seeds --seed + 0,
+    1, ...: the same chips for every method and task), on the first --device-n-test test images (0: all),
+    in each --deploy mode: ``naive`` (programmed and read as is), ``calibrated`` (mta.deploy on the first
+    DEPLOY_INPUTS unlabelled training images of ``train``), ``chip-aware`` (mta.adapt_on_chip on the
+    labelled ``train``, then mta.deploy).  The task is put back after every chip and mode, and the layers'
+    own config restored at the end (the adapters and the ideal-cell accuracy do not depend on it)."""
     dev = DeviceModel.preset(args.device)
-    data = (data[0][:args.device_n_test], data[1][:args.device_n_test])
-    accs = []
+    n = args.device_n_test or len(data[1])
+    data = (data[0][:n], data[1][:n])
+    modes = list(args.deploy)
+    if any(m != "naive" for m in modes) and train is None:
+        raise ValueError(f"train: --deploy {' '.join(modes)} needs the task's training images")
     ideal = evaluate(model, data, args.eval_batch, False, "")[0]  # the same images on ideal cells (paired drop)
+    accs: Dict[str, List[float]] = {m: [] for m in modes}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the device path is many small int64 ops: more threads only add overhead (docs/DEVICE.md)
     try:
         with use_config(model, with_device(dev)):
+            snap = _TaskSnapshot(model)
             for chip in range(args.device_chips):
-                program(model, seed=args.seed + chip)  # numbers the layers on the chip, draws its cells
-                if not args.deploy:
-                    accs.append(evaluate(model, data, args.eval_batch, progress, f"{desc} {args.device} chip {chip}")[0])
-                    continue
-                bns = {n: copy.deepcopy(m.state_dict()) for n, m in bn_layers(model)}
-                try:
-                    deploy(model, [calib[i:i + args.batch] for i in range(0, len(calib), args.batch)])
-                    accs.append(evaluate(model, data, args.eval_batch, progress,
-                                         f"{desc} {args.device} chip {chip} deployed")[0])
-                finally:
-                    for n, m in bn_layers(model):
-                        m.load_state_dict(bns[n])
-                    for _, m in xbar_layers(model):
-                        m.set_output_correction(None, None)
+                for mode in modes:
+                    program(model, seed=args.seed + chip)  # numbers the layers on the chip, draws its cells
+                    try:
+                        if mode == "chip-aware":
+                            adapt_on_chip(model, make_loader(train, args.batch, args.seed + chip),
+                                          chip_schedule(args), progress=progress)
+                        if mode != "naive":
+                            calib = train[0][:DEPLOY_INPUTS]
+                            deploy(model, [calib[i:i + args.batch] for i in range(0, len(calib), args.batch)])
+                        accs[mode].append(evaluate(model, data, args.eval_batch, progress,
+                                                   f"{desc} {args.device} chip {chip} {mode}")[0])
+                    finally:
+                        snap.restore()
     finally:
         torch.set_num_threads(threads)
-    return (ideal,) + mean_std(accs)
+    return DeviceResult(ideal, len(data[1]), accs)
 
 class noise_aware_training:
     """--noise-aware: during mta.fit the layers' config carries the device model (a training chip,

@@ -15,17 +15,17 @@ import torch.distributed as dist
 
 from ... import DeviceModel
 from .. import EnergyModel, Schedule, endurance, fit, layer_adapters, load_task, prepare, report, save_task, xbar_layers
-from ..deploy import DEFAULT_INPUTS as DEPLOY_INPUTS
 from .backbone import backbone, backbone_adc_clips, build_model, xbar_config
 from .data import builtin_tasks, folder_tasks, source_task
 from .estimate import print_full_run_estimate
 from .evaluate import evaluate, evaluate_device, noise_aware_training
 from .quick import adc_data, cap_large_model
-from .report import plot_accuracy, plot_energy, plot_masks, print_paired, print_table, write_results
+from .report import (plot_accuracy, plot_energy, plot_masks, print_device_table, print_paired, print_table,
+                     write_results)
 from .runs import how, method_list
 from .runtime import ddp_wrap, is_dist, make_loader, setup_distributed, state_hash
-from .stats import paired_differences, summarize
-from .targets import check_targets
+from .stats import device_summary, paired_differences, summarize
+from .targets import check_device_targets, check_targets
 from .threads import spinning_hint
 
 
@@ -80,6 +80,7 @@ def run_experiment(args, full_args=None) -> List[dict]:
     if full_args is not None and rank == 0:
         print_full_run_estimate(model, tasks, args, full_args, log, n_tasks)
     rows: List[dict] = []
+    chip_rows: List[dict] = []  # --device: one row per (run, --deploy mode, chip)
     masks: Dict[str, Dict[str, Dict[str, np.ndarray]]] = {}
     checks: Dict[tuple, tuple] = {}
     hashes: Dict[str, str] = {}
@@ -103,8 +104,7 @@ def run_experiment(args, full_args=None) -> List[dict]:
                                                                               if run.hw else 0),
                 wrap=ddp_wrap, progress=progress, calib_loader=make_loader(train, args.batch, sd, shuffle=False))
         acc, first = evaluate(model, test, args.eval_batch, progress, f"{task} {run.label}")
-        dev_acc = evaluate_device(model, test, args, progress, f"{task} {run.label}",
-                                  train[0][:DEPLOY_INPUTS]) if args.device else None
+        dev = evaluate_device(model, test, args, progress, f"{task} {run.label}", train) if args.device else None
         rep = report(model, example_input=test[0][:1])
         tag = run.label.replace("/", "_").replace("%", "pct")
         fname = out / "adapters" / (f"{task}__{tag}.safetensors" if args.seeds == 1 else
@@ -123,14 +123,20 @@ def run_experiment(args, full_args=None) -> List[dict]:
                      "energy_uJ": t.energy_j * 1e6, "mask_bits": t.mask_bits, "adapter_bits": t.adapter_bits,
                      "infer_nJ": t.inference_energy_j * 1e9, "latency_us": t.latency_s * 1e6,
                      "adc_per_img": t.adc_conversions, "train_s": round(time.time() - t_run, 1)})
-        if dev_acc is not None:
-            rows[-1].update(device_n_test=len(test[1][:args.device_n_test]), ideal_acc_subset=round(dev_acc[0], 2),
-                            device_acc=round(dev_acc[1], 2), device_acc_std=round(dev_acc[2], 2))
+        if dev is not None:
+            rows[-1].update(device_n_test=dev.n_test, ideal_acc_subset=round(dev.ideal, 2))
+            for mode in dev.accs:
+                mean, std = dev.mean_std(mode)
+                rows[-1].update({f"device_acc_{mode}": round(mean, 2), f"device_std_{mode}": round(std, 2)})
+                chip_rows += [{"seed": sd, "task": task, "method": run.label, "mode": mode, "chip": c,
+                               "device_seed": args.seed + c, "n_test": dev.n_test, "ideal_acc": round(dev.ideal, 2),
+                               "acc": round(a, 2)} for c, a in enumerate(dev.accs[mode])]
         line = (f"seed {sd} {task:>10} {run.label:<28} acc {acc:6.2f}%  PEs {t.reprogrammed_pes:>3}/{t.pes}"
                 f"  cells {t.cells_written:>8}  write {t.energy_j * 1e6:8.3f} uJ  infer "
                 f"{t.inference_energy_j * 1e9:8.1f} nJ/img  mask {t.mask_bits} bits  ({time.time() - t_run:.0f} s)"
-                + (f"  {args.device}: {dev_acc[1]:6.2f}% +- {dev_acc[2]:.2f} (ideal {dev_acc[0]:.2f}% on the same "
-                   f"{args.device_n_test} images)" if dev_acc is not None else ""))
+                + (f"  {args.device} (ideal {dev.ideal:.2f}% on the same {dev.n_test} images): "
+                   + ", ".join(f"{mode} {dev.mean_std(mode)[0]:6.2f}% +- {dev.mean_std(mode)[1]:.2f}" for mode in dev.accs)
+                   if dev is not None else ""))
         if bar is not None:
             bar.write(line)
             bar.update(1)
@@ -145,10 +151,14 @@ def run_experiment(args, full_args=None) -> List[dict]:
     ref_label = f"xma2@10%/{how(args)}"
     paired = paired_differences(rows, ref_label)
     targets = check_targets(summary, paired, ref_label)
+    chip_summary = device_summary(chip_rows)
+    targets += check_device_targets(chip_summary, args.device, ref_label)
     wall = time.time() - t0
     if rank == 0:
-        print_table(summary, len(seeds), args.device)
+        print_table(summary, len(seeds))
         print_paired(paired, ref_label, len(seeds))
+        if chip_rows:
+            print_device_table(chip_summary, args.device, args.device_chips)
         for t in targets:
             print(f"target {'n/a   ' if t['met'] is None else 'MET   ' if t['met'] else 'MISSED'} {t['target']}: "
                   f"{t['value']}")
@@ -158,7 +168,7 @@ def run_experiment(args, full_args=None) -> List[dict]:
                 "device": dataclasses.asdict(DeviceModel.preset(args.device)) if args.device else None,
                 "switch_bit_identical": switch_ok, "world_size": world,
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT")}
-        write_results(out, rows, summary, paired, targets, meta)
+        write_results(out, rows, summary, paired, targets, meta, chip_rows, chip_summary)
         plot_accuracy(summary, out / "accuracy_vs_pes.png")
         plot_energy(summary, out / "accuracy_vs_energy.png", len(seeds))
         for i, (label, m) in enumerate(sorted(masks.items(), key=lambda kv: "learned" not in kv[0])):

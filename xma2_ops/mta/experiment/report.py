@@ -7,14 +7,12 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-def print_table(summary: List[dict], n_seeds: int, device: Optional[str] = None) -> None:
+def print_table(summary: List[dict], n_seeds: int) -> None:
     tasks = list(dict.fromkeys(r["task"] for r in summary if r["task"] != "AVERAGE"))
     by = {(r["task"], r["method"]): r for r in summary}
     pm = " +- std" if n_seeds > 1 else ""
     hdr = (f"{'method':<28} " + " ".join(f"{t[:10]:>15}" for t in tasks + ["AVERAGE"])
            + f" {'PEs %':>6} {'write uJ':>9} {'infer nJ':>9} {'lat us':>7} {'ADC/img':>9}")
-    if device:
-        hdr += f" {device + ' %':>12} {'drop':>6}"
     print(f"\naccuracy % (mean{pm} over {n_seeds} seed(s)), quantised crossbar forward; costs averaged over tasks")
     print(hdr + "\n" + "-" * len(hdr))
     for method in dict.fromkeys(r["method"] for r in summary):
@@ -24,9 +22,22 @@ def print_table(summary: List[dict], n_seeds: int, device: Optional[str] = None)
         line = (f"{method:<28} " + " ".join(f"{c:>15}" for c in cells)
                 + f" {a['pe_pct']:>6.2f} {a['energy_uJ']:>9.3f} {a['infer_nJ']:>9.1f} {a['latency_us']:>7.1f}"
                   f" {int(a['adc_per_img']):>9d}")
-        if device:
-            line += f" {a['device_acc']:>12.2f} {a['ideal_acc_subset'] - a['device_acc']:>6.2f}"
         print(line)
+
+def print_device_table(chip_summary: List[dict], device: str, chips: int) -> None:
+    """The chip table: per method and --deploy mode, the task-average accuracy on the chips and its drop
+    from the ideal cells (same images) with the paired 95 % interval; per task below."""
+    avg = [r for r in chip_summary if r["task"] == "AVERAGE"]
+    print(f"\non {device} chips ({chips} per run; accuracy mean +- std over chips and seeds, drop = ideal - chip on "
+          f"the same images, paired per chip, 95 % t interval)")
+    hdr = f"{'method':<28} {'mode':<11} {'ideal':>6} {'chip':>15} {'drop':>6} {'95 % interval':>17}"
+    print(hdr + "\n" + "-" * len(hdr))
+    for task in ["AVERAGE"] + list(dict.fromkeys(r["task"] for r in chip_summary if r["task"] != "AVERAGE")):
+        if task != "AVERAGE":
+            print(f"{task}:")
+        for r in (avg if task == "AVERAGE" else [r for r in chip_summary if r["task"] == task]):
+            print(f"{r['method']:<28} {r['mode']:<11} {r['ideal_acc']:>6.2f} {r['acc']:>7.2f} +-{r['acc_std']:>5.2f} "
+                  f"{r['drop']:>6.2f} [{r['drop_ci95_lo']:>6.2f}, {r['drop_ci95_hi']:>6.2f}]")
 
 def print_paired(paired: List[dict], ref: str, n_seeds: int) -> None:
     avg = [d for d in paired if d["task"] == "AVERAGE"]
@@ -119,8 +130,10 @@ def plot_masks(masks: Dict[str, Dict[str, np.ndarray]], path: Path, title: str) 
 
 
 def write_results(out: Path, rows: List[dict], summary: List[dict], paired: List[dict], targets: List[dict],
-                  meta: dict) -> None:
-    """results.csv (every run, then the summary rows) and results.json (meta, rows, averages, paired, targets)."""
+                  meta: dict, chip_rows: List[dict] = (), chip_summary: List[dict] = ()) -> None:
+    """results.csv (every run, then the summary rows), results.json (meta, rows, averages, paired,
+    targets, and with --device the chip rows and the chip table) and with --device device.csv (one row
+    per run, --deploy mode and chip, then the chip table's rows)."""
     import csv
     import json
     with open(out / "results.csv", "w", newline="") as f:
@@ -128,5 +141,12 @@ def write_results(out: Path, rows: List[dict], summary: List[dict], paired: List
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows + summary)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "average": summary,
-                                                  "paired": paired, "targets": targets}, indent=1))
+    res = {"meta": meta, "rows": rows, "average": summary, "paired": paired, "targets": targets}
+    if chip_rows:
+        res.update(device_rows=list(chip_rows), device_summary=list(chip_summary))
+        with open(out / "device.csv", "w", newline="") as f:
+            both = list(chip_rows) + [dict(r, seed="mean", chip="mean") for r in chip_summary]
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in both for k in r)))
+            w.writeheader()
+            w.writerows(both)
+    (out / "results.json").write_text(json.dumps(res, indent=1))

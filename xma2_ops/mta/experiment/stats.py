@@ -1,4 +1,5 @@
-"""Statistics over seeds: per-task and task-average summaries, paired differences with t intervals."""
+"""Statistics over seeds (and chips): per-task and task-average summaries, paired differences with t
+intervals, the device table."""
 from __future__ import annotations
 
 from typing import Dict, List, Tuple
@@ -57,8 +58,44 @@ def paired_differences(rows: List[dict], ref: str) -> List[dict]:
             def val(table, s):
                 return sum(table[s][t] for t in tasks) / len(tasks) if task == "AVERAGE" else table[s][task]
             d = [val(acc[ref], s) - val(by_seed, s) for s in seeds]
-            m, sd = mean_std(d)
-            half = _t975(len(d) - 1) * sd / len(d) ** 0.5 if len(d) > 1 else float("nan")
+            m, sd, lo, hi = t_interval(d)
             out.append({"method": method, "task": task, "n": len(d), "diff": round(m, 2), "std": round(sd, 2),
-                        "ci95_lo": round(m - half, 2), "ci95_hi": round(m + half, 2)})
+                        "ci95_lo": round(lo, 2), "ci95_hi": round(hi, 2)})
+    return out
+
+def t_interval(d: List[float]) -> Tuple[float, float, float, float]:
+    """(mean, std, lower, upper) of the 95 % t interval of the mean of ``d`` (nan bounds for one value)."""
+    m, sd = mean_std(d)
+    half = _t975(len(d) - 1) * sd / len(d) ** 0.5 if len(d) > 1 else float("nan")
+    return m, sd, m - half, m + half
+
+def device_summary(chip_rows: List[dict]) -> List[dict]:
+    """Per (method, --deploy mode) and task, and on the task AVERAGE: the accuracy over the chips
+    (and seeds) -- mean, std -- and the drop from the ideal-cell accuracy of the same images, paired
+    per chip, with its 95 % t interval.  AVERAGE: per (seed, chip) the mean over the tasks."""
+    out = []
+    groups: Dict[Tuple[str, str], List[dict]] = {}
+    for r in chip_rows:
+        groups.setdefault((r["method"], r["mode"]), []).append(r)
+    for (method, mode), rs in groups.items():
+        tasks = list(dict.fromkeys(r["task"] for r in rs))
+        per_task = {t: [r for r in rs if r["task"] == t] for t in tasks}
+        pairs = sorted({(r["seed"], r["chip"]) for r in rs})
+        complete = [p for p in pairs if all(any((r["seed"], r["chip"]) == p for r in per_task[t]) for t in tasks)]
+        for task in tasks + ["AVERAGE"]:
+            if task == "AVERAGE":
+                by = {(r["seed"], r["chip"], r["task"]): r for r in rs}
+                accs = [sum(by[p + (t,)]["acc"] for t in tasks) / len(tasks) for p in complete]
+                ideals = [sum(by[p + (t,)]["ideal_acc"] for t in tasks) / len(tasks) for p in complete]
+            else:
+                accs = [r["acc"] for r in per_task[task]]
+                ideals = [r["ideal_acc"] for r in per_task[task]]
+            if not accs:
+                continue
+            acc, acc_std = mean_std(accs)
+            drop, _, lo, hi = t_interval([i - a for i, a in zip(ideals, accs)])
+            out.append({"method": method, "task": task, "mode": mode, "n": len(accs),
+                        "ideal_acc": round(sum(ideals) / len(ideals), 2), "acc": round(acc, 2),
+                        "acc_std": round(acc_std, 2), "drop": round(drop, 2), "drop_ci95_lo": round(lo, 2),
+                        "drop_ci95_hi": round(hi, 2)})
     return out

@@ -1,0 +1,169 @@
+"""Chip-aware (fault-aware) adaption of the current task to one programmed chip (docs/DEVICE.md,
+"Chip-aware adaption").
+
+A chip's stuck cells are known after its test (a march test, or the cells that fail write-verify,
+SPEC 7.4); its programming variation, drift and read noise are not (they are drawn anew by every
+write and read).  ``adapt_on_chip`` uses exactly that knowledge, on the chip the layers hold
+(``xma2_ops.program(model, seed)``):
+
+1. tier 1 (methods that select PEs, ``reselect=True``): every PE is scored by its share of the
+   task's loss sensitivity |dL/dW * W| (the ``snip`` score) plus ``fault_weight`` times the
+   first-order loss change its stuck cells cause, |dL/dW * dW_fault| (dW_fault: the weight the
+   stuck cells hold minus the weight they should hold), both normalised to mean 1 per layer; the
+   budget is then re-spent on the top PEs.  A PE whose frozen backbone cells are stuck where the
+   task is sensitive is worth re-programming with weights trained around its faults; a newly
+   selected PE starts from the backbone's weights, a dropped one returns to them;
+2. the method's final trainable set (task weights, tier-2 scales, head, BN) is trained for
+   ``Schedule.hw_epochs`` epochs through the layers' own quantised config with the chip's cells in
+   the forward (``layer.noise_aware``): the chip's fault map is fixed (it depends on the device
+   seed and the layer only, device.py), the programming variation and read noise are drawn anew on
+   every forward from write/read counters far from those the chip's evaluation uses, so the
+   training never sees the evaluation's own draws;
+3. the chip is programmed again (``xma2_ops.program``): the backbone's cells are the same write as
+   before, the task's re-programmed PEs get the adapted weights.
+
+The result is **chip-specific**: the adapter is for this chip (its fault map) and is not a
+noise-aware adapter for any chip (``--noise-aware`` trains on a chip that is never evaluated).  Run
+``mta.deploy`` after it to calibrate the ADC ranges, column gains and BN on the chip.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..device import cell_levels
+from ..modules import program
+from .layers import xbar_layers
+from .calibration import calibrate_inputs
+from .masks import from_kn
+from .schedule import Schedule
+from .task import layer_adapters, set_train, task_info
+from .training import (_epochs, _only_trainable, _param_groups, backbone_outside_selection, grad_products, probe_dense,
+                       select_pes)
+
+# The write and read counters the chip-aware training uses start here: far above any number the
+# chip's own programming and evaluation reach, so no training draw repeats an evaluation draw.
+TRAINING_COUNTER_OFFSET = 1 << 40
+
+# The default chip-aware schedule: one epoch through the chip (the ADC-aware stage's learning rates).
+CHIP_SCHEDULE = Schedule(stage1_epochs=0, stage2_epochs=0, hw_epochs=1)
+
+
+@dataclasses.dataclass
+class ChipAdaption:
+    """What ``adapt_on_chip`` did: the chip (device seed), the stuck cells of the backbone's
+    cells it knew, the tier-1 PEs it swapped (dropped = added), the epochs trained."""
+
+    seed: int
+    stuck_cells: int
+    pes_swapped: int
+    epochs: int
+
+
+def fault_weight_error(layer: nn.Module) -> torch.Tensor:
+    """The weight the stuck cells of the layer's backbone cells add to its programmed weight, in the
+    weight's shape, dtype and units: per weight, the sum over polarity and slice of 2^(j cb) (G - G_ideal)
+    of its stuck cells (level steps), times the weight scale.  Zero without cells."""
+    state = layer.programmed
+    w = layer.weight
+    if state is None or state.cells is None:
+        return torch.zeros_like(w)
+    cells = state.cells
+    cb = cells.cell_bits
+    ideal = cell_levels(state.codes, state.weight_bits, cb).to(device=cells.g.device, dtype=torch.float64)
+    err = torch.where(cells.stuck, cells.g - (ideal + cells.device.g0(cb)), torch.zeros_like(ideal))  # [2, S, K, N]
+    shifts = torch.tensor([2.0 ** (j * cb) for j in range(err.shape[1])], dtype=torch.float64, device=err.device)
+    kn = torch.einsum("j,jkn->kn", shifts, err[0] - err[1]) * state.scale.to(torch.float64)
+    return from_kn(kn, w.shape).to(device=w.device, dtype=w.dtype)
+
+
+def _stuck_cells(model: nn.Module) -> int:
+    return sum(int(m.programmed.cells.stuck.sum()) for _, m in xbar_layers(model)
+               if m.programmed is not None and m.programmed.cells is not None)
+
+
+def _check(model: nn.Module) -> int:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    task_info(model)  # a prepared task (raises otherwise)
+    layers = xbar_layers(model)
+    no_chip = [n for n, m in layers if m.config.device is None or m.config.weight_bits is None]
+    if no_chip:
+        raise ValueError(f"model: crossbar layer(s) {no_chip} have no programmed chip (config.device and "
+                         "config.weight_bits are needed): program the model on its chip first")
+    seeds = {m.config.device.seed for _, m in layers}
+    if len(seeds) != 1:
+        raise ValueError(f"model: the crossbar layers' device seeds differ ({sorted(seeds)}): one chip expected "
+                         "(xma2_ops.program(model, seed))")
+    return seeds.pop()
+
+
+def adapt_on_chip(model: nn.Module, loader: Iterable, schedule: Schedule = CHIP_SCHEDULE, *,
+                  reselect: bool = True, fault_weight: float = 1.0, score_batches: Optional[int] = None,
+                  loss_fn: Callable = F.cross_entropy, calib_loader: Optional[Iterable] = None,
+                  progress: bool = False) -> ChipAdaption:
+    """Adapt the current task of ``model`` to the chip its layers hold (module docstring) on the
+    labelled batches of ``loader``; ``schedule.hw_epochs`` epochs at the ADC-aware stage's rates
+    (``lr_* x hw_lr_factor``).  ``reselect``/``fault_weight``: the fault-aware tier-1 re-selection
+    (methods that select PEs), scored on ``score_batches`` batches (default
+    ``schedule.sensitivity_batches``).  Input ranges are re-calibrated on ``calib_loader`` (default
+    ``loader``) at the end.  Leaves the model in eval mode, programmed on the chip."""
+    seed = _check(model)
+    if isinstance(fault_weight, bool) or not isinstance(fault_weight, (int, float)) or not 0 <= fault_weight < 1e9:
+        raise ValueError(f"fault_weight: expected a number >= 0, got {fault_weight!r}")
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule: expected a Schedule, got {type(schedule).__name__}")
+    spec = task_info(model).spec
+    layers = xbar_layers(model)
+    program(model)  # the chip's cells as evaluated (write 0 of every layer), for the fault map
+    stuck = _stuck_cells(model)
+    swapped = 0
+    if reselect and spec.impl.selects_pes:
+        swapped = _reselect(model, loader, score_batches or schedule.sensitivity_batches, fault_weight, loss_fn)
+    saved = [(m.crossbar.chip.writes, m.crossbar.chip.reads) for _, m in layers]
+    try:
+        for _, m in layers:
+            m.noise_aware = True
+            m.crossbar.chip.writes += TRAINING_COUNTER_OFFSET
+            m.crossbar.chip.reads += TRAINING_COUNTER_OFFSET
+        groups = [dict(g, lr=g["lr"] * schedule.hw_lr_factor) for g in _param_groups(model, "final", schedule)]
+        _only_trainable(model, groups)
+        _epochs(model, model, loader, groups, schedule.hw_epochs, schedule, progress, spec.label + " on chip",
+                loss_fn)
+    finally:
+        for (_, m), (w, r) in zip(layers, saved):
+            m.noise_aware = False
+            m.crossbar.chip.writes, m.crossbar.chip.reads = w, r
+        for p in model.parameters():
+            p.requires_grad_(False)
+        set_train(model, False)
+    calibrate_inputs(model, calib_loader if calib_loader is not None else loader, schedule.calib_batches)
+    program(model)  # the backbone's write 0 again, the task's PEs with the adapted weights
+    model.eval()
+    return ChipAdaption(seed, stuck, swapped, schedule.hw_epochs)
+
+
+def _reselect(model: nn.Module, loader: Iterable, batches: int, fault_weight: float, loss_fn: Callable) -> int:
+    """Fault-aware tier-1 selection (module docstring, 1.); returns the PEs swapped."""
+    ads = layer_adapters(model)
+    layers = xbar_layers(model)
+    old = [ad.pe_sel.clone() for _, ad in ads]
+    phases = [ad.phase for _, ad in ads]
+    probe_dense(model)
+    try:
+        weights = [ad.task_weight.detach() for _, ad in ads]
+        errors = [fault_weight_error(m) for _, m in layers]
+        sens, fault = grad_products(model, loader, batches, loss_fn, weights, errors)
+    finally:
+        for (_, ad), ph in zip(ads, phases):
+            ad.phase = ph
+            ad.task_weight.requires_grad_(False)
+    scores = [s / s.mean().clamp_min(1e-30) + fault_weight * f / f.mean().clamp_min(1e-30)
+              for s, f in zip(sens, fault)]
+    select_pes(model, scores)
+    backbone_outside_selection(model)  # a dropped PE returns to the backbone's weights
+    return int(sum(((o > 0) & (ad.pe_sel == 0)).sum() for o, (_, ad) in zip(old, ads)))
