@@ -622,6 +622,27 @@ def test_cpu_kernel_row_split_and_tile_range_are_tested_where_they_differ(monkey
 
 
 @needs_cpu
+@pytest.mark.parametrize("case", ["crosssim", "crosssim_r64", "digital_14bit"])
+def test_cpu_kernel_wide_adc_spans(case, monkeypatch):
+    """ADCs whose float32 form is not exact (the quarter step 0.25 / span is below float32's rounding of u n /
+    span): CrossSim's preset on 128 rows (signed span 2 x 115 x 381 per 115-row tile of the even split) and a
+    14-bit ADC over 128 rows of 4-bit chunks and cells.  The vector kernels take the float64 form there (checked
+    exact in plan.cpp), the scalar one its integer rule: the reference's bits on every instruction set."""
+    gen = torch.Generator().manual_seed(9)
+    cfg = {"crosssim": XbarConfig.conventions("crosssim", cols=16),
+           "crosssim_r64": XbarConfig.conventions("crosssim", rows=64, cols=16, adc_bits=10),
+           "digital_14bit": XbarConfig(rows=128, cols=16, dac_bits=4, cell_bits=4, adc_bits=14)}[case]
+    x, w = torch.randn(70, 576, generator=gen) - 0.2, torch.randn(19, 576, generator=gen)
+    y = {}
+    for isa in _ISAS:
+        monkeypatch.setenv("XMA2_CPU_ISA", isa)
+        y[isa] = xma2_ops.xbar_linear(x, w, config=cfg, backend="cpu")
+    want = xma2_ops.xbar_linear(x, w, config=cfg, backend="reference")
+    for isa, got in y.items():
+        assert torch.equal(got, want), isa
+
+
+@needs_cpu
 def test_cpu_ops_refuse_a_row_split_or_tile_range_they_cannot_compute():
     """The ops' own checks (csrc/xbar_check.h): an even split whose last tile would exceed R rows (as
     row_tile_sizes refuses it), and a per-tile range with a clip that is not the full scale of R rows."""
@@ -661,8 +682,8 @@ def test_cpu_kernel_half_even_and_signed_adc_are_tested_where_they_differ(monkey
 @examples(150)
 @given(periphery_cases())
 def test_cpu_backend_gives_the_reference_bits(case):
-    """Every field combination: where backend_for runs the cpu kernel (bits 1 | 4 | 8, analog accumulation of
-    <= 8 bits reduced to one chunk), its tile sums are the reference's, int64 exact."""
+    """Every field combination: where backend_for runs the cpu kernel (every convention; analog accumulation of
+    <= 8 bits reduced to one chunk), its tile sums are the reference's, int64 exact, on every instruction set."""
     cfg, signed, m, k, n, seed = case
     x, w = _codes(seed, cfg, signed, m, k, n)
     p = GemmParams.from_config(cfg, signed)
