@@ -498,10 +498,8 @@ def test_cpu_kernel_computes_the_periphery(bits, monkeypatch):
     """xbar_tile_sums / xbar_mvm / xbar_coef_grad and their packed forms with ``periphery=bits``: the reference's
     T_int int64-exact, mvm and the coefficient gradients in the one ordered sum, on every instruction set this
     CPU runs; random configs with lossy, lossless and ideal ADCs, signed and unsigned inputs."""
-    from helpers import ordered_coef_grad, ordered_mvm
     rnd = random.Random(1000 + bits)
     gen = torch.Generator().manual_seed(1000 + bits)
-    ops = torch.ops.xma2_ops
     for trial in range(24):
         signed = trial % 2 == 1
         adc = ("lossy", "lossy", "lossy", "lossy", "lossless", "ideal")[trial % 6]
@@ -509,25 +507,34 @@ def test_cpu_kernel_computes_the_periphery(bits, monkeypatch):
         m, k, n = rnd.choice([rnd.randint(1, 40), 130]), rnd.randint(1, 2 * p.rows + 5), rnd.randint(1, 20)
         x, w = _kernel_codes(gen, m, k, n, p)
         wt = _kernel_codes(gen, 1, k, n, p)[1]
-        args = p.as_args(with_periphery=True)
-        want = ref.tile_sums(x, w, p)
-        tr = want.shape[0]
-        cb_ = torch.randn(tr, n, generator=gen, dtype=torch.float64)
-        ct_ = torch.randn(tr, n, generator=gen, dtype=torch.float64)
-        cb_[0, : min(n, p.cols)] = 0  # a skipped PE
-        want_y = ordered_mvm(x, w, wt, cb_, ct_, p)
-        gy = torch.randn(m, n, generator=gen, dtype=torch.float64)
-        want_g = ordered_coef_grad(want, gy)
-        for isa in _ISAS:
-            monkeypatch.setenv("XMA2_CPU_ISA", isa)
-            msg = (trial, isa, p)
-            assert torch.equal(ops.xbar_tile_sums(x, w, *args), want), msg
-            assert torch.equal(ops.xbar_tile_sums(x.to(torch.int16), w, *args), want), msg
-            assert torch.equal(ops.xbar_mvm(x, w, wt, cb_, ct_, *args), want_y), msg
-            assert torch.equal(ops.xbar_coef_grad(x, w, gy, *args), want_g), msg
-            packed, packed_t = ops.xbar_pack_weights(w, *args), ops.xbar_pack_weights(wt, *args)
-            assert torch.equal(ops.xbar_mvm_packed(x, w, packed, wt, packed_t, cb_, ct_, *args), want_y), msg
-            assert torch.equal(ops.xbar_coef_grad_packed(x, w, packed, gy, *args), want_g), msg
+        _check_codes_ops(monkeypatch, gen, x, w, wt, p, p.as_args(with_periphery=True), 0, trial)
+
+
+def _check_codes_ops(monkeypatch, gen, x, w, wt, p: GemmParams, args: tuple, skipped_tile: int, msg) -> None:
+    """xbar_tile_sums (int32 and int16 codes) / xbar_mvm with task weights / xbar_coef_grad and the packed forms,
+    called with ``args`` on every instruction set, against the reference of ``p``: T_int int64-exact, mvm and the
+    coefficient gradients in the one ordered sum; the PE (``skipped_tile``, first columns) has zero base
+    coefficients (skipped)."""
+    from helpers import ordered_coef_grad, ordered_mvm
+    ops = torch.ops.xma2_ops
+    want = ref.tile_sums(x, w, p)
+    tr, m, n = want.shape
+    cb_ = torch.randn(tr, n, generator=gen, dtype=torch.float64)
+    ct_ = torch.randn(tr, n, generator=gen, dtype=torch.float64)
+    cb_[skipped_tile, : min(n, p.cols)] = 0  # a skipped PE
+    want_y = ordered_mvm(x, w, wt, cb_, ct_, p)
+    gy = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    want_g = ordered_coef_grad(want, gy)
+    for isa in _ISAS:
+        monkeypatch.setenv("XMA2_CPU_ISA", isa)
+        where = (msg, isa, p)
+        assert torch.equal(ops.xbar_tile_sums(x, w, *args), want), where
+        assert torch.equal(ops.xbar_tile_sums(x.to(torch.int16), w, *args), want), where
+        assert torch.equal(ops.xbar_mvm(x, w, wt, cb_, ct_, *args), want_y), where
+        assert torch.equal(ops.xbar_coef_grad(x, w, gy, *args), want_g), where
+        packed, packed_t = ops.xbar_pack_weights(w, *args), ops.xbar_pack_weights(wt, *args)
+        assert torch.equal(ops.xbar_mvm_packed(x, w, packed, wt, packed_t, cb_, ct_, *args), want_y), where
+        assert torch.equal(ops.xbar_coef_grad_packed(x, w, packed, gy, *args), want_g), where
 
 
 def _split_k(rnd, rows: int, split: str) -> int:
@@ -550,10 +557,8 @@ def test_cpu_kernel_computes_the_row_split_and_tile_range(bits, monkeypatch):
     every instruction set; random shapes (K <= R, K a multiple of R, several tiles with a short last one), lossy,
     lossless and ideal ADCs, signed and unsigned inputs, with the other conventions of ``bits`` (analog
     accumulation through GemmParams.kernel_form, as the backend runs it)."""
-    from helpers import ordered_coef_grad, ordered_mvm
     rnd = random.Random(2000 + bits)
     gen = torch.Generator().manual_seed(2000 + bits)
-    ops = torch.ops.xma2_ops
     split = "even" if bits & 16 else "fixed"
     for trial in range(14):
         signed = trial % 2 == 1
@@ -575,26 +580,9 @@ def test_cpu_kernel_computes_the_row_split_and_tile_range(bits, monkeypatch):
         m, k, n = rnd.choice([rnd.randint(1, 40), 130]), _split_k(rnd, rows, split), rnd.randint(1, 20)
         x, w = _kernel_codes(gen, m, k, n, p)
         wt = _kernel_codes(gen, 1, k, n, p)[1]
-        args = kp.as_args(with_periphery=True)
-        want = ref.tile_sums(x, w, p)
-        tr = want.shape[0]
-        assert tr == len(row_tile_sizes(k, rows, split))
-        cb_ = torch.randn(tr, n, generator=gen, dtype=torch.float64)
-        ct_ = torch.randn(tr, n, generator=gen, dtype=torch.float64)
-        cb_[-1, : min(n, p.cols)] = 0  # a skipped PE (the last tile: its own ADC under tile_rows)
-        want_y = ordered_mvm(x, w, wt, cb_, ct_, p)
-        gy = torch.randn(m, n, generator=gen, dtype=torch.float64)
-        want_g = ordered_coef_grad(want, gy)
-        for isa in _ISAS:
-            monkeypatch.setenv("XMA2_CPU_ISA", isa)
-            msg = (trial, isa, p, k)
-            assert torch.equal(ops.xbar_tile_sums(x, w, *args), want), msg
-            assert torch.equal(ops.xbar_tile_sums(x.to(torch.int16), w, *args), want), msg
-            assert torch.equal(ops.xbar_mvm(x, w, wt, cb_, ct_, *args), want_y), msg
-            assert torch.equal(ops.xbar_coef_grad(x, w, gy, *args), want_g), msg
-            packed, packed_t = ops.xbar_pack_weights(w, *args), ops.xbar_pack_weights(wt, *args)
-            assert torch.equal(ops.xbar_mvm_packed(x, w, packed, wt, packed_t, cb_, ct_, *args), want_y), msg
-            assert torch.equal(ops.xbar_coef_grad_packed(x, w, packed, gy, *args), want_g), msg
+        assert len(ref.tile_sums(x[:1], w, p)) == len(row_tile_sizes(k, rows, split))
+        # (the last tile's PE skipped: under tile_rows it has its own ADC)
+        _check_codes_ops(monkeypatch, gen, x, w, wt, p, kp.as_args(with_periphery=True), -1, (trial, k))
 
 
 @needs_cpu
