@@ -72,12 +72,14 @@ inline void block_tile_sums_w(const Plan& pl, const Adc& adc, const uint32_t* xp
   const int xb = pl.p.x_bits, wbits = pl.p.w_bits, I = pl.p.chunks(), S = pl.p.slices();
   const typename V::Consts k = V::consts(adc);
   // SPEC 8.1: which partial sums one conversion sums.  Differential: both weight polarities (+ minus -);
-  // sign-magnitude (signed inputs): both input polarities, V = P(x+ chunk) - P(x- chunk) = P(c_i(x)).
+  // sign-magnitude (signed inputs): both input polarities, V = P(x+ chunk) - P(x- chunk) = P(c_i(x)).  The ADC
+  // is signed exactly when one of them is on (XbarParams::adc_signed): kSgn picks the loop at compile time, so
+  // each instantiation holds one of the two (smaller functions that GCC keeps whole).
   const bool diff = pl.p.differential(), sm = pl.p.sign_magnitude();
   for (int64_t mi = 0; mi < nm; ++mi) {
     const uint32_t* xm = xp + mi * x_stride;
     typename V::Acc t = V::zero_acc();
-    if (!diff && !sm) {  // Sections 2-3: one conversion per (polarity pair, chunk, slice)
+    if constexpr (!kSgn) {  // Sections 2-3: one conversion per (polarity pair, chunk, slice)
       for (int px = 0; px < pl.p.x_pols; ++px) {
         for (int i = 0; i < I; ++i) {
           const int a0 = i * db, a1 = std::min(a0 + db, xb);
