@@ -89,9 +89,9 @@ inline XbarParams make_params_checked(const at::Tensor& x, const at::Tensor& w, 
                 " > R = ", p.rows, " rows");
   // adc_range="tile_rows" holds only with the default clip (XbarConfig.periphery): the full scale of R rows.
   if (p.adc_tile_rows())
-    TORCH_CHECK(adc_clip == (int64_t)p.rows * p.full_scale_unit(), "xbar: adc_range='tile_rows' (periphery 32) "
-                "scales each tile's ADC from its rows, so adc_clip must be the full scale of R rows, rows (2^cell_bits "
-                "- 1)(2^dac_bits - 1) = ", (int64_t)p.rows * p.full_scale_unit(), ", got ", adc_clip);
+    TORCH_CHECK(adc_clip == p.pmax(), "xbar: adc_range='tile_rows' (periphery 32) scales each tile's ADC from its "
+                "rows, so adc_clip must be the full scale of R rows, rows (2^cell_bits - 1)(2^dac_bits - 1) = ", p.pmax(),
+                ", got ", adc_clip);
   return p;
 }
 

@@ -72,7 +72,7 @@ struct XbarParams {
   XBAR_HD int chunks() const { return (x_bits + dac_bits - 1) / dac_bits; }   // DAC cycles per polarity
   XBAR_HD int slices() const { return (w_bits + cell_bits - 1) / cell_bits; }  // cells per weight polarity
   // The largest partial sum, R (2^db - 1) (2^cb - 1), with the full R also for a partly filled tile.
-  XBAR_HD int64_t pmax() const { return (int64_t)rows * ((1LL << dac_bits) - 1) * ((1LL << cell_bits) - 1); }
+  XBAR_HD int64_t pmax() const { return (int64_t)rows * full_scale_unit(); }
   // SPEC 8.1: differential sensing subtracts the two weight polarities before one conversion; with
   // signed inputs, sign_magnitude drives the two input polarities in one pass (V = P(x+) - P(x-)).
   XBAR_HD bool differential() const { return (periphery & kPeripheryDifferential) != 0; }
