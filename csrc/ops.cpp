@@ -4,8 +4,9 @@
 
 TORCH_LIBRARY(xma2_ops, m) {
   // `periphery`: the SPEC 8 conventions as GemmParams' bit field (xma2_ops/config.py PERIPHERY_BIT); the CPU
-  // kernels compute 1 (differential sensing), 4 (sign-magnitude inputs), 8 (half-even ADC rounding) and any
-  // combination; every other bit, and any bit on CUDA, is refused (xma2_ops/periphery.py computes those).
+  // kernels compute 1 (differential sensing), 4 (sign-magnitude inputs), 8 (half-even ADC rounding), 16 (even
+  // row split), 32 (per-tile ADC range, with adc_clip the full scale of R rows) and any combination; 2 (analog
+  // accumulation), and any bit on CUDA, is refused (xma2_ops/periphery.py computes those).
   // Per row tile r, the digital shift-and-add of ADC codes T_int[r, m, n] (int64, exact).
   m.def("xbar_tile_sums(Tensor x_codes, Tensor w_codes, int rows, int cols, int input_bits, "
         "bool input_signed, int dac_bits, int weight_bits, int cell_bits, int adc_levels, int adc_clip, int periphery=0) -> Tensor");

@@ -55,7 +55,8 @@ inline XbarParams make_params_checked(const at::Tensor& x, const at::Tensor& w, 
   TORCH_CHECK(periphery >= 0 && periphery < 64 && (periphery & ~periphery_supported) == 0,
               "xbar: periphery must be a combination of the SPEC 8 bits that this kernel computes (",
               periphery_supported, ": 1 = differential sensing, 4 = sign-magnitude inputs, 8 = half-even ADC "
-              "rounding; the others run xma2_ops/backends/periphery.py), got ", periphery);
+              "rounding, 16 = even row split, 32 = per-tile ADC range; the others run xma2_ops/backends/periphery.py), "
+              "got ", periphery);
   const bool adc_signed = (periphery & kPeripheryDifferential) || ((periphery & kPeripherySignMagnitude) && input_signed);
   if (adc_signed) {
     TORCH_CHECK(adc_levels <= 2 * adc_clip && adc_levels % 2 == 0, "xbar: a signed ADC (periphery ", periphery,
@@ -81,6 +82,16 @@ inline XbarParams make_params_checked(const at::Tensor& x, const at::Tensor& w, 
   p.adc_clip = adc_clip;
   p.periphery = (int)periphery;
   mul_checked(p.M, p.N, "xbar: the output [M, N]");
+  // SPEC 8.4 (config.row_tile_sizes refuses the same K): the last tile of an even split must fit R rows.
+  if (p.even_split() && p.Tr() > 1)
+    TORCH_CHECK(p.tile_rows(p.Tr() - 1) <= p.rows, "xbar: row_split='even' (periphery 16) splits K = ", p.K,
+                " rows into ", p.Tr(), " tiles of ", p.tile_size(), " and a last one of ", p.tile_rows(p.Tr() - 1),
+                " > R = ", p.rows, " rows");
+  // adc_range="tile_rows" holds only with the default clip (XbarConfig.periphery): the full scale of R rows.
+  if (p.adc_tile_rows())
+    TORCH_CHECK(adc_clip == p.pmax(), "xbar: adc_range='tile_rows' (periphery 32) scales each tile's ADC from its "
+                "rows, so adc_clip must be the full scale of R rows, rows (2^cell_bits - 1)(2^dac_bits - 1) = ", p.pmax(),
+                ", got ", adc_clip);
   return p;
 }
 

@@ -21,13 +21,22 @@ XBAR_HD bool adc_is_identity(int64_t levels, int64_t clip, int64_t pmax) {
 }
 
 // Periphery conventions (SPEC 8) the C++ kernels may compute: bits of GemmParams.periphery
-// (xma2_ops/config.py PERIPHERY_BIT).  The CPU bit-plane kernels compute these three; the CUDA kernel
-// and the cell ops compute none (their ops pass 0).
+// (xma2_ops/config.py PERIPHERY_BIT).  The CPU bit-plane kernels compute all but analog accumulation (which
+// GemmParams.kernel_form reduces to one DAC chunk where it can); the CUDA kernel and the cell ops compute none
+// (their ops pass 0).
 constexpr int kPeripheryDifferential = 1;   // sensing="differential"
 constexpr int kPeripheryAnalog = 2;         // input_accumulation="analog" (not computed here)
 constexpr int kPeripherySignMagnitude = 4;  // signed_inputs="sign_magnitude"
 constexpr int kPeripheryHalfEven = 8;       // adc_rounding="half_even"
-constexpr int kPeripheryCpuKernel = kPeripheryDifferential | kPeripherySignMagnitude | kPeripheryHalfEven;
+constexpr int kPeripheryEvenSplit = 16;     // row_split="even" (SPEC 8.4)
+constexpr int kPeripheryTileRows = 32;      // adc_range="tile_rows" (only with the default clip)
+constexpr int kPeripheryCpuKernel = kPeripheryDifferential | kPeripherySignMagnitude | kPeripheryHalfEven |
+                                    kPeripheryEvenSplit | kPeripheryTileRows;
+
+// The ADC of one row tile: n and the full scale (SPEC 8.1-8.2).
+struct TileAdc {
+  int64_t levels, clip;
+};
 
 // Integer parameters of one crossbar GEMM, resolved on the host from XbarConfig and checked by
 // make_params_checked (xbar_check.h).  Plain data: python_tests/test_cuda_emulated.py mirrors the
@@ -46,16 +55,43 @@ struct XbarParams {
                         // (python_tests/test_cuda_emulated.py) lists it too.
 
   XBAR_HD int64_t Tr() const { return (K + rows - 1) / rows; }  // row tiles
+  // The row tiles (SPEC 1 and 8.4; config.row_tile_sizes is the Python rule): every tile but the last has
+  // tile_size() rows, R under the fixed split; under the even split K / Tr when Tr divides K, else
+  // round_half_even(K / Tr) (CrossSim's EQUAL rule).  The last tile has the rest, at most R rows where the
+  // split was checked (make_params_checked).  So a call has at most two tile sizes.
+  XBAR_HD bool even_split() const { return (periphery & kPeripheryEvenSplit) != 0; }
+  XBAR_HD int64_t tile_size() const {
+    const int64_t tr = Tr();
+    if (!even_split() || tr <= 1) return rows;
+    const int64_t q = K / tr, rem = K % tr;  // K / Tr = q + rem / Tr: round half to even
+    return 2 * rem > tr || (2 * rem == tr && (q & 1)) ? q + 1 : q;
+  }
+  XBAR_HD int64_t tile_start(int64_t r) const { return r * tile_size(); }
+  XBAR_HD int64_t tile_rows(int64_t r) const { return r + 1 < Tr() ? tile_size() : K - (Tr() - 1) * tile_size(); }
   XBAR_HD int64_t Tc() const { return (N + cols - 1) / cols; }  // column tiles
   XBAR_HD int chunks() const { return (x_bits + dac_bits - 1) / dac_bits; }   // DAC cycles per polarity
   XBAR_HD int slices() const { return (w_bits + cell_bits - 1) / cell_bits; }  // cells per weight polarity
   // The largest partial sum, R (2^db - 1) (2^cb - 1), with the full R also for a partly filled tile.
-  XBAR_HD int64_t pmax() const { return (int64_t)rows * ((1LL << dac_bits) - 1) * ((1LL << cell_bits) - 1); }
+  XBAR_HD int64_t pmax() const { return (int64_t)rows * full_scale_unit(); }
   // SPEC 8.1: differential sensing subtracts the two weight polarities before one conversion; with
   // signed inputs, sign_magnitude drives the two input polarities in one pass (V = P(x+) - P(x-)).
   XBAR_HD bool differential() const { return (periphery & kPeripheryDifferential) != 0; }
   XBAR_HD bool sign_magnitude() const { return (periphery & kPeripherySignMagnitude) != 0 && x_pols == 2; }
   XBAR_HD bool half_even() const { return (periphery & kPeripheryHalfEven) != 0; }
+  // adc_range="tile_rows": each tile's full scale from its own rows (the ops take it only with adc_clip the
+  // full scale of R rows, make_params_checked).
+  XBAR_HD bool adc_tile_rows() const { return (periphery & kPeripheryTileRows) != 0; }
+  // The full scale of one row, (2^cb - 1)(2^db - 1) (SPEC 8.1; analog accumulation comes as one chunk of
+  // db = every input bit).
+  XBAR_HD int64_t full_scale_unit() const { return ((1LL << cell_bits) - 1) * ((1LL << dac_bits) - 1); }
+  // The ADC of a tile of `n_rows` rows (GemmParams.tile_adc): under adc_range="tile_rows" the full scale of
+  // its rows and n = min(adc_levels, span) (the R-row n caps it; span = clip, 2 clip for the signed ADC), else
+  // (adc_levels, adc_clip).  The ideal ADC stays ideal.
+  XBAR_HD TileAdc tile_adc(int64_t n_rows) const {
+    if (!adc_tile_rows() || adc_levels == 0) return {adc_levels, adc_clip};
+    const int64_t clip = n_rows * full_scale_unit(), span = adc_signed() ? 2 * clip : clip;
+    return {adc_levels < span ? adc_levels : span, clip};
+  }
   // A conversion may see V < 0: the signed, symmetric ADC of SPEC 8.2 over [-clip, clip].
   XBAR_HD bool adc_signed() const { return differential() || sign_magnitude(); }
   // Lossless (SPEC 8.2): n = hi - lo and |V| <= clip for every reachable V (|V| <= Pmax under both

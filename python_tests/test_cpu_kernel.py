@@ -114,11 +114,15 @@ def test_lossless_configs(isa, adc_bits, clip):
     _check_gemm(xs, ws, ps, gen)
 
 
-# SPEC 8 conventions that the bit-plane kernels compute (periphery bits 1, 4, 8): differential sensing,
-# sign-magnitude inputs, half-even rounding; test_periphery.py has every combination on random configs.
+# SPEC 8 conventions that the bit-plane kernels compute (periphery bits 1, 4, 8, 16, 32): differential sensing,
+# sign-magnitude inputs, half-even rounding, the even row split, the per-tile ADC range (with the default clip);
+# test_periphery.py has every combination on random configs.
 _PERIPHERY = {"diff": dict(sensing="differential"), "sm": dict(signed_inputs="sign_magnitude"),
               "even": dict(adc_rounding="half_even"),
-              "all": dict(sensing="differential", signed_inputs="sign_magnitude", adc_rounding="half_even")}
+              "all": dict(sensing="differential", signed_inputs="sign_magnitude", adc_rounding="half_even"),
+              "split": dict(row_split="even", adc_range="tile_rows"),
+              "all_split": dict(sensing="differential", signed_inputs="sign_magnitude", adc_rounding="half_even",
+                                row_split="even", adc_range="tile_rows")}
 
 
 @pytest.mark.parametrize("conv", list(_PERIPHERY))

@@ -4,9 +4,11 @@ backends against the reference bit for bit, CrossSim 3.2's golden outputs, the c
 under differential sensing, refusals, gradients, torch.compile."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
+import os
 import random
 from fractions import Fraction
 from pathlib import Path
@@ -21,7 +23,7 @@ import xma2_ops
 from xma2_ops import quant
 from xma2_ops import DeviceModel, XbarConfig
 from xma2_ops.backends import reference as ref
-from xma2_ops.config import PERIPHERY_FIELDS, GemmParams, row_tile_sizes
+from xma2_ops.config import PERIPHERY_FIELDS, PERIPHERY_PRESETS, GemmParams, row_tile_sizes
 
 from helpers import cpu_isas
 from strategies import examples, fuzz_seed
@@ -376,9 +378,10 @@ def test_periphery_does_not_change_the_default_path():
     p = GemmParams.from_config(cfg, True)
     assert p.periphery == 0 and p.adc_levels == 255 and p.adc_clip == cfg.pmax == 384
     assert xma2_ops.backends.backend_for("cpu", torch.device("cpu"), p)[0].name == "cpu"
-    # the C++ CPU kernels compute half_even (and differential, sign_magnitude) themselves; an even split not
+    # the C++ CPU kernels compute the even split (and every other convention but analog accumulation over more
+    # than 8 bits) themselves
     q = GemmParams.from_config(dataclasses.replace(cfg, row_split="even"), True)
-    assert xma2_ops.backends.backend_for("cpu", torch.device("cpu"), q)[0].name == "periphery"
+    assert xma2_ops.backends.backend_for("cpu", torch.device("cpu"), q)[0].name == "cpu"
 
 
 # ------------------------------------------------------------------ ADC calibration sees what a conversion sees
@@ -424,12 +427,17 @@ def test_calibrate_adc_uses_the_values_one_conversion_sees(fields):
                         best = max(best, int(v.abs().max()))
     assert clips[""] == best
 
-# ------------------------------------------------------------------ the C++ CPU kernels compute bits 1 | 4 | 8
-# sensing="differential" (1), signed_inputs="sign_magnitude" (4), adc_rounding="half_even" (8) run in the
-# bit-plane kernels themselves (csrc/cpu/xbar_cpu_block.h), on every instruction set, packed or not.
-_KERNEL_FIELDS = {1: ("sensing", "differential"), 4: ("signed_inputs", "sign_magnitude"),
-                  8: ("adc_rounding", "half_even")}
+# ------------------------------------------------------------------ the C++ CPU kernels compute bits 1 | 4 | 8 | 16 | 32
+# sensing="differential" (1), signed_inputs="sign_magnitude" (4), adc_rounding="half_even" (8), row_split="even"
+# (16) and adc_range="tile_rows" (32) run in the bit-plane kernels themselves (csrc/cpu/xbar_cpu_block.h, the
+# tile layout and per-tile ADCs of csrc/cpu/plan.h), on every instruction set, packed or not; analog accumulation
+# (2) of at most 8 bits as one DAC chunk (GemmParams.kernel_form).
+_KERNEL_FIELDS = {1: ("sensing", "differential"), 2: ("input_accumulation", "analog"),
+                  4: ("signed_inputs", "sign_magnitude"), 8: ("adc_rounding", "half_even"), 16: ("row_split", "even"),
+                  32: ("adc_range", "tile_rows")}
 _KERNEL_BITS = [sum(c) for n in range(4) for c in itertools.combinations((1, 4, 8), n)]  # all 8 combinations
+# The tile layout and per-tile ADC range, alone, together, and with the other conventions (63: the crosssim preset).
+_SPLIT_BITS = [16, 32, 16 | 32, 1 | 16, 4 | 8 | 32, 1 | 4 | 8 | 16 | 32, 63]
 
 
 def _kernel_fields(bits: int) -> dict:
@@ -438,6 +446,20 @@ def _kernel_fields(bits: int) -> dict:
 
 _ISAS = cpu_isas()
 needs_cpu = pytest.mark.skipif(not _ISAS, reason="C++ extension not built")
+
+
+@contextlib.contextmanager
+def _isa(name: str):
+    """XMA2_CPU_ISA=name inside the block (for Hypothesis tests, which cannot take monkeypatch)."""
+    old = os.environ.get("XMA2_CPU_ISA")
+    os.environ["XMA2_CPU_ISA"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("XMA2_CPU_ISA", None)
+        else:
+            os.environ["XMA2_CPU_ISA"] = old
 
 
 def _random_kernel_params(rnd, bits: int, signed: bool, adc: str) -> GemmParams:
@@ -476,10 +498,8 @@ def test_cpu_kernel_computes_the_periphery(bits, monkeypatch):
     """xbar_tile_sums / xbar_mvm / xbar_coef_grad and their packed forms with ``periphery=bits``: the reference's
     T_int int64-exact, mvm and the coefficient gradients in the one ordered sum, on every instruction set this
     CPU runs; random configs with lossy, lossless and ideal ADCs, signed and unsigned inputs."""
-    from helpers import ordered_coef_grad, ordered_mvm
     rnd = random.Random(1000 + bits)
     gen = torch.Generator().manual_seed(1000 + bits)
-    ops = torch.ops.xma2_ops
     for trial in range(24):
         signed = trial % 2 == 1
         adc = ("lossy", "lossy", "lossy", "lossy", "lossless", "ideal")[trial % 6]
@@ -487,25 +507,145 @@ def test_cpu_kernel_computes_the_periphery(bits, monkeypatch):
         m, k, n = rnd.choice([rnd.randint(1, 40), 130]), rnd.randint(1, 2 * p.rows + 5), rnd.randint(1, 20)
         x, w = _kernel_codes(gen, m, k, n, p)
         wt = _kernel_codes(gen, 1, k, n, p)[1]
-        args = p.as_args(with_periphery=True)
+        _check_codes_ops(monkeypatch, gen, x, w, wt, p, p.as_args(with_periphery=True), 0, trial)
+
+
+def _check_codes_ops(monkeypatch, gen, x, w, wt, p: GemmParams, args: tuple, skipped_tile: int, msg) -> None:
+    """xbar_tile_sums (int32 and int16 codes) / xbar_mvm with task weights / xbar_coef_grad and the packed forms,
+    called with ``args`` on every instruction set, against the reference of ``p``: T_int int64-exact, mvm and the
+    coefficient gradients in the one ordered sum; the PE (``skipped_tile``, first columns) has zero base
+    coefficients (skipped)."""
+    from helpers import ordered_coef_grad, ordered_mvm
+    ops = torch.ops.xma2_ops
+    want = ref.tile_sums(x, w, p)
+    tr, m, n = want.shape
+    cb_ = torch.randn(tr, n, generator=gen, dtype=torch.float64)
+    ct_ = torch.randn(tr, n, generator=gen, dtype=torch.float64)
+    cb_[skipped_tile, : min(n, p.cols)] = 0  # a skipped PE
+    want_y = ordered_mvm(x, w, wt, cb_, ct_, p)
+    gy = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    want_g = ordered_coef_grad(want, gy)
+    for isa in _ISAS:
+        monkeypatch.setenv("XMA2_CPU_ISA", isa)
+        where = (msg, isa, p)
+        assert torch.equal(ops.xbar_tile_sums(x, w, *args), want), where
+        assert torch.equal(ops.xbar_tile_sums(x.to(torch.int16), w, *args), want), where
+        assert torch.equal(ops.xbar_mvm(x, w, wt, cb_, ct_, *args), want_y), where
+        assert torch.equal(ops.xbar_coef_grad(x, w, gy, *args), want_g), where
+        packed, packed_t = ops.xbar_pack_weights(w, *args), ops.xbar_pack_weights(wt, *args)
+        assert torch.equal(ops.xbar_mvm_packed(x, w, packed, wt, packed_t, cb_, ct_, *args), want_y), where
+        assert torch.equal(ops.xbar_coef_grad_packed(x, w, packed, gy, *args), want_g), where
+
+
+def _split_k(rnd, rows: int, split: str) -> int:
+    """A K for ``rows``-row tiles: one tile (K <= R), a multiple of R, or several tiles with a short or uneven
+    last one; under the even split only a K whose last tile fits R (row_tile_sizes refuses the others)."""
+    while True:
+        k = rnd.choice([rnd.randint(1, rows), rows * rnd.randint(2, 4), rnd.randint(rows + 1, 4 * rows + 7)])
+        try:
+            row_tile_sizes(k, rows, split)
+            return k
+        except ValueError:
+            continue
+
+
+@needs_cpu
+@pytest.mark.parametrize("bits", _SPLIT_BITS)
+def test_cpu_kernel_computes_the_row_split_and_tile_range(bits, monkeypatch):
+    """The even row split (16) and the per-tile ADC range (32) in the C++ kernels: xbar_tile_sums / xbar_mvm with
+    task weights and skipped PEs / xbar_coef_grad and their packed forms against the reference, int64-exact, on
+    every instruction set; random shapes (K <= R, K a multiple of R, several tiles with a short last one), lossy,
+    lossless and ideal ADCs, signed and unsigned inputs, with the other conventions of ``bits`` (analog
+    accumulation through GemmParams.kernel_form, as the backend runs it)."""
+    rnd = random.Random(2000 + bits)
+    gen = torch.Generator().manual_seed(2000 + bits)
+    split = "even" if bits & 16 else "fixed"
+    for trial in range(14):
+        signed = trial % 2 == 1
+        adc = ("lossy", "lossy", "lossy", "lossless", "lossy", "ideal", "lossy")[trial % 7]
+        rows = rnd.choice([1, 3, 7, 16, 31, 33, 64, 70, 128, 150])
+        db, cb = rnd.randint(1, 4), rnd.randint(1, 4)
+        adc_bits = {"ideal": None, "lossless": 24}.get(adc, rnd.choice([2, 3, 4, 5, 6, 8, 10]))
+        clip = None  # (a given clip is every tile's full scale: adc_range="tile_rows" changes nothing then)
+        if not bits & 32 and adc == "lossy":
+            pmax = rows * (2 ** db - 1) * (2 ** cb - 1)
+            clip = rnd.choice([None, max(1, pmax // 3), rnd.randint(1, pmax + 5)])
+        cfg = XbarConfig(rows=rows, cols=rnd.choice([1, 4, 8, 13]), weight_bits=rnd.randint(2, 8), cell_bits=cb,
+                         input_bits=rnd.randint(2, 8), dac_bits=db, adc_bits=adc_bits, adc_clip=clip,
+                         input_signed=signed, **_kernel_fields(bits))
+        p = GemmParams.from_config(cfg, signed)
+        assert p.periphery == bits
+        kp = p.kernel_form()
+        assert kp is not None and kp.periphery in (bits & ~2, 0)  # (0: the ideal ADC on the fixed split)
+        m, k, n = rnd.choice([rnd.randint(1, 40), 130]), _split_k(rnd, rows, split), rnd.randint(1, 20)
+        x, w = _kernel_codes(gen, m, k, n, p)
+        wt = _kernel_codes(gen, 1, k, n, p)[1]
+        assert len(ref.tile_sums(x[:1], w, p)) == len(row_tile_sizes(k, rows, split))
+        # (the last tile's PE skipped: under tile_rows it has its own ADC)
+        _check_codes_ops(monkeypatch, gen, x, w, wt, p, kp.as_args(with_periphery=True), -1, (trial, k))
+
+
+@needs_cpu
+def test_cpu_kernel_row_split_and_tile_range_are_tested_where_they_differ(monkeypatch):
+    """Not vacuous: on K = 27 over 20-row tiles the even split (14 + 13 rows) and the per-tile range (the 7-row
+    tile's own full scale) each change T_int, and the kernel follows; a weight packed for one split is refused
+    under the other (its header names the tile size)."""
+    gen = torch.Generator().manual_seed(4)
+    base = dict(rows=20, cols=4, weight_bits=6, cell_bits=2, input_bits=6, dac_bits=2, adc_bits=4, input_signed=True)
+    p0 = GemmParams.from_config(XbarConfig(**base), True)
+    x, w = _kernel_codes(gen, 30, 27, 9, p0)
+    t0 = ref.tile_sums(x, w, p0)
+    for fields in (dict(row_split="even"), dict(adc_range="tile_rows"), dict(row_split="even", adc_range="tile_rows")):
+        p = GemmParams.from_config(XbarConfig(**base, **fields), True)
         want = ref.tile_sums(x, w, p)
-        tr = want.shape[0]
-        cb_ = torch.randn(tr, n, generator=gen, dtype=torch.float64)
-        ct_ = torch.randn(tr, n, generator=gen, dtype=torch.float64)
-        cb_[0, : min(n, p.cols)] = 0  # a skipped PE
-        want_y = ordered_mvm(x, w, wt, cb_, ct_, p)
-        gy = torch.randn(m, n, generator=gen, dtype=torch.float64)
-        want_g = ordered_coef_grad(want, gy)
+        assert not torch.equal(want, t0), fields
         for isa in _ISAS:
             monkeypatch.setenv("XMA2_CPU_ISA", isa)
-            msg = (trial, isa, p)
-            assert torch.equal(ops.xbar_tile_sums(x, w, *args), want), msg
-            assert torch.equal(ops.xbar_tile_sums(x.to(torch.int16), w, *args), want), msg
-            assert torch.equal(ops.xbar_mvm(x, w, wt, cb_, ct_, *args), want_y), msg
-            assert torch.equal(ops.xbar_coef_grad(x, w, gy, *args), want_g), msg
-            packed, packed_t = ops.xbar_pack_weights(w, *args), ops.xbar_pack_weights(wt, *args)
-            assert torch.equal(ops.xbar_mvm_packed(x, w, packed, wt, packed_t, cb_, ct_, *args), want_y), msg
-            assert torch.equal(ops.xbar_coef_grad_packed(x, w, packed, gy, *args), want_g), msg
+            assert torch.equal(torch.ops.xma2_ops.xbar_tile_sums(x, w, *p.as_args(with_periphery=True)), want)
+    pe = GemmParams.from_config(XbarConfig(**base, row_split="even"), True)
+    packed = torch.ops.xma2_ops.xbar_pack_weights(w, *p0.as_args(with_periphery=True))
+    coef = torch.ones(2, 9, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="not the packed form"):
+        torch.ops.xma2_ops.xbar_mvm_packed(x, w, packed, None, None, coef, None, *pe.as_args(with_periphery=True))
+
+
+@needs_cpu
+@pytest.mark.parametrize("case", ["crosssim", "crosssim_r64", "digital_14bit"])
+def test_cpu_kernel_wide_adc_spans(case, monkeypatch):
+    """ADCs whose float32 form is not exact (the quarter step 0.25 / span is below float32's rounding of u n /
+    span): CrossSim's preset on 128 rows (signed span 2 x 115 x 381 per 115-row tile of the even split) and a
+    14-bit ADC over 128 rows of 4-bit chunks and cells.  The vector kernels take the float64 form there (checked
+    exact in plan.cpp), the scalar one its integer rule: the reference's bits on every instruction set."""
+    gen = torch.Generator().manual_seed(9)
+    cfg = {"crosssim": XbarConfig.conventions("crosssim", cols=16),
+           "crosssim_r64": XbarConfig.conventions("crosssim", rows=64, cols=16, adc_bits=10),
+           "digital_14bit": XbarConfig(rows=128, cols=16, dac_bits=4, cell_bits=4, adc_bits=14)}[case]
+    x, w = torch.randn(70, 576, generator=gen) - 0.2, torch.randn(19, 576, generator=gen)
+    y = {}
+    for isa in _ISAS:
+        monkeypatch.setenv("XMA2_CPU_ISA", isa)
+        y[isa] = xma2_ops.xbar_linear(x, w, config=cfg, backend="cpu")
+    want = xma2_ops.xbar_linear(x, w, config=cfg, backend="reference")
+    for isa, got in y.items():
+        assert torch.equal(got, want), isa
+
+
+@needs_cpu
+def test_cpu_ops_refuse_a_row_split_or_tile_range_they_cannot_compute():
+    """The ops' own checks (csrc/xbar_check.h): an even split whose last tile would exceed R rows (as
+    row_tile_sizes refuses it), and a per-tile range with a clip that is not the full scale of R rows."""
+    ops = torch.ops.xma2_ops
+    p = GemmParams(rows=5, cols=4, input_bits=4, input_signed=False, dac_bits=1, weight_bits=4, cell_bits=1,
+                   adc_levels=5, adc_clip=5, periphery=16)
+    x, w = torch.ones(2, 18, dtype=torch.int32), torch.ones(18, 3, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"row_split.*K = 18.*R = 5"):
+        ops.xbar_tile_sums(x, w, *p.as_args(with_periphery=True))
+    with pytest.raises(RuntimeError, match=r"row_split.*K = 18.*R = 5"):
+        ops.xbar_pack_weights(w, *p.as_args(with_periphery=True))
+    ops.xbar_tile_sums(x[:, :17], w[:17], *p.as_args(with_periphery=True))  # 4 + 4 + 4 + 5: fine
+    q = dataclasses.replace(p, periphery=32, adc_clip=6)
+    with pytest.raises(RuntimeError, match=r"tile_rows.*adc_clip.*5.*got 6"):
+        ops.xbar_tile_sums(x, w, *q.as_args(with_periphery=True))
 
 
 @needs_cpu
@@ -530,30 +670,37 @@ def test_cpu_kernel_half_even_and_signed_adc_are_tested_where_they_differ(monkey
 @examples(150)
 @given(periphery_cases())
 def test_cpu_backend_gives_the_reference_bits(case):
-    """Every field combination: where backend_for runs the cpu kernel (bits 1 | 4 | 8, analog accumulation of
-    <= 8 bits reduced to one chunk), its tile sums are the reference's, int64 exact."""
+    """Every field combination: where backend_for runs the cpu kernel (every convention; analog accumulation of
+    <= 8 bits reduced to one chunk), its tile sums are the reference's, int64 exact, on every instruction set."""
     cfg, signed, m, k, n, seed = case
     x, w = _codes(seed, cfg, signed, m, k, n)
     p = GemmParams.from_config(cfg, signed)
     be, kp = xma2_ops.backends.backend_for("cpu", torch.device("cpu"), p)
-    runs_kernel = not (p.periphery & ~(1 | 2 | 4 | 8)) and not (p.has("input_accumulation") and p.x_bits > 8)
-    assert (be.name == "cpu") == (runs_kernel or p.adc_levels == 0 and not p.has("row_split")), (cfg, signed)
-    got = be.tile_sums(x.to(torch.int32), w.to(torch.int32), kp)
-    assert torch.equal(got, ref.tile_sums(x, w, p)), (cfg, signed)
+    runs_kernel = not (p.has("input_accumulation") and p.x_bits > 8)
+    assert (be.name == "cpu") == runs_kernel, (cfg, signed)
+    want = ref.tile_sums(x, w, p)
+    for isa in _ISAS:
+        with _isa(isa):
+            got = be.tile_sums(x.to(torch.int32), w.to(torch.int32), kp)
+        assert torch.equal(got, want), (cfg, signed, isa)
 
 
 @needs_cpu
-@pytest.mark.parametrize("bits", _KERNEL_BITS)
+@pytest.mark.parametrize("bits", _KERNEL_BITS + _SPLIT_BITS)
 @pytest.mark.parametrize("signed", [False, True])
 def test_cpu_layers_compute_the_periphery_in_the_kernel(bits, signed, monkeypatch):
     """xbar_conv2d / xbar_linear with task weights and fractional masks: backend='cpu' runs its own kernel
-    (backend_for names it, and periphery.py is never called) and gives the reference backend's bits."""
+    (backend_for names it, and periphery.py is never called) and gives the reference backend's bits, on every
+    instruction set.  K = 27 on 20 rows: two row tiles of 20 and 7 (fixed) or 14 and 13 (even), each with
+    its own ADC range under tile_rows; xbar_linear: K = 45, three tiles."""
     from xma2_ops.backends import periphery
 
     cfg = XbarConfig(rows=20, cols=6, weight_bits=6, cell_bits=2, input_bits=5, dac_bits=2, adc_bits=5,
                      input_signed=signed, **_kernel_fields(bits))
     p = GemmParams.from_config(cfg, signed)
-    assert xma2_ops.backends.backend_for("cpu", torch.device("cpu"), p) == (xma2_ops.backends.get_backend("cpu", torch.device("cpu")), p)
+    assert p.periphery == bits
+    assert xma2_ops.backends.backend_for("cpu", torch.device("cpu"), p) == (
+        xma2_ops.backends.get_backend("cpu", torch.device("cpu")), p.kernel_form())
     gen = torch.Generator().manual_seed(bits * 2 + signed)
     x, w, kw = _masked_conv_case(gen, cfg, signed)
     mask, alpha = kw["pe_mask"], kw["col_scale"]
@@ -563,6 +710,10 @@ def test_cpu_layers_compute_the_periphery_in_the_kernel(bits, signed, monkeypatc
         raise AssertionError("periphery.py ran")
 
     monkeypatch.setattr(periphery, "_tile_sums", not_here)
+    for isa in _ISAS:
+        monkeypatch.setenv("XMA2_CPU_ISA", isa)
+        assert torch.equal(xma2_ops.xbar_conv2d(x, w, backend="cpu", **kw), want), isa
+    monkeypatch.delenv("XMA2_CPU_ISA")
     x.requires_grad_()
     mask.requires_grad_()
     alpha.requires_grad_()
@@ -590,18 +741,21 @@ def test_cpu_backend_routes_only_what_its_kernels_compute():
                          (dict(signed_inputs="sign_magnitude", sensing="differential", adc_rounding="half_even"), "cpu"),
                          (dict(input_accumulation="analog", sensing="differential"), "cpu"),  # 8 bits: one chunk
                          (dict(input_accumulation="analog", input_bits=12), "periphery"),
-                         (dict(row_split="even"), "periphery"), (dict(adc_range="tile_rows"), "periphery"),
-                         (dict(sensing="differential", row_split="even"), "periphery")]:
-        p = GemmParams.from_config(XbarConfig(**base, **fields), True)
+                         (dict(input_accumulation="analog", input_bits=12, row_split="even"), "periphery"),
+                         (dict(row_split="even"), "cpu"), (dict(adc_range="tile_rows"), "cpu"),
+                         (dict(sensing="differential", row_split="even"), "cpu"),
+                         (PERIPHERY_PRESETS["crosssim"], "cpu")]:
+        p = GemmParams.from_config(XbarConfig(**{**base, **fields}), True)
         be, kp = xma2_ops.backends.backend_for("cpu", cpu, p)
         assert be.name == runs, fields
         assert xma2_ops.backends.backend_for("cpu", cpu, p, cells=True)[0].name in ("periphery",), fields
         if runs == "cpu":
             assert kp.periphery == p.periphery & ~2
-    assert xma2_ops.backends.get_backend("cpu", cpu).periphery == 1 | 4 | 8
+    assert xma2_ops.backends.get_backend("cpu", cpu).periphery == 1 | 4 | 8 | 16 | 32
     if "triton" in xma2_ops.available_backends():
-        p = GemmParams.from_config(XbarConfig(**base, sensing="differential"), True)
-        assert xma2_ops.backends.backend_for("triton", cpu, p)[0].name == "periphery"
+        for fields in (dict(sensing="differential"), dict(row_split="even")):
+            p = GemmParams.from_config(XbarConfig(**base, **fields), True)
+            assert xma2_ops.backends.backend_for("triton", cpu, p)[0].name == "periphery"
 
 
 @needs_cpu
@@ -627,7 +781,7 @@ def test_programmed_layer_packs_for_the_kernel_periphery():
 
 
 @needs_cpu
-@pytest.mark.parametrize("bad", [2, 16, 32, 64, -1, 1 << 40, 3, 1 | 16])
+@pytest.mark.parametrize("bad", [2, 64, 128, -1, 1 << 40, 3, 2 | 16, 1 | 64])
 def test_cpu_ops_refuse_periphery_bits_they_do_not_compute(bad):
     p = GemmParams(rows=16, cols=8, input_bits=4, input_signed=True, dac_bits=1, weight_bits=4, cell_bits=1,
                    adc_levels=6, adc_clip=16)

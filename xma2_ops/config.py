@@ -33,8 +33,10 @@ PERIPHERY_FIELDS: Dict[str, Tuple[str, str]] = {
 # Each non-default value is one bit of GemmParams.periphery (the order of PERIPHERY_FIELDS).
 PERIPHERY_BIT: Dict[str, int] = {name: 1 << i for i, name in enumerate(PERIPHERY_FIELDS)}
 # The periphery bits that a bit-plane kernel can compute itself, once analog accumulation is reduced to
-# one chunk (GemmParams.kernel_form): the C++ CPU kernels do (BackendBase.periphery, backends/base.py).
-KERNEL_PERIPHERY = PERIPHERY_BIT["sensing"] | PERIPHERY_BIT["signed_inputs"] | PERIPHERY_BIT["adc_rounding"]
+# one chunk (GemmParams.kernel_form): the C++ CPU kernels do (BackendBase.periphery, backends/base.py), the
+# row split and the per-tile ADC range included (their tile layout and per-tile ADCs: csrc/xbar_quant.h).
+KERNEL_PERIPHERY = (PERIPHERY_BIT["sensing"] | PERIPHERY_BIT["signed_inputs"] | PERIPHERY_BIT["adc_rounding"]
+                    | PERIPHERY_BIT["row_split"] | PERIPHERY_BIT["adc_range"])
 # Named sets of conventions for XbarConfig.conventions(); docs/PERIPHERY.md gives the sources.
 PERIPHERY_PRESETS: Dict[str, Dict[str, str]] = {
     "xma2": {name: values[0] for name, values in PERIPHERY_FIELDS.items()},
@@ -376,8 +378,8 @@ class GemmParams:
     def kernel_form(self) -> Optional["GemmParams"]:
         """The params whose bit-plane arithmetic gives exactly these tile sums, for the C++/CUDA/Triton
         kernels, or None.  Its ``periphery`` keeps only bits that a kernel may compute itself
-        (``BackendBase.periphery``: differential sensing, sign-magnitude inputs, half-even rounding); 0 means
-        Sections 2-3.  Analog accumulation over inputs of at most 8 magnitude bits is one DAC chunk of all
+        (``BackendBase.periphery``: differential sensing, sign-magnitude inputs, half-even rounding, the even row
+        split, the per-tile ADC range); 0 means Sections 2-3.  Analog accumulation over inputs of at most 8 magnitude bits is one DAC chunk of all
         of them (V = P of that chunk, Vmax = its Pmax, under any sensing and sign convention); with the
         ideal ADC only the row split changes a value."""
         if self.periphery == 0:

@@ -54,14 +54,14 @@ inline void row_bytes(const Plan& pl, const uint16_t* mags, uint32_t* dst32) {
 inline void row_bytes_from_codes(const Plan& pl, const uint8_t* row, bool is_signed, uint32_t* dst32, bool& bad) {
   uint8_t* dst = reinterpret_cast<uint8_t*>(dst32);
   const int I = pl.p.chunks(), db = pl.p.dac_bits, pols = pl.p.x_pols;
-  const int64_t K = pl.p.K, R = pl.p.rows, Tr = pl.p.Tr(), kp = pl.kpad;
+  const int64_t Tr = pl.p.Tr(), kp = pl.kpad;
   const int qx = (1 << pl.p.x_bits) - 1;
   __mmask64 out_of_range = 0;
   for (int64_t r = 0; r < Tr; ++r) {
-    const int64_t n = std::min(R, K - r * R);
+    const int64_t k0 = pl.p.tile_start(r), n = pl.p.tile_rows(r);
     for (int64_t k = 0; k < kp; k += 64) {
       const __mmask64 valid = n >= k + 64 ? ~0ULL : n > k ? (~0ULL >> (64 - (n - k))) : 0ULL;
-      const __m512i v = _mm512_maskz_loadu_epi8(valid, row + r * R + k);
+      const __m512i v = _mm512_maskz_loadu_epi8(valid, row + k0 + k);
       __m512i mag[2];
       if (is_signed) {
         out_of_range |= _mm512_cmpgt_epi8_mask(v, _mm512_set1_epi8((char)qx)) |
@@ -146,7 +146,7 @@ XBAR_AMX_PAIR(pair_set1, 2, 3, 7, 5)
 // The work is a list of jobs (input polarity, chunk, pair of weight (polarity, slice)), software
 // pipelined over two tile sets: the tile multiplies of job n+1 run while the ADC of job n does.
 template <bool kFloat, bool kClamp, bool kIdentity>
-inline void block_tile_sums_t(const Plan& pl, const uint32_t* xp32, int64_t x_stride, int64_t nm,
+inline void block_tile_sums_t(const Plan& pl, const Adc& adc, const uint32_t* xp32, int64_t x_stride, int64_t nm,
                               const uint32_t* wp32, int64_t* out) {
   TileConfig cfg{};
   cfg.palette = 1;
@@ -159,7 +159,7 @@ inline void block_tile_sums_t(const Plan& pl, const uint32_t* xp32, int64_t x_st
   const uint8_t* wp = reinterpret_cast<const uint8_t*>(wp32);
   const int64_t xs = x_stride * 4, kp = pl.kpad, KS = kp / 64;
   const int I = pl.p.chunks(), S = pl.p.slices(), db = pl.p.dac_bits, cb = pl.p.cell_bits, G = 2 * S;
-  const V::Consts k = V::consts(pl.adc);
+  const V::Consts k = V::consts(adc);
   alignas(64) int32_t c[3][2][16][16];  // [job % 3][pair member][row][column]
   struct Job {
     int px, i, g;
@@ -220,13 +220,14 @@ inline void block_tile_sums_t(const Plan& pl, const uint32_t* xp32, int64_t x_st
   // No _tile_release(): the next call loads the same configuration, and every AMX user loads its own.
 }
 
-inline void block_tile_sums(const Plan& pl, const uint32_t* xp, int64_t x_stride, int64_t nm, const uint32_t* wp,
-                            int64_t* out) {
-  if (pl.identity && pl.float_sums) return block_tile_sums_t<true, false, true>(pl, xp, x_stride, nm, wp, out);
-  if (pl.identity) return block_tile_sums_t<false, false, true>(pl, xp, x_stride, nm, wp, out);
-  if (pl.float_sums && pl.no_clamp) return block_tile_sums_t<true, false, false>(pl, xp, x_stride, nm, wp, out);
-  if (pl.float_sums) return block_tile_sums_t<true, true, false>(pl, xp, x_stride, nm, wp, out);
-  return block_tile_sums_t<false, true, false>(pl, xp, x_stride, nm, wp, out);
+// (AMX runs Sections 2-3 only, driver.cpp: one ADC for every tile, no_clamp holds for all.)
+inline void block_tile_sums(const Plan& pl, const Adc& adc, const uint32_t* xp, int64_t x_stride, int64_t nm,
+                            const uint32_t* wp, int64_t* out) {
+  if (pl.identity && pl.float_sums) return block_tile_sums_t<true, false, true>(pl, adc, xp, x_stride, nm, wp, out);
+  if (pl.identity) return block_tile_sums_t<false, false, true>(pl, adc, xp, x_stride, nm, wp, out);
+  if (pl.float_sums && pl.no_clamp) return block_tile_sums_t<true, false, false>(pl, adc, xp, x_stride, nm, wp, out);
+  if (pl.float_sums) return block_tile_sums_t<true, true, false>(pl, adc, xp, x_stride, nm, wp, out);
+  return block_tile_sums_t<false, true, false>(pl, adc, xp, x_stride, nm, wp, out);
 }
 }  // namespace amx
 }  // namespace

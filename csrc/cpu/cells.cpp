@@ -161,7 +161,7 @@ void run_linear(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
     if (n1 <= n0) return;
     const at::Tensor xb = x.narrow(0, m0, nm).to(ft);
     for (int64_t r = 0; r < Tr; ++r) {
-      const int64_t k0 = r * R, kr = std::min(R, K - k0);
+      const int64_t k0 = pl.p.tile_start(r), kr = pl.p.tile_rows(r);
       for (size_t s = 0; s < gs.size(); ++s) {
         if (!any_active(active[s], r, NP)) continue;
         const at::Tensor t =
@@ -189,7 +189,7 @@ void run_generic_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const
     std::vector<int64_t> t((size_t)(nm * N));
     std::vector<int64_t> chunk((size_t)(nm * R));
     for (int64_t r = 0; r < Tr; ++r) {
-      const int64_t k0 = r * R, kr = std::min(R, K - k0);
+      const int64_t k0 = pl.p.tile_start(r), kr = pl.p.tile_rows(r);
       for (size_t s = 0; s < gs.size(); ++s) {
         if (!any_active(active[s], r, NP)) continue;
         std::fill(t.begin(), t.end(), 0);
@@ -361,7 +361,7 @@ void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
       for (int64_t r = r0; r < r1; ++r) {
         int16_t* d = b + r * (tile_size + 16);
         d += ((32 - ((uintptr_t)d & 31)) & 31) / 2;
-        const int64_t k0 = r * R, kr = std::min(R, K - k0);
+        const int64_t k0 = pl.p.tile_start(r), kr = pl.p.tile_rows(r);
         pack_g_tile(src, S, K, N, k0, kr, NP, d);
       }
     });
@@ -383,7 +383,7 @@ void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
     std::vector<int64_t> t64((size_t)(nm * N));
     const int64_t nmicro = (nm + kMR - 1) / kMR;
     for (int64_t r = 0; r < Tr; ++r) {
-      const int64_t k0 = r * R, kr = std::min(R, K - k0), kp = (kr + 1) / 2;
+      const int64_t k0 = pl.p.tile_start(r), kr = pl.p.tile_rows(r), kp = (kr + 1) / 2;
       const int64_t pan = kp * kNR * 2, cstride = nmicro * kp * kMR * 2;
       bool packed = false;
       for (size_t s = 0; s < gs.size(); ++s) {

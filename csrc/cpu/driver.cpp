@@ -41,8 +41,9 @@ const Isa& choose_isa(const Plan& pl) {
   if (!pl.simd_exact) return kScalar;
 #if defined(__x86_64__)
 #if defined(XMA2_CPU_AMX)
-  // The AMX kernel computes Sections 2-3 only: a periphery (SPEC 8) runs the AVX-512 bit-plane kernel.
-  if (want == "amx" && pl.p.cell_bits <= 7 && pl.p.periphery == 0) return kAmx;
+  // The AMX kernel computes Sections 2-3 only, with the float32 ADC: a periphery (SPEC 8), or an ADC exact only
+  // in float64, runs the AVX-512 bit-plane kernel.
+  if (want == "amx" && pl.p.cell_bits <= 7 && pl.p.periphery == 0 && !pl.adc[0].dbl) return kAmx;
   if (want == "amx") return kAvx512;
 #endif
   if (want == "avx512") return kAvx512;
@@ -130,7 +131,7 @@ void run_quantized(const CodesView& x, const Plan& pl, const Isa& isa, const std
         const WeightPlanes& wp = sets[s].planes;
         for (int64_t nb = nb0; nb < nb1; ++nb) {
           if (!sets[s].active[(size_t)(r * wp.g.blocks + nb)]) continue;
-          isa.block(pl, xr, stride, nm, wp.at(r, nb), sc.t.data());
+          isa.block(pl, pl.tile_adc(r), xr, stride, nm, wp.at(r, nb), sc.t.data());
           epi((int)s, r, nb * L, m0, nm, sc.t.data());
         }
       }

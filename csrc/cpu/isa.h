@@ -18,9 +18,10 @@ struct Isa {
   // [pol][tile][kpad] (zero padded per tile).
   int64_t (*row_words)(const Plan&);
   void (*row)(const Plan&, const uint16_t* mags, uint32_t* dst);
-  // T_int[r, m, n] of `nm` rows (x_stride words apart) and `lanes` columns of one row tile, into
-  // out[mi * lanes + lane] (xbar_cpu_block.h states the contract).
-  void (*block)(const Plan&, const uint32_t* xp, int64_t x_stride, int64_t nm, const uint32_t* wp, int64_t* out);
+  // T_int[r, m, n] of `nm` rows (x_stride words apart) and `lanes` columns of one row tile, whose ADC is
+  // `adc` (Plan::tile_adc), into out[mi * lanes + lane] (xbar_cpu_block.h states the contract).
+  void (*block)(const Plan&, const Adc& adc, const uint32_t* xp, int64_t x_stride, int64_t nm, const uint32_t* wp,
+                int64_t* out);
 };
 
 extern const Isa kScalar;

@@ -46,24 +46,36 @@ struct V {
   // by a count moved from a general register.
   struct Consts {
     __m256 a, b, b_dn;
+    __m256d ad, bd, bd_dn;  // the float64 form (Adc::dbl)
     __m256i levels, offset, half, shift[32];
   };
   static Consts consts(const Adc& adc) {
-    Consts k{_mm256_set1_ps(adc.a), _mm256_set1_ps(adc.b), _mm256_set1_ps(adc.b_dn), _mm256_set1_epi32((int)adc.levels),
+    Consts k{_mm256_set1_ps(adc.a), _mm256_set1_ps(adc.b), _mm256_set1_ps(adc.b_dn), _mm256_set1_pd(adc.ad),
+             _mm256_set1_pd(adc.bd), _mm256_set1_pd(adc.bd_dn), _mm256_set1_epi32((int)adc.levels),
              _mm256_set1_epi32((int)adc.offset), _mm256_set1_epi32((int)adc.half), {}};
     for (int s = 0; s < 32; ++s) k.shift[s] = _mm256_set1_epi32(s);
     return k;
   }
+  // trunc(u a + b) of 8 int32 lanes in float64 (two halves of 4).
+  static __m256i code_pd(__m256i u, __m256d a, __m256d b) {
+    const __m128i lo = _mm256_cvttpd_epi32(_mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(u)), a, b));
+    const __m128i hi = _mm256_cvttpd_epi32(_mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(u, 1)), a, b));
+    return _mm256_set_m128i(hi, lo);
+  }
   static Cnt add_shifted(const Consts& k, Cnt a, Cnt b, int s) { return _mm256_add_epi32(a, _mm256_sllv_epi32(b, k.shift[s])); }
   static Acc zero_acc() { return _mm256_setzero_si256(); }
   // The float ADC of plan.h (Adc): u = max(V + offset, 0) for the signed ADC; under half_even the even
-  // one of the half-up and the half-down code (they differ, by one, only at a tie); centred when signed.
-  template <bool kSgn = false, bool kEven = false>
+  // one of the half-up and the half-down code (they differ, by one, only at a tie); centred when signed;
+  // kDbl: in float64.
+  template <bool kSgn = false, bool kEven = false, bool kDbl = false>
   static Acc add_code(const Consts& k, Acc t, Cnt p, int s, bool neg) {
-    const __m256 u = _mm256_cvtepi32_ps(kSgn ? _mm256_max_epi32(_mm256_add_epi32(p, k.offset), _mm256_setzero_si256()) : p);
-    __m256i c = _mm256_min_epi32(_mm256_cvttps_epi32(_mm256_fmadd_ps(u, k.a, k.b)), k.levels);
+    const __m256i ui = kSgn ? _mm256_max_epi32(_mm256_add_epi32(p, k.offset), _mm256_setzero_si256()) : p;
+    const __m256 u = _mm256_cvtepi32_ps(ui);
+    __m256i c = _mm256_min_epi32(kDbl ? code_pd(ui, k.ad, k.bd) : _mm256_cvttps_epi32(_mm256_fmadd_ps(u, k.a, k.b)),
+                                 k.levels);
     if (kEven) {
-      const __m256i dn = _mm256_min_epi32(_mm256_cvttps_epi32(_mm256_fmadd_ps(u, k.a, k.b_dn)), k.levels);
+      const __m256i dn = _mm256_min_epi32(
+          kDbl ? code_pd(ui, k.ad, k.bd_dn) : _mm256_cvttps_epi32(_mm256_fmadd_ps(u, k.a, k.b_dn)), k.levels);
       c = _mm256_sub_epi32(c, _mm256_and_si256(_mm256_sub_epi32(c, dn), c));  // a tie with an odd code: one down
     }
     if (kSgn) c = _mm256_sub_epi32(c, k.half);

@@ -21,7 +21,7 @@ struct V {
   static Consts consts(const Adc& adc) { return adc; }
   static Cnt add_shifted(const Consts&, Cnt a, Cnt b, int s) { return a + (b << s); }
   static Acc zero_acc() { return 0; }
-  template <bool kSgn = false, bool kEven = false>
+  template <bool kSgn = false, bool kEven = false, bool kDbl = false>  // (kDbl: no float form here)
   static Acc add_code(const Consts& adc, Acc t, Cnt p, int s, bool neg) {
     const int64_t code = (kSgn || kEven ? adc_code_ext(p, adc.levels, adc.clip, kSgn, kEven)
                                         : adc_code(p, adc.levels, adc.clip)) * ((int64_t)1 << s);

@@ -90,8 +90,9 @@ std::vector<int64_t> packed_header(const Route& rt) {
   const WeightGeometry g = weight_geometry(pl, isa);
   const std::string name = isa.name;
   const int64_t id = name == "scalar" ? 1 : name == "avx2" ? 2 : name == "avx512" ? 3 : name == "amx" ? 4 : 5;
+  // [14]: the rows of every tile but the last under the even split (the planes start at other rows), else 0
   return {kPackedMagic, id, pl.p.rows, pl.p.w_bits, pl.p.cell_bits, pl.words, pl.kpad, isa.lanes, pl.p.K, pl.p.N,
-          g.blocks, g.per_block, g.words, pl.identity ? 1 : 0, 0, 0};
+          g.blocks, g.per_block, g.words, pl.identity ? 1 : 0, pl.p.even_split() ? pl.p.tile_size() : 0, 0};
 }
 
 // The words after the header of `packed`, checked to be the packed form for this route, or a RuntimeError.
@@ -193,7 +194,7 @@ at::Tensor xbar_tile_sums_cpu(const at::Tensor& x_codes, const at::Tensor& w_cod
     const auto ft = exact_float(pl);
     const at::Tensor wf = gemm_weights(w_codes, at::Tensor(), rt, "w_codes");
     for (int64_t r = 0; r < Tr; ++r) {
-      const int64_t k0 = r * pl.p.rows, kr = std::min<int64_t>(pl.p.rows, pl.p.K - k0);
+      const int64_t k0 = pl.p.tile_start(r), kr = pl.p.tile_rows(r);
       out[r].copy_(at::mm(x_codes.narrow(1, k0, kr).to(ft), wf.narrow(0, k0, kr)));
     }
     return out;
@@ -276,13 +277,13 @@ int64_t gemm_block(int64_t N, int64_t unit) {
 template <typename scalar_t, typename ft_t>
 void mvm_lossless_t(const at::Tensor& x, const std::vector<at::Tensor>& wf, const std::vector<at::Tensor>& coef,
                     const std::vector<std::vector<char>>& row_used, const Plan& pl, at::ScalarType ft, at::Tensor& y) {
-  const int64_t N = pl.p.N, Tr = pl.p.Tr(), R = pl.p.rows;
+  const int64_t N = pl.p.N, Tr = pl.p.Tr();
   scalar_t* out = y.data_ptr<scalar_t>();
   for_gemm_items(pl.p.M, N, gemm_block(N, 16), [&](int64_t m0, int64_t nm, int64_t n0, int64_t nw) {
     const at::Tensor xb = x.narrow(0, m0, nm).to(ft);
     std::vector<double> acc((size_t)(nm * nw), 0.0);
     for (int64_t r = 0; r < Tr; ++r) {
-      const int64_t k0 = r * R, kr = std::min(R, pl.p.K - k0);
+      const int64_t k0 = pl.p.tile_start(r), kr = pl.p.tile_rows(r);
       for (size_t s = 0; s < wf.size(); ++s) {
         if (!row_used[s][(size_t)r]) continue;  // every PE of this tile row is skipped
         const scalar_t* c = coef[s].data_ptr<scalar_t>() + r * N + n0;
@@ -305,11 +306,11 @@ void mvm_lossless_t(const at::Tensor& x, const std::vector<at::Tensor>& wf, cons
 template <typename ft_t>
 void coef_grad_lossless_t(const at::Tensor& x, const at::Tensor& wf, const Plan& pl, at::ScalarType ft,
                           CoefGradSum& sum) {
-  const int64_t Tr = pl.p.Tr(), R = pl.p.rows;
+  const int64_t Tr = pl.p.Tr();
   for_gemm_items(pl.p.M, pl.p.N, gemm_block(pl.p.N, kGradRows), [&](int64_t m0, int64_t nm, int64_t n0, int64_t nw) {
     const at::Tensor xb = x.narrow(0, m0, nm).to(ft);
     for (int64_t r = 0; r < Tr; ++r) {
-      const int64_t k0 = r * R, kr = std::min(R, pl.p.K - k0);
+      const int64_t k0 = pl.p.tile_start(r), kr = pl.p.tile_rows(r);
       const at::Tensor t = at::mm(xb.narrow(1, k0, kr), wf.narrow(0, k0, kr).narrow(1, n0, nw)).contiguous();
       sum.add(r, n0, nw, m0, nm, t.data_ptr<ft_t>(), nw);  // exact integers
     }

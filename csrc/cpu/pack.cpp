@@ -21,14 +21,14 @@ int64_t mul(int64_t a, int64_t b) {
 // set `bad` after the pass (branch-free: input codes are random-looking).
 template <typename T>
 void row_mags(const T* row, int64_t sk, const Plan& pl, int64_t qx, uint16_t* mags, std::atomic<bool>& bad) {
-  const int64_t K = pl.p.K, R = pl.p.rows, Tr = pl.p.Tr(), kp = pl.kpad;
+  const int64_t Tr = pl.p.Tr(), kp = pl.kpad;
   const bool two = pl.p.x_pols == 2;
   const int64_t lo = two ? -qx : 0;
   int64_t mn = 0, mx = 0;
   if (Tr == 0) return;  // K == 0: nothing to pack (and mags may be null)
   std::memset(mags, 0, sizeof(uint16_t) * pl.p.x_pols * Tr * kp);
   for (int64_t r = 0; r < Tr; ++r) {
-    const int64_t k0 = r * R, n = std::min(K, k0 + R) - k0;
+    const int64_t k0 = pl.p.tile_start(r), n = pl.p.tile_rows(r);
     uint16_t* pos = mags + r * kp;
     uint16_t* neg = mags + (Tr + r) * kp;  // only when two polarities
     const T* src = row + k0 * sk;
@@ -58,22 +58,24 @@ void pack_rows_as(const CodesView& x, const Plan& pl, const Isa& isa, int64_t m0
   }
 }
 
-// Calls set(v, r, kk, n) for every non-zero in-range code v = w[k, n] (k = r * rows + kk), tiles in
+// Calls set(v, r, kk, n) for every non-zero in-range code v = w[k, n] (k = tile_start(r) + kk), tiles in
 // parallel; refuses out-of-range codes.
 template <typename Set>
 void for_each_weight(const int32_t* c, const Plan& pl, const char* name, Set set) {
-  const int64_t K = pl.p.K, N = pl.p.N, R = pl.p.rows, Tr = pl.p.Tr();
+  const int64_t N = pl.p.N, Tr = pl.p.Tr();
   const int64_t q = (1LL << pl.p.w_bits) - 1;
   std::atomic<bool> bad{false};
   at::parallel_for(0, Tr, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t k = r * R; k < std::min(K, (r + 1) * R); ++k)
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t k0 = pl.p.tile_start(r), k1 = k0 + pl.p.tile_rows(r);
+      for (int64_t k = k0; k < k1; ++k)
         for (int64_t n = 0; n < N; ++n) {
           const int64_t v = c[k * N + n];
           if (v < -q || v > q) bad = true;
           if (v == 0 || v < -q || v > q) continue;
-          set(v, r, k - r * R, n);
+          set(v, r, k - k0, n);
         }
+    }
   });
   TORCH_CHECK(!bad, "xbar: ", name, " must hold codes in [", -q, ", ", q, "]");
 }
@@ -83,11 +85,11 @@ void for_each_weight(const int32_t* c, const Plan& pl, const char* name, Set set
 // out-of-range codes set `bad`.
 template <int L>
 void planes_block(const int32_t* w, const Plan& pl, int64_t r, int64_t nb, uint32_t* out, bool& bad) {
-  const int64_t K = pl.p.K, N = pl.p.N, R = pl.p.rows;
+  const int64_t N = pl.p.N;
   const int W = pl.words, wbits = pl.p.w_bits;
   const int32_t q = (int32_t)((1LL << wbits) - 1);
   const int64_t n0 = nb * L, nl = std::min<int64_t>(L, N - n0);
-  const int64_t k0 = r * R, kr = std::min(R, K - k0);
+  const int64_t k0 = pl.p.tile_start(r), kr = pl.p.tile_rows(r);
   constexpr int kMaxBits = 16;
   for (int wd = 0; wd < W; ++wd) {
     uint32_t acc[2][kMaxBits][L] = {};

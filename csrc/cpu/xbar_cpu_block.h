@@ -8,8 +8,9 @@
 //   Cnt  (partial sums P)  zero(), popcnt_and(x_word, lane_words) = popcount(x & w) per lane,
 //                          add(Cnt, Cnt), add_shifted(k, Cnt P, Cnt c, s) = P + (c << s)
 //   Cnt                    sub(Cnt, Cnt) (V of differential / sign-magnitude conversions, SPEC 8.1)
-//   Acc  (tile sums T)     zero_acc(), add_code<kSgn, kEven>(k, T, V, s, negative) = T +- (ADC code of V << s)
-//                          (kSgn: the signed ADC, centred code; kEven: round half to even; SPEC 8.2),
+//   Acc  (tile sums T)     zero_acc(), add_code<kSgn, kEven, kDbl>(k, T, V, s, negative) = T +- (ADC code of V << s)
+//                          (kSgn: the signed ADC, centred code; kEven: round half to even; SPEC 8.2; kDbl: the
+//                          float64 form of the float ADC, Adc::dbl; the scalar kernel ignores it),
 //                          store(int64_t*, T)
 //   planes32(mags, nbits, dst, stride): bit planes of 32 uint16 magnitudes, dst[a*stride] = plane a.
 // and optionally (AVX2, no vector popcount): kMaxByteWords, popcount_bytes(x_word, lane_words) = the
@@ -17,8 +18,8 @@
 //   as bytes and widened once per plane pair instead of once per word.
 
 // T_int[r, m, n] for `nm` rows m and L columns n of one row tile (SPEC section 3), into
-// out[mi * L + lane].  xp: the rows' bit planes of this tile, `x_stride` words apart, each
-// [pol][bit][word]; wp: the lane block's weight planes [pol][bit][word][lane].
+// out[mi * L + lane], through the tile's ADC `adc` (Plan::tile_adc).  xp: the rows' bit planes of this
+// tile, `x_stride` words apart, each [pol][bit][word]; wp: the lane block's weight planes [pol][bit][word][lane].
 // kW > 0: the words per plane (rows / 32, rounded up) known at compile time, so that the word
 // loop unrolls; 0: read from the plan.
 template <typename T, typename = void>
@@ -62,21 +63,23 @@ __attribute__((always_inline)) inline typename V::Cnt chunk_slice_sum(const type
   return p;
 }
 
-// kSgn, kEven: the ADC of the plan (signed, SPEC 8.2; half-even rounding), as compile-time flags so that
-// the default ADC's code is the same as without them.
-template <int kW, bool kSgn, bool kEven>
-inline void block_tile_sums_w(const Plan& pl, const uint32_t* xp, int64_t x_stride, int64_t nm, const uint32_t* wp,
-                              int64_t* out) {
+// kSgn, kEven, kDbl: the tile's ADC (signed, SPEC 8.2; half-even rounding; the float64 form, Adc::dbl), as
+// compile-time flags so that the default ADC's code is the same as without them.
+template <int kW, bool kSgn, bool kEven, bool kDbl>
+inline void block_tile_sums_w(const Plan& pl, const Adc& adc, const uint32_t* xp, int64_t x_stride, int64_t nm,
+                              const uint32_t* wp, int64_t* out) {
   const int W = kW > 0 ? kW : pl.words, db = pl.p.dac_bits, cb = pl.p.cell_bits;
   const int xb = pl.p.x_bits, wbits = pl.p.w_bits, I = pl.p.chunks(), S = pl.p.slices();
-  const typename V::Consts k = V::consts(pl.adc);
+  const typename V::Consts k = V::consts(adc);
   // SPEC 8.1: which partial sums one conversion sums.  Differential: both weight polarities (+ minus -);
-  // sign-magnitude (signed inputs): both input polarities, V = P(x+ chunk) - P(x- chunk) = P(c_i(x)).
+  // sign-magnitude (signed inputs): both input polarities, V = P(x+ chunk) - P(x- chunk) = P(c_i(x)).  The ADC
+  // is signed exactly when one of them is on (XbarParams::adc_signed): kSgn picks the loop at compile time, so
+  // each instantiation holds one of the two (smaller functions that GCC keeps whole).
   const bool diff = pl.p.differential(), sm = pl.p.sign_magnitude();
   for (int64_t mi = 0; mi < nm; ++mi) {
     const uint32_t* xm = xp + mi * x_stride;
     typename V::Acc t = V::zero_acc();
-    if (!diff && !sm) {  // Sections 2-3: one conversion per (polarity pair, chunk, slice)
+    if constexpr (!kSgn) {  // Sections 2-3: one conversion per (polarity pair, chunk, slice)
       for (int px = 0; px < pl.p.x_pols; ++px) {
         for (int i = 0; i < I; ++i) {
           const int a0 = i * db, a1 = std::min(a0 + db, xb);
@@ -89,7 +92,7 @@ inline void block_tile_sums_w(const Plan& pl, const uint32_t* xp, int64_t x_stri
             for (int j = 0; j < S; ++j) {
               const int b0 = j * cb, b1 = std::min(b0 + cb, wbits);
               const typename V::Cnt p = chunk_slice_sum<kW>(k, xm, W, xb, wbits, wp, px, a0, a1, qw, b0, b1);
-              t = V::template add_code<kSgn, kEven>(k, t, p, i * db + j * cb, px != qw);
+              t = V::template add_code<kSgn, kEven, kDbl>(k, t, p, i * db + j * cb, px != qw);
             }
           }
         }
@@ -120,17 +123,17 @@ inline void block_tile_sums_w(const Plan& pl, const uint32_t* xp, int64_t x_stri
               const typename V::Cnt d = V::sub(part(px, 0), part(px, 1));
               v = px == 0 ? V::add(v, d) : V::sub(v, d);
             }
-            t = V::template add_code<kSgn, kEven>(k, t, v, s, false);
+            t = V::template add_code<kSgn, kEven, kDbl>(k, t, v, s, false);
           } else if (diff) {  // per input polarity: P(w+) - P(w-), the pass's sign outside
             for (int px = 0; px < pl.p.x_pols; ++px) {
               if (!any[px]) continue;
-              t = V::template add_code<kSgn, kEven>(k, t, V::sub(part(px, 0), part(px, 1)), s, px == 1);
+              t = V::template add_code<kSgn, kEven, kDbl>(k, t, V::sub(part(px, 0), part(px, 1)), s, px == 1);
             }
           } else {  // sign-magnitude, per weight polarity: P(x+) - P(x-), the polarity's sign outside
             for (int qw = 0; qw < 2; ++qw) {
               typename V::Cnt v = any[0] ? part(0, qw) : V::zero();
               if (any[1]) v = V::sub(v, part(1, qw));
-              t = V::template add_code<kSgn, kEven>(k, t, v, s, qw == 1);
+              t = V::template add_code<kSgn, kEven, kDbl>(k, t, v, s, qw == 1);
             }
           }
         }
@@ -140,23 +143,32 @@ inline void block_tile_sums_w(const Plan& pl, const uint32_t* xp, int64_t x_stri
   }
 }
 
-template <int kW>
-inline void block_tile_sums_adc(const Plan& pl, const uint32_t* xp, int64_t x_stride, int64_t nm, const uint32_t* wp,
-                                int64_t* out) {
-  if (pl.adc.sgn && pl.adc.half_even) return block_tile_sums_w<kW, true, true>(pl, xp, x_stride, nm, wp, out);
-  if (pl.adc.sgn) return block_tile_sums_w<kW, true, false>(pl, xp, x_stride, nm, wp, out);
-  if (pl.adc.half_even) return block_tile_sums_w<kW, false, true>(pl, xp, x_stride, nm, wp, out);
-  return block_tile_sums_w<kW, false, false>(pl, xp, x_stride, nm, wp, out);
+template <int kW, bool kDbl>
+inline void block_tile_sums_round(const Plan& pl, const Adc& adc, const uint32_t* xp, int64_t x_stride, int64_t nm,
+                                  const uint32_t* wp, int64_t* out) {
+  if (adc.sgn && adc.half_even) return block_tile_sums_w<kW, true, true, kDbl>(pl, adc, xp, x_stride, nm, wp, out);
+  if (adc.sgn) return block_tile_sums_w<kW, true, false, kDbl>(pl, adc, xp, x_stride, nm, wp, out);
+  if (adc.half_even) return block_tile_sums_w<kW, false, true, kDbl>(pl, adc, xp, x_stride, nm, wp, out);
+  return block_tile_sums_w<kW, false, false, kDbl>(pl, adc, xp, x_stride, nm, wp, out);
 }
 
-inline void block_tile_sums(const Plan& pl, const uint32_t* xp, int64_t x_stride, int64_t nm, const uint32_t* wp,
-                            int64_t* out) {
+template <int kW>
+inline void block_tile_sums_adc(const Plan& pl, const Adc& adc, const uint32_t* xp, int64_t x_stride, int64_t nm,
+                                const uint32_t* wp, int64_t* out) {
+  if constexpr (V::kLanes > 1) {  // (the scalar kernel's ADC is the integer rule: no float form)
+    if (adc.dbl) return block_tile_sums_round<kW, true>(pl, adc, xp, x_stride, nm, wp, out);
+  }
+  return block_tile_sums_round<kW, false>(pl, adc, xp, x_stride, nm, wp, out);
+}
+
+inline void block_tile_sums(const Plan& pl, const Adc& adc, const uint32_t* xp, int64_t x_stride, int64_t nm,
+                            const uint32_t* wp, int64_t* out) {
   switch (pl.words) {  // rows <= 128 (one to four words) are the common crossbar sizes
-    case 1: return block_tile_sums_adc<1>(pl, xp, x_stride, nm, wp, out);
-    case 2: return block_tile_sums_adc<2>(pl, xp, x_stride, nm, wp, out);
-    case 3: return block_tile_sums_adc<3>(pl, xp, x_stride, nm, wp, out);
-    case 4: return block_tile_sums_adc<4>(pl, xp, x_stride, nm, wp, out);
-    default: return block_tile_sums_adc<0>(pl, xp, x_stride, nm, wp, out);
+    case 1: return block_tile_sums_adc<1>(pl, adc, xp, x_stride, nm, wp, out);
+    case 2: return block_tile_sums_adc<2>(pl, adc, xp, x_stride, nm, wp, out);
+    case 3: return block_tile_sums_adc<3>(pl, adc, xp, x_stride, nm, wp, out);
+    case 4: return block_tile_sums_adc<4>(pl, adc, xp, x_stride, nm, wp, out);
+    default: return block_tile_sums_adc<0>(pl, adc, xp, x_stride, nm, wp, out);
   }
 }
 

@@ -168,8 +168,9 @@ def backends() -> Dict[str, BackendBase]:
     """The C++ backends this build registers: "cpu", and "cuda" when built with its CUDA kernels."""
     out: Dict[str, BackendBase] = {}
     if HAS_C:
-        # The CPU bit-plane kernels compute differential sensing, sign-magnitude inputs and half-even rounding
-        # (csrc/cpu/xbar_cpu_block.h); the CUDA kernel none of SPEC 8.
+        # The CPU bit-plane kernels compute differential sensing, sign-magnitude inputs, half-even rounding
+        # (csrc/cpu/xbar_cpu_block.h), the even row split and the per-tile ADC range (csrc/cpu/plan.h); the CUDA
+        # kernel none of SPEC 8.
         out["cpu"] = dataclasses.replace(_torch_op_backend("cpu", ("cpu",), KERNEL_PERIPHERY), **_torch_op_cells("CPU"))
         if torch._C._dispatch_has_kernel_for_dispatch_key("xma2_ops::xbar_mvm", "CUDA"):
             out["cuda"] = _torch_op_backend("cuda", ("cuda",))
