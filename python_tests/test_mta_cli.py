@@ -126,3 +126,14 @@ def test_cli_help_lists_the_example_flags(capsys):
     for flag in ("--quick", "--data-root", "--arch", "--backbone-weights", "--device", "--deploy", "--noise-aware",
                  "--weight-only-also", "--shared-bn", "--seeds", "--threads", "--no-progress"):
         assert flag in out
+
+
+def test_chip_aware_refused_under_torchrun(monkeypatch):
+    """Each rank would adapt its own copy on its own shard and the summed counts would mix models."""
+    import torch
+    from xma2_ops.mta.experiment import evaluate
+    monkeypatch.setattr(evaluate, "is_dist", lambda: True)
+    args = cli.parse_args(["--device", "typical", "--deploy", "naive", "chip-aware"])
+    data = (torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(SystemExit, match="chip-aware: not supported under torchrun"):
+        evaluate.evaluate_device(None, data, args, False, "", data)

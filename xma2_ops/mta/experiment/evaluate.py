@@ -92,6 +92,8 @@ def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str, tra
     n = args.device_n_test or len(data[1])
     data = (data[0][:n], data[1][:n])
     modes = list(args.deploy)
+    if "chip-aware" in modes and is_dist():  # each rank would train its own chip-aware adapter on its shard
+        raise SystemExit("--deploy chip-aware: not supported under torchrun (one process per chip-aware adaption)")
     if any(m != "naive" for m in modes) and train is None:
         raise ValueError(f"train: --deploy {' '.join(modes)} needs the task's training images")
     ideal = evaluate(model, data, args.eval_batch, False, "")[0]  # the same images on ideal cells (paired drop)
