@@ -35,15 +35,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..device import cell_levels
+from ..device import cell_levels, cell_weight_codes
 from ..modules import program
 from .layers import xbar_layers
 from .calibration import calibrate_inputs
 from .masks import from_kn
 from .schedule import Schedule
 from .task import layer_adapters, set_train, task_info
-from .training import (_epochs, _only_trainable, _param_groups, backbone_outside_selection, grad_products, probe_dense,
-                       select_pes)
+from .training import (_epochs, _normalise, _only_trainable, _param_groups, backbone_outside_selection, grad_products,
+                       probe_dense, select_pes)
 
 # The write and read counters the chip-aware training uses start here: far above any number the
 # chip's own programming and evaluation reach, so no training draw repeats an evaluation draw.
@@ -76,8 +76,7 @@ def fault_weight_error(layer: nn.Module) -> torch.Tensor:
     cb = cells.cell_bits
     ideal = cell_levels(state.codes, state.weight_bits, cb).to(device=cells.g.device, dtype=torch.float64)
     err = torch.where(cells.stuck, cells.g - (ideal + cells.device.g0(cb)), torch.zeros_like(ideal))  # [2, S, K, N]
-    shifts = torch.tensor([2.0 ** (j * cb) for j in range(err.shape[1])], dtype=torch.float64, device=err.device)
-    kn = torch.einsum("j,jkn->kn", shifts, err[0] - err[1]) * state.scale.to(torch.float64)
+    kn = cell_weight_codes(err, cb, 0) * state.scale.to(torch.float64)  # (the shift-and-add of the cells' codes)
     return from_kn(kn, w.shape).to(device=w.device, dtype=w.dtype)
 
 
@@ -143,7 +142,6 @@ def adapt_on_chip(model: nn.Module, loader: Iterable, schedule: Schedule = CHIP_
         set_train(model, False)
     calibrate_inputs(model, calib_loader if calib_loader is not None else loader, schedule.calib_batches)
     program(model)  # the backbone's write 0 again, the task's PEs with the adapted weights
-    model.eval()
     return ChipAdaption(seed, stuck, swapped, schedule.hw_epochs)
 
 
@@ -162,8 +160,7 @@ def _reselect(model: nn.Module, loader: Iterable, batches: int, fault_weight: fl
         for (_, ad), ph in zip(ads, phases):
             ad.phase = ph
             ad.task_weight.requires_grad_(False)
-    scores = [s / s.mean().clamp_min(1e-30) + fault_weight * f / f.mean().clamp_min(1e-30)
-              for s, f in zip(sens, fault)]
+    scores = [s + fault_weight * f for s, f in zip(_normalise(sens), _normalise(fault))]
     select_pes(model, scores)
     backbone_outside_selection(model)  # a dropped PE returns to the backbone's weights
     return int(sum(((o > 0) & (ad.pe_sel == 0)).sum() for o, (_, ad) in zip(old, ads)))

@@ -98,6 +98,8 @@ def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str, tra
         raise ValueError(f"train: --deploy {' '.join(modes)} needs the task's training images")
     ideal = evaluate(model, data, args.eval_batch, False, "")[0]  # the same images on ideal cells (paired drop)
     accs: Dict[str, List[float]] = {m: [] for m in modes}
+    calib = None if train is None else [train[0][i:i + args.batch] for i in range(0, min(len(train[0]), DEPLOY_INPUTS),
+                                                                                   args.batch)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the device path is many small int64 ops: more threads only add overhead (docs/DEVICE.md)
     try:
@@ -111,8 +113,7 @@ def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str, tra
                             adapt_on_chip(model, make_loader(train, args.batch, args.seed + chip),
                                           chip_schedule(args), progress=progress)
                         if mode != "naive":
-                            calib = train[0][:DEPLOY_INPUTS]
-                            deploy(model, [calib[i:i + args.batch] for i in range(0, len(calib), args.batch)])
+                            deploy(model, calib)
                         accs[mode].append(evaluate(model, data, args.eval_batch, progress,
                                                    f"{desc} {args.device} chip {chip} {mode}")[0])
                     finally:
