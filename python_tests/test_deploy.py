@@ -14,6 +14,7 @@ import torch.nn as nn
 import xma2_ops
 from xma2_ops import DeviceModel, mta
 from xma2_ops.calibration import calibrate_adc
+from xma2_ops.mta.deploy import DEFAULT_STEPS
 
 from mta_net import make_model
 from test_mta_load import rewrite
@@ -166,8 +167,8 @@ def test_typical_chip_deploy_brings_outputs_closer_to_ideal():
         chip = on_chip(copy.deepcopy(m), DeviceModel.preset("typical"), seed=seed)
         with torch.no_grad():
             naive = chip(xte)
-        r = mta.deploy(chip, batches(xtr, 64))  # default: 256 inputs, steps adc, gain, bn
-        assert r.inputs == 256 and r.steps == ("adc", "gain", "bn") and r.bn_layers == ["b1", "b2"]
+        r = mta.deploy(chip, batches(xtr, 64))  # default: 256 inputs, steps adc, gain, bn, fold
+        assert r.inputs == 256 and r.steps == ("adc", "gain", "bn", "fold") and r.bn_layers == ["b1", "b2"]
         with torch.no_grad():
             deployed = chip(xte)
         err_naive = float((naive - ideal).norm() / ideal.norm())
@@ -178,8 +179,8 @@ def test_typical_chip_deploy_brings_outputs_closer_to_ideal():
 
 
 # ------------------------------------------------------------------ (4) task files
-def _xma2_task(x: torch.Tensor) -> nn.Module:
-    m = on_chip(backbone(x), DeviceModel.preset("typical"))
+def _xma2_task(x: torch.Tensor, **device) -> nn.Module:
+    m = on_chip(backbone(x), dataclasses.replace(DeviceModel.preset("typical"), **device))
     mta.prepare(m, mta.MethodSpec("xma2", budget=0.5), 10)
     m.eval()
     return m
@@ -294,3 +295,136 @@ def test_prepare_starts_a_task_without_the_previous_correction():
     assert m.c1.out_gain is not None
     mta.prepare(m, mta.MethodSpec("classifier"), 10)
     assert all(layer.out_gain is None and layer.out_offset is None for _, layer in mta.xbar_layers(m))
+
+
+# ------------------------------------------------------------------ (7) fold: the correction into the BN
+class _Branchy(nn.Module):
+    """c1 -> b1 (foldable); c2's output also feeds a residual add (not foldable); c3 has no BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, 1, 1, bias=True)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, 1, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(8)
+        self.c3 = nn.Conv2d(8, 4, 1, bias=True)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        y = self.c2(x)
+        x = torch.relu(self.b2(y) + y)
+        return self.fc(self.c3(x).mean((2, 3)))
+
+
+def _branchy() -> nn.Module:
+    torch.manual_seed(5)
+    m = xma2_ops.convert(_Branchy(), xma2_ops.XbarConfig(rows=32, cols=32), skip=lambda n, _: n == "fc")
+    for bn in (m.b1, m.b2):  # statistics and affine parameters that are not the identity
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.3, 0.3)
+    m.eval()
+    return m
+
+
+def _random_corrections(m: nn.Module) -> None:
+    g = torch.Generator().manual_seed(11)
+    for _, layer in mta.xbar_layers(m):
+        n = layer.weight.shape[0]
+        layer.set_output_correction(0.7 + 0.6 * torch.rand(n, generator=g), 0.2 * torch.randn(n, generator=g))
+
+
+def _tap(m: nn.Module, names, x) -> dict:
+    """The outputs of modules ``names`` on x."""
+    out, hooks = {}, [m.get_submodule(n).register_forward_hook(
+        lambda mod, a, y, n=n: out.__setitem__(n, y.detach().clone())) for n in names]
+    try:
+        with torch.no_grad():
+            out["model"] = m(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def test_fold_moves_the_correction_into_the_bn_it_feeds_exactly():
+    """Any correction (random gains and offsets here) folds into b1 with the BN output unchanged; c2
+    (its output also feeds the residual add) and c3 (no BN) keep theirs."""
+    x = inputs(16)
+    m = on_chip(_branchy(), DeviceModel.preset("ideal"))
+    m(x)  # input ranges
+    _random_corrections(m)
+    before = _tap(m, ["b1", "b2", "c3"], x)
+    g1 = m.c1.out_gain.clone()
+    r = mta.deploy(m, batches(x), steps=("fold",))
+    assert r.layer("c1").folded_into == "b1" and r.layer("c1").not_folded is None
+    assert m.c1.out_gain is None and m.c1.out_offset is None
+    for name in ("c2", "c3"):
+        assert r.layer(name).folded_into is None and "one BatchNorm only" in r.layer(name).not_folded
+        assert getattr(m, name).out_gain is not None
+    after = _tap(m, ["b1", "b2", "c3"], x)
+    for key in ("b1", "b2", "c3", "model"):
+        torch.testing.assert_close(after[key], before[key], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(m.b1.weight, m.b1.weight / g1)  # the gain went into gamma
+
+
+def test_fold_after_a_typical_chip_deploy_keeps_the_outputs_and_costs_nothing(tmp_path):
+    """On the two-conv net every correction goes into its BN with the outputs kept, the report
+    counts no correction, and the task file (its BN) carries the folded task."""
+    x = inputs()
+    m = _xma2_task(x, sigma_read=0.0)  # (without read noise every read of the chip is the same)
+    mta.deploy(m, batches(x), steps=("gain", "bn"))  # (no adc step: the task file checks the clips)
+    assert all(layer.out_gain is not None for _, layer in mta.xbar_layers(m))
+    before = _tap(m, ["b1", "b2"], x)
+    r = mta.deploy(m, batches(x), steps=("fold",))
+    after = _tap(m, ["b1", "b2"], x)
+    assert [r.layer(n).folded_into for n in ("c1", "c2")] == ["b1", "b2"]
+    assert all(layer.out_gain is None for _, layer in mta.xbar_layers(m))
+    for key in ("b1", "b2", "model"):
+        torch.testing.assert_close(after[key], before[key], rtol=1e-4, atol=1e-4)
+    assert mta.report(m, example_input=x[:2]).total.correction_muls == 0
+    path = tmp_path / "folded.safetensors"
+    mta.save_task(m, path)
+    fresh = _xma2_task(x, sigma_read=0.0)
+    mta.load_task(fresh, path)
+    for a, b in zip(mta.bn_layers(m), mta.bn_layers(fresh)):
+        for k, v in a[1].state_dict().items():
+            assert torch.equal(v, b[1].state_dict()[k]), (a[0], k)
+
+
+def test_default_deploy_folds_and_matches_the_unfolded_deploy_on_a_noiseless_chip():
+    """Default steps = adc, gain, bn, fold; with read noise off the folded model's outputs equal the
+    unfolded deploy's (same chip, same fit) to float rounding."""
+    x = inputs()
+    dev = dataclasses.replace(DeviceModel.preset("typical"), sigma_read=0.0)
+    a = on_chip(backbone(x), dev)
+    b = copy.deepcopy(a)
+    r = mta.deploy(a, batches(x))
+    assert r.steps == ("adc", "gain", "bn", "fold") == DEFAULT_STEPS
+    assert [lc.folded_into for lc in r.layers] == ["b1", "b2"]
+    mta.deploy(b, batches(x), steps=("adc", "gain", "bn"))
+    assert all(layer.out_gain is not None for _, layer in mta.xbar_layers(b))
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fold_keeps_the_correction_where_it_cannot_go():
+    x = inputs()
+    m = _xma2_task(x)
+    m.b1.weight = None  # (an affine-free BN: nothing to fold the gain into)
+    m.b1.bias = None
+    _random_corrections(m)
+    r = mta.deploy(m, batches(x), steps=("fold",))
+    assert r.layer("c1").folded_into is None and "no affine weight" in r.layer("c1").not_folded
+    assert r.layer("c2").folded_into == "b2"
+    shared = on_chip(backbone(x), DeviceModel.preset("typical"))
+    mta.prepare(shared, mta.MethodSpec("xma2", budget=0.5, task_bn=False), 10)
+    shared.eval()
+    _random_corrections(shared)
+    r = mta.deploy(shared, batches(x), steps=("fold",))
+    assert all("task_bn=False" in lc.not_folded for lc in r.layers)
+    assert all(layer.out_gain is not None for _, layer in mta.xbar_layers(shared))
+    with pytest.raises(ValueError, match="steps: 'fold' must be the last step"):
+        mta.deploy(m, batches(x), steps=("fold", "bn"))

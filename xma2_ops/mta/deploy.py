@@ -12,28 +12,41 @@ inputs only, on the chip the layers hold (``config.device``, ``xma2_ops.program(
   inputs, layer by layer in network order (each layer's inputs from the already-corrected chip);
 - ``"bn"``: ``refresh_bn_stats`` through the chip (the quantised forward on the cells, eval mode);
 - ``"drift"`` (optional): one scalar per layer, mean |ideal| / mean |chip| (corrected so far), folded
-  into the same correction (global drift compensation).
+  into the same correction (global drift compensation);
+- ``"fold"`` (last): each layer's correction folded, exactly, into the BatchNorm its output feeds and
+  nothing else feeds on (found by tracing the model with torch.fx), so that it costs nothing at
+  inference: BN computes gamma (z - mu) / s + beta per channel, and with z = g y + o + b that is the
+  same BN with gamma' = gamma g and mu' = b + (mu - o - b) / g applied to y + b.  Layers without such a
+  BN (a residual branch reads the output too, no BN, a BN without affine or running statistics, a
+  BN shared with the backbone, i.e. ``MethodSpec.task_bn=False``) keep the digital correction.
 
-Steps run in the order given; the default is ("adc", "gain", "bn").
+Steps run in the order given; the default is ("adc", "gain", "bn", "fold").
 
-The correction lives on the layers (``out_gain``/``out_offset``) and travels in the task file.
-Folding the gain into XMA2's tier-2 column scales (which already multiply the frozen PEs' columns)
-would make it free; that is a later optimisation.
+Why BN and not XMA2's tier-2 column scales: those are shift levels {0, +-2^k} per PE row tile, so a
+real gain does not fit them without a multiplier, and a column's re-programmed PEs carry no scale at
+all; the BN after each crossbar conv is a per-channel affine already computed digitally for the task.
+The correction that remains lives on the layers (``out_gain``/``out_offset``) and travels in the task
+file; a folded one travels as the task's BN (``task_bn``).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+import torch.fx
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..calibration import calibrate_adc
+from ..modules import XbarConv2d, XbarLinear
 from .calibration import refresh_bn_stats
 from .layers import bn_layers, xbar_layers
 
-STEPS = ("adc", "bn", "gain", "drift")
-DEFAULT_STEPS = ("adc", "gain", "bn")  # bn last: its statistics must be those of the corrected outputs
+STEPS = ("adc", "bn", "gain", "drift", "fold")
+# bn after gain: its statistics must be those of the corrected outputs; fold last (it folds the final ones)
+DEFAULT_STEPS = ("adc", "gain", "bn", "fold")
 DEFAULT_INPUTS = 256  # inputs (not batches) taken from the loader when ``batches`` is None
 
 
@@ -50,6 +63,8 @@ class LayerDeployment:
     drift: Optional[float] = None  # the drift step's scale
     error_before: Optional[float] = None  # ||chip - ideal|| / ||ideal|| of the layer output before the gain step
     error_after: Optional[float] = None  # ... after it
+    folded_into: Optional[str] = None  # the fold step: the BN that now holds the correction
+    not_folded: Optional[str] = None  # ... or why the layer keeps its digital correction
 
 
 @dataclasses.dataclass
@@ -77,6 +92,8 @@ def _check_args(model, steps, batches, adc_batches) -> Tuple[Tuple[str, ...], Li
             raise ValueError(f"steps: unknown step {s!r}; expected names from {STEPS}")
     if len(set(steps)) != len(steps) or not steps:
         raise ValueError(f"steps: expected distinct step names from {STEPS}, at least one, got {tuple(steps)!r}")
+    if "fold" in steps and steps[-1] != "fold":  # a later step would fit or normalise the folded outputs again
+        raise ValueError(f"steps: 'fold' must be the last step, got {tuple(steps)!r}")
     for name, v in (("batches", batches), ("adc_batches", adc_batches)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name}: expected an int >= 1 or None, got {v!r}")
@@ -170,6 +187,57 @@ def _fit_gain(y: torch.Tensor, ref: torch.Tensor) -> Tuple[torch.Tensor, torch.T
     return g, mr - g * my
 
 
+def _bn_after(model: nn.Module) -> Dict[str, Tuple[str, nn.Module]]:
+    """{crossbar layer name: (name, BN)} for every crossbar layer whose output goes to one BatchNorm
+    and nowhere else, that BN being called once and on nothing else (the graph of ``model`` traced by
+    torch.fx with the crossbar and BN layers as leaves); {} if the model does not trace."""
+    class _Leaves(torch.fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, (XbarConv2d, XbarLinear, _BatchNorm)) or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = _Leaves().trace(model)
+    except Exception:  # (data-dependent control flow and the like: no fold, the correction stays)
+        return {}
+    mods = dict(model.named_modules())
+    calls = [n for n in graph.nodes if n.op == "call_module"]
+    count = collections.Counter(n.target for n in calls)
+    pairs = {}
+    for node in calls:
+        users = list(node.users)
+        if (isinstance(mods[node.target], (XbarConv2d, XbarLinear)) and count[node.target] == 1 and len(users) == 1
+                and users[0].op == "call_module" and isinstance(mods[users[0].target], _BatchNorm)
+                and count[users[0].target] == 1 and users[0].args == (node,) and not users[0].kwargs):
+            pairs[node.target] = (users[0].target, mods[users[0].target])
+    return pairs
+
+
+def _fold(model: nn.Module, layers: List[Tuple[str, nn.Module]], info: Dict[str, LayerDeployment]) -> None:
+    """The "fold" step (module docstring): every correction that can go into the BN after it does."""
+    corrected = [(n, m) for n, m in layers if m.out_gain is not None]
+    if not corrected:
+        return
+    task = getattr(model, "mta_task", None)
+    pairs = _bn_after(model)
+    for name, layer in corrected:
+        bn_name, bn = pairs.get(name, (None, None))
+        g, o = layer.out_gain.double(), layer.out_offset.double()
+        if task is not None and not task.spec.task_bn:
+            info[name].not_folded = "the BN is the backbone's, shared by the tasks (task_bn=False)"
+        elif bn is None:
+            info[name].not_folded = "the output does not go to one BatchNorm only"
+        elif bn.weight is None or bn.running_mean is None:
+            info[name].not_folded = f"BN {bn_name} has no affine weight or no running statistics"
+        elif not bool((g.abs() > 1e-12).all()):
+            info[name].not_folded = "a column's gain is 0"
+        else:
+            b = layer.bias.double() if layer.bias is not None else torch.zeros_like(g)
+            bn.running_mean.copy_(b + (bn.running_mean.double() - o - b) / g)
+            bn.weight.copy_(bn.weight.double() * g)
+            layer.set_output_correction(None, None)
+            info[name].folded_into = bn_name
+
+
 @torch.no_grad()
 def deploy(model: nn.Module, loader: Iterable, steps: Sequence[str] = DEFAULT_STEPS,
            batches: Optional[int] = None, *, adc_method: str = "percentile",
@@ -177,17 +245,17 @@ def deploy(model: nn.Module, loader: Iterable, steps: Sequence[str] = DEFAULT_ST
     """Calibrate the current task of ``model`` on its programmed chip from unlabelled inputs of
     ``loader`` (items ``x`` or ``(x, ...)``): ``batches`` batches, default (None) as many as give
     DEFAULT_INPUTS = 256 inputs.  ``steps`` run in the order given (module docstring: "adc", "bn",
-    "gain", "drift"); the default ("adc", "gain", "bn") re-estimates BN last, on the corrected
-    outputs (BN estimated before the gain would normalise outputs the gain then changes: measured
-    worse on a ``typical`` chip); every crossbar layer needs a ``config.device`` (an ideal device is accepted:
+    "gain", "drift", "fold"); the default ("adc", "gain", "bn", "fold") re-estimates BN after the
+    gain, on the corrected outputs (BN estimated before the gain would normalise outputs the gain then
+    changes: measured worse on a ``typical`` chip), then folds the corrections into the BNs; every crossbar layer needs a ``config.device`` (an ideal device is accepted:
     every step then changes nothing material).  ``adc_method``/``percentile`` go to ``calibrate_adc``,
     which reads the first ``adc_batches`` of the batches (default 1: a batch of 64 inputs already gives
     each layer up to 2048 input rows x N columns x every conversion of partial sums; None: all).
     The model is left in its training mode; returns what changed (``Deployment``).
 
     The "gain" correction (and "drift", folded into it) costs N multiplies and N adds per output
-    position of a layer (``mta.report``); folding it into XMA2's tier-2 column scales would make
-    it free and is left for later."""
+    position of a layer (``mta.report``) unless "fold" moved it into the BN that follows the layer
+    (``LayerDeployment.folded_into``; ``not_folded`` says why a layer keeps it)."""
     steps, layers = _check_args(model, steps, batches, adc_batches)
     xs = _inputs(loader, batches)
     result = Deployment(steps, sum(int(x.shape[0]) for x in xs), len(xs), [LayerDeployment(n) for n, _ in layers], [])
@@ -207,6 +275,8 @@ def deploy(model: nn.Module, loader: Iterable, steps: Sequence[str] = DEFAULT_ST
             elif step == "bn":
                 refresh_bn_stats(model, [(x, None) for x in xs], batches=len(xs))
                 result.bn_layers = [n for n, _ in bn_layers(model)]
+            elif step == "fold":
+                _fold(model, layers, info)
             else:  # "gain" / "drift": every layer fitted on the already-corrected chip forward
                 _fit_in_one_pass(model, layers, torch.cat(xs), step, info)
     finally:
