@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "device_sweep.py"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
@@ -92,6 +94,10 @@ def test_train_mta_device_option(tmp_path):
         assert row["device_acc_chip-aware"] != ""
     chips = list(csv.DictReader(open(out / "device.csv")))
     per_chip = [c for c in chips if c["chip"] != "mean"]
+    for c in per_chip:  # the chip-aware re-selection's swaps are recorded per chip (xma2 selects PEs)
+        assert (c["pes_swapped"] != "") == (c["mode"] == "chip-aware"), c
+        if c["mode"] == "chip-aware":
+            assert int(c["pes_swapped"]) >= 0
     assert sorted((c["method"], c["mode"], c["chip"]) for c in per_chip) == sorted(
         (m, mode, str(c)) for m in ("classifier", "xma2@10%/snip") for mode in ("naive", "chip-aware") for c in (0, 1))
     for row in rows:  # the row's mean is the mean of its chips
@@ -115,3 +121,16 @@ def test_train_mta_device_option(tmp_path):
     assert res.accs["naive"] == [res.ideal] * 3 and res.n_test == 50
     assert res.ideal == evaluate.evaluate(model, (src[1][0][:50], src[1][1][:50]), 100, False, "")[0]
     assert all(m.config.device is None for _, m in mta.xbar_layers(model))
+
+    # chips evaluated by forked workers give what one process gives, and leave the caller's RNG alone
+    mta.prepare(model, mta.MethodSpec("xma2", budget=0.1), 10)
+    args = cli.parse_args(["--quick", "--out", str(out), "--device", "typical", "--device-chips", "2",
+                           "--deploy", "naive", "calibrated", "chip-aware"])
+    by_workers = {}
+    for workers in (1, 2):
+        args.device_workers = workers
+        rng = torch.get_rng_state()
+        by_workers[workers] = evaluate.evaluate_device(model, src[1], args, False, "", src[0])
+        assert torch.equal(torch.get_rng_state(), rng)
+    assert by_workers[1] == by_workers[2]
+    assert by_workers[1].pes_swapped[0] is not None and len(by_workers[1].accs["chip-aware"]) == 2

@@ -26,7 +26,8 @@ OLD_DEFAULTS = {
     'batch': 64, 'eval_batch': 100, 'seed': 0, 'seeds': 1, 'threads': 0, 'no_progress': False, 'device': None,
     'device_chips': 3, 'device_n_test': 300, 'deploy': False, 'noise_aware': False, 'cifar': False}
 # ... changed on purpose since (the deployment issue): >= 5 chips, every test image, the --deploy modes
-DEVICE_DEFAULTS = {'device_chips': 5, 'device_n_test': 0, 'deploy': ['naive'], 'chip_aware_epochs': 1}
+DEVICE_DEFAULTS = {'device_chips': 5, 'device_n_test': 0, 'deploy': ['naive'], 'chip_aware_epochs': 1,
+                   'device_workers': min(2, os.cpu_count() or 1)}
 OLD_RUNS = ['finetune', 'classifier', 'piggyback', 'xbm', 'xma', 'pe@5%/snip', 'pe@10%/snip', 'pe@20%/snip',
             'xma2@5%/snip', 'xma2@10%/snip', 'xma2@20%/snip']
 # ... and of --quick (the old example's; quick now also restricts the built-in tasks to 2)
@@ -57,6 +58,7 @@ def test_deploy_modes(argv, modes):
 @pytest.mark.parametrize("argv, message", [
     (["--deploy", "naive"], "--deploy needs --device"), (["--device", "typical", "--deploy", "calibrate"], "invalid choice"),
     (["--device", "typical", "--device-n-test", "-1"], "--device-n-test"),
+    (["--device", "typical", "--device-workers", "0"], "--device-workers"),
     (["--device", "typical", "--chip-aware-epochs", "-1"], "--chip-aware-epochs")])
 def test_deploy_refusals(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

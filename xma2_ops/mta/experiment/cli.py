@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -113,6 +114,9 @@ def build_parser(prog: str = "python -m xma2_ops.mta") -> argparse.ArgumentParse
                         "unlabelled training images of the task), chip-aware (mta.adapt_on_chip: the task trained "
                         "with the chip's known stuck cells, tier-1 PEs re-scored by them, then calibrated); "
                         "--deploy alone: calibrated")
+    p.add_argument("--device-workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="processes evaluating chips side by side, one torch thread each (default: 2, or 1 on one "
+                        "core; 1 under torchrun); the results do not depend on it")
     p.add_argument("--chip-aware-epochs", type=int, default=1,
                    help="epochs of the chip-aware adaption per chip (--deploy chip-aware)")
     p.add_argument("--noise-aware", action="store_true",
@@ -129,8 +133,9 @@ def parse_args(argv=None, prog: str = "python -m xma2_ops.mta") -> argparse.Name
     if args.deploy is not None and not args.device:
         raise SystemExit("--deploy needs --device PRESET")
     args.deploy = ["naive"] if args.deploy is None else list(dict.fromkeys(args.deploy or ["calibrated"]))
-    if args.device_chips < 1 or args.device_n_test < 0 or args.chip_aware_epochs < 0:
-        raise SystemExit("--device-chips must be >= 1, --device-n-test and --chip-aware-epochs >= 0")
+    if args.device_chips < 1 or args.device_workers < 1 or args.device_n_test < 0 or args.chip_aware_epochs < 0:
+        raise SystemExit("--device-chips and --device-workers must be >= 1, --device-n-test and --chip-aware-epochs "
+                         ">= 0")
     if args.seeds < 1:
         raise SystemExit(f"--seeds: expected >= 1, got {args.seeds}")
     if args.hw_epochs < 0:

@@ -130,7 +130,10 @@ def run_experiment(args, full_args=None) -> List[dict]:
                 rows[-1].update({f"device_acc_{mode}": round(mean, 2), f"device_std_{mode}": round(std, 2)})
                 chip_rows += [{"seed": sd, "task": task, "method": run.label, "mode": mode, "chip": c,
                                "device_seed": args.seed + c, "n_test": dev.n_test, "ideal_acc": round(dev.ideal, 2),
-                               "acc": round(a, 2)} for c, a in enumerate(dev.accs[mode])]
+                               "acc": round(a, 2),
+                               # the PEs the chip-aware re-selection swapped on this chip ("" in the other modes)
+                               "pes_swapped": dev.pes_swapped[c] if mode == "chip-aware" else ""}
+                              for c, a in enumerate(dev.accs[mode])]
         line = (f"seed {sd} {task:>10} {run.label:<28} acc {acc:6.2f}%  PEs {t.reprogrammed_pes:>3}/{t.pes}"
                 f"  cells {t.cells_written:>8}  write {t.energy_j * 1e6:8.3f} uJ  infer "
                 f"{t.inference_energy_j * 1e9:8.1f} nJ/img  mask {t.mask_bits} bits  ({time.time() - t_run:.0f} s)"
