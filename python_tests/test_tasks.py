@@ -1,0 +1,46 @@
+"""The experiment's built-in tasks (data.py): the default set, and the textures task's split (train
+and test crops from disjoint bands of each picture), its size, balance and seed."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from xma2_ops.mta.experiment import cli, data
+
+
+def test_default_tasks_replace_the_saturated_sk_digits():
+    args = cli.parse_args([])
+    assert args.tasks is None and data.DEFAULT_TASKS == ("animals", "textures", "letters", "shapes")
+    args = cli.parse_args(["--tasks", "textures", "sk_digits", "--n-train", "200", "--n-test", "100"])
+    tasks = data.builtin_tasks(args)
+    assert list(tasks) == ["sk_digits", "textures"]  # on request, in the built-in order
+
+
+@pytest.mark.parametrize("h, w", [(512, 512), (303, 384), (172, 448), (1411, 1411)])
+def test_texture_crops_stay_in_their_bands(h, w):
+    rng = np.random.default_rng(0)
+    edges = np.linspace(0, w, data.TEXTURE_BANDS + 1).astype(int)
+    seen = {False: set(), True: set()}
+    for _ in range(2000):
+        test = bool(rng.integers(2))
+        x0, y0, side = data.texture_crop_box(rng, h, w, test)
+        band = int(np.searchsorted(edges, x0, side="right")) - 1
+        assert edges[band] <= x0 and x0 + side <= edges[band + 1], (x0, side, edges)  # inside one band
+        assert 0 <= y0 and y0 + side <= h and side >= min(32, edges[band + 1] - edges[band], h)
+        assert (band in data.TEXTURE_TEST_BANDS) == test
+        seen[test].add(band)
+    assert seen[True] == set(data.TEXTURE_TEST_BANDS)
+    assert seen[False] == set(range(data.TEXTURE_BANDS)) - set(data.TEXTURE_TEST_BANDS)
+
+
+def test_textures_task_size_balance_and_seed():
+    (xtr, ytr), (xte, yte) = data.make_textures(300, 100, seed=3)
+    assert xtr.shape == (300, 1, 28, 28) and xte.shape == (100, 1, 28, 28)
+    assert xtr.dtype == torch.float32 and float(xtr.min()) >= 0 and float(xtr.max()) <= 1
+    assert torch.bincount(ytr, minlength=10).tolist() == [30] * 10
+    assert torch.bincount(yte, minlength=10).tolist() == [10] * 10
+    assert len(set(ytr[:20].tolist())) > 3  # shuffled, not class after class
+    again = data.make_textures(300, 100, seed=3)
+    assert torch.equal(again[0][0], xtr) and torch.equal(again[1][1], yte)
+    assert not torch.equal(data.make_textures(300, 100, seed=4)[0][0], xtr)
