@@ -2,6 +2,7 @@
 the full default arguments are the old example's, the OpenMP wait policy, the entry points."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -27,7 +28,8 @@ OLD_DEFAULTS = {
     'device_chips': 3, 'device_n_test': 300, 'deploy': False, 'noise_aware': False, 'cifar': False}
 # ... changed on purpose since (the deployment issue): >= 5 chips, every test image, the --deploy modes
 DEVICE_DEFAULTS = {'device_chips': 5, 'device_n_test': 0, 'deploy': ['naive'], 'chip_aware_epochs': 1,
-                   'device_workers': min(2, os.cpu_count() or 1)}
+                   'device_workers': min(2, os.cpu_count() or 1), 'sensing': 'per_polarity',
+                   'verify_tolerance': None, 'verify_max_pulses': None}
 OLD_RUNS = ['finetune', 'classifier', 'piggyback', 'xbm', 'xma', 'pe@5%/snip', 'pe@10%/snip', 'pe@20%/snip',
             'xma2@5%/snip', 'xma2@10%/snip', 'xma2@20%/snip']
 # ... and of --quick (the old example's; quick now also restricts the built-in tasks to 2)
@@ -59,6 +61,11 @@ def test_deploy_modes(argv, modes):
     (["--deploy", "naive"], "--deploy needs --device"), (["--device", "typical", "--deploy", "calibrate"], "invalid choice"),
     (["--device", "typical", "--device-n-test", "-1"], "--device-n-test"),
     (["--device", "typical", "--device-workers", "0"], "--device-workers"),
+    (["--verify-tolerance", "0.5"], "--verify-tolerance/--verify-max-pulses need --device"),
+    (["--device", "typical", "--verify-max-pulses", "3"], "--verify-max-pulses needs --verify-tolerance"),
+    (["--device", "typical", "--verify-tolerance", "-1"], "verify_tolerance: expected a value"),
+    (["--device", "typical", "--verify-tolerance", "0.5", "--verify-max-pulses", "0"], "verify_max_pulses"),
+    (["--sensing", "both"], "invalid choice"),
     (["--device", "typical", "--chip-aware-epochs", "-1"], "--chip-aware-epochs")])
 def test_deploy_refusals(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -139,3 +146,20 @@ def test_chip_aware_refused_under_torchrun(monkeypatch):
     data = (torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long))
     with pytest.raises(SystemExit, match="chip-aware: not supported under torchrun"):
         evaluate.evaluate_device(None, data, args, False, "", data)
+
+
+def test_sensing_and_write_verify_reach_the_layers_and_the_chips():
+    from xma2_ops import DeviceModel
+    from xma2_ops.mta.experiment import backbone, evaluate
+    args = cli.parse_args(["--device", "chen2017", "--sensing", "differential", "--verify-tolerance", "0.25",
+                           "--verify-max-pulses", "20"])
+    assert backbone.xbar_config(args).sensing == "differential"
+    assert evaluate.device_model(args) == dataclasses.replace(DeviceModel.preset("chen2017"), verify_tolerance=0.25,
+                                                              verify_max_pulses=20)
+    plain = cli.parse_args(["--device", "chen2017"])
+    assert backbone.xbar_config(plain).sensing == "per_polarity"
+    assert evaluate.device_model(plain) == DeviceModel.preset("chen2017")
+    src = ((None, [0] * 40), None)
+    # another sensing is another cached backbone (its input ranges see the ADC); the default key is unchanged
+    assert backbone.backbone_key(args, src) != backbone.backbone_key(plain, src)
+    assert backbone.backbone_key(plain, src) == backbone.backbone_key(cli.parse_args([]), src)

@@ -21,7 +21,7 @@ from .runtime import ddp_wrap, is_dist, make_loader
 ARCHS = ("small", "resnet18", "resnet50")
 
 def xbar_config(args) -> XbarConfig:
-    return XbarConfig(rows=args.rows, cols=args.cols)
+    return XbarConfig(rows=args.rows, cols=args.cols, sensing=args.sensing)
 
 def build_model(args, num_classes: int) -> nn.Module:
     """The backbone on crossbars: every conv mapped (xma2_ops.convert), the classifier head ``fc``
@@ -59,6 +59,13 @@ def load_weights(path: str) -> Dict[str, torch.Tensor]:
         return load_file(path)
     return torch.load(path, map_location="cpu", weights_only=True)
 
+def backbone_key(args, src) -> str:
+    """The cached backbone's key: everything its weights and input ranges depend on."""
+    parts = [args.arch, args.width, args.rows, args.cols, args.seed, args.n_source, args.backbone_epochs,
+             len(src[0][1]) if src else 0]
+    parts += [args.sensing] if args.sensing != "per_polarity" else []  # (the input ranges see the ADC's sensing)
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
+
 def backbone(args, src, out: Path, progress: bool) -> nn.Module:
     """The backbone: --backbone-weights as given, else trained on ``src`` (MNIST) with weight-only
     fake quantisation and cached under --out (the key covers everything the weights depend on)."""
@@ -66,9 +73,7 @@ def backbone(args, src, out: Path, progress: bool) -> nn.Module:
     model = build_model(args, 10)
     if args.backbone_weights and args.arch != "small":
         return model  # loaded by build_model (a torchvision checkpoint)
-    key = hashlib.sha256(json.dumps([args.arch, args.width, args.rows, args.cols, args.seed, args.n_source,
-                                     args.backbone_epochs, len(src[0][1]) if src else 0]).encode()).hexdigest()[:12]
-    cache = Path(args.backbone_weights) if args.backbone_weights else out / f"backbone_{key}.safetensors"
+    cache = Path(args.backbone_weights) if args.backbone_weights else out / f"backbone_{backbone_key(args, src)}.safetensors"
     if cache.exists():
         model.load_state_dict(load_file(str(cache)))
         return model

@@ -9,7 +9,7 @@ from typing import List, Optional
 from ... import DeviceModel
 from .. import METHODS, Schedule
 from .backbone import ARCHS
-from .evaluate import DEPLOY_MODES
+from .evaluate import DEPLOY_MODES, device_model
 from .quick import TASKS as QUICK_TASKS
 
 DESCRIPTION = """Multi-task adaption on simulated ReRAM crossbars: one backbone, one adapter per task.
@@ -65,6 +65,10 @@ def build_parser(prog: str = "python -m xma2_ops.mta") -> argparse.ArgumentParse
     p.add_argument("--xbar", type=int, default=128, choices=[32, 64, 128, 256], help="crossbar size (rows = cols)")
     p.add_argument("--rows", type=int, help="crossbar rows per PE (default --xbar)")
     p.add_argument("--cols", type=int, help="crossbar columns per PE (default --xbar)")
+    p.add_argument("--sensing", default="per_polarity", choices=["per_polarity", "differential"],
+                   help="SPEC 8 column sensing of every crossbar layer: per_polarity (one ADC read per polarity, "
+                        "subtracted digitally; the SPEC default) or differential (the + and - columns subtracted "
+                        "before one signed ADC read)")
     p.add_argument("--adc-clip", default="percentile", choices=["pmax", "percentile", "mse"],
                    help="ADC range of every layer: pmax (SPEC default) or calibrated on the backbone with "
                         "xma2_ops.calibrate_adc (docs/MTA.md)")
@@ -117,6 +121,11 @@ def build_parser(prog: str = "python -m xma2_ops.mta") -> argparse.ArgumentParse
     p.add_argument("--device-workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes evaluating chips side by side, one torch thread each (default: 2, or 1 on one "
                         "core; 1 under torchrun); the results do not depend on it")
+    p.add_argument("--verify-tolerance", type=float, default=None, metavar="TAU",
+                   help="with --device: program the chips with write-verify (SPEC 7.4), tolerance TAU in level "
+                        "steps (DeviceModel.verify_tolerance; default: the preset's, none)")
+    p.add_argument("--verify-max-pulses", type=int, default=None,
+                   help="with --verify-tolerance: pulses per cell write at most (default: the preset's, 10)")
     p.add_argument("--chip-aware-epochs", type=int, default=1,
                    help="epochs of the chip-aware adaption per chip (--deploy chip-aware)")
     p.add_argument("--noise-aware", action="store_true",
@@ -132,6 +141,15 @@ def parse_args(argv=None, prog: str = "python -m xma2_ops.mta") -> argparse.Name
         raise SystemExit("--noise-aware needs --device PRESET")
     if args.deploy is not None and not args.device:
         raise SystemExit("--deploy needs --device PRESET")
+    if (args.verify_tolerance is not None or args.verify_max_pulses is not None) and not args.device:
+        raise SystemExit("--verify-tolerance/--verify-max-pulses need --device PRESET")
+    if args.verify_max_pulses is not None and args.verify_tolerance is None:
+        raise SystemExit("--verify-max-pulses needs --verify-tolerance TAU")
+    if args.device:
+        try:
+            device_model(args)
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"--verify-tolerance/--verify-max-pulses: {e}") from None
     args.deploy = ["naive"] if args.deploy is None else list(dict.fromkeys(args.deploy or ["calibrated"]))
     if args.device_chips < 1 or args.device_workers < 1 or args.device_n_test < 0 or args.chip_aware_epochs < 0:
         raise SystemExit("--device-chips and --device-workers must be >= 1, --device-n-test and --chip-aware-epochs "

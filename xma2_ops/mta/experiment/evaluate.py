@@ -44,6 +44,15 @@ def with_device(device: Optional[DeviceModel]):
     """A config transform for mta.use_config: the layers' config with ``device`` (None: ideal cells)."""
     return lambda c: dataclasses.replace(c, device=device)
 
+def device_model(args) -> DeviceModel:
+    """The chips' device model: DeviceModel.preset(--device), with --verify-tolerance/--verify-max-pulses."""
+    dev = DeviceModel.preset(args.device)
+    if args.verify_tolerance is not None:
+        dev = dataclasses.replace(dev, verify_tolerance=args.verify_tolerance)
+    if args.verify_max_pulses is not None:
+        dev = dataclasses.replace(dev, verify_max_pulses=args.verify_max_pulses)
+    return dev
+
 DEPLOY_MODES = ("naive", "calibrated", "chip-aware")
 
 @dataclasses.dataclass
@@ -83,7 +92,7 @@ def chip_schedule(args) -> Schedule:
                     lr_weight=args.lr_weight, lr_head=args.lr_head, lr_mask=args.lr_mask, lr_scale=args.lr_scale)
 
 def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str, train=None) -> DeviceResult:
-    """The current task on --device-chips chips of DeviceModel.preset(--device) (device seeds --seed + 0,
+    """The current task on --device-chips chips of ``device_model(args)`` (device seeds --seed + 0,
     1, ...: the same chips for every method and task), on the first --device-n-test test images (0: all),
     in each --deploy mode: ``naive`` (programmed and read as is), ``calibrated`` (mta.deploy on the first
     DEPLOY_INPUTS unlabelled training images of ``train``), ``chip-aware`` (mta.adapt_on_chip on the
@@ -92,7 +101,7 @@ def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str, tra
     The chips run in --device-workers forked processes of one torch thread each; every chip's result
     is the same whichever process runs it and in whatever order (its draws are seeded by the chip, its
     torch RNG too)."""
-    dev = DeviceModel.preset(args.device)
+    dev = device_model(args)
     n = args.device_n_test or len(data[1])
     data = (data[0][:n], data[1][:n])
     modes = list(args.deploy)
@@ -159,7 +168,7 @@ class noise_aware_training:
     def __enter__(self):
         if not self.args.noise_aware:
             return self
-        self.ctx = use_config(self.model, with_device(DeviceModel.preset(self.args.device)))
+        self.ctx = use_config(self.model, with_device(device_model(self.args)))
         self.ctx.__enter__()
         program(self.model, seed=10_000 + self.args.seed)
         for _, m in xbar_layers(self.model):

@@ -13,12 +13,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ... import DeviceModel
 from .. import EnergyModel, Schedule, endurance, fit, layer_adapters, load_task, prepare, report, save_task, xbar_layers
 from .backbone import backbone, backbone_adc_clips, build_model, xbar_config
 from .data import builtin_tasks, folder_tasks, source_task
 from .estimate import print_full_run_estimate
-from .evaluate import evaluate, evaluate_device, noise_aware_training
+from .evaluate import device_model, evaluate, evaluate_device, noise_aware_training
 from .quick import adc_data, cap_large_model
 from .report import (plot_accuracy, plot_energy, plot_masks, print_device_table, print_paired, print_table,
                      write_results)
@@ -168,7 +167,7 @@ def run_experiment(args, full_args=None) -> List[dict]:
         meta = {"args": vars(args), "config": dataclasses.asdict(cfg), "adc_clips": clips, "pes": n_pe,
                 "backbone_acc": backbone_acc, "wall_s": round(wall, 1), "seed_wall_s": [round(w, 1) for w in seed_walls],
                 "threads": torch.get_num_threads(), "energy_model": dataclasses.asdict(EnergyModel()),
-                "device": dataclasses.asdict(DeviceModel.preset(args.device)) if args.device else None,
+                "device": dataclasses.asdict(device_model(args)) if args.device else None,
                 "switch_bit_identical": switch_ok, "world_size": world,
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT")}
         write_results(out, rows, summary, paired, targets, meta, chip_rows, chip_summary)
