@@ -29,7 +29,7 @@ OLD_DEFAULTS = {
 # ... changed on purpose since (the deployment issue): >= 5 chips, every test image, the --deploy modes
 DEVICE_DEFAULTS = {'device_chips': 5, 'device_n_test': 0, 'deploy': ['naive'], 'chip_aware_epochs': 1,
                    'device_workers': min(2, os.cpu_count() or 1), 'sensing': 'per_polarity',
-                   'verify_tolerance': None, 'verify_max_pulses': None}
+                   'verify_tolerance': None, 'verify_max_pulses': None, 'remap_stuck': False}
 OLD_RUNS = ['finetune', 'classifier', 'piggyback', 'xbm', 'xma', 'pe@5%/snip', 'pe@10%/snip', 'pe@20%/snip',
             'xma2@5%/snip', 'xma2@10%/snip', 'xma2@20%/snip']
 # ... and of --quick (the old example's; quick now also restricts the built-in tasks to 2)
@@ -61,7 +61,8 @@ def test_deploy_modes(argv, modes):
     (["--deploy", "naive"], "--deploy needs --device"), (["--device", "typical", "--deploy", "calibrate"], "invalid choice"),
     (["--device", "typical", "--device-n-test", "-1"], "--device-n-test"),
     (["--device", "typical", "--device-workers", "0"], "--device-workers"),
-    (["--verify-tolerance", "0.5"], "--verify-tolerance/--verify-max-pulses need --device"),
+    (["--verify-tolerance", "0.5"], "--verify-tolerance/--verify-max-pulses/--remap-stuck need --device"),
+    (["--remap-stuck"], "--remap-stuck need --device"),
     (["--device", "typical", "--verify-max-pulses", "3"], "--verify-max-pulses needs --verify-tolerance"),
     (["--device", "typical", "--verify-tolerance", "-1"], "verify_tolerance: expected a value"),
     (["--device", "typical", "--verify-tolerance", "0.5", "--verify-max-pulses", "0"], "verify_max_pulses"),
@@ -152,10 +153,10 @@ def test_sensing_and_write_verify_reach_the_layers_and_the_chips():
     from xma2_ops import DeviceModel
     from xma2_ops.mta.experiment import backbone, evaluate
     args = cli.parse_args(["--device", "chen2017", "--sensing", "differential", "--verify-tolerance", "0.25",
-                           "--verify-max-pulses", "20"])
+                           "--verify-max-pulses", "20", "--remap-stuck"])
     assert backbone.xbar_config(args).sensing == "differential"
     assert evaluate.device_model(args) == dataclasses.replace(DeviceModel.preset("chen2017"), verify_tolerance=0.25,
-                                                              verify_max_pulses=20)
+                                                              verify_max_pulses=20, remap_stuck=True)
     plain = cli.parse_args(["--device", "chen2017"])
     assert backbone.xbar_config(plain).sensing == "per_polarity"
     assert evaluate.device_model(plain) == DeviceModel.preset("chen2017")

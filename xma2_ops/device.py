@@ -79,6 +79,11 @@ class DeviceModel:
     verify_tolerance   write-verify (SPEC 7.4): a written cell is read back and re-pulsed until
                 |G_verify - G_ideal(L)| <= verify_tolerance (level steps, finite, >= 0); None = no verify.
     verify_max_pulses  pulses per cell write at most (1-1000); only used with a verify_tolerance.
+    remap_stuck  stuck-aware programming (an extension of SPEC 7.1, off by default; docs/DEVICE.md):
+                every weight with a stuck cell is programmed with the cell levels, among all pairs of
+                per-slice levels of its + and - cells that leave the stuck cells at their stuck
+                level, whose shift-and-add is closest to its code -- the chip's fault map being known
+                from its test (march test or write-verify).  Other weights keep the SPEC 2 levels.
     """
 
     on_off: float = math.inf
@@ -94,6 +99,7 @@ class DeviceModel:
     frac_bits: int = 8
     verify_tolerance: Optional[float] = None
     verify_max_pulses: int = 10
+    remap_stuck: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -102,6 +108,10 @@ class DeviceModel:
                 # None = no verify; else finite level steps (an infinite tolerance is no verify: say None)
                 if v is not None:
                     _check_float(f.name, v, 0.0, 1e6)
+                continue
+            if f.name == "remap_stuck":
+                if not isinstance(v, bool):
+                    raise TypeError(f"DeviceModel.remap_stuck: expected a bool, got {type(v).__name__} ({v!r})")
                 continue
             if f.name in ("seed", "frac_bits", "verify_max_pulses"):
                 if isinstance(v, bool) or not isinstance(v, int):
@@ -174,6 +184,7 @@ class CellState:
     layer: int
     pulses: Optional[torch.Tensor] = None
     verify_failed: Optional[torch.Tensor] = None
+    levels: Optional[torch.Tensor] = None  # the levels L written, int64 [2, S, K, N] (remap_stuck: not SPEC 2's)
 
     def read(self, counter: int = 0) -> torch.Tensor:
         g = self.g
@@ -219,19 +230,21 @@ def program_cells(codes: torch.Tensor, weight_bits: int, cell_bits: int, device:
     """Program the cells of weight codes [K, N] (SPEC 7.1, and 7.4 with write-verify).  ``write``
     numbers the layer's writes: each draws its own programming variation and drift exponents; the
     fault map depends on (seed, layer) only, so a cell stuck for one write is stuck for every write."""
-    levels = cell_levels(codes.cpu(), weight_bits, cell_bits).to(torch.float64)
+    levels = cell_levels(codes.cpu(), weight_bits, cell_bits)
     shape = levels.shape
+    u = torch.rand(shape, generator=stream(device.seed, layer, "fault"), dtype=torch.float64)
+    low, high = u < device.saf_low, u >= 1.0 - device.saf_high
+    if device.remap_stuck:
+        levels = stuck_aware_levels(levels, low, high, cell_bits)
     top = float(2 ** cell_bits - 1)
     g0 = device.g0(cell_bits)
-    ideal = levels + g0  # G_ideal(L)
+    ideal = levels.to(torch.float64) + g0  # G_ideal(L)
     gen = stream(device.seed, layer, "write", write)
     g = _pulse(ideal, top, device, gen)
     nu = None
     if device.read_time > 1.0 and (device.nu_mean > 0 or device.nu_std > 0):
         # drawn from the write's stream right after pulse 1's variation, whatever verify does next
         nu = (device.nu_mean + device.nu_std * torch.randn(shape, generator=gen, dtype=torch.float64)).clamp_min(0.0)
-    u = torch.rand(shape, generator=stream(device.seed, layer, "fault"), dtype=torch.float64)
-    low, high = u < device.saf_low, u >= 1.0 - device.saf_high
     pulses = failed = None
     if device.verify_tolerance is not None:
         stuck_g = torch.where(low, torch.full_like(g, g0), torch.full_like(g, top + g0))
@@ -241,7 +254,61 @@ def program_cells(codes: torch.Tensor, weight_bits: int, cell_bits: int, device:
     g = torch.where(low, torch.full_like(g, g0), torch.where(high, torch.full_like(g, top + g0), g))
     dev = codes.device
     return CellState(g.to(dev), (low | high).to(dev), device, cell_bits, layer,
-                     None if pulses is None else pulses.to(dev), None if failed is None else failed.to(dev))
+                     None if pulses is None else pulses.to(dev), None if failed is None else failed.to(dev),
+                     levels.to(dev))
+
+
+MAX_REMAP_ENCODINGS = 1 << 16  # remap_stuck enumerates (2^(cb+1) - 1)^(S-1) digit choices per weight
+
+
+def stuck_aware_levels(levels: torch.Tensor, low: torch.Tensor, high: torch.Tensor, cell_bits: int,
+                       chunk: int = 8192) -> torch.Tensor:
+    """``DeviceModel.remap_stuck``: levels [2, S, K, N] (int64, SPEC 2's) with every weight that has
+    a stuck cell (``low``/``high``, same shape) re-encoded.  Per slice j the pair holds the signed digit
+    d_j = L+_j - L-_j; a stuck cell fixes its own level (0 or top = 2^cb - 1), so d_j ranges over an
+    interval (both cells free: [-top, top]).  Of all digit vectors in those intervals the one whose
+    sum_j 2^(j cb) d_j is closest to the weight's code is taken (ties: the smallest sum_j |d_j|, then
+    the first in enumeration order); free cells then hold the smallest levels giving d_j.  Exact: the
+    digits of slices 1 ... S-1 are enumerated, and for each choice the best d_0 is the remainder
+    clamped to slice 0's interval (|remainder - d_0| is convex in d_0)."""
+    top = 2 ** cell_bits - 1
+    s = levels.shape[1]
+    n_rest = (2 * top + 1) ** (s - 1)
+    if n_rest > MAX_REMAP_ENCODINGS:
+        raise ValueError(f"DeviceModel.remap_stuck: {n_rest} digit choices per weight for {s} slices of "
+                         f"{cell_bits} bits exceed {MAX_REMAP_ENCODINGS}; use fewer weight bits or more cell bits")
+    stuck = low | high
+    hit = stuck.flatten(0, 1).any(0)  # [K, N]: weights with a stuck cell
+    if not bool(hit.any()):
+        return levels
+    out = levels.clone()
+    k_idx, n_idx = hit.nonzero(as_tuple=True)
+    base = torch.tensor([1 << (j * cell_bits) for j in range(s)], dtype=torch.int64)
+    values = torch.arange(-top, top + 1, dtype=torch.int64)
+    rest = (torch.cartesian_prod(*[values] * (s - 1)).reshape(n_rest, s - 1) if s > 1
+            else torch.zeros(1, 0, dtype=torch.int64))  # [E, S-1]: digits of slices 1 ... S-1
+    rest_sum, rest_size = rest @ base[1:], rest.abs().sum(1)
+    for start in range(0, len(k_idx), chunk):
+        k, n = k_idx[start:start + chunk], n_idx[start:start + chunk]
+        lv, st = levels[:, :, k, n], stuck[:, :, k, n]  # [2, S, W]
+        val = torch.where(high[:, :, k, n], top, 0)  # a stuck cell's level
+        code = ((lv[0] - lv[1]) * base[:, None]).sum(0)  # [W]
+        # d_j = L+_j - L-_j over the levels each cell can hold: its stuck level, or 0 ... top
+        lo = torch.where(st[0], val[0], 0) - torch.where(st[1], val[1], top)  # [S, W]
+        hi = torch.where(st[0], val[0], top) - torch.where(st[1], val[1], 0)
+        ok = torch.ones(len(k), n_rest, dtype=torch.bool)
+        for j in range(1, s):
+            dj = rest[:, j - 1][None, :]
+            ok &= (dj >= lo[j][:, None]) & (dj <= hi[j][:, None])
+        d0 = torch.minimum(torch.maximum(code[:, None] - rest_sum[None, :], lo[0][:, None]), hi[0][:, None])  # [W, E]
+        err = (rest_sum[None, :] + d0 - code[:, None]).abs()
+        score = torch.where(ok, err * (s * top + 1) + rest_size[None, :] + d0.abs(), torch.iinfo(torch.int64).max)
+        best = score.argmin(1)
+        d = torch.cat([d0.gather(1, best[:, None]).T, rest[best].T], 0)  # [S, W]
+        plus = torch.where(st[0], val[0], torch.where(st[1], d + val[1], d.clamp_min(0)))
+        minus = torch.where(st[1], val[1], torch.where(st[0], val[0] - d, (-d).clamp_min(0)))
+        out[0, :, k, n], out[1, :, k, n] = plus, minus
+    return out
 
 
 def _pulse(ideal: torch.Tensor, top: float, device: DeviceModel, gen: torch.Generator) -> torch.Tensor:

@@ -66,8 +66,9 @@ class ChipAdaption:
 
 def fault_weight_error(layer: nn.Module) -> torch.Tensor:
     """The weight the stuck cells of the layer's backbone cells add to its programmed weight, in the
-    weight's shape, dtype and units: per weight, the sum over polarity and slice of 2^(j cb) (G - G_ideal)
-    of its stuck cells (level steps), times the weight scale.  Zero without cells."""
+    weight's shape, dtype and units: per weight, the sum over polarity and slice of 2^(j cb) (L_held -
+    L) (level steps; L_held = the stuck value of a stuck cell, else the level written, which differs from
+    SPEC 2's L only under ``remap_stuck``), times the weight scale.  Zero without cells."""
     state = layer.programmed
     w = layer.weight
     if state is None or state.cells is None:
@@ -75,7 +76,10 @@ def fault_weight_error(layer: nn.Module) -> torch.Tensor:
     cells = state.cells
     cb = cells.cell_bits
     ideal = cell_levels(state.codes, state.weight_bits, cb).to(device=cells.g.device, dtype=torch.float64)
-    err = torch.where(cells.stuck, cells.g - (ideal + cells.device.g0(cb)), torch.zeros_like(ideal))  # [2, S, K, N]
+    # the levels the cells hold without variation: stuck ones at their stuck value, the others at the
+    # level written (SPEC 2's, or remap_stuck's compensating levels)
+    held = torch.where(cells.stuck, cells.g - cells.device.g0(cb), cells.levels.to(torch.float64))
+    err = held - ideal  # [2, S, K, N]
     kn = cell_weight_codes(err, cb, 0) * state.scale.to(torch.float64)  # (the shift-and-add of the cells' codes)
     return from_kn(kn, w.shape).to(device=w.device, dtype=w.dtype)
 

@@ -126,6 +126,9 @@ def build_parser(prog: str = "python -m xma2_ops.mta") -> argparse.ArgumentParse
                         "steps (DeviceModel.verify_tolerance; default: the preset's, none)")
     p.add_argument("--verify-max-pulses", type=int, default=None,
                    help="with --verify-tolerance: pulses per cell write at most (default: the preset's, 10)")
+    p.add_argument("--remap-stuck", action="store_true",
+                   help="with --device: stuck-aware programming (DeviceModel.remap_stuck): every weight with a stuck "
+                        "cell is programmed with the levels that make the others compensate it best")
     p.add_argument("--chip-aware-epochs", type=int, default=1,
                    help="epochs of the chip-aware adaption per chip (--deploy chip-aware)")
     p.add_argument("--noise-aware", action="store_true",
@@ -141,8 +144,8 @@ def parse_args(argv=None, prog: str = "python -m xma2_ops.mta") -> argparse.Name
         raise SystemExit("--noise-aware needs --device PRESET")
     if args.deploy is not None and not args.device:
         raise SystemExit("--deploy needs --device PRESET")
-    if (args.verify_tolerance is not None or args.verify_max_pulses is not None) and not args.device:
-        raise SystemExit("--verify-tolerance/--verify-max-pulses need --device PRESET")
+    if (args.verify_tolerance is not None or args.verify_max_pulses is not None or args.remap_stuck) and not args.device:
+        raise SystemExit("--verify-tolerance/--verify-max-pulses/--remap-stuck need --device PRESET")
     if args.verify_max_pulses is not None and args.verify_tolerance is None:
         raise SystemExit("--verify-max-pulses needs --verify-tolerance TAU")
     if args.device:

@@ -45,8 +45,9 @@ def with_device(device: Optional[DeviceModel]):
     return lambda c: dataclasses.replace(c, device=device)
 
 def device_model(args) -> DeviceModel:
-    """The chips' device model: DeviceModel.preset(--device), with --verify-tolerance/--verify-max-pulses."""
-    dev = DeviceModel.preset(args.device)
+    """The chips' device model: DeviceModel.preset(--device), with --verify-tolerance/--verify-max-pulses
+    and --remap-stuck."""
+    dev = DeviceModel.preset(args.device, remap_stuck=args.remap_stuck)
     if args.verify_tolerance is not None:
         dev = dataclasses.replace(dev, verify_tolerance=args.verify_tolerance)
     if args.verify_max_pulses is not None:
