@@ -428,39 +428,3 @@ def test_fold_keeps_the_correction_where_it_cannot_go():
     assert all(layer.out_gain is not None for _, layer in mta.xbar_layers(shared))
     with pytest.raises(ValueError, match="steps: 'fold' must be the last step"):
         mta.deploy(m, batches(x), steps=("fold", "bn"))
-
-
-# ------------------------------------------------------------------ (8) bn: the chip's shift of the statistics
-def test_bn_step_keeps_the_trained_statistics_on_an_ideal_chip():
-    """The bn step moves each BN's statistics by what the chip changes (chip - ideal cells on the
-    same inputs): on an ideal chip it changes nothing, bit for bit, whatever inputs it sees."""
-    x = inputs()
-    m = on_chip(backbone(x), DeviceModel.preset("ideal"))
-    before = {n: {k: v.clone() for k, v in bn.state_dict().items()} for n, bn in mta.bn_layers(m)}
-    r = mta.deploy(m, batches(inputs(64, seed=5)), steps=("bn",))
-    assert r.bn_layers == ["b1", "b2"]
-    for n, bn in mta.bn_layers(m):
-        for k, v in bn.state_dict().items():
-            assert torch.equal(v, before[n][k]), (n, k)
-
-
-def test_bn_step_follows_what_drift_does_to_the_outputs():
-    """Drift (every cell by the same factor, read through the ADC) shrinks c1's crossbar output: the
-    bn step alone multiplies b1's variance by var(chip output) / var(ideal-cell output) of c1 on the
-    same inputs (b1's input on both paths), and brings the logits closer to the ideal model's."""
-    x = inputs()
-    ideal = backbone(x)
-    with torch.no_grad():
-        ref = ideal(x)
-    chip = on_chip(copy.deepcopy(ideal), DeviceModel(nu_mean=0.05, read_time=86400.0))
-    with torch.no_grad():
-        naive = chip(x)
-        shrink = chip.c1.crossbar_output(x, cells=True).var((0, 2, 3)) / chip.c1.crossbar_output(x, cells=False).var(
-            (0, 2, 3))
-    assert float(shrink.max()) < 0.8  # (the chip's outputs are smaller: something to follow)
-    var0 = chip.b1.running_var.clone()
-    mta.deploy(chip, batches(x), steps=("bn",))
-    torch.testing.assert_close(chip.b1.running_var, var0 * shrink, rtol=0.02, atol=0)
-    with torch.no_grad():
-        deployed = chip(x)
-    assert float((deployed - ref).norm()) < 0.5 * float((naive - ref).norm())

@@ -10,12 +10,7 @@ inputs only, on the chip the layers hold (``config.device``, ``xma2_ops.program(
 - ``"gain"``: per output column, y <- g_n y + o_n on the crossbar output (before the bias), the least
   squares fit of the chip's layer outputs to the ideal-cell outputs of the same layer on the same
   inputs, layer by layer in network order (each layer's inputs from the already-corrected chip);
-- ``"bn"``: the BatchNorm statistics moved by what the chip changes: ``refresh_bn_stats`` on the same
-  inputs through the chip and through ideal cells gives per channel the chip's output as a * ideal + b
-  (a^2 = chip var / ideal var, b = chip mean - a ideal mean); the task's statistics become mean a mu +
-  b, variance a^2 var, so that the BN undoes it.  The task's trained statistics are otherwise kept (a
-  plain re-estimate from a few hundred inputs replaces them with a noisier sample: -0.9 points
-  measured on a near-ideal chip); on an ideal chip the step changes nothing;
+- ``"bn"``: ``refresh_bn_stats`` through the chip (the quantised forward on the cells, eval mode);
 - ``"drift"`` (optional): one scalar per layer, mean |ideal| / mean |chip| (corrected so far), folded
   into the same correction (global drift compensation);
 - ``"fold"`` (last): each layer's correction folded, exactly, into the BatchNorm its output feeds and
@@ -192,36 +187,6 @@ def _fit_gain(y: torch.Tensor, ref: torch.Tensor) -> Tuple[torch.Tensor, torch.T
     return g, mr - g * my
 
 
-def _shift_bn_stats(model: nn.Module, layers: List[Tuple[str, nn.Module]], xs: List[torch.Tensor]) -> List[str]:
-    """The "bn" step (module docstring): returns the BN layers changed (those with running statistics)."""
-    bns = [(n, m) for n, m in bn_layers(model) if m.running_mean is not None and m.running_var is not None]
-    trained = {n: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for n, m in bns}
-    batches = [(x, None) for x in xs]
-    refresh_bn_stats(model, batches, batches=len(xs))  # through the chip
-    chip = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in bns}
-
-    def ideal_cells(layer: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
-        y = layer.crossbar_output(args[0], cells=False)
-        return y if layer.bias is None else y + layer.bias.view((-1, 1, 1) if y.dim() == 4 else (-1,)).to(y.dtype)
-
-    handles = [m.register_forward_hook(ideal_cells) for _, m in layers]
-    try:
-        refresh_bn_stats(model, batches, batches=len(xs))  # the same inputs on ideal cells
-    finally:
-        for h in handles:
-            h.remove()
-    for n, m in bns:
-        mean, var, tracked = trained[n]
-        ideal_var = m.running_var
-        # the chip's output per channel as a * ideal + b on these inputs (a, b from the two estimates):
-        # BN of (z - b) / a with the task's statistics is BN of z with mean a mu + b and variance a^2 var
-        ratio = torch.where(ideal_var > 1e-12, chip[n][1] / ideal_var.clamp_min(1e-12), torch.ones_like(ideal_var))
-        m.running_mean.copy_(chip[n][0] + ratio.sqrt() * (mean - m.running_mean))
-        m.running_var.copy_(var * ratio)
-        m.num_batches_tracked.copy_(tracked)
-    return [n for n, _ in bns]
-
-
 def _bn_after(model: nn.Module) -> Dict[str, Tuple[str, nn.Module]]:
     """{crossbar layer name: (name, BN)} for every crossbar layer whose output goes to one BatchNorm
     and nowhere else, that BN being called once and on nothing else (the graph of ``model`` traced by
@@ -308,7 +273,8 @@ def deploy(model: nn.Module, loader: Iterable, steps: Sequence[str] = DEFAULT_ST
                 for n, clip in clips.items():
                     info[n].old_clip, info[n].new_clip = old[n], clip
             elif step == "bn":
-                result.bn_layers = _shift_bn_stats(model, layers, xs)
+                refresh_bn_stats(model, [(x, None) for x in xs], batches=len(xs))
+                result.bn_layers = [n for n, _ in bn_layers(model)]
             elif step == "fold":
                 _fold(model, layers, info)
             else:  # "gain" / "drift": every layer fitted on the already-corrected chip forward
