@@ -100,3 +100,31 @@ def test_remap_refusals():
     stuck[0, 0] = True
     with pytest.raises(ValueError, match="DeviceModel.remap_stuck: 4782969 digit choices"):
         stuck_aware_levels(levels, stuck, torch.zeros_like(stuck), 1)
+
+
+def test_remap_is_remembered_per_chip_layer_and_codes(monkeypatch):
+    """Noise-aware training re-programs the same codes every batch: the search runs once per
+    (fault map, codes); other codes, another layer or another chip search again."""
+    from xma2_ops import device as device_mod
+    calls = []
+    real = device_mod.stuck_aware_levels
+    monkeypatch.setattr(device_mod, "stuck_aware_levels", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(device_mod, "_REMAP_CACHE", type(device_mod._REMAP_CACHE)())
+    codes = torch.randint(-127, 128, (40, 30), generator=torch.Generator().manual_seed(1))
+    dev = DeviceModel(saf_low=0.05, saf_high=0.05, sigma_rel=0.05, seed=2, remap_stuck=True)
+    first = program_cells(codes, 8, 2, dev, layer=0, write=0)
+    again = program_cells(codes, 8, 2, dev, layer=0, write=1)
+    assert len(calls) == 1 and torch.equal(first.levels, again.levels) and not torch.equal(first.g, again.g)
+    other = codes.clone()
+    other[0, 0] = -other[0, 0] + 1
+    for args in ((other, dev, 0), (codes, dev, 1), (codes, dataclasses.replace(dev, seed=3), 0)):
+        program_cells(args[0], 8, 2, args[1], layer=args[2], write=0)
+    assert len(calls) == 4
+    fresh = stuck_aware_levels(cell_levels(codes, 8, 2), *[t for t in _fault_map(dev, 0, first.levels.shape)], 2)
+    assert torch.equal(fresh, first.levels)
+
+
+def _fault_map(dev, layer, shape):
+    from xma2_ops.device import stream
+    u = torch.rand(shape, generator=stream(dev.seed, layer, "fault"), dtype=torch.float64)
+    return u < dev.saf_low, u >= 1.0 - dev.saf_high

@@ -23,6 +23,7 @@ Choices where SPEC 7 leaves room (docs/DESIGN.md):
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import math
 from dataclasses import dataclass, fields
@@ -235,7 +236,7 @@ def program_cells(codes: torch.Tensor, weight_bits: int, cell_bits: int, device:
     u = torch.rand(shape, generator=stream(device.seed, layer, "fault"), dtype=torch.float64)
     low, high = u < device.saf_low, u >= 1.0 - device.saf_high
     if device.remap_stuck:
-        levels = stuck_aware_levels(levels, low, high, cell_bits)
+        levels = _remapped(codes.cpu(), levels, low, high, cell_bits, device, layer)
     top = float(2 ** cell_bits - 1)
     g0 = device.g0(cell_bits)
     ideal = levels.to(torch.float64) + g0  # G_ideal(L)
@@ -256,6 +257,29 @@ def program_cells(codes: torch.Tensor, weight_bits: int, cell_bits: int, device:
     return CellState(g.to(dev), (low | high).to(dev), device, cell_bits, layer,
                      None if pulses is None else pulses.to(dev), None if failed is None else failed.to(dev),
                      levels.to(dev))
+
+
+# remap_stuck's levels per (chip, layer, codes): noise-aware training re-programs the same codes on every
+# batch (fresh variation, same faults), and the search is the slow part of programming
+_REMAP_CACHE: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
+_REMAP_CACHE_SIZE = 64
+
+
+def _remapped(codes: torch.Tensor, levels: torch.Tensor, low: torch.Tensor, high: torch.Tensor, cell_bits: int,
+              device: DeviceModel, layer: int) -> torch.Tensor:
+    """stuck_aware_levels, remembered by what it depends on: the fault map (seed, layer, rates), the
+    cell width and the codes (their bytes' digest)."""
+    key = (device.seed, layer, device.saf_low, device.saf_high, cell_bits, tuple(levels.shape), str(codes.dtype),
+           hashlib.sha256(codes.contiguous().numpy().tobytes()).hexdigest())
+    hit = _REMAP_CACHE.get(key)
+    if hit is not None:
+        _REMAP_CACHE.move_to_end(key)
+        return hit.to(torch.int64)
+    out = stuck_aware_levels(levels, low, high, cell_bits)
+    _REMAP_CACHE[key] = out.to(torch.int16)  # (a quarter of the memory; levels < 2^15)
+    while len(_REMAP_CACHE) > _REMAP_CACHE_SIZE:
+        _REMAP_CACHE.popitem(last=False)
+    return out
 
 
 MAX_REMAP_ENCODINGS = 1 << 16  # remap_stuck enumerates (2^(cb+1) - 1)^(S-1) digit choices per weight
