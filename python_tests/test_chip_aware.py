@@ -143,3 +143,25 @@ def test_refusals():
     fresh = xma2_ops.program(on_chip(make_model(0), STUCK))
     with pytest.raises(RuntimeError, match="no task prepared"):
         mta.adapt_on_chip(fresh, loader(x, y))
+
+
+@pytest.mark.parametrize("size, swapped", [(0.5, 1), (1e-7, 0)])
+def test_the_fault_term_scales_with_what_the_faults_cost(monkeypatch, size, swapped):
+    """At the default fault_weight the fault term is in units of the layer's mean snip score: a
+    fault error of half a weight range in one PE takes it, a residue of 1e-7 (what stuck-aware
+    programming leaves) changes nothing.  Normalising the fault term to mean 1 per layer on its own
+    made the two alike, and on the example backbone (typical chip, stuck-aware programming) swapped
+    4 of xma2@10 %'s 6 PEs for PEs without trained task weights: 86.3 -> 75.8 % on animals."""
+    m, x, y = trained_task(budget=0.25)
+    on_chip(m, STUCK, seed=3)
+    ads = dict(mta.layer_adapters(m))
+
+    def one_pe(layer):
+        err = torch.zeros(layer.weight.shape[0], layer.weight[0].numel())
+        if layer is m.c2:
+            err[:, 64:] = size  # c2's third row tile only
+        return err.reshape(layer.weight.shape)
+
+    monkeypatch.setattr(chip_aware, "fault_weight_error", one_pe)
+    r = mta.adapt_on_chip(m, loader(x, y), mta.Schedule(stage1_epochs=0, stage2_epochs=0, hw_epochs=0))
+    assert r.pes_swapped == swapped and float(ads["c2"].pe_sel[2, 0]) == float(swapped)
