@@ -12,9 +12,10 @@ write and read).  ``adapt_on_chip`` uses exactly that knowledge, on the chip the
    stuck cells hold minus the weight they should hold), both in units of the layer's mean snip
    score (so layers of different gradient scale compete fairly, as in the selection, and a layer
    whose faults barely matter -- few stuck cells, or stuck-aware programming -- gets a fault term
-   near 0 rather than one blown up to mean 1); the budget is then re-spent on the top PEs.  A PE whose frozen backbone cells are stuck where the
-   task is sensitive is worth re-programming with weights trained around its faults; a newly
-   selected PE starts from the backbone's weights, a dropped one returns to them;
+   near 0 rather than one blown up to mean 1); the budget is then re-spent on the top PEs.  A PE
+   whose frozen backbone cells are stuck where the task is sensitive is worth re-programming with
+   weights trained around its faults; a newly selected PE starts from the backbone's weights, a
+   dropped one returns to them;
 2. the method's final trainable set (task weights, tier-2 scales, head, BN) is trained for
    ``Schedule.hw_epochs`` epochs through the layers' own quantised config with the chip's cells in
    the forward (``layer.noise_aware``): the chip's fault map is fixed (it depends on the device
