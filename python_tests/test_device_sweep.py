@@ -134,3 +134,23 @@ def test_train_mta_device_option(tmp_path):
         assert torch.equal(torch.get_rng_state(), rng)
     assert by_workers[1] == by_workers[2]
     assert by_workers[1].pes_swapped[0] is not None and len(by_workers[1].accs["chip-aware"]) == 2
+
+
+def test_run_forked_keeps_job_order_and_threads():
+    from xma2_ops.mta.experiment.runtime import run_forked
+    weights = torch.nn.Linear(3, 1)  # read by the job, inherited at the fork (a closure pickles nowhere)
+    pid = os.getpid()
+
+    def job(i):
+        return i, weights.weight.shape[1] * i, torch.get_num_threads(), os.getpid() != pid
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        in_process = list(run_forked(job, range(7), 1))
+        forked = list(run_forked(job, range(7), 2))
+        assert torch.get_num_threads() == 2  # the caller's thread count comes back
+    finally:
+        torch.set_num_threads(threads)
+    assert [r[:3] for r in in_process] == [r[:3] for r in forked] == [(i, 3 * i, 1) for i in range(7)]
+    assert not any(r[3] for r in in_process) and all(r[3] for r in forked)

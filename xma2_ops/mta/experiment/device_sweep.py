@@ -39,6 +39,7 @@ import argparse
 import copy
 import csv
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -56,7 +57,7 @@ from .backbone import backbone as load_backbone
 from .cli import parse_args as parse_experiment_args
 from .data import source_task
 from .evaluate import evaluate
-from .runtime import make_loader
+from .runtime import make_loader, run_forked
 
 VARIANTS = ("backbone", "ft-ideal", "noise-aware")
 
@@ -182,15 +183,10 @@ def points(args) -> List[Tuple[str, float, DeviceModel]]:
             [("preset", name, DeviceModel.preset(name)) for name in args.presets])
 
 
-_JOB_STATE: dict = {}  # models and test set of the sweep, inherited by forked workers
-
-
-def _evaluate_job(job: Tuple[str, int, int, str]) -> Tuple[str, int, int, str, float, float]:
+def _evaluate_job(st: dict, job: Tuple[str, int, int, str]) -> Tuple[str, int, int, str, float, float]:
     """One evaluation: model ``name`` on sweep point ``p`` (index into points()), chip ``chip``, periphery
     ``sensing``.  Deterministic in the job whatever process runs it (the chip's draws are seeded)."""
     name, p, chip, sensing = job
-    st = _JOB_STATE
-    torch.set_num_threads(1)
     model = st["models"][name]
     dev = st["points"][p][2]
     set_device(model, dev, sensing, st["clips"][name][sensing])
@@ -204,8 +200,7 @@ def _evaluate_job(job: Tuple[str, int, int, str]) -> Tuple[str, int, int, str, f
 def sweep(models: Dict[str, nn.Module], clips, test, args, progress: bool) -> Tuple[List[dict], Dict[str, float], float]:
     """Accuracy of every model on every point and chip (an ideal point too: every chip must give
     the ideal accuracy); returns rows, ideal accuracies and the mean seconds of one evaluation on a
-    non-ideal device.  --workers forked processes, one torch thread each (the evaluations are small:
-    whole evaluations in parallel scale better than threads inside one)."""
+    non-ideal device.  In --workers forked processes (runtime.run_forked)."""
     ideal = {}
     for name, model in models.items():
         for sensing in args.sensing:
@@ -213,7 +208,7 @@ def sweep(models: Dict[str, nn.Module], clips, test, args, progress: bool) -> Tu
             ideal[(name, sensing)] = evaluate(model, test, args.eval_batch, False, "")[0]
         set_device(model, None)
     pts = points(args)
-    _JOB_STATE.update(models=models, clips=clips, points=pts, test=test, batch=args.eval_batch)
+    state = dict(models=models, clips=clips, points=pts, test=test, batch=args.eval_batch)
     # the slow (non-ideal) jobs first, so the workers finish together
     jobs = sorted([(name, p, chip, sensing) for name in models for p in range(len(pts)) for chip in range(args.chips)
                    for sensing in args.sensing], key=lambda j: pts[j[1]][2].ideal)
@@ -222,22 +217,14 @@ def sweep(models: Dict[str, nn.Module], clips, test, args, progress: bool) -> Tu
         from tqdm.auto import tqdm
         bar = tqdm(total=len(jobs), desc=f"sweep ({args.workers} worker{'s' * (args.workers > 1)})")
     results = {}
-    if args.workers > 1:
-        import multiprocessing as mp
-        pool = mp.get_context("fork").Pool(args.workers)
-        it = pool.imap_unordered(_evaluate_job, jobs)
-    else:
-        pool, it = None, map(_evaluate_job, jobs)
     try:
-        for name, p, chip, sensing, acc, secs in it:
+        for name, p, chip, sensing, acc, secs in run_forked(functools.partial(_evaluate_job, state), jobs,
+                                                            args.workers):
             results[(name, p, chip, sensing)] = (acc, secs)
             if bar is not None:
                 bar.set_postfix_str(f"{name} {pts[p][0]}={pts[p][1]} {sensing} chip {chip}: {acc:.1f}%")
                 bar.update()
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
         if bar is not None:
             bar.close()
     rows = []

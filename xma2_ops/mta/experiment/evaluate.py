@@ -13,7 +13,7 @@ import torch.nn as nn
 from ... import DeviceModel, program
 from .. import Schedule, adapt_on_chip, deploy, layer_adapters, use_config, xbar_layers
 from ..deploy import DEFAULT_INPUTS as DEPLOY_INPUTS
-from .runtime import is_dist, make_loader
+from .runtime import is_dist, make_loader, run_forked
 from .stats import mean_std
 
 @torch.no_grad()
@@ -99,8 +99,8 @@ def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str, tra
     DEPLOY_INPUTS unlabelled training images of ``train``), ``chip-aware`` (mta.adapt_on_chip on the
     labelled ``train``, then mta.deploy).  The task is put back after every chip and mode, and the layers'
     own config restored at the end (the adapters and the ideal-cell accuracy do not depend on it).
-    The chips run in --device-workers forked processes of one torch thread each; every chip's result
-    is the same whichever process runs it and in whatever order (its draws are seeded by the chip, its
+    The chips run in --device-workers forked processes of one torch thread each (runtime.run_forked);
+    every chip's result is the same whichever process runs it (its draws are seeded by the chip, its
     torch RNG too)."""
     dev = device_model(args)
     n = args.device_n_test or len(data[1])
@@ -114,49 +114,45 @@ def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str, tra
     calib = None if train is None else [train[0][i:i + args.batch] for i in range(0, min(len(train[0]), DEPLOY_INPUTS),
                                                                                    args.batch)]
     workers = 1 if is_dist() else min(args.device_workers, args.device_chips)  # (ranks already share the chips' work)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the device path is many small int64 ops: more threads only add overhead (docs/DEVICE.md)
-    try:
-        with use_config(model, with_device(dev)):
-            _CHIP_JOB.update(model=model, snap=_TaskSnapshot(model), data=data, args=args, train=train, calib=calib,
-                             progress=progress and workers == 1, desc=desc)
-            chips = range(args.device_chips)
-            if workers > 1:
-                import multiprocessing as mp
-                with mp.get_context("fork").Pool(workers) as pool:
-                    per_chip = pool.map(_chip_job, chips, chunksize=1)
-            else:
-                per_chip = [_chip_job(chip) for chip in chips]
-    finally:
-        _CHIP_JOB.clear()
-        torch.set_num_threads(threads)
+    with use_config(model, with_device(dev)):
+        job = _ChipJob(model, _TaskSnapshot(model), data, args, train, calib, progress and workers == 1, desc)
+        per_chip = list(run_forked(job, range(args.device_chips), workers))
     return DeviceResult(ideal, len(data[1]), {m: [accs[m] for accs, _ in per_chip] for m in modes},
                         [swapped for _, swapped in per_chip])
 
-_CHIP_JOB: dict = {}  # what evaluate_device's chips share (inherited by its forked workers)
+@dataclasses.dataclass
+class _ChipJob:
+    """What evaluate_device's chips share; called with a chip, it runs that chip in every --deploy mode
+    and returns (accuracy per mode, PEs the chip-aware re-selection swapped or None).  The task is put
+    back after each mode."""
 
-def _chip_job(chip: int) -> Tuple[Dict[str, float], Optional[int]]:
-    """One chip in every --deploy mode: (accuracy per mode, PEs the chip-aware re-selection swapped or
-    None); the task is put back after each mode."""
-    st = _CHIP_JOB
-    model, args, train = st["model"], st["args"], st["train"]
-    torch.set_num_threads(1)
-    accs, swapped = {}, None
-    for mode in args.deploy:
-        with torch.random.fork_rng(devices=[]):  # (the caller's RNG stream is not consumed)
-            torch.manual_seed(args.seed + chip)
-            program(model, seed=args.seed + chip)  # numbers the layers on the chip, draws its cells
-            try:
-                if mode == "chip-aware":
-                    swapped = adapt_on_chip(model, make_loader(train, args.batch, args.seed + chip), chip_schedule(args),
-                                            progress=st["progress"]).pes_swapped
-                if mode != "naive":
-                    deploy(model, st["calib"])
-                accs[mode] = evaluate(model, st["data"], args.eval_batch, st["progress"],
-                                      f"{st['desc']} {args.device} chip {chip} {mode}")[0]
-            finally:
-                st["snap"].restore()
-    return accs, swapped
+    model: nn.Module
+    snap: _TaskSnapshot
+    data: Tuple[torch.Tensor, torch.Tensor]
+    args: object
+    train: Optional[Tuple[torch.Tensor, torch.Tensor]]
+    calib: Optional[List[torch.Tensor]]
+    progress: bool
+    desc: str
+
+    def __call__(self, chip: int) -> Tuple[Dict[str, float], Optional[int]]:
+        model, args = self.model, self.args
+        accs, swapped = {}, None
+        for mode in args.deploy:
+            with torch.random.fork_rng(devices=[]):  # (the caller's RNG stream is not consumed)
+                torch.manual_seed(args.seed + chip)
+                program(model, seed=args.seed + chip)  # numbers the layers on the chip, draws its cells
+                try:
+                    if mode == "chip-aware":
+                        swapped = adapt_on_chip(model, make_loader(self.train, args.batch, args.seed + chip),
+                                                chip_schedule(args), progress=self.progress).pes_swapped
+                    if mode != "naive":
+                        deploy(model, self.calib)
+                    accs[mode] = evaluate(model, self.data, args.eval_batch, self.progress,
+                                          f"{self.desc} {args.device} chip {chip} {mode}")[0]
+                finally:
+                    self.snap.restore()
+        return accs, swapped
 
 class noise_aware_training:
     """--noise-aware: during mta.fit the layers' config carries the device model (a training chip,

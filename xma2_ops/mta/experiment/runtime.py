@@ -1,9 +1,10 @@
-"""Where the experiment runs: torch.distributed (DDP over gloo), data loaders, a state hash."""
+"""Where the experiment runs: torch.distributed (DDP over gloo), forked one-thread workers, data loaders,
+a state hash."""
 from __future__ import annotations
 
 import hashlib
 import os
-from typing import Tuple
+from typing import Callable, Iterable, Iterator, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,37 @@ def setup_distributed() -> Tuple[int, int]:
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+J = TypeVar("J")
+R = TypeVar("R")
+
+_FORKED: dict = {}  # run_forked's job function, inherited by its forked workers (never pickled)
+
+
+def _forked_call(job):
+    return _FORKED["fn"](job)
+
+
+def run_forked(fn: Callable[[J], R], jobs: Iterable[J], workers: int) -> Iterator[R]:
+    """``fn(job)`` for every job, yielded in job order, with one torch thread per process: in ``workers``
+    forked processes, or in this process when ``workers <= 1``.  ``fn`` and what it reads are
+    inherited at the fork, so models and data are not pickled; only jobs and results are.  The jobs
+    are many small int64 evaluations: whole jobs in parallel scale better than threads inside one.
+    The caller's thread count is restored at the end."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    _FORKED["fn"] = fn
+    try:
+        if workers > 1:
+            import multiprocessing as mp
+            with mp.get_context("fork").Pool(workers) as pool:
+                yield from pool.imap(_forked_call, jobs, chunksize=1)
+        else:
+            yield from map(fn, jobs)
+    finally:
+        _FORKED.clear()
+        torch.set_num_threads(threads)
+
 
 def make_loader(data, batch: int, seed: int, shuffle: bool = True) -> DataLoader:
     ds = TensorDataset(*data)
