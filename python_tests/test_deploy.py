@@ -428,3 +428,22 @@ def test_fold_keeps_the_correction_where_it_cannot_go():
     assert all(layer.out_gain is not None for _, layer in mta.xbar_layers(shared))
     with pytest.raises(ValueError, match="steps: 'fold' must be the last step"):
         mta.deploy(m, batches(x), steps=("fold", "bn"))
+
+
+def test_bn_step_leaves_a_shared_backbone_bn_alone(tmp_path):
+    # task_bn=False: the BNs are the backbone's, shared by every task and not in the task file; the bn
+    # step must not re-estimate them on one task's inputs (every other task would change, and a reloaded
+    # task would not get them back)
+    x = inputs()
+    m = on_chip(backbone(x), DeviceModel.preset("typical"))
+    mta.prepare(m, mta.MethodSpec("xma2", budget=0.5, task_bn=False), 10)
+    m.eval()
+    before = {n: (bn.running_mean.clone(), bn.running_var.clone()) for n, bn in mta.bn_layers(m)}
+    r = mta.deploy(m, batches(x), steps=("adc", "gain", "bn"))
+    for n, bn in mta.bn_layers(m):
+        torch.testing.assert_close(bn.running_mean, before[n][0], rtol=0, atol=0)
+        torch.testing.assert_close(bn.running_var, before[n][1], rtol=0, atol=0)
+    assert r.bn_layers == [] and "task_bn=False" in r.bn_skipped
+    own = _xma2_task(x)  # the task's own BNs are re-estimated
+    r = mta.deploy(own, batches(x), steps=("adc", "gain", "bn"))
+    assert r.bn_layers == [n for n, _ in mta.bn_layers(own)] and r.bn_skipped is None

@@ -10,7 +10,9 @@ inputs only, on the chip the layers hold (``config.device``, ``xma2_ops.program(
 - ``"gain"``: per output column, y <- g_n y + o_n on the crossbar output (before the bias), the least
   squares fit of the chip's layer outputs to the ideal-cell outputs of the same layer on the same
   inputs, layer by layer in network order (each layer's inputs from the already-corrected chip);
-- ``"bn"``: ``refresh_bn_stats`` through the chip (the quantised forward on the cells, eval mode);
+- ``"bn"``: ``refresh_bn_stats`` through the chip (the quantised forward on the cells, eval mode), for a
+  task that owns its BNs; with ``MethodSpec.task_bn=False`` the BNs are the backbone's, shared by every
+  task and not in the task file, so the step leaves them alone (``Deployment.bn_skipped``);
 - ``"drift"`` (optional): one scalar per layer, mean |ideal| / mean |chip| (corrected so far), folded
   into the same correction (global drift compensation);
 - ``"fold"`` (last): each layer's correction folded, exactly, into the BatchNorm its output feeds and
@@ -70,13 +72,14 @@ class LayerDeployment:
 @dataclasses.dataclass
 class Deployment:
     """``deploy``'s result: the steps run, the inputs used, per layer what changed, the BN layers
-    re-estimated."""
+    re-estimated (or why the bn step re-estimated none)."""
 
     steps: Tuple[str, ...]
     inputs: int
     batches: int
     layers: List[LayerDeployment]
     bn_layers: List[str]
+    bn_skipped: Optional[str] = None
 
     def layer(self, name: str) -> LayerDeployment:
         return next(lc for lc in self.layers if lc.name == name)
@@ -212,17 +215,21 @@ def _bn_after(model: nn.Module) -> Dict[str, Tuple[str, nn.Module]]:
     return pairs
 
 
+def _shares_backbone_bn(model: nn.Module) -> bool:
+    task = getattr(model, "mta_task", None)
+    return task is not None and not task.spec.task_bn
+
+
 def _fold(model: nn.Module, layers: List[Tuple[str, nn.Module]], info: Dict[str, LayerDeployment]) -> None:
     """The "fold" step (module docstring): every correction that can go into the BN after it does."""
     corrected = [(n, m) for n, m in layers if m.out_gain is not None]
     if not corrected:
         return
-    task = getattr(model, "mta_task", None)
     pairs = _bn_after(model)
     for name, layer in corrected:
         bn_name, bn = pairs.get(name, (None, None))
         g, o = layer.out_gain.double(), layer.out_offset.double()
-        if task is not None and not task.spec.task_bn:
+        if _shares_backbone_bn(model):
             info[name].not_folded = "the BN is the backbone's, shared by the tasks (task_bn=False)"
         elif bn is None:
             info[name].not_folded = "the output does not go to one BatchNorm only"
@@ -273,8 +280,12 @@ def deploy(model: nn.Module, loader: Iterable, steps: Sequence[str] = DEFAULT_ST
                 for n, clip in clips.items():
                     info[n].old_clip, info[n].new_clip = old[n], clip
             elif step == "bn":
-                refresh_bn_stats(model, [(x, None) for x in xs], batches=len(xs))
-                result.bn_layers = [n for n, _ in bn_layers(model)]
+                if _shares_backbone_bn(model):
+                    result.bn_skipped = ("the BN layers are the backbone's, shared by the tasks (task_bn=False): "
+                                         "re-estimating them on this task would change every task")
+                else:
+                    refresh_bn_stats(model, [(x, None) for x in xs], batches=len(xs))
+                    result.bn_layers = [n for n, _ in bn_layers(model)]
             elif step == "fold":
                 _fold(model, layers, info)
             else:  # "gain" / "drift": every layer fitted on the already-corrected chip forward
