@@ -104,6 +104,12 @@ def test_train_mta_device_option(tmp_path):
         for mode in ("naive", "chip-aware"):
             accs = [float(c["acc"]) for c in per_chip if c["method"] == row["method"] and c["mode"] == mode]
             assert abs(sum(accs) / 2 - float(row[f"device_acc_{mode}"])) < 0.01
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    for row in rows:  # the evaluation's cost per mode (chip-seconds) and wall time are recorded
+        assert 0 < float(row["device_chip_s_naive"]) and 0 < float(row["device_chip_s_chip-aware"])
+        assert 0 < float(row["device_wall_s"]) < float(meta["wall_s"])
+    assert abs(meta["device_wall_s"] - sum(float(row["device_wall_s"]) for row in rows)) < 0.2
+    assert "chips' evaluation (" in r.stdout
     table = [c for c in chips if c["chip"] == "mean" and c["task"] == "AVERAGE"]
     assert len(table) == 4 and all(float(c["drop_ci95_lo"]) <= float(c["drop"]) <= float(c["drop_ci95_hi"])
                                    for c in table)

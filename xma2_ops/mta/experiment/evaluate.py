@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -59,12 +60,16 @@ DEPLOY_MODES = ("naive", "calibrated", "chip-aware")
 @dataclasses.dataclass
 class DeviceResult:
     """One adapter on --device-chips chips: the ideal-cell accuracy of the same test images and,
-    per --deploy mode, the accuracy on each chip (chip c = device seed --seed + c)."""
+    per --deploy mode, the accuracy on each chip (chip c = device seed --seed + c) and the seconds
+    that chip's mode took in its worker (programming, deployment or adaption, evaluation); ``wall_s``:
+    the whole evaluation, workers side by side."""
 
     ideal: float
     n_test: int
     accs: Dict[str, List[float]]
     pes_swapped: List[Optional[int]]  # per chip: PEs the chip-aware re-selection swapped (None: no chip-aware)
+    seconds: Dict[str, List[float]] = dataclasses.field(compare=False)  # (results compare equal whatever they cost)
+    wall_s: float = dataclasses.field(compare=False)
 
     def mean_std(self, mode: str) -> Tuple[float, float]:
         return mean_std(self.accs[mode])
@@ -110,6 +115,7 @@ def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str, tra
         raise SystemExit("--deploy chip-aware: not supported under torchrun (one process per chip-aware adaption)")
     if any(m != "naive" for m in modes) and train is None:
         raise ValueError(f"train: --deploy {' '.join(modes)} needs the task's training images")
+    t0 = time.perf_counter()
     ideal = evaluate(model, data, args.eval_batch, False, "")[0]  # the same images on ideal cells (paired drop)
     calib = None if train is None else [train[0][i:i + args.batch] for i in range(0, min(len(train[0]), DEPLOY_INPUTS),
                                                                                    args.batch)]
@@ -117,14 +123,15 @@ def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str, tra
     with use_config(model, with_device(dev)):
         job = _ChipJob(model, _TaskSnapshot(model), data, args, train, calib, progress and workers == 1, desc)
         per_chip = list(run_forked(job, range(args.device_chips), workers))
-    return DeviceResult(ideal, len(data[1]), {m: [accs[m] for accs, _ in per_chip] for m in modes},
-                        [swapped for _, swapped in per_chip])
+    return DeviceResult(ideal, len(data[1]), {m: [accs[m] for accs, _, _ in per_chip] for m in modes},
+                        [swapped for _, swapped, _ in per_chip], {m: [secs[m] for _, _, secs in per_chip] for m in modes},
+                        time.perf_counter() - t0)
 
 @dataclasses.dataclass
 class _ChipJob:
     """What evaluate_device's chips share; called with a chip, it runs that chip in every --deploy mode
-    and returns (accuracy per mode, PEs the chip-aware re-selection swapped or None).  The task is put
-    back after each mode."""
+    and returns (accuracy per mode, PEs the chip-aware re-selection swapped or None, seconds per mode).
+    The task is put back after each mode."""
 
     model: nn.Module
     snap: _TaskSnapshot
@@ -135,10 +142,11 @@ class _ChipJob:
     progress: bool
     desc: str
 
-    def __call__(self, chip: int) -> Tuple[Dict[str, float], Optional[int]]:
+    def __call__(self, chip: int) -> Tuple[Dict[str, float], Optional[int], Dict[str, float]]:
         model, args = self.model, self.args
-        accs, swapped = {}, None
+        accs, swapped, secs = {}, None, {}
         for mode in args.deploy:
+            t0 = time.perf_counter()
             with torch.random.fork_rng(devices=[]):  # (the caller's RNG stream is not consumed)
                 torch.manual_seed(args.seed + chip)
                 program(model, seed=args.seed + chip)  # numbers the layers on the chip, draws its cells
@@ -152,7 +160,8 @@ class _ChipJob:
                                           f"{self.desc} {args.device} chip {chip} {mode}")[0]
                 finally:
                     self.snap.restore()
-        return accs, swapped
+            secs[mode] = time.perf_counter() - t0
+        return accs, swapped, secs
 
 class noise_aware_training:
     """--noise-aware: during mta.fit the layers' config carries the device model (a training chip,

@@ -84,6 +84,7 @@ def run_experiment(args, full_args=None) -> List[dict]:
     checks: Dict[tuple, tuple] = {}
     hashes: Dict[str, str] = {}
     seed_walls = []
+    device_wall = 0.0  # --device: seconds of the chips' evaluations within the wall time
     todo = [(sd, task, run) for sd in seeds for task in tasks for run in runs]
     bar = None
     if progress:
@@ -102,6 +103,7 @@ def run_experiment(args, full_args=None) -> List[dict]:
             fit(model, make_loader(train, args.batch, sd), dataclasses.replace(sched, hw_epochs=sched.hw_epochs
                                                                               if run.hw else 0),
                 wrap=ddp_wrap, progress=progress, calib_loader=make_loader(train, args.batch, sd, shuffle=False))
+        train_s = time.time() - t_run
         acc, first = evaluate(model, test, args.eval_batch, progress, f"{task} {run.label}")
         dev = evaluate_device(model, test, args, progress, f"{task} {run.label}", train) if args.device else None
         rep = report(model, example_input=test[0][:1])
@@ -121,12 +123,14 @@ def run_experiment(args, full_args=None) -> List[dict]:
                      "pes": t.pes, "cells_written": t.cells_written, "cells_changed": t.cells_changed,
                      "energy_uJ": t.energy_j * 1e6, "mask_bits": t.mask_bits, "adapter_bits": t.adapter_bits,
                      "infer_nJ": t.inference_energy_j * 1e9, "latency_us": t.latency_s * 1e6,
-                     "adc_per_img": t.adc_conversions, "train_s": round(time.time() - t_run, 1)})
+                     "adc_per_img": t.adc_conversions, "train_s": round(train_s, 1)})
         if dev is not None:
-            rows[-1].update(device_n_test=dev.n_test, ideal_acc_subset=round(dev.ideal, 2))
+            device_wall += dev.wall_s
+            rows[-1].update(device_n_test=dev.n_test, ideal_acc_subset=round(dev.ideal, 2), device_wall_s=round(dev.wall_s, 1))
             for mode in dev.accs:
                 mean, std = dev.mean_std(mode)
-                rows[-1].update({f"device_acc_{mode}": round(mean, 2), f"device_std_{mode}": round(std, 2)})
+                rows[-1].update({f"device_acc_{mode}": round(mean, 2), f"device_std_{mode}": round(std, 2),
+                                 f"device_chip_s_{mode}": round(sum(dev.seconds[mode]), 1)})
                 chip_rows += [{"seed": sd, "task": task, "method": run.label, "mode": mode, "chip": c,
                                "device_seed": args.seed + c, "n_test": dev.n_test, "ideal_acc": round(dev.ideal, 2),
                                "acc": round(a, 2),
@@ -165,7 +169,8 @@ def run_experiment(args, full_args=None) -> List[dict]:
             print(f"target {'n/a   ' if t['met'] is None else 'MET   ' if t['met'] else 'MISSED'} {t['target']}: "
                   f"{t['value']}")
         meta = {"args": vars(args), "config": dataclasses.asdict(cfg), "adc_clips": clips, "pes": n_pe,
-                "backbone_acc": backbone_acc, "wall_s": round(wall, 1), "seed_wall_s": [round(w, 1) for w in seed_walls],
+                "backbone_acc": backbone_acc, "wall_s": round(wall, 1), "device_wall_s": round(device_wall, 1),
+                "seed_wall_s": [round(w, 1) for w in seed_walls],
                 "threads": torch.get_num_threads(), "energy_model": dataclasses.asdict(EnergyModel()),
                 "device": dataclasses.asdict(device_model(args)) if args.device else None,
                 "switch_bit_identical": switch_ok, "world_size": world,
@@ -183,6 +188,8 @@ def run_experiment(args, full_args=None) -> List[dict]:
         dist.destroy_process_group()
     log(f"wall time: {wall:.1f} s"
         + (f" (per seed: {', '.join(f'{w:.0f} s' for w in seed_walls)})" if len(seed_walls) > 1 else "")
+        + (f", of which {device_wall:.1f} s the {args.device} chips' evaluation ({args.device_workers} workers)"
+           if args.device else "")
         + f", {torch.get_num_threads()} threads  (outputs in {out}/)")
     if not switch_ok:
         raise SystemExit("task switching did not restore the saved outputs")
