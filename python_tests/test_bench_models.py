@@ -1,4 +1,5 @@
-"""benchmarks/bench_models.py --quick runs (a smoke test of the script: no timing is asserted)."""
+"""benchmarks/bench_models.py and bench_device_eval.py --quick run (smoke tests of the scripts: no timing
+is asserted)."""
 import sys
 from pathlib import Path
 
@@ -19,3 +20,16 @@ def test_bench_models_quick(capsys):
     out = capsys.readouterr().out
     for row in ("float", "default", "lossless", "weight-only", "ideal", "xbar.kernel", "xbar.unfold_codes"):
         assert f"\n{row} " in out or f"\n{row}  " in out, row
+
+
+def test_bench_device_eval_quick(capsys, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_device_eval
+    finally:
+        sys.path.pop(0)
+    bench_device_eval.main(["--quick", "--out", str(tmp_path), "--chips", "2", "--modes", "naive", "calibrated"])
+    out = capsys.readouterr().out
+    assert "2 chips x 50 images" in out and "results identical across workers: True" in out
+    for workers in (1, 2):
+        assert f"workers {workers}: wall" in out and "calibrated" in out.split(f"workers {workers}: wall")[1]

@@ -127,6 +127,10 @@ def test_train_mta_device_option(tmp_path):
     assert res.accs["naive"] == [res.ideal] * 3 and res.n_test == 50
     assert res.ideal == evaluate.evaluate(model, (src[1][0][:50], src[1][1][:50]), 100, False, "")[0]
     assert all(m.config.device is None for _, m in mta.xbar_layers(model))
+    # the caller's ideal-cell accuracy is reused only when it covers the same images (all of them)
+    assert evaluate.evaluate_device(model, src[1], args, False, "", ideal_all=-1.0).ideal == res.ideal
+    args.device_n_test, args.device_chips = 0, 1
+    assert evaluate.evaluate_device(model, src[1], args, False, "", ideal_all=-1.0).ideal == -1.0
 
     # chips evaluated by forked workers give what one process gives, and leave the caller's RNG alone
     mta.prepare(model, mta.MethodSpec("xma2", budget=0.1), 10)

@@ -97,7 +97,8 @@ def chip_schedule(args) -> Schedule:
     return Schedule(stage1_epochs=0, stage2_epochs=0, hw_epochs=args.chip_aware_epochs, optimizer=args.optimizer,
                     lr_weight=args.lr_weight, lr_head=args.lr_head, lr_mask=args.lr_mask, lr_scale=args.lr_scale)
 
-def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str, train=None) -> DeviceResult:
+def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str, train=None,
+                    ideal_all: Optional[float] = None) -> DeviceResult:
     """The current task on --device-chips chips of ``device_model(args)`` (device seeds --seed + 0,
     1, ...: the same chips for every method and task), on the first --device-n-test test images (0: all),
     in each --deploy mode: ``naive`` (programmed and read as is), ``calibrated`` (mta.deploy on the first
@@ -106,9 +107,11 @@ def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str, tra
     own config restored at the end (the adapters and the ideal-cell accuracy do not depend on it).
     The chips run in --device-workers forked processes of one torch thread each (runtime.run_forked);
     every chip's result is the same whichever process runs it (its draws are seeded by the chip, its
-    torch RNG too)."""
+    torch RNG too).  ``ideal_all``: the ideal-cell accuracy on all of ``data`` when the caller has it
+    (reused when every image is evaluated, instead of a second ideal-cell pass)."""
     dev = device_model(args)
     n = args.device_n_test or len(data[1])
+    whole = n >= len(data[1])
     data = (data[0][:n], data[1][:n])
     modes = list(args.deploy)
     if "chip-aware" in modes and is_dist():  # each rank would train its own chip-aware adapter on its shard
@@ -116,7 +119,8 @@ def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str, tra
     if any(m != "naive" for m in modes) and train is None:
         raise ValueError(f"train: --deploy {' '.join(modes)} needs the task's training images")
     t0 = time.perf_counter()
-    ideal = evaluate(model, data, args.eval_batch, False, "")[0]  # the same images on ideal cells (paired drop)
+    ideal = (ideal_all if ideal_all is not None and whole else
+             evaluate(model, data, args.eval_batch, False, "")[0])  # the same images on ideal cells (paired drop)
     calib = None if train is None else [train[0][i:i + args.batch] for i in range(0, min(len(train[0]), DEPLOY_INPUTS),
                                                                                    args.batch)]
     workers = 1 if is_dist() else min(args.device_workers, args.device_chips)  # (ranks already share the chips' work)

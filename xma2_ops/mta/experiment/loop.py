@@ -105,7 +105,7 @@ def run_experiment(args, full_args=None) -> List[dict]:
                 wrap=ddp_wrap, progress=progress, calib_loader=make_loader(train, args.batch, sd, shuffle=False))
         train_s = time.time() - t_run
         acc, first = evaluate(model, test, args.eval_batch, progress, f"{task} {run.label}")
-        dev = evaluate_device(model, test, args, progress, f"{task} {run.label}", train) if args.device else None
+        dev = evaluate_device(model, test, args, progress, f"{task} {run.label}", train, acc) if args.device else None
         rep = report(model, example_input=test[0][:1])
         tag = run.label.replace("/", "_").replace("%", "pct")
         fname = out / "adapters" / (f"{task}__{tag}.safetensors" if args.seeds == 1 else
