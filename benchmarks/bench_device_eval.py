@@ -26,7 +26,7 @@ from xma2_ops import mta  # noqa: E402
 from xma2_ops.mta.experiment import cli  # noqa: E402
 from xma2_ops.mta.experiment.backbone import backbone, backbone_adc_clips  # noqa: E402
 from xma2_ops.mta.experiment.data import builtin_tasks, source_task  # noqa: E402
-from xma2_ops.mta.experiment.evaluate import evaluate_device  # noqa: E402
+from xma2_ops.mta.experiment.evaluate import DEPLOY_MODES, evaluate_device  # noqa: E402
 from xma2_ops.mta.experiment.quick import adc_data  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="xma2_out", help="the example's --out (its cached backbone is reused)")
     p.add_argument("--device", default="typical")
-    p.add_argument("--modes", nargs="+", default=["naive"], choices=["naive", "calibrated", "chip-aware"])
+    p.add_argument("--modes", nargs="+", default=["naive"], choices=DEPLOY_MODES)
     p.add_argument("--chips", type=int, default=5)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--n-test", type=int, default=0, help="test images (0: all 1000)")
