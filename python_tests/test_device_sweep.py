@@ -144,6 +144,13 @@ def test_train_mta_device_option(tmp_path):
         assert torch.equal(torch.get_rng_state(), rng)
     assert by_workers[1] == by_workers[2]
     assert by_workers[1].pes_swapped[0] is not None and len(by_workers[1].accs["chip-aware"]) == 2
+    # 3 chips on 2 workers: chip 2's naive evaluation runs in two parts of its 5 test batches
+    args = cli.parse_args(["--quick", "--out", str(out), "--device", "typical", "--device-chips", "3",
+                           "--eval-batch", "10"])
+    for workers in (1, 2):
+        args.device_workers = workers
+        by_workers[workers] = evaluate.evaluate_device(model, src[1], args, False, "")
+    assert by_workers[1] == by_workers[2] and len(set(by_workers[1].accs["naive"])) > 1
 
 
 def test_run_forked_keeps_job_order_and_threads():

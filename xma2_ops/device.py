@@ -187,13 +187,28 @@ class CellState:
     verify_failed: Optional[torch.Tensor] = None
     levels: Optional[torch.Tensor] = None  # the levels L written, int64 [2, S, K, N] (remap_stuck: not SPEC 2's)
 
-    def read(self, counter: int = 0) -> torch.Tensor:
+    def read(self, counter: int = 0, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Gq of read ``counter``; ``noise``: that read's ``read_noise(counter)`` when the caller has
+        it already (drawn here otherwise)."""
         g = self.g
         d = self.device
         if d.sigma_read > 0:
-            eps = torch.randn(g.shape, generator=stream(d.seed, self.layer, "read", counter), dtype=torch.float64)
+            eps = self.read_noise(counter) if noise is None else noise
             g = (g + (2 ** self.cell_bits - 1) * d.sigma_read * eps.to(g.device)).clamp_min(0.0)
         return fixed_point(g, d.frac_bits)
+
+    def read_noise(self, counter: int = 0) -> Optional[torch.Tensor]:
+        """eps3 of read ``counter`` (SPEC 7.1), float64 on the CPU; None without read noise."""
+        if self.device.sigma_read == 0:
+            return None
+        return torch.randn(self.g.shape, generator=stream(self.device.seed, self.layer, "read", counter),
+                           dtype=torch.float64)
+
+    def shares_reads(self, other: "CellState") -> bool:
+        """Whether ``other``'s reads draw the same read noise as this state's: the same stream (device
+        seed, layer) and shape -- a layer's backbone and task cells, so one draw serves both."""
+        return (self.layer == other.layer and self.device.seed == other.device.seed
+                and self.device.sigma_read == other.device.sigma_read and self.g.shape == other.g.shape)
 
     def known_faults(self) -> torch.Tensor:
         """bool [2, S, K, N]: the cells whose write failed verify after ``verify_max_pulses`` pulses

@@ -249,8 +249,12 @@ def _body(phase: _Phase, x, weight, bias, lowering, config: XbarConfig, task_wei
     w_t = slots[1].state if task_weight is not None else None
     # One read of the cells per call (read noise is drawn per read): conductances [2, S, K, N].
     read = target.chip.next_read() if cells else 0
-    g_b = w_b.cells.read(read) if cells else None
-    g_t = w_t.cells.read(read) if (cells and w_t is not None) else None
+    g_b = g_t = None
+    if cells:
+        noise = w_b.cells.read_noise(read)
+        g_b = w_b.cells.read(read, noise)
+        if w_t is not None:  # (the same stream as the backbone's cells: the same draw, made once)
+            g_t = w_t.cells.read(read, noise if w_t.cells.shares_reads(w_b.cells) else None)
 
     if not quantized:  # weight-only: fake-quantised weights (as the cells hold them), straight-through gradient
         phase("xbar.float_forward")

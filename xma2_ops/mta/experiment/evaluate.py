@@ -105,10 +105,14 @@ def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str, tra
     DEPLOY_INPUTS unlabelled training images of ``train``), ``chip-aware`` (mta.adapt_on_chip on the
     labelled ``train``, then mta.deploy).  The task is put back after every chip and mode, and the layers'
     own config restored at the end (the adapters and the ideal-cell accuracy do not depend on it).
-    The chips run in --device-workers forked processes of one torch thread each (runtime.run_forked);
-    every chip's result is the same whichever process runs it (its draws are seeded by the chip, its
-    torch RNG too).  ``ideal_all``: the ideal-cell accuracy on all of ``data`` when the caller has it
-    (reused when every image is evaluated, instead of a second ideal-cell pass)."""
+    Every (chip, mode) is its own job: it programs the chip anew and seeds torch's RNG with the chip, so
+    it gives the same result whichever process runs it and in whatever order.  The jobs run in
+    --device-workers forked processes of one torch thread each (runtime.run_forked), longest first; the
+    naive evaluations of the chips that would leave workers idle in the last round (chips mod workers)
+    are split into one part per worker, each part reading its test batches with the read numbers a
+    whole pass gives them (chip_batches); under torchrun each rank evaluates its share of every job's
+    batches and the counts are summed.  ``ideal_all``: the ideal-cell accuracy on all of ``data`` when
+    the caller has it (reused when every image is evaluated, instead of a second ideal-cell pass)."""
     dev = device_model(args)
     n = args.device_n_test or len(data[1])
     whole = n >= len(data[1])
@@ -124,18 +128,80 @@ def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str, tra
     calib = None if train is None else [train[0][i:i + args.batch] for i in range(0, min(len(train[0]), DEPLOY_INPUTS),
                                                                                    args.batch)]
     workers = 1 if is_dist() else min(args.device_workers, args.device_chips)  # (ranks already share the chips' work)
+    batches = -(-len(data[1]) // args.eval_batch)
+    jobs = chip_jobs(modes, args.device_chips, batches, workers)
+    if is_dist():  # each rank evaluates its own consecutive test batches of every (chip, mode)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        jobs = [(c, m, batches * rank // world, batches * (rank + 1) // world) for c, m, _, _ in jobs]
     with use_config(model, with_device(dev)):
         job = _ChipJob(model, _TaskSnapshot(model), data, args, train, calib, progress and workers == 1, desc)
-        per_chip = list(run_forked(job, range(args.device_chips), workers))
-    return DeviceResult(ideal, len(data[1]), {m: [accs[m] for accs, _, _ in per_chip] for m in modes},
-                        [swapped for _, swapped, _ in per_chip], {m: [secs[m] for _, _, secs in per_chip] for m in modes},
-                        time.perf_counter() - t0)
+        done = list(run_forked(job, jobs, workers))
+    counts = {m: [[0, 0] for _ in range(args.device_chips)] for m in modes}
+    secs = {m: [0.0] * args.device_chips for m in modes}
+    swapped: List[Optional[int]] = [None] * args.device_chips
+    for (chip, mode, _, _), (correct, images, pes, seconds) in zip(jobs, done):
+        counts[mode][chip][0] += correct
+        counts[mode][chip][1] += images
+        secs[mode][chip] += seconds
+        swapped[chip] = pes if pes is not None else swapped[chip]
+    if is_dist():
+        summed = torch.tensor([counts[m] for m in modes], dtype=torch.int64)
+        dist.all_reduce(summed)
+        counts = {m: summed[i].tolist() for i, m in enumerate(modes)}
+    accs = {m: [float(c / k) * 100 for c, k in counts[m]] for m in modes}
+    return DeviceResult(ideal, len(data[1]), accs, swapped, secs, time.perf_counter() - t0)
+
+# (chip, mode, first test batch, end test batch): one job of evaluate_device
+ChipJobSpec = Tuple[int, str, int, int]
+
+def chip_jobs(modes: List[str], chips: int, batches: int, workers: int) -> List[ChipJobSpec]:
+    """evaluate_device's jobs, longest first (chip-aware adaption, calibration, then evaluation alone);
+    the naive evaluations of the last ``chips % workers`` chips split into ``workers`` parts of test
+    batches, so that the last round keeps every worker busy."""
+    order = sorted(modes, key=lambda m: DEPLOY_MODES.index(m), reverse=True)
+    whole = chips - chips % workers if workers > 1 else chips
+    jobs: List[ChipJobSpec] = [(c, m, 0, batches) for m in order for c in range(chips) if m != "naive" or c < whole]
+    if "naive" in modes:
+        parts = min(workers, batches)
+        bounds = [batches * p // parts for p in range(parts + 1)]
+        jobs += [(c, "naive", bounds[p], bounds[p + 1]) for c in range(whole, chips) for p in range(parts)]
+    return jobs
+
+def chip_batches(model: nn.Module, data, batch: int, start: int, stop: int, progress: bool = False,
+                 desc: str = "") -> Tuple[int, int]:
+    """(correct predictions, images) of test batches [start, stop) on the chip the layers hold now, each
+    batch read with the read number it has in a whole pass from batch 0: every layer reads its cells
+    once per forward, so batch b is read b after the layer's current count (the layers' counters are
+    advanced by ``start`` first; a layer that reads more or less often is an error, not a different chip)."""
+    model.eval()
+    x, y = data
+    layers = [m for _, m in xbar_layers(model)]
+    base = [m.chip.reads for m in layers]
+    for m in layers:
+        m.chip.reads += start
+    correct = images = 0
+    it = range(start, stop)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc=f"eval {desc}", leave=False)
+    with torch.no_grad():
+        for b in it:
+            xb, yb = x[b * batch:(b + 1) * batch], y[b * batch:(b + 1) * batch]
+            correct += int((model(xb).argmax(1) == yb).sum())
+            images += len(yb)
+    for (name, m), r0 in zip(xbar_layers(model), base):
+        reads = m.chip.reads - r0 - start
+        if start and reads not in (0, stop - start):  # (0: a layer without device cells reads nothing)
+            raise RuntimeError(f"{name}: read its cells {reads} times in {stop - start} forwards; evaluating a "
+                               f"chip's test batches in parts needs one read per layer and forward "
+                               f"(use --device-workers 1)")
+    return correct, images
 
 @dataclasses.dataclass
 class _ChipJob:
-    """What evaluate_device's chips share; called with a chip, it runs that chip in every --deploy mode
-    and returns (accuracy per mode, PEs the chip-aware re-selection swapped or None, seconds per mode).
-    The task is put back after each mode."""
+    """What evaluate_device's jobs share; called with a job (chip, mode, start, stop), it programs that
+    chip, deploys it in that mode, evaluates test batches [start, stop) and returns (correct predictions,
+    images, PEs the chip-aware re-selection swapped or None, seconds).  The task is put back after it."""
 
     model: nn.Module
     snap: _TaskSnapshot
@@ -146,26 +212,25 @@ class _ChipJob:
     progress: bool
     desc: str
 
-    def __call__(self, chip: int) -> Tuple[Dict[str, float], Optional[int], Dict[str, float]]:
+    def __call__(self, job: ChipJobSpec) -> Tuple[int, int, Optional[int], float]:
+        chip, mode, start, stop = job
         model, args = self.model, self.args
-        accs, swapped, secs = {}, None, {}
-        for mode in args.deploy:
-            t0 = time.perf_counter()
-            with torch.random.fork_rng(devices=[]):  # (the caller's RNG stream is not consumed)
-                torch.manual_seed(args.seed + chip)
-                program(model, seed=args.seed + chip)  # numbers the layers on the chip, draws its cells
-                try:
-                    if mode == "chip-aware":
-                        swapped = adapt_on_chip(model, make_loader(self.train, args.batch, args.seed + chip),
-                                                chip_schedule(args), progress=self.progress).pes_swapped
-                    if mode != "naive":
-                        deploy(model, self.calib)
-                    accs[mode] = evaluate(model, self.data, args.eval_batch, self.progress,
-                                          f"{self.desc} {args.device} chip {chip} {mode}")[0]
-                finally:
-                    self.snap.restore()
-            secs[mode] = time.perf_counter() - t0
-        return accs, swapped, secs
+        swapped = None
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):  # (the caller's RNG stream is not consumed)
+            torch.manual_seed(args.seed + chip)
+            program(model, seed=args.seed + chip)  # numbers the layers on the chip, draws its cells
+            try:
+                if mode == "chip-aware":
+                    swapped = adapt_on_chip(model, make_loader(self.train, args.batch, args.seed + chip),
+                                            chip_schedule(args), progress=self.progress).pes_swapped
+                if mode != "naive":
+                    deploy(model, self.calib)
+                correct, images = chip_batches(model, self.data, args.eval_batch, start, stop, self.progress,
+                                               f"{self.desc} {args.device} chip {chip} {mode}")
+            finally:
+                self.snap.restore()
+        return correct, images, swapped, time.perf_counter() - t0
 
 class noise_aware_training:
     """--noise-aware: during mta.fit the layers' config carries the device model (a training chip,
