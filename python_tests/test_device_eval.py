@@ -108,3 +108,46 @@ def test_task_cells_share_the_backbone_cells_read_noise():
     other = dataclasses.replace(t, device=dataclasses.replace(t.device, seed=t.device.seed + 1))
     assert not b.shares_reads(other)
     assert dataclasses.replace(b, device=dataclasses.replace(b.device, sigma_read=0.0)).read_noise(7) is None
+
+
+def _device_args():
+    from xma2_ops.mta.experiment import cli
+    return cli.parse_args(["--quick", "--device", "typical", "--device-chips", "2", "--device-workers", "1",
+                           "--eval-batch", "16", "--batch", "16", "--deploy", "naive", "calibrated"])
+
+
+def _device_result():
+    """evaluate_device of the small backbone (--quick: the first 50 of 80 images, 4 test batches; random labels) on 2 chips."""
+    from xma2_ops.mta.experiment.evaluate import evaluate_device
+    x = inputs(80)
+    y = torch.randint(0, 10, (80,), generator=torch.Generator().manual_seed(1))
+    return evaluate_device(backbone(x), (x, y), _device_args(), False, "", (x, y))
+
+
+def _rank_worker(rank: int, port: int, out: str) -> None:
+    import json
+    import os
+
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        res = _device_result()
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump({"accs": res.accs, "ideal": res.ideal, "n_test": res.n_test}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_share_every_chip_and_give_the_single_process_result(tmp_path):
+    """Under torchrun each rank evaluates consecutive test batches of every (chip, mode) with the read
+    numbers of a whole pass, and the counts are summed: the one-process result, not one per rank count."""
+    import json
+
+    import torch.multiprocessing as tmp
+    from test_mta_calibrate import _free_port
+    one = _device_result()
+    assert len(set(one.accs["naive"] + one.accs["calibrated"])) > 1  # (chips and modes differ: a real check)
+    tmp.spawn(_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert one.n_test == 50 and ranks[0] == ranks[1] == {"accs": one.accs, "ideal": one.ideal, "n_test": 50}
