@@ -109,7 +109,7 @@ def test_train_mta_device_option(tmp_path):
         assert 0 < float(row["device_chip_s_naive"]) and 0 < float(row["device_chip_s_chip-aware"])
         assert 0 < float(row["device_wall_s"]) < float(meta["wall_s"])
     assert abs(meta["device_wall_s"] - sum(float(row["device_wall_s"]) for row in rows)) < 0.2
-    assert "chips' evaluation (" in r.stdout
+    assert f"chips' evaluation ({min(2, os.cpu_count() or 1)} workers)" in r.stdout  # (the default --device-workers)
     table = [c for c in chips if c["chip"] == "mean" and c["task"] == "AVERAGE"]
     assert len(table) == 4 and all(float(c["drop_ci95_lo"]) <= float(c["drop"]) <= float(c["drop_ci95_hi"])
                                    for c in table)

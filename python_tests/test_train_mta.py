@@ -146,14 +146,18 @@ def test_ddp_two_cpu_ranks_agree(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(SCRIPT), "--quick", "--tasks", "sk_digits",
            "--methods", "classifier", "xma2", "--also", "--weight-only-also", "--out", str(out), "--no-progress",
-           "--threads", "1"]
+           "--threads", "1", "--device", "ideal", "--device-chips", "1"]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ranks = [json.loads((out / f"ddp_rank{i}.json").read_text()) for i in range(2)]
     assert ranks[0]["hashes"] == ranks[1]["hashes"] and len(ranks[0]["hashes"]) == 2
     def without_timing(rows):
-        return [{k: v for k, v in r.items() if k != "train_s"} for r in rows]
+        return [{k: v for k, v in r.items() if k != "train_s" and not k.startswith(("device_chip_s", "device_wall_s"))}
+                for r in rows]
     assert without_timing(ranks[0]["rows"]) == without_timing(ranks[1]["rows"])
+    # the chips' evaluation is shared by the ranks (the ideal preset: every chip is the ideal-cell model)
+    assert "chips' evaluation (2 ranks)" in r.stdout
+    assert all(row["device_acc_naive"] == row["ideal_acc_subset"] for row in ranks[0]["rows"])
     res = json.loads((out / "results.json").read_text())
     assert res["meta"]["world_size"] == 2 and res["meta"]["switch_bit_identical"] is True
 

@@ -188,7 +188,8 @@ def run_experiment(args, full_args=None) -> List[dict]:
         dist.destroy_process_group()
     log(f"wall time: {wall:.1f} s"
         + (f" (per seed: {', '.join(f'{w:.0f} s' for w in seed_walls)})" if len(seed_walls) > 1 else "")
-        + (f", of which {device_wall:.1f} s the {args.device} chips' evaluation ({args.device_workers} workers)"
+        + (f", of which {device_wall:.1f} s the {args.device} chips' evaluation "
+           f"({f'{world} ranks' if world > 1 else f'{min(args.device_workers, args.device_chips)} workers'})"
            if args.device else "")
         + f", {torch.get_num_threads()} threads  (outputs in {out}/)")
     if not switch_ok:
