@@ -17,29 +17,37 @@ from ..deploy import DEFAULT_INPUTS as DEPLOY_INPUTS
 from .runtime import is_dist, make_loader, run_forked
 from .stats import mean_std
 
-@torch.no_grad()
+def count_correct(model: nn.Module, data, batch: int, batches, progress: bool = False,
+                  desc: str = "") -> Tuple[int, int, Optional[torch.Tensor]]:
+    """(correct predictions, images, logits of the first batch) of the test batches numbered ``batches``
+    (batch b holds images [b * batch, (b + 1) * batch)), with the model as it is (call eval() first)."""
+    x, y = data
+    correct = images = 0
+    first = None
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, desc=f"eval {desc}", leave=False)
+    with torch.no_grad():
+        for b in batches:
+            xb, yb = x[b * batch:(b + 1) * batch], y[b * batch:(b + 1) * batch]
+            out = model(xb)
+            first = out if first is None else first
+            correct += int((out.argmax(1) == yb).sum())
+            images += len(yb)
+    return correct, images, first
+
 def evaluate(model: nn.Module, data, batch: int, progress: bool, desc: str,
              max_batches: Optional[int] = None) -> Tuple[float, torch.Tensor]:
     """Accuracy with the quantised crossbar forward (the layers' own config); test batches are
     sharded over ranks and the counts summed.  Also returns the logits of the first batch."""
     model.eval()
-    x, y = data
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
-    starts = list(range(0, len(y), batch))[rank::world][:max_batches]
-    correct = torch.zeros(2, dtype=torch.float64)
-    first = None
-    it = starts
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(starts, desc=f"eval {desc}", leave=False)
-    for s in it:
-        out = model(x[s:s + batch])
-        first = out if first is None else first
-        correct += torch.tensor([(out.argmax(1) == y[s:s + batch]).sum().item(), len(y[s:s + batch])],
-                                dtype=torch.float64)
+    batches = list(range(-(-len(data[1]) // batch)))[rank::world][:max_batches]
+    correct, images, first = count_correct(model, data, batch, batches, progress, desc)
+    counts = torch.tensor([correct, images], dtype=torch.float64)
     if is_dist():
-        dist.all_reduce(correct)
-    return float(correct[0] / correct[1]) * 100, first
+        dist.all_reduce(counts)
+    return float(counts[0] / counts[1]) * 100, first
 
 def with_device(device: Optional[DeviceModel]):
     """A config transform for mta.use_config: the layers' config with ``device`` (None: ideal cells)."""
@@ -174,22 +182,12 @@ def chip_batches(model: nn.Module, data, batch: int, start: int, stop: int, prog
     once per forward, so batch b is read b after the layer's current count (the layers' counters are
     advanced by ``start`` first; a layer that reads more or less often is an error, not a different chip)."""
     model.eval()
-    x, y = data
-    layers = [m for _, m in xbar_layers(model)]
-    base = [m.chip.reads for m in layers]
-    for m in layers:
+    layers = xbar_layers(model)
+    base = [m.chip.reads for _, m in layers]
+    for _, m in layers:
         m.chip.reads += start
-    correct = images = 0
-    it = range(start, stop)
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(it, desc=f"eval {desc}", leave=False)
-    with torch.no_grad():
-        for b in it:
-            xb, yb = x[b * batch:(b + 1) * batch], y[b * batch:(b + 1) * batch]
-            correct += int((model(xb).argmax(1) == yb).sum())
-            images += len(yb)
-    for (name, m), r0 in zip(xbar_layers(model), base):
+    correct, images, _ = count_correct(model, data, batch, range(start, stop), progress, desc)
+    for (name, m), r0 in zip(layers, base):
         reads = m.chip.reads - r0 - start
         if start and reads not in (0, stop - start):  # (0: a layer without device cells reads nothing)
             raise RuntimeError(f"{name}: read its cells {reads} times in {stop - start} forwards; evaluating a "
