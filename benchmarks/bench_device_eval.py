@@ -4,6 +4,7 @@
     python benchmarks/bench_device_eval.py                      # typical, 5 chips, 1000 letters test images
     python benchmarks/bench_device_eval.py --modes naive calibrated --chips 5 --workers 2
     python benchmarks/bench_device_eval.py --quick              # tiny backbone, 2 chips, 50 images (smoke test)
+    python benchmarks/bench_device_eval.py --sensing differential   # chips under differential sensing
 
 The adapter is xma2@10 % freshly prepared on the example's backbone (cached under --out, trained
 there on the first call) with the example's calibrated ADC clips; training it would not change the
@@ -38,10 +39,13 @@ def main(argv=None) -> None:
     p.add_argument("--chips", type=int, default=5)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--n-test", type=int, default=0, help="test images (0: all 1000)")
+    p.add_argument("--sensing", default="per_polarity", choices=["per_polarity", "differential"],
+                   help="the example's --sensing (its backbone is trained and cached per sensing)")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
     argv = ["--out", a.out, "--device", a.device, "--device-chips", str(a.chips), "--device-n-test", str(a.n_test),
-            "--deploy", *a.modes, "--tasks", "sk_digits" if a.quick else "letters"] + (["--quick"] if a.quick else [])
+            "--deploy", *a.modes, "--tasks", "sk_digits" if a.quick else "letters", "--sensing", a.sensing] + \
+        (["--quick"] if a.quick else [])
     args = cli.parse_args(argv)
     torch.manual_seed(args.seed)
     src = source_task(args)
@@ -57,7 +61,7 @@ def main(argv=None) -> None:
         results[workers] = evaluate_device(model, test, args, False, "", train)
         walls[workers] = time.perf_counter() - t0
     same = all(r == results[1] for r in results.values())
-    print(f"{timing.cpu_name()}, {timing.load()}, {args.device}, {args.device_chips} chips x "
+    print(f"{timing.cpu_name()}, {timing.load()}, {args.device} ({args.sensing}), {args.device_chips} chips x "
           f"{results[1].n_test} images, modes {' '.join(args.deploy)}; results identical across workers: {same}")
     for workers, res in results.items():
         per_mode = ", ".join(f"{m} {sum(s):.1f} chip-s" for m, s in res.seconds.items())

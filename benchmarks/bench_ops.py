@@ -6,6 +6,7 @@
     python benchmarks/bench_ops.py --threads 2
     python benchmarks/bench_ops.py --threads 2 --modes default device --no-reference   # device model vs ideal cells
     python benchmarks/bench_ops.py --periphery     # each SPEC 8 convention's forward vs the default
+    python benchmarks/bench_ops.py --periphery --cells   # the same on the typical device (eval-mode layers)
 
 Shapes: the 3x3 (stride 1, padding 1) convolutions of ResNet-18 on CIFAR (batch 32) and one
 ImageNet-style layer (batch 8, 64 channels, 56x56).  Modes: ideal (no quantisation), the default
@@ -119,8 +120,14 @@ PERIPHERY = {
 
 def bench_periphery(shapes, repeats: int, device: str, cells: bool) -> None:
     """Forward of each periphery convention against the default config, timed in turns in one run
-    (signed inputs, so that sign_magnitude has something to save)."""
+    (signed inputs, so that sign_magnitude has something to save).  On the typical device's cells
+    (``cells``) the forward of an eval-mode XbarConv2d, programmed once (xbar_conv2d would program
+    every call's cells, which costs more than the kernel)."""
     base = XbarConfig(device=DeviceModel.preset("typical")) if cells else XbarConfig()
+
+    def forward(cfg):
+        return _eval_module_fwd(x, w, cfg) if cells else _xbar_fns(x, w, cfg, None)[0]
+
     fields = [f for f in ("sensing", "input_accumulation", "signed_inputs", "adc_rounding", "row_split", "adc_range")]
     print(f"\nPeriphery conventions (SPEC 8), forward ms, signed inputs, {'typical device' if cells else 'ideal cells'}; "
           f"ratio = convention / default in the same run")
@@ -129,10 +136,9 @@ def bench_periphery(shapes, repeats: int, device: str, cells: bool) -> None:
     for batch, ch, hw in shapes:
         x, w = _inputs(batch, ch, hw, device)
         x = x - 0.2  # signed
-        fns = {"default": _xbar_fns(x, w, base, None)[0]}
+        fns = {"default": forward(base)}
         for name, (kw, _) in PERIPHERY.items():
-            cfg = dataclasses.replace(base, **{f: kw[f] for f in fields if f in kw})
-            fns[name] = _xbar_fns(x, w, cfg, None)[0]
+            fns[name] = forward(dataclasses.replace(base, **{f: kw[f] for f in fields if f in kw}))
         t = _time_interleaved(fns, repeats, device)
         cells_ = [f"{batch}, {ch}, {hw}x{hw}", f"{t['default']:.1f}"]
         cells_ += [f"{t[n]:.1f} ({t[n] / t['default']:.2f}x)" for n in PERIPHERY]

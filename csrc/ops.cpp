@@ -33,15 +33,16 @@ TORCH_LIBRARY(xma2_ops, m) {
         "int adc_clip, int periphery=0) -> Tensor");
   // The device model (docs/SPEC.md 7.2): the same three contracts over fixed-point conductances
   // g [2, S, K, N] int32 (polarity, slice, row, column) of programmed cells instead of weight codes;
-  // frac_bits = F of Gq = round(G 2^F).  With adc_levels == 0 T_int is in units of 2^-F.
+  // frac_bits = F of Gq = round(G 2^F).  With adc_levels == 0 T_int is in units of 2^-F.  `periphery`: the
+  // same SPEC 8 bits as the codes ops compute on the CPU (cpu/cells.cpp).
   m.def("xbar_cell_tile_sums(Tensor x_codes, Tensor g, int rows, int cols, int input_bits, bool input_signed, "
-        "int dac_bits, int weight_bits, int cell_bits, int adc_levels, int adc_clip, int frac_bits) -> Tensor");
+        "int dac_bits, int weight_bits, int cell_bits, int adc_levels, int adc_clip, int frac_bits, int periphery=0) -> Tensor");
   m.def("xbar_cell_mvm(Tensor x_codes, Tensor gb, Tensor? gt, Tensor coef_b, Tensor? coef_t, int rows, int cols, "
         "int input_bits, bool input_signed, int dac_bits, int weight_bits, int cell_bits, int adc_levels, "
-        "int adc_clip, int frac_bits) -> Tensor");
+        "int adc_clip, int frac_bits, int periphery=0) -> Tensor");
   m.def("xbar_cell_coef_grad(Tensor x_codes, Tensor g, Tensor gy, int rows, int cols, int input_bits, "
         "bool input_signed, int dac_bits, int weight_bits, int cell_bits, int adc_levels, int adc_clip, "
-        "int frac_bits) -> Tensor");
+        "int frac_bits, int periphery=0) -> Tensor");
   // im2col of integer codes [B, C, H, W] -> [B*Ho*Wo, C*kh*kw] (PyTorch's (c, i, j) order), same dtype.
   m.def("xbar_unfold_codes(Tensor x, int[2] kernel_size, int[2] dilation, int[2] padding, int[2] stride) -> Tensor");
 }

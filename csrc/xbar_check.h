@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <optional>
 
 #include "xbar_quant.h"
@@ -152,7 +153,7 @@ constexpr int64_t kMaxFracBits = 16;  // DeviceModel.frac_bits (xma2_ops/device.
 inline XbarParams make_cell_params_checked(const at::Tensor& x, const at::Tensor& g, const char* name, int64_t rows,
                                            int64_t cols, int64_t input_bits, bool input_signed, int64_t dac_bits,
                                            int64_t weight_bits, int64_t cell_bits, int64_t adc_levels,
-                                           int64_t adc_clip, int64_t frac_bits) {
+                                           int64_t adc_clip, int64_t frac_bits, int64_t periphery) {
   TORCH_CHECK(g.dim() == 4 && g.size(0) == 2 && g.size(1) >= 1, "xbar_cell: ", name,
               " must be [2, S, K, N] (polarity, slice, row, column), got ", g.sizes());
   TORCH_CHECK(g.scalar_type() == at::kInt, "xbar_cell: ", name, " must be int32, got ", g.scalar_type());
@@ -161,7 +162,7 @@ inline XbarParams make_cell_params_checked(const at::Tensor& x, const at::Tensor
   TORCH_CHECK(x.device() == g.device(), "xbar_cell: x_codes and ", name, " must be on one device, got ", x.device(),
               " and ", g.device());
   XbarParams p = make_params_checked(x, g.select(0, 0).select(0, 0), rows, cols, input_bits, input_signed, dac_bits,
-                                     weight_bits, cell_bits, adc_levels, adc_clip);
+                                     weight_bits, cell_bits, adc_levels, adc_clip, periphery, kPeripheryCpuKernel);
   TORCH_CHECK(g.size(1) == p.slices(), "xbar_cell: ", name, " must have S = ceil((weight_bits - 1) / cell_bits) = ",
               p.slices(), " slices, got ", g.size(1));
   TORCH_CHECK(frac_bits >= 0 && frac_bits <= kMaxFracBits, "xbar_cell: frac_bits must be in [0, ", kMaxFracBits,
@@ -170,7 +171,8 @@ inline XbarParams make_cell_params_checked(const at::Tensor& x, const at::Tensor
 }
 
 // The numbers that bound every integer of a cell op, from the actual largest conductance g_max:
-// every P_F <= pbound = rows (2^db - 1) g_max, the ADC's 2 P_F n + clip 2^F, and the digital sum
+// every |V_F| <= pbound = rows (2^db - 1) g_max (also a difference of two polarities, or of two input
+// signs), the ADC's 2 u n + span (u = P_F unsigned, clamp(V_F + clip 2^F, 0, span) signed), and the digital sum
 // |T_int| <= tile_sum_bound(p, code_max) (xbar_quant.h; code_max = n, or pbound for the ideal ADC).  A
 // config where one could overflow int64 is refused.
 struct CellBounds {
@@ -184,8 +186,11 @@ inline CellBounds cell_bounds_checked(const XbarParams& p, int64_t g_max, int64_
   TORCH_CHECK(pb <= lim, "xbar_cell: rows * (2^dac_bits - 1) * max(g) = ", p.rows, " * ", (1LL << p.dac_bits) - 1,
               " * ", g_max, " overflows int64: lower rows, frac_bits or the conductances");
   const i128 clip_f = (i128)p.adc_clip << frac_bits;
+  // adc_code_ext clamps u to span before it multiplies; adc_code (unsigned) multiplies P itself.
+  const i128 u_max = p.adc_signed() ? std::min(pb + clip_f, 2 * clip_f) : pb;
+  const i128 span = p.adc_signed() ? 2 * clip_f : clip_f;
   if (p.adc_levels > 0)
-    TORCH_CHECK(2 * pb * p.adc_levels + clip_f <= lim, "xbar_cell: the ADC's 2 * P_F * adc_levels + adc_clip * 2^frac_bits "
+    TORCH_CHECK(pb + clip_f <= lim && 2 * u_max * p.adc_levels + span <= lim, "xbar_cell: the ADC's 2 * P_F * adc_levels + adc_clip * 2^frac_bits "
                 "overflows int64 (largest P_F = ", (int64_t)pb, ", adc_levels = ", p.adc_levels, ", adc_clip = ",
                 p.adc_clip, ", frac_bits = ", frac_bits, "): lower rows, frac_bits or the conductances");
   const i128 shifts = shift_sum(p);

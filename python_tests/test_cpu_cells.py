@@ -17,7 +17,7 @@ import torch
 import xma2_ops
 from xma2_ops import DeviceModel, XbarConfig
 from xma2_ops.backends import reference as ref
-from xma2_ops.config import GemmParams
+from xma2_ops.config import GemmParams, row_tile_sizes
 from xma2_ops.device import program_cells
 
 from helpers import ordered_coef_grad, random_conv_case
@@ -63,24 +63,35 @@ def random_case(seed: int) -> Case:
     levels = 0 if adc_bits is None else min(2 ** adc_bits - 1, clip)
     p = GemmParams(rows, rng.randint(1, 8), ib, signed, db, wb, cb, levels, clip)
     k = rng.choice([1, rows - 1 if rows > 1 else 1, rows, rows + 1, rng.randint(1, 3 * rows + 7)])
+    return _programmed_case(p, k, seed, rng, gen)
+
+
+def _programmed_case(p: GemmParams, k: int, seed: int, rng: random.Random, gen: torch.Generator) -> Case:
+    """Random codes [m, k] and the cells of random weights [k, n] programmed on ALL_ON (random frac bits,
+    programming round, cycles and read)."""
     n, m, f = rng.randint(1, 40), rng.randint(1, 23), rng.randint(0, 12)
-    qw = 2 ** (wb - 1) - 1
+    qw = 2 ** (p.weight_bits - 1) - 1
     w = torch.randint(-qw, qw + 1, (k, n), generator=gen, dtype=torch.int32)
     dev = dataclasses.replace(ALL_ON, seed=seed, frac_bits=f)
-    g = program_cells(w, wb, cb, dev, rng.randint(0, 3), rng.randint(0, 2)).read(rng.randint(0, 3))
+    g = program_cells(w, p.weight_bits, p.cell_bits, dev, rng.randint(0, 3), rng.randint(0, 2)).read(rng.randint(0, 3))
     return Case(p, _x_codes(gen, m, k, p, rng), g, f)
 
 
 def _fast_eligible(c: Case) -> bool:
-    """The conditions under which cells.cpp runs its AVX2 int16 kernel (bar the float-ADC check)."""
-    p = c.p
-    if p.adc_levels == 0:
+    """The conditions under which cells.cpp runs its AVX2 int16 kernel (bar the float-ADC check): a lossy ADC
+    with half-up rounding and one range for every tile, int16 conductances, int32 sums, the reachable ADC
+    inputs u = clamp(V, -cap, cap) + offset in the checked range."""
+    p = c.p.kernel_form() or c.p
+    if p.adc_levels == 0 or p.has("adc_rounding") or p.has("adc_range"):
         return False
     gmax = int(c.g.max())
     pb = p.rows * (2 ** p.dac_bits - 1) * gmax
     shifts = sum(2 ** (i * p.dac_bits + j * p.cell_bits) for i in range(p.chunks) for j in range(c.g.shape[1]))
+    clip_f = p.adc_clip << c.f
+    cap = min(pb, clip_f)
+    u_lo, u_hi = (clip_f - cap, clip_f + cap) if p.adc_signed else (0, cap)
     return gmax < 2 ** 15 and pb < 2 ** 31 and 2 * p.adc_levels * shifts < 2 ** 31 and \
-        min(pb, p.adc_clip << c.f) <= 2 ** 22
+        u_hi < 2 ** 31 and u_hi - u_lo <= 2 ** 22
 
 
 def _tile_sums(c: Case) -> torch.Tensor:
@@ -399,7 +410,7 @@ def test_overflowing_configs_refused_in_a_subprocess():
     silently wrapped result, would fail the child)."""
     prog = textwrap.dedent("""
         import torch, xma2_ops
-        from xma2_ops.config import GemmParams
+        from xma2_ops.config import GemmParams, row_tile_sizes
         ops = torch.ops.xma2_ops
         x = torch.full((2, 70000), 255, dtype=torch.int32)
         g = torch.full((2, 2, 70000, 1), 2 ** 31 - 1, dtype=torch.int32)
@@ -419,6 +430,111 @@ def test_overflowing_configs_refused_in_a_subprocess():
     assert "NOT REFUSED" not in proc.stdout, proc.stdout
     assert "REFUSED: adc" in proc.stdout and "2 * P_F * adc_levels" in proc.stdout, proc.stdout
     assert "REFUSED: tile" in proc.stdout and "tile sums" in proc.stdout, proc.stdout
+
+
+# ------------------------------------------------------------------ SPEC 8 conventions in the cell ops
+# The cell ops compute the codes kernels' periphery bits: differential sensing (1), sign-magnitude inputs (4),
+# half-even rounding (8), the even row split (16), the per-tile ADC range (32), and analog accumulation (2) of
+# at most 8 bits as one DAC chunk (GemmParams.kernel_form).  The AVX2 kernel takes 1, 4 and 16; 8 and 32 run
+# the generic path.
+_FIELDS_OF_BIT = {1: ("sensing", "differential"), 2: ("input_accumulation", "analog"),
+                  4: ("signed_inputs", "sign_magnitude"), 8: ("adc_rounding", "half_even"), 16: ("row_split", "even"),
+                  32: ("adc_range", "tile_rows")}
+CELL_BITS = [1, 4, 1 | 4, 16, 1 | 16, 1 | 2, 1 | 4 | 16, 8, 1 | 8, 32, 1 | 32, 63]
+
+
+def periphery_case(seed: int, bits: int) -> Case:
+    """A random call under the periphery ``bits``: lossy (saturating or not), lossless-range and ideal ADCs,
+    signed and unsigned inputs, K over one or several (even-split) tiles, programmed cells of ALL_ON."""
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    rows = rng.choice([1, 5, 16, 33, 64, 70, 128, 131])
+    cb, db = rng.choice([1, 2, 3, 4]), rng.choice([1, 2, 3, 4])
+    signed, wb = rng.random() < 0.6, rng.randint(2, 9)
+    pmax = rows * (2 ** db - 1) * (2 ** cb - 1)
+    adc_bits = rng.choice([None, 2, 3, 5, 8, 8, 10])
+    clip = None if bits & 32 or rng.random() < 0.5 else rng.choice([max(1, pmax // 3), pmax, pmax + 1, 2 * pmax])
+    cfg = XbarConfig(rows=rows, cols=rng.randint(1, 8), weight_bits=wb, cell_bits=cb, input_bits=rng.randint(2, 8),
+                     dac_bits=db, adc_bits=adc_bits, adc_clip=clip, input_signed=signed,
+                     **dict(v for b, v in _FIELDS_OF_BIT.items() if bits & b))
+    p = GemmParams.from_config(cfg, signed)
+    assert p.periphery == bits
+    while True:  # under the even split only a K whose last tile fits R rows
+        k = rng.choice([rng.randint(1, rows), rows * rng.randint(2, 3), rng.randint(rows + 1, 3 * rows + 7)])
+        try:
+            row_tile_sizes(k, rows, "even" if bits & 16 else "fixed")
+            break
+        except ValueError:
+            continue
+    return _programmed_case(p, k, seed, rng, gen)
+
+
+def _cell_args(p: GemmParams, f: int) -> tuple:
+    """The ops' arguments under the kernel form of ``p`` (what the cpu backend passes)."""
+    kp = p.kernel_form()
+    assert kp is not None
+    return kp.as_args(with_periphery=True)[:-1] + (f, kp.periphery)
+
+
+@pytest.mark.parametrize("bits", CELL_BITS)
+def test_cell_ops_compute_the_periphery(bits, monkeypatch):
+    """xbar_cell_tile_sums / xbar_cell_mvm (task cells, zero coefficients) / xbar_cell_coef_grad with
+    ``periphery=bits`` against reference.cell_tile_sums (SPEC 8 literally): T_int int64-exact, mvm and the
+    coefficient gradients in the one ordered sum, on the AVX2 kernel and the generic path (XMA2_CPU_ISA=scalar)."""
+    gen = torch.Generator().manual_seed(4000 + bits)
+    fast = 0
+    for trial in range(16):
+        c = periphery_case(40000 + 100 * bits + trial, bits)
+        args = _cell_args(c.p, c.f)
+        want = ref.cell_tile_sums(c.x, c.g, c.p, c.f)
+        tr, m, n = want.shape
+        gt = program_cells(torch.randint(-3, 4, (c.x.shape[1], n), generator=gen, dtype=torch.int32),
+                           c.p.weight_bits, c.p.cell_bits, dataclasses.replace(ALL_ON, frac_bits=c.f), 1, 1).read(0)
+        cb, ct = _coefs(gen, tr, n, torch.float64, 0.3), _coefs(gen, tr, n, torch.float32, 0.5)
+        want_y = torch.zeros(m, n, dtype=torch.float64)
+        want_t = ref.cell_tile_sums(c.x, gt, c.p, c.f).double()
+        for r in range(tr):  # row tile outer, then base, then task (the op's documented order)
+            want_y += cb[r] * want[r].double()
+            want_y += ct[r].double() * want_t[r]
+        gy = torch.randn(m, n, generator=gen, dtype=torch.float64)
+        want_g = ordered_coef_grad(want, gy)
+        fast += _fast_eligible(c)
+        for isa in ("auto", "scalar"):
+            monkeypatch.setenv("XMA2_CPU_ISA", isa)
+            where = (trial, isa, c.p, c.f)
+            assert torch.equal(OPS.xbar_cell_tile_sums(c.x, c.g, *args), want), where
+            assert torch.equal(OPS.xbar_cell_mvm(c.x, c.g, gt, cb, ct.double(), *args), want_y), where
+            assert torch.equal(OPS.xbar_cell_coef_grad(c.x, c.g, gy, *args), want_g), where
+    if not bits & (8 | 32):
+        assert fast >= 5, fast  # the AVX2 kernel was among the paths tested
+
+
+def test_cell_ops_periphery_is_tested_where_it_differs(monkeypatch):
+    """Not vacuous: differential sensing, sign-magnitude inputs and half-even rounding each change T_int on
+    these cells, and the op follows on both paths."""
+    c = periphery_case(7, 0)
+    p0 = dataclasses.replace(c.p, rows=16, input_signed=True, input_bits=6, dac_bits=2, cell_bits=2, weight_bits=6,
+                             adc_levels=6, adc_clip=12)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(-31, 32, (20, 40), generator=gen, dtype=torch.int32)
+    w = torch.randint(-31, 32, (40, 9), generator=gen, dtype=torch.int32)
+    g = program_cells(w, 6, 2, dataclasses.replace(ALL_ON, frac_bits=0), 0, 0).read(0)
+    t0 = ref.cell_tile_sums(x, g, p0, 0)
+    for bits in (1, 4, 1 | 8):
+        p = dataclasses.replace(p0, periphery=bits)
+        want = ref.cell_tile_sums(x, g, p, 0)
+        assert not torch.equal(want, t0), bits
+        for isa in ("auto", "scalar"):
+            monkeypatch.setenv("XMA2_CPU_ISA", isa)
+            assert torch.equal(OPS.xbar_cell_tile_sums(x, g, *_cell_args(p, 0)), want), (bits, isa)
+
+
+def test_cell_ops_refuse_periphery_bits_they_do_not_compute():
+    x, g, _ = _op_args(4)
+    for bad in (2, 64, -1, 1 | 2):
+        with pytest.raises(RuntimeError, match="periphery"):
+            OPS.xbar_cell_tile_sums(x, g, *P_OP.as_args(), 6, bad)
+    with pytest.raises(RuntimeError, match="periphery 1.*even adc_levels"):  # a signed ADC needs an even n
+        OPS.xbar_cell_tile_sums(x, g, *P_OP.as_args(), 6, 1)
 
 
 # ------------------------------------------------------------------ the whole layer

@@ -734,6 +734,40 @@ def test_cpu_layers_compute_the_periphery_in_the_kernel(bits, signed, monkeypatc
 
 
 @needs_cpu
+@pytest.mark.parametrize("bits", _KERNEL_BITS + _SPLIT_BITS)
+def test_cpu_device_layers_compute_the_periphery_in_the_kernel(bits, monkeypatch):
+    """The device model (SPEC 7.2) under every convention the cell ops compute: xbar_conv2d with task weights
+    and fractional masks on programmed cells, backend='cpu' runs the cell ops (periphery.py is never called) and
+    gives the reference backend's outputs and coefficient gradients, on the AVX2 and the generic cell paths."""
+    from xma2_ops.backends import periphery
+
+    signed = bits % 3 != 0
+    dev = DeviceModel(on_off=8.0, sigma_abs=0.03, sigma_rel=0.05, saf_low=0.03, saf_high=0.03, nu_mean=0.02,
+                      nu_std=0.01, read_time=3600.0, sigma_read=0.02, seed=bits, frac_bits=8)
+    cfg = XbarConfig(rows=20, cols=6, weight_bits=6, cell_bits=2, input_bits=5, dac_bits=2, adc_bits=5,
+                     input_signed=signed, device=dev, **_kernel_fields(bits))
+    p = GemmParams.from_config(cfg, signed)
+    assert xma2_ops.backends.backend_for("cpu", torch.device("cpu"), p, cells=True)[0].name == "cpu"
+    gen = torch.Generator().manual_seed(7 * bits + signed)
+    x, w, kw = _masked_conv_case(gen, cfg, signed)
+    mask, alpha = kw["pe_mask"].requires_grad_(), kw["col_scale"].requires_grad_()
+    want = xma2_ops.xbar_conv2d(x, w, backend="reference", **kw)
+    gy = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    g_ref = torch.autograd.grad(want, (mask, alpha), gy)
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("periphery.py ran")
+
+    monkeypatch.setattr(periphery, "_tile_sums", not_here)
+    for isa in ("auto", "scalar"):
+        monkeypatch.setenv("XMA2_CPU_ISA", isa)
+        got = xma2_ops.xbar_conv2d(x, w, backend="cpu", **kw)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        for a, b in zip(torch.autograd.grad(got, (mask, alpha), gy), g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@needs_cpu
 def test_cpu_backend_routes_only_what_its_kernels_compute():
     cpu = torch.device("cpu")
     base = dict(rows=32, cols=8)
@@ -748,10 +782,11 @@ def test_cpu_backend_routes_only_what_its_kernels_compute():
         p = GemmParams.from_config(XbarConfig(**{**base, **fields}), True)
         be, kp = xma2_ops.backends.backend_for("cpu", cpu, p)
         assert be.name == runs, fields
-        assert xma2_ops.backends.backend_for("cpu", cpu, p, cells=True)[0].name in ("periphery",), fields
+        assert xma2_ops.backends.backend_for("cpu", cpu, p, cells=True)[0].name == runs, fields  # the cell ops too
         if runs == "cpu":
             assert kp.periphery == p.periphery & ~2
     assert xma2_ops.backends.get_backend("cpu", cpu).periphery == 1 | 4 | 8 | 16 | 32
+    assert xma2_ops.backends.get_backend("cpu", cpu).cell_periphery == 1 | 4 | 8 | 16 | 32
     if "triton" in xma2_ops.available_backends():
         for fields in (dict(sensing="differential"), dict(row_split="even")):
             p = GemmParams.from_config(XbarConfig(**base, **fields), True)

@@ -1,16 +1,21 @@
 // The device-model ops on the CPU (docs/SPEC.md 7.2, docs/CPU_KERNEL.md "Device model"): partial sums
 // of input chunks with fixed-point conductances g [2, S, K, N] int32, each through the fixed-point
 // ADC, shifted and added into T_int [Tr, M, N] int64 -- bit-exact, as xma2_ops.backends.reference.cell_tile_sums.
+// Under the SPEC 8 conventions of the codes kernels (`periphery`, every bit but analog accumulation): a
+// conversion sees the difference of the two polarities' cells (differential sensing: one weight group
+// g+ - g- per slice), a signed input chunk (sign-magnitude: one input pass), the signed ADC, half-even
+// rounding, the even row split and the per-tile ADC range.
 //
 // Three paths, all exact:
 //  - ideal ADC (adc_levels == 0): T_int is linear in the partial sums, so per tile one GEMM of the
 //    whole input codes with W[k, n] = sum_j 2^(j cb) (g[+, j, k, n] - g[-, j, k, n]), in float64
 //    when every sum is below 2^53, else int64 (as the GEMM route of ops_cpu.cpp).
-//  - fast (x86 with AVX2, max(g) < 2^15, every P_F < 2^31, the float32 ADC checked equal to the
-//    integer rule for every reachable P_F (plan.h float_adc_exact), |T_int| < 2^31): per block of 96 input rows and row tile,
-//    the input chunks and the conductances as int16 pairs, a 6 x 16 AVX2 microkernel (vpmaddwd,
-//    exact int32 sums) per (chunk, polarity, slice, 16 columns), the ADC and the shift-and-add
-//    on its registers into int32 T.
+//  - fast (x86 with AVX2, max(g) < 2^15, every |V_F| < 2^31, the float32 ADC checked equal to the
+//    integer rule for every reachable V_F (plan.h float_adc_exact), |T_int| < 2^31; half-up rounding and
+//    one ADC range for every tile): per block of 96 input rows and row tile,
+//    the input chunks and the conductances (or their differences) as int16 pairs, a 6 x 16 AVX2 microkernel
+//    (vpmaddwd, exact int32 sums) per (input group, weight group, slice, 16 columns), the ADC and the
+//    shift-and-add on its registers into int32 T.
 //  - generic (anything else, or XMA2_CPU_ISA=scalar): per block of rows, tile and chunk one exact
 //    ATen GEMM (float32 / float64 / int64 by the bound of P_F), the exact integer ADC, int64 T.
 // Every path runs its work items on the one parallel loop of the CPU kernels (driver.h parallel_items).
@@ -52,11 +57,15 @@ enum class Path { kLinear, kFast, kGeneric };
 
 struct CellPlan {
   XbarParams p;
-  int S = 0, F = 0, C = 0;  // slices; frac bits; input chunks of all polarities (x_pols * chunks)
+  int S = 0, F = 0;
+  int C = 0;                // input groups: input polarity x chunk (one polarity under sign-magnitude)
+  int Q = 2;                // weight groups per slice: the two polarities, or their difference (differential)
   CellBounds b{};
   Path path = Path::kGeneric;
-  float a = 0.f, bb = 0.f;  // float ADC: code = min(trunc(fma(min(P, cap), a, bb)), n)
-  int32_t cap = 0;
+  // float ADC of the fast path: code = min(trunc(fma(clamp(V, -cap, cap) + offset, a, bb)), n) - half, with
+  // offset = clip 2^F and half = n / 2 for the signed ADC (SPEC 8.2), else 0.
+  float a = 0.f, bb = 0.f;
+  int32_t cap = 0, offset = 0, half = 0;
   int64_t block_rows = 1;   // input rows per work item
 };
 
@@ -73,11 +82,12 @@ bool fast_cpu() {
 // conductances) and chooses the path.
 CellPlan make_cell_plan(const at::Tensor& x, const std::vector<std::pair<at::Tensor, const char*>>& gs, int64_t rows,
                         int64_t cols, int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits,
-                        int64_t cell_bits, int64_t adc_levels, int64_t adc_clip, int64_t frac_bits) {
+                        int64_t cell_bits, int64_t adc_levels, int64_t adc_clip, int64_t frac_bits,
+                        int64_t periphery) {
   CellPlan pl;
   TORCH_CHECK(x.device().is_cpu(), "xbar_cell: x_codes must be a CPU tensor, got ", x.device());
   pl.p = make_cell_params_checked(x, gs[0].first, gs[0].second, rows, cols, input_bits, input_signed, dac_bits,
-                                  weight_bits, cell_bits, adc_levels, adc_clip, frac_bits);
+                                  weight_bits, cell_bits, adc_levels, adc_clip, frac_bits, periphery);
   int64_t g_max = 0;
   for (const auto& g : gs) {
     TORCH_CHECK(g.first.sizes() == gs[0].first.sizes() && g.first.scalar_type() == at::kInt, "xbar_cell: ", g.second,
@@ -94,20 +104,27 @@ CellPlan make_cell_plan(const at::Tensor& x, const std::vector<std::pair<at::Ten
   check_input_codes(x, pl.p);
   pl.S = pl.p.slices();
   pl.F = (int)frac_bits;
-  pl.C = pl.p.x_pols * pl.p.chunks();
+  pl.C = (pl.p.sign_magnitude() ? 1 : pl.p.x_pols) * pl.p.chunks();
+  pl.Q = pl.p.differential() ? 1 : 2;
   pl.b = cell_bounds_checked(pl.p, g_max, frac_bits);
   if (pl.p.adc_levels == 0) {
-    pl.path = Path::kLinear;
-  } else if (fast_cpu() && g_max < (1 << 15) && pl.b.pbound < (1LL << 31) && pl.b.t_bound < (1LL << 31)) {
-    const int64_t cap = std::min(pl.b.pbound, pl.b.clip_f);
-    // The kernel clamps the code to n; past clip 2^F every code is n, so with cap = min(pbound, clip 2^F)
-    // the check on [0, cap] holds for every reachable P_F.
-    if (cap <= kMaxAdcCheck && float_adc_exact(pl.p.adc_levels, pl.b.clip_f, 0, cap, false, true)) {
-      const FloatAdc f = float_adc(pl.p.adc_levels, pl.b.clip_f);
+    pl.path = Path::kLinear;  // T_int is linear in the partial sums under every convention
+  } else if (fast_cpu() && !pl.p.half_even() && !pl.p.adc_tile_rows() && g_max < (1 << 15) &&
+             pl.b.pbound < (1LL << 31) && pl.b.t_bound < (1LL << 31)) {
+    // The kernel clamps the code to n; past clip 2^F every code is n (0 below -clip 2^F), so with
+    // cap = min(pbound, clip 2^F) the check on the u = V + offset of [-cap, cap] holds for every reachable V_F.
+    const bool sgn = pl.p.adc_signed();
+    const int64_t cap = std::min(pl.b.pbound, pl.b.clip_f), offset = sgn ? pl.b.clip_f : 0;
+    const int64_t span = sgn ? 2 * pl.b.clip_f : pl.b.clip_f, ulo = sgn ? offset - cap : 0, uhi = offset + cap;
+    if (uhi < (1LL << 31) && uhi - ulo <= kMaxAdcCheck &&
+        float_adc_exact(pl.p.adc_levels, span, ulo, uhi, false, true)) {
+      const FloatAdc f = float_adc(pl.p.adc_levels, span);
       pl.a = f.a;
       pl.bb = f.b;
       pl.path = Path::kFast;
       pl.cap = (int32_t)cap;
+      pl.offset = (int32_t)offset;
+      pl.half = sgn ? (int32_t)(pl.p.adc_levels / 2) : 0;
     }
   }
   const int64_t R = std::max<int64_t>(1, std::min<int64_t>(pl.p.rows, pl.p.K)), N = std::max<int64_t>(1, pl.p.N);
@@ -117,7 +134,7 @@ CellPlan make_cell_plan(const at::Tensor& x, const std::vector<std::pair<at::Ten
     const int64_t per_row = (int64_t)pl.C * ((R + 1) / 2) * 4;
     pl.block_rows = std::clamp<int64_t>((1 << 23) / per_row / kMR * kMR, kMR, kFastRows);
   } else {
-    pl.block_rows = std::clamp<int64_t>((1 << 20) / std::max(R, 2 * pl.S * N), 1, kGenericRows);
+    pl.block_rows = std::clamp<int64_t>((1 << 20) / std::max<int64_t>(R, pl.Q * pl.S * N), 1, kGenericRows);
   }
   return pl;
 }
@@ -139,6 +156,13 @@ bool any_active(const std::vector<char>& a, int64_t r, int64_t NP) {
   for (int64_t np = 0; np < NP; ++np)
     if (a[(size_t)(r * NP + np)]) return true;
   return false;
+}
+
+// The weight groups of conductances g [2, S, K, N]: g itself, or [1, S, K, N] = g+ - g- under differential
+// sensing (|g+ - g-| <= max(g): int32, and int16 where the fast path takes g).
+at::Tensor weight_groups(const at::Tensor& g, const CellPlan& pl) {
+  if (pl.Q == 2) return g.contiguous();
+  return (g.select(0, 0) - g.select(0, 1)).unsqueeze(0).contiguous();
 }
 
 // ------------------------------------------------------------------ ideal ADC: one GEMM per tile
@@ -178,40 +202,51 @@ template <typename code_t>
 void run_generic_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const CellPlan& pl, const Active& active,
                    int64_t NP, Sink& sink) {
   const int64_t M = pl.p.M, K = pl.p.K, N = pl.p.N, Tr = pl.p.Tr(), R = pl.p.rows, S = pl.S;
+  // Every |partial sum| of a GEMM is at most pbound (the terms' magnitudes sum to it): exact in this type.
   const auto gt = pl.b.pbound < (1LL << 24) ? at::kFloat : pl.b.pbound < (1LL << 53) ? at::kDouble : at::kLong;
-  // Conductances of every set as [K, 2 S N] (polarity, slice, column) in the exact type.
+  // The weight groups of every set as [K, Q S N] (group, slice, column) in the exact type.
+  const int64_t Q = pl.Q;
   std::vector<at::Tensor> gk;
-  for (const auto& g : gs) gk.push_back(g.permute({2, 0, 1, 3}).reshape({K, 2 * S * N}).to(gt).contiguous());
+  for (const auto& g : gs)
+    gk.push_back(weight_groups(g, pl).permute({2, 0, 1, 3}).reshape({K, Q * S * N}).to(gt).contiguous());
   const code_t* xp = x.data_ptr<code_t>();
   const int64_t db = pl.p.dac_bits, cb = pl.p.cell_bits, mask = (1LL << db) - 1;
-  const int64_t n = pl.p.adc_levels, clip_f = pl.b.clip_f;
+  const bool sm = pl.p.sign_magnitude(), sgn = pl.p.adc_signed(), half_even = pl.p.half_even();
+  const int x_groups = sm ? 1 : pl.p.x_pols;
   parallel_items(M, pl.block_rows, 1, 1, [&](int64_t w, int64_t m0, int64_t nm, int64_t, int64_t) {
     std::vector<int64_t> t((size_t)(nm * N));
     std::vector<int64_t> chunk((size_t)(nm * R));
     for (int64_t r = 0; r < Tr; ++r) {
       const int64_t k0 = pl.p.tile_start(r), kr = pl.p.tile_rows(r);
+      const TileAdc ta = pl.p.tile_adc(kr);
+      const int64_t n = ta.levels, clip_f = ta.clip << pl.F;
       for (size_t s = 0; s < gs.size(); ++s) {
         if (!any_active(active[s], r, NP)) continue;
         std::fill(t.begin(), t.end(), 0);
         const at::Tensor gr = gk[s].narrow(0, k0, kr);
-        for (int pol = 0; pol < pl.p.x_pols; ++pol) {
+        for (int pol = 0; pol < x_groups; ++pol) {  // input polarity (one signed pass under sign-magnitude)
           for (int i = 0; i < pl.p.chunks(); ++i) {
             for (int64_t mi = 0; mi < nm; ++mi)
               for (int64_t k = 0; k < kr; ++k) {
                 const int64_t v = (int64_t)xp[(m0 + mi) * K + k0 + k];
-                const int64_t mag = pol == 0 ? std::max<int64_t>(v, 0) : std::max<int64_t>(-v, 0);
-                chunk[(size_t)(mi * kr + k)] = (mag >> (i * db)) & mask;
+                if (sm) {
+                  const int64_t c = (std::abs(v) >> (i * db)) & mask;
+                  chunk[(size_t)(mi * kr + k)] = v < 0 ? -c : c;
+                } else {
+                  const int64_t mag = pol == 0 ? std::max<int64_t>(v, 0) : std::max<int64_t>(-v, 0);
+                  chunk[(size_t)(mi * kr + k)] = (mag >> (i * db)) & mask;
+                }
               }
             const at::Tensor a = at::from_blob(chunk.data(), {nm, kr}, at::kLong).to(gt);
-            const at::Tensor ps = at::mm(a, gr).to(at::kLong).contiguous();  // [nm, 2 S N]
+            const at::Tensor ps = at::mm(a, gr).to(at::kLong).contiguous();  // [nm, Q S N]
             const int64_t* pp = ps.data_ptr<int64_t>();
-            for (int q = 0; q < 2; ++q)
+            for (int q = 0; q < Q; ++q)  // weight polarity (0: the difference under differential sensing)
               for (int64_t j = 0; j < S; ++j) {
                 const int64_t scale = ((pol == q) ? 1 : -1) * ((int64_t)1 << (i * db + j * cb));
                 for (int64_t mi = 0; mi < nm; ++mi) {
-                  const int64_t* prow = pp + mi * 2 * S * N + (q * S + j) * N;
+                  const int64_t* prow = pp + mi * Q * S * N + (q * S + j) * N;
                   int64_t* trow = t.data() + mi * N;
-                  for (int64_t c = 0; c < N; ++c) trow[c] += scale * adc_code(prow[c], n, clip_f);
+                  for (int64_t c = 0; c < N; ++c) trow[c] += scale * adc_code_ext(prow[c], n, clip_f, sgn, half_even);
                 }
               }
           }
@@ -232,12 +267,13 @@ void run_generic_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const
 #pragma GCC target("avx2,fma")
 #endif
 
-// Packs one row tile of the conductances of one set: dst[((q S + j) NP + np)][kp][16][2] int16,
+// Packs one row tile of the weight groups g [Q, S, K, N] of one set: dst[((q S + j) NP + np)][kp][16][2] int16,
 // element (k, col) at ((k / 2) * 16 + col) * 2 + k % 2, zero padded (odd k, columns past N).
-void pack_g_tile(const int32_t* g, int64_t S, int64_t K, int64_t N, int64_t k0, int64_t kr, int64_t NP, int16_t* dst) {
+void pack_g_tile(const int32_t* g, int64_t Q, int64_t S, int64_t K, int64_t N, int64_t k0, int64_t kr, int64_t NP,
+                 int16_t* dst) {
   const int64_t kp = (kr + 1) / 2, panel = kp * kNR * 2;
-  std::memset(dst, 0, sizeof(int16_t) * (size_t)(2 * S * NP * panel));
-  for (int64_t q = 0; q < 2; ++q)
+  std::memset(dst, 0, sizeof(int16_t) * (size_t)(Q * S * NP * panel));
+  for (int64_t q = 0; q < Q; ++q)
     for (int64_t j = 0; j < S; ++j) {
       const int32_t* src = g + ((q * S + j) * K + k0) * N;
       int16_t* set_base = dst + (q * S + j) * NP * panel;
@@ -254,14 +290,16 @@ void pack_g_tile(const int32_t* g, int64_t S, int64_t K, int64_t N, int64_t k0, 
 }
 
 // Packs the input chunks of rows [m0, m0 + nm) of one row tile: dst[c][micro][kp][kMR][2] int16
-// (c = polarity * chunks + chunk), rows past nm and the odd k zero; nonzero[c * nmicro + micro] says
-// whether that panel holds a non-zero value (an all-zero one gives P = 0, code 0: skipped).
+// (c = polarity * chunks + chunk; under sign-magnitude c = chunk, carrying the input's sign), rows past nm
+// and the odd k zero; nonzero[c * nmicro + micro] says whether that panel holds a non-zero value (an all-zero
+// one gives V = 0, the code of 0: skipped, as that code is 0 under either ADC).
 template <typename code_t>
 void pack_x_tile(const code_t* x, int64_t K, int64_t m0, int64_t nm, int64_t k0, int64_t kr, const CellPlan& pl,
                  int64_t nmicro, int16_t* dst, char* nonzero) {
   const int64_t kp = (kr + 1) / 2, cstride = nmicro * kp * kMR * 2;
   const int db = pl.p.dac_bits, chunks = pl.p.chunks();
   const int mask = (1 << db) - 1;
+  const bool sm = pl.p.sign_magnitude();
   std::memset(dst, 0, sizeof(int16_t) * (size_t)(pl.C * cstride));
   std::memset(nonzero, 0, (size_t)(pl.C * nmicro));
   for (int64_t mi = 0; mi < nm; ++mi) {
@@ -270,11 +308,11 @@ void pack_x_tile(const code_t* x, int64_t K, int64_t m0, int64_t nm, int64_t k0,
     for (int64_t k = 0; k < kr; ++k) {
       const int v = (int)row[k];
       if (v == 0) continue;
-      const int pol = v < 0 ? 1 : 0, mag = v < 0 ? -v : v;
+      const int pol = v < 0 && !sm ? 1 : 0, mag = v < 0 ? -v : v, sign = v < 0 && sm ? -1 : 1;
       int16_t* e = base + (k >> 1) * kMR * 2 + (k & 1) + (int64_t)pol * chunks * cstride;
       char* nz = nonzero + (int64_t)pol * chunks * nmicro + mi / kMR;
       for (int i = 0; i < chunks; ++i) {
-        const int16_t val = (int16_t)((mag >> (i * db)) & mask);
+        const int16_t val = (int16_t)(sign * ((mag >> (i * db)) & mask));
         e[i * cstride] = val;
         nz[i * nmicro] |= val != 0;
       }
@@ -284,15 +322,18 @@ void pack_x_tile(const code_t* x, int64_t K, int64_t m0, int64_t nm, int64_t k0,
 
 struct FastConsts {
   __m256 a, b;
-  __m256i cap, levels;
+  __m256i cap, neg_cap, offset, levels, half;
 };
 
-// The ADC of 8 partial sums (clamped to cap, so the float32 formula checked on [0, cap] applies), shifted
-// by `sh` and added to (or subtracted from) 8 int32 tile sums.
+// The ADC of 8 partial sums V (clamped to [-cap, cap] and offset, so the float32 formula checked on that range
+// of u applies; the signed ADC's code less n/2), shifted by `sh` and added to (or subtracted from) 8 int32 tile
+// sums.
 template <bool kNeg>
 __attribute__((always_inline)) inline void adc_add(__m256i p, const FastConsts& fc, __m128i sh, int32_t* dst) {
-  const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_min_epi32(p, fc.cap)), fc.a, fc.b);
-  const __m256i code = _mm256_sll_epi32(_mm256_min_epi32(_mm256_cvttps_epi32(f), fc.levels), sh);
+  const __m256i u = _mm256_add_epi32(_mm256_max_epi32(_mm256_min_epi32(p, fc.cap), fc.neg_cap), fc.offset);
+  const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u), fc.a, fc.b);
+  const __m256i code =
+      _mm256_sll_epi32(_mm256_sub_epi32(_mm256_min_epi32(_mm256_cvttps_epi32(f), fc.levels), fc.half), sh);
   const __m256i cur = _mm256_loadu_si256((const __m256i*)dst);
   _mm256_storeu_si256((__m256i*)dst, kNeg ? _mm256_sub_epi32(cur, code) : _mm256_add_epi32(cur, code));
 }
@@ -347,13 +388,13 @@ inline void micro_6x16(const int32_t* A, const int32_t* B, int64_t kp, const Fas
 template <typename code_t>
 void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const CellPlan& pl, const Active& active,
                 int64_t NP, Sink& sink) {
-  const int64_t M = pl.p.M, K = pl.p.K, N = pl.p.N, Tr = pl.p.Tr(), R = pl.p.rows, S = pl.S;
+  const int64_t M = pl.p.M, K = pl.p.K, N = pl.p.N, Tr = pl.p.Tr(), R = pl.p.rows, S = pl.S, Q = pl.Q;
   const int64_t kp_max = (std::min(R, K) + 1) / 2, panel = kp_max * kNR * 2;  // int16 per panel (bound)
-  const int64_t tile_size = 2 * S * NP * panel;
+  const int64_t tile_size = Q * S * NP * panel;
   // Packed conductances of every set and tile (32-byte aligned: the microkernel's aligned loads).
   std::vector<at::Tensor> gp;
   for (const auto& g : gs) {
-    const at::Tensor gc = g.contiguous();
+    const at::Tensor gc = weight_groups(g, pl);
     at::Tensor buf = at::empty({Tr, tile_size + 16}, at::TensorOptions().dtype(at::kShort));
     const int32_t* src = gc.data_ptr<int32_t>();
     int16_t* b = buf.data_ptr<int16_t>();
@@ -362,7 +403,7 @@ void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
         int16_t* d = b + r * (tile_size + 16);
         d += ((32 - ((uintptr_t)d & 31)) & 31) / 2;
         const int64_t k0 = pl.p.tile_start(r), kr = pl.p.tile_rows(r);
-        pack_g_tile(src, S, K, N, k0, kr, NP, d);
+        pack_g_tile(src, Q, S, K, N, k0, kr, NP, d);
       }
     });
     gp.push_back(buf);
@@ -372,8 +413,10 @@ void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
     return d + ((32 - ((uintptr_t)d & 31)) & 31) / 2;
   };
   const code_t* xp = x.data_ptr<code_t>();
-  const FastConsts fc{_mm256_set1_ps(pl.a), _mm256_set1_ps(pl.bb), _mm256_set1_epi32(pl.cap),
-                      _mm256_set1_epi32((int)pl.p.adc_levels)};
+  const FastConsts fc{_mm256_set1_ps(pl.a),          _mm256_set1_ps(pl.bb),
+                      _mm256_set1_epi32(pl.cap),       _mm256_set1_epi32(-pl.cap),
+                      _mm256_set1_epi32(pl.offset),    _mm256_set1_epi32((int)pl.p.adc_levels),
+                      _mm256_set1_epi32(pl.half)};
   const int64_t nmicro_max = (pl.block_rows + kMR - 1) / kMR, ldt = NP * kNR;
   const int db = pl.p.dac_bits, cb = pl.p.cell_bits, chunks = pl.p.chunks();
   parallel_items(M, pl.block_rows, 1, 1, [&](int64_t w, int64_t m0, int64_t nm, int64_t, int64_t) {
@@ -392,7 +435,7 @@ void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
         packed = true;
         std::fill(t32.begin(), t32.end(), 0);
         const int16_t* gt = g_tile(s, r);
-        for (int q = 0; q < 2; ++q)
+        for (int q = 0; q < Q; ++q)
           for (int64_t j = 0; j < S; ++j)
             for (int64_t np = 0; np < NP; ++np) {
               if (!active[s][(size_t)(r * NP + np)]) continue;
@@ -467,9 +510,10 @@ struct TileSumsSink : Sink {
 
 at::Tensor xbar_cell_tile_sums_cpu(const at::Tensor& x_codes, const at::Tensor& g, int64_t rows, int64_t cols,
                                    int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits,
-                                   int64_t cell_bits, int64_t adc_levels, int64_t adc_clip, int64_t frac_bits) {
+                                   int64_t cell_bits, int64_t adc_levels, int64_t adc_clip, int64_t frac_bits,
+                                   int64_t periphery) {
   const CellPlan pl = make_cell_plan(x_codes, {{g, "g"}}, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
-                                     cell_bits, adc_levels, adc_clip, frac_bits);
+                                     cell_bits, adc_levels, adc_clip, frac_bits, periphery);
   const int64_t M = pl.p.M, N = pl.p.N, Tr = pl.p.Tr();
   const char* what = "xbar_cell_tile_sums: the output [Tr, M, N]";
   mul_checked(mul_checked(Tr, M, what), N, what);
@@ -519,12 +563,13 @@ struct MvmSink : Sink {
 at::Tensor xbar_cell_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& gb, const std::optional<at::Tensor>& gt,
                              const at::Tensor& coef_b, const std::optional<at::Tensor>& coef_t, int64_t rows,
                              int64_t cols, int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits,
-                             int64_t cell_bits, int64_t adc_levels, int64_t adc_clip, int64_t frac_bits) {
+                             int64_t cell_bits, int64_t adc_levels, int64_t adc_clip, int64_t frac_bits,
+                             int64_t periphery) {
   check_task_given("xbar_cell_mvm", "gt", gt.has_value(), coef_t.has_value());
   std::vector<std::pair<at::Tensor, const char*>> named{{gb, "gb"}};
   if (gt.has_value()) named.push_back({*gt, "gt"});
   const CellPlan pl = make_cell_plan(x_codes, named, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
-                                     cell_bits, adc_levels, adc_clip, frac_bits);
+                                     cell_bits, adc_levels, adc_clip, frac_bits, periphery);
   const int64_t M = pl.p.M, N = pl.p.N, Tr = pl.p.Tr(), NP = panels(N);
   check_mvm_coefs("xbar_cell_mvm", coef_b, coef_t, Tr, N);
   TORCH_CHECK(coef_b.device().is_cpu(), "xbar_cell_mvm: coef_b must be a CPU tensor, got ", coef_b.device());
@@ -573,9 +618,9 @@ struct CoefGradSink : Sink {
 at::Tensor xbar_cell_coef_grad_cpu(const at::Tensor& x_codes, const at::Tensor& g, const at::Tensor& gy, int64_t rows,
                                    int64_t cols, int64_t input_bits, bool input_signed, int64_t dac_bits,
                                    int64_t weight_bits, int64_t cell_bits, int64_t adc_levels, int64_t adc_clip,
-                                   int64_t frac_bits) {
+                                   int64_t frac_bits, int64_t periphery) {
   CellPlan pl = make_cell_plan(x_codes, {{g, "g"}}, rows, cols, input_bits, input_signed, dac_bits, weight_bits,
-                               cell_bits, adc_levels, adc_clip, frac_bits);
+                               cell_bits, adc_levels, adc_clip, frac_bits, periphery);
   // Work items of whole gradient blocks (kGradRows rows each, the last one may end at M), whatever the
   // path: every block's rows then come in one call, in order.
   pl.block_rows = std::max<int64_t>(1, pl.block_rows / kGradRows) * kGradRows;

@@ -51,9 +51,11 @@ class BackendBase:
     mvm_packed: Optional[Callable[..., torch.Tensor]] = None
     coef_grad_packed: Optional[Callable[..., torch.Tensor]] = None
     # The periphery bits (SPEC 8, config.PERIPHERY_BIT) that tile_sums / mvm / coef_grad and the packed ops
-    # compute themselves (in GemmParams.kernel_form's form); the device-model ops compute none.  Any other
-    # bit runs the periphery backend (dispatch.backend_for).
+    # compute themselves (in GemmParams.kernel_form's form), and those that the device-model ops compute
+    # (``cell_periphery``; the cell ops get them as their last argument).  Any other bit runs the periphery
+    # backend (dispatch.backend_for).
     periphery: int = 0
+    cell_periphery: int = 0
 
     def not_supported_reasons(self, device: torch.device, params: Optional[GemmParams] = None,
                               cells: bool = False) -> List[str]:

@@ -152,16 +152,22 @@ def _torch_op_cells(key: str) -> dict:
             and torch._C._dispatch_has_kernel_for_dispatch_key("xma2_ops::xbar_cell_tile_sums", key)):
         return {}
 
+    def _cell_args(p: GemmParams, frac_bits: int) -> tuple:
+        """as_args, frac_bits, then the periphery bits (the cell ops' schema)."""
+        return p.as_args(with_periphery=True)[:-1] + (frac_bits, p.periphery)
+
     def tile_sums(x_codes, gq, p: GemmParams, frac_bits: int):
-        return torch.ops.xma2_ops.xbar_cell_tile_sums(x_codes, gq, *p.as_args(), frac_bits)
+        return torch.ops.xma2_ops.xbar_cell_tile_sums(x_codes, gq, *_cell_args(p, frac_bits))
 
     def mvm(x_codes, gb, gt, coef_b, coef_t, p: GemmParams, frac_bits: int):
-        return torch.ops.xma2_ops.xbar_cell_mvm(x_codes, gb, gt, coef_b, coef_t, *p.as_args(), frac_bits)
+        return torch.ops.xma2_ops.xbar_cell_mvm(x_codes, gb, gt, coef_b, coef_t, *_cell_args(p, frac_bits))
 
     def coef_grad(x_codes, gq, gy, p: GemmParams, frac_bits: int):
-        return torch.ops.xma2_ops.xbar_cell_coef_grad(x_codes, gq, gy, *p.as_args(), frac_bits)
+        return torch.ops.xma2_ops.xbar_cell_coef_grad(x_codes, gq, gy, *_cell_args(p, frac_bits))
 
-    return dict(cell_tile_sums=tile_sums, cell_mvm_kernel=mvm, cell_coef_grad=coef_grad)
+    # The cell ops compute the same SPEC 8 bits as the codes ops (csrc/cpu/cells.cpp).
+    return dict(cell_tile_sums=tile_sums, cell_mvm_kernel=mvm, cell_coef_grad=coef_grad,
+                cell_periphery=KERNEL_PERIPHERY)
 
 
 def backends() -> Dict[str, BackendBase]:
@@ -169,8 +175,8 @@ def backends() -> Dict[str, BackendBase]:
     out: Dict[str, BackendBase] = {}
     if HAS_C:
         # The CPU bit-plane kernels compute differential sensing, sign-magnitude inputs, half-even rounding
-        # (csrc/cpu/xbar_cpu_block.h), the even row split and the per-tile ADC range (csrc/cpu/plan.h); the CUDA
-        # kernel none of SPEC 8.
+        # (csrc/cpu/xbar_cpu_block.h), the even row split and the per-tile ADC range (csrc/cpu/plan.h), and so do
+        # its cell ops (csrc/cpu/cells.cpp); the CUDA kernel none of SPEC 8.
         out["cpu"] = dataclasses.replace(_torch_op_backend("cpu", ("cpu",), KERNEL_PERIPHERY), **_torch_op_cells("CPU"))
         if torch._C._dispatch_has_kernel_for_dispatch_key("xma2_ops::xbar_mvm", "CUDA"):
             out["cuda"] = _torch_op_backend("cuda", ("cuda",))

@@ -58,12 +58,12 @@ else:
 def backend_for(name: Optional[str], device: torch.device, p: GemmParams,
                 cells: bool = False) -> Tuple[BackendBase, GemmParams]:
     """get_backend and the params it runs: a periphery (SPEC 8) whose kernel form
-    (GemmParams.kernel_form) keeps only bits that the backend's kernels compute (``BackendBase.periphery``;
-    none for the device-model ops, ``cells``) runs there; any other runs periphery.py on every backend
-    but the reference (whose own loops compute section 8 literally)."""
+    (GemmParams.kernel_form) keeps only bits that the backend's kernels compute (``BackendBase.periphery``,
+    or ``cell_periphery`` for the device-model ops, ``cells``) runs there; any other runs periphery.py on
+    every backend but the reference (whose own loops compute section 8 literally)."""
     be = get_backend(name, device)
     kp = p.kernel_form()
-    if kp is not None and not (kp.periphery & ~(0 if cells else be.periphery)):
+    if kp is not None and not (kp.periphery & ~(be.cell_periphery if cells else be.periphery)):
         return be, kp
     return (be if be.name == "reference" else periphery.BACKEND), p
 
