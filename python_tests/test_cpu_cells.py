@@ -359,6 +359,16 @@ def test_opcheck_cell_coef_grad():
     torch.library.opcheck(OPS.xbar_cell_coef_grad.default, (x, g, gy, *P_OP.as_args(), 6))
 
 
+def test_opcheck_cell_ops_with_a_periphery():
+    """The periphery argument (differential sensing, sign-magnitude inputs, even split) through opcheck."""
+    x, g, gen = _op_args(5)
+    args = (*dataclasses.replace(P_OP, adc_levels=6).as_args(), 6, 1 | 4 | 16)
+    cb = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    torch.library.opcheck(OPS.xbar_cell_tile_sums.default, (x, g, *args))
+    torch.library.opcheck(OPS.xbar_cell_mvm.default, (x, g, None, cb, None, *args))
+    torch.library.opcheck(OPS.xbar_cell_coef_grad.default, (x, g, torch.randn(6, 5, generator=gen), *args))
+
+
 # ------------------------------------------------------------------ bad arguments
 def _bad_calls():
     x, g, _ = _op_args(3)

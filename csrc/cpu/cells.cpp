@@ -327,21 +327,38 @@ struct FastConsts {
 
 // The ADC of 8 partial sums V (clamped to [-cap, cap] and offset, so the float32 formula checked on that range
 // of u applies; the signed ADC's code less n/2), shifted by `sh` and added to (or subtracted from) 8 int32 tile
-// sums.
-template <bool kNeg>
+// sums.  kSigned = false (V >= 0, offset and half 0) keeps the per-polarity ADC at its three operations.
+template <bool kNeg, bool kSigned>
 __attribute__((always_inline)) inline void adc_add(__m256i p, const FastConsts& fc, __m128i sh, int32_t* dst) {
-  const __m256i u = _mm256_add_epi32(_mm256_max_epi32(_mm256_min_epi32(p, fc.cap), fc.neg_cap), fc.offset);
+  __m256i u = _mm256_min_epi32(p, fc.cap);
+  if (kSigned) u = _mm256_add_epi32(_mm256_max_epi32(u, fc.neg_cap), fc.offset);
   const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u), fc.a, fc.b);
-  const __m256i code =
-      _mm256_sll_epi32(_mm256_sub_epi32(_mm256_min_epi32(_mm256_cvttps_epi32(f), fc.levels), fc.half), sh);
+  __m256i code = _mm256_min_epi32(_mm256_cvttps_epi32(f), fc.levels);
+  if (kSigned) code = _mm256_sub_epi32(code, fc.half);
+  code = _mm256_sll_epi32(code, sh);
   const __m256i cur = _mm256_loadu_si256((const __m256i*)dst);
   _mm256_storeu_si256((__m256i*)dst, kNeg ? _mm256_sub_epi32(cur, code) : _mm256_add_epi32(cur, code));
 }
 
+// adc_add of the microkernel's 6 x 16 partial sums into t (row stride ldt).
+template <bool kNeg, bool kSigned>
+__attribute__((always_inline)) inline void adc_add_6x16(__m256i c00, __m256i c01, __m256i c10, __m256i c11,
+                                                        __m256i c20, __m256i c21, __m256i c30, __m256i c31,
+                                                        __m256i c40, __m256i c41, __m256i c50, __m256i c51,
+                                                        const FastConsts& fc, __m128i sh, int32_t* t, int64_t ldt) {
+  adc_add<kNeg, kSigned>(c00, fc, sh, t), adc_add<kNeg, kSigned>(c01, fc, sh, t + 8);
+  adc_add<kNeg, kSigned>(c10, fc, sh, t + ldt), adc_add<kNeg, kSigned>(c11, fc, sh, t + ldt + 8);
+  adc_add<kNeg, kSigned>(c20, fc, sh, t + 2 * ldt), adc_add<kNeg, kSigned>(c21, fc, sh, t + 2 * ldt + 8);
+  adc_add<kNeg, kSigned>(c30, fc, sh, t + 3 * ldt), adc_add<kNeg, kSigned>(c31, fc, sh, t + 3 * ldt + 8);
+  adc_add<kNeg, kSigned>(c40, fc, sh, t + 4 * ldt), adc_add<kNeg, kSigned>(c41, fc, sh, t + 4 * ldt + 8);
+  adc_add<kNeg, kSigned>(c50, fc, sh, t + 5 * ldt), adc_add<kNeg, kSigned>(c51, fc, sh, t + 5 * ldt + 8);
+}
+
 // P[6 x 16] = A[6 x 2kp] B[2kp x 16] (int16 pairs, int32 sums), then per element the ADC, the shift
 // and the signed add into t (row stride ldt).
-inline void micro_6x16(const int32_t* A, const int32_t* B, int64_t kp, const FastConsts& fc, int shift, bool neg,
-                       int32_t* t, int64_t ldt) {
+template <bool kSigned>
+void micro_6x16(const int32_t* A, const int32_t* B, int64_t kp, const FastConsts& fc, int shift, bool neg, int32_t* t,
+                int64_t ldt) {
   __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
           c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   for (int64_t k = 0; k < kp; ++k) {
@@ -368,21 +385,10 @@ inline void micro_6x16(const int32_t* A, const int32_t* B, int64_t kp, const Fas
     c51 = _mm256_add_epi32(c51, _mm256_madd_epi16(av, b1));
   }
   const __m128i sh = _mm_cvtsi32_si128(shift);
-  if (neg) {
-    adc_add<true>(c00, fc, sh, t), adc_add<true>(c01, fc, sh, t + 8);
-    adc_add<true>(c10, fc, sh, t + ldt), adc_add<true>(c11, fc, sh, t + ldt + 8);
-    adc_add<true>(c20, fc, sh, t + 2 * ldt), adc_add<true>(c21, fc, sh, t + 2 * ldt + 8);
-    adc_add<true>(c30, fc, sh, t + 3 * ldt), adc_add<true>(c31, fc, sh, t + 3 * ldt + 8);
-    adc_add<true>(c40, fc, sh, t + 4 * ldt), adc_add<true>(c41, fc, sh, t + 4 * ldt + 8);
-    adc_add<true>(c50, fc, sh, t + 5 * ldt), adc_add<true>(c51, fc, sh, t + 5 * ldt + 8);
-  } else {
-    adc_add<false>(c00, fc, sh, t), adc_add<false>(c01, fc, sh, t + 8);
-    adc_add<false>(c10, fc, sh, t + ldt), adc_add<false>(c11, fc, sh, t + ldt + 8);
-    adc_add<false>(c20, fc, sh, t + 2 * ldt), adc_add<false>(c21, fc, sh, t + 2 * ldt + 8);
-    adc_add<false>(c30, fc, sh, t + 3 * ldt), adc_add<false>(c31, fc, sh, t + 3 * ldt + 8);
-    adc_add<false>(c40, fc, sh, t + 4 * ldt), adc_add<false>(c41, fc, sh, t + 4 * ldt + 8);
-    adc_add<false>(c50, fc, sh, t + 5 * ldt), adc_add<false>(c51, fc, sh, t + 5 * ldt + 8);
-  }
+  if (neg)
+    adc_add_6x16<true, kSigned>(c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, fc, sh, t, ldt);
+  else
+    adc_add_6x16<false, kSigned>(c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, fc, sh, t, ldt);
 }
 
 template <typename code_t>
@@ -419,6 +425,7 @@ void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
                       _mm256_set1_epi32(pl.half)};
   const int64_t nmicro_max = (pl.block_rows + kMR - 1) / kMR, ldt = NP * kNR;
   const int db = pl.p.dac_bits, cb = pl.p.cell_bits, chunks = pl.p.chunks();
+  const auto micro = pl.p.adc_signed() ? &micro_6x16<true> : &micro_6x16<false>;
   parallel_items(M, pl.block_rows, 1, 1, [&](int64_t w, int64_t m0, int64_t nm, int64_t, int64_t) {
     std::vector<int16_t> xa((size_t)(pl.C * nmicro_max * kp_max * kMR * 2));
     std::vector<char> nonzero((size_t)(pl.C * nmicro_max));
@@ -445,7 +452,7 @@ void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
                   if (!nonzero[(size_t)(c * nmicro + mc)]) continue;
                   const int pol = c / chunks, i = c % chunks;
                   const int32_t* A = (const int32_t*)(xa.data() + c * cstride + mc * kp * kMR * 2);
-                  micro_6x16(A, B, kp, fc, (int)(i * db + j * cb), pol != q, t32.data() + mc * kMR * ldt + np * kNR,
+                  micro(A, B, kp, fc, (int)(i * db + j * cb), pol != q, t32.data() + mc * kMR * ldt + np * kNR,
                              ldt);
                 }
             }
