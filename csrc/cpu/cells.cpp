@@ -10,9 +10,9 @@
 //  - ideal ADC (adc_levels == 0): T_int is linear in the partial sums, so per tile one GEMM of the
 //    whole input codes with W[k, n] = sum_j 2^(j cb) (g[+, j, k, n] - g[-, j, k, n]), in float64
 //    when every sum is below 2^53, else int64 (as the GEMM route of ops_cpu.cpp).
-//  - fast (x86 with AVX2, max(g) < 2^15, every |V_F| < 2^31, the float32 ADC checked equal to the
-//    integer rule for every reachable V_F (plan.h float_adc_exact), |T_int| < 2^31; half-up rounding and
-//    one ADC range for every tile): per block of 96 input rows and row tile,
+//  - fast (x86 with AVX2, max(g) < 2^15, every |V_F| < 2^31, the float32 ADC of each tile size checked
+//    equal to the integer rule for every reachable V_F (plan.h float_adc_exact), |T_int| < 2^31): per
+//    block of 96 input rows and row tile,
 //    the input chunks and the conductances (or their differences) as int16 pairs, a 6 x 16 AVX2 microkernel
 //    (vpmaddwd, exact int32 sums) per (input group, weight group, slice, 16 columns), the ADC and the
 //    shift-and-add on its registers into int32 T.
@@ -62,12 +62,31 @@ struct CellPlan {
   int Q = 2;                // weight groups per slice: the two polarities, or their difference (differential)
   CellBounds b{};
   Path path = Path::kGeneric;
-  // float ADC of the fast path: code = min(trunc(fma(clamp(V, -cap, cap) + offset, a, bb)), n) - half, with
-  // offset = clip 2^F and half = n / 2 for the signed ADC (SPEC 8.2), else 0.
-  float a = 0.f, bb = 0.f;
-  int32_t cap = 0, offset = 0, half = 0;
+  // The float ADC of the fast path for every tile but the last ([0]) and the last ([1]) (they differ only
+  // under adc_range="tile_rows"): code = min(trunc(fma(clamp(V, -cap, cap) + offset, a, b)), n) - half, with
+  // offset = clip 2^F and half = n / 2 for the signed ADC (SPEC 8.2), else 0; under half_even also the
+  // half-down form (b_dn), the even one of the two taken at a tie.
+  struct FastAdc {
+    float a = 0.f, b = 0.f, b_dn = 0.f;
+    int32_t cap = 0, offset = 0, levels = 0, half = 0;
+  } fast[2];
   int64_t block_rows = 1;   // input rows per work item
 };
+
+// The fast path's ADC of a tile with ADC `ta` (into f), when its float form is exact for every reachable V_F:
+// past clip 2^F every code is n (0 below -clip 2^F), so with cap = min(|V_F| bound, clip 2^F) the check on
+// u = clamp(V, -cap, cap) + offset holds for every V.
+bool fast_adc(const CellPlan& pl, const TileAdc& ta, CellPlan::FastAdc& f) {
+  const bool sgn = pl.p.adc_signed();
+  const int64_t clip_f = ta.clip << pl.F, cap = std::min(pl.b.pbound, clip_f), offset = sgn ? clip_f : 0;
+  const int64_t span = sgn ? 2 * clip_f : clip_f, ulo = sgn ? offset - cap : 0, uhi = offset + cap;
+  if (uhi >= (1LL << 31) || uhi - ulo > kMaxAdcCheck ||
+      !float_adc_exact(ta.levels, span, ulo, uhi, pl.p.half_even(), true))
+    return false;
+  const FloatAdc fa = float_adc(ta.levels, span);
+  f = {fa.a, fa.b, fa.b_dn, (int32_t)cap, (int32_t)offset, (int32_t)ta.levels, sgn ? (int32_t)(ta.levels / 2) : 0};
+  return true;
+}
 
 // The AVX2 cell kernel runs unless XMA2_CPU_ISA=scalar (any other choice, avx512 and amx included, runs
 // it: the bit-plane instruction sets have no cell kernel).
@@ -109,23 +128,11 @@ CellPlan make_cell_plan(const at::Tensor& x, const std::vector<std::pair<at::Ten
   pl.b = cell_bounds_checked(pl.p, g_max, frac_bits);
   if (pl.p.adc_levels == 0) {
     pl.path = Path::kLinear;  // T_int is linear in the partial sums under every convention
-  } else if (fast_cpu() && !pl.p.half_even() && !pl.p.adc_tile_rows() && g_max < (1 << 15) &&
-             pl.b.pbound < (1LL << 31) && pl.b.t_bound < (1LL << 31)) {
-    // The kernel clamps the code to n; past clip 2^F every code is n (0 below -clip 2^F), so with
-    // cap = min(pbound, clip 2^F) the check on the u = V + offset of [-cap, cap] holds for every reachable V_F.
-    const bool sgn = pl.p.adc_signed();
-    const int64_t cap = std::min(pl.b.pbound, pl.b.clip_f), offset = sgn ? pl.b.clip_f : 0;
-    const int64_t span = sgn ? 2 * pl.b.clip_f : pl.b.clip_f, ulo = sgn ? offset - cap : 0, uhi = offset + cap;
-    if (uhi < (1LL << 31) && uhi - ulo <= kMaxAdcCheck &&
-        float_adc_exact(pl.p.adc_levels, span, ulo, uhi, false, true)) {
-      const FloatAdc f = float_adc(pl.p.adc_levels, span);
-      pl.a = f.a;
-      pl.bb = f.b;
+  } else if (fast_cpu() && g_max < (1 << 15) && pl.b.pbound < (1LL << 31) && pl.b.t_bound < (1LL << 31)) {
+    const int64_t last = std::max<int64_t>(pl.p.Tr() - 1, 0);
+    if (fast_adc(pl, pl.p.tile_adc(pl.p.tile_rows(0)), pl.fast[0]) &&
+        fast_adc(pl, pl.p.tile_adc(pl.p.tile_rows(last)), pl.fast[1]))
       pl.path = Path::kFast;
-      pl.cap = (int32_t)cap;
-      pl.offset = (int32_t)offset;
-      pl.half = sgn ? (int32_t)(pl.p.adc_levels / 2) : 0;
-    }
   }
   const int64_t R = std::max<int64_t>(1, std::min<int64_t>(pl.p.rows, pl.p.K)), N = std::max<int64_t>(1, pl.p.N);
   if (pl.path == Path::kLinear) {
@@ -321,19 +328,31 @@ void pack_x_tile(const code_t* x, int64_t K, int64_t m0, int64_t nm, int64_t k0,
 }
 
 struct FastConsts {
-  __m256 a, b;
+  __m256 a, b, b_dn;
   __m256i cap, neg_cap, offset, levels, half;
 };
 
+FastConsts fast_consts(const CellPlan::FastAdc& f) {
+  return {_mm256_set1_ps(f.a),          _mm256_set1_ps(f.b),           _mm256_set1_ps(f.b_dn),
+          _mm256_set1_epi32(f.cap),     _mm256_set1_epi32(-f.cap),     _mm256_set1_epi32(f.offset),
+          _mm256_set1_epi32(f.levels),  _mm256_set1_epi32(f.half)};
+}
+
 // The ADC of 8 partial sums V (clamped to [-cap, cap] and offset, so the float32 formula checked on that range
 // of u applies; the signed ADC's code less n/2), shifted by `sh` and added to (or subtracted from) 8 int32 tile
-// sums.  kSigned = false (V >= 0, offset and half 0) keeps the per-polarity ADC at its three operations.
-template <bool kNeg, bool kSigned>
+// sums.  kSigned = false (V >= 0, offset and half 0) keeps the per-polarity ADC at its three operations;
+// kHalfEven: the half-up and half-down codes differ (by one) exactly at a tie, where the even one is taken.
+template <bool kNeg, bool kSigned, bool kHalfEven>
 __attribute__((always_inline)) inline void adc_add(__m256i p, const FastConsts& fc, __m128i sh, int32_t* dst) {
   __m256i u = _mm256_min_epi32(p, fc.cap);
   if (kSigned) u = _mm256_add_epi32(_mm256_max_epi32(u, fc.neg_cap), fc.offset);
-  const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u), fc.a, fc.b);
-  __m256i code = _mm256_min_epi32(_mm256_cvttps_epi32(f), fc.levels);
+  const __m256 uf = _mm256_cvtepi32_ps(u);
+  __m256i code = _mm256_min_epi32(_mm256_cvttps_epi32(_mm256_fmadd_ps(uf, fc.a, fc.b)), fc.levels);
+  if (kHalfEven) {
+    const __m256i dn = _mm256_min_epi32(_mm256_cvttps_epi32(_mm256_fmadd_ps(uf, fc.a, fc.b_dn)), fc.levels);
+    const __m256i odd_tie = _mm256_and_si256(_mm256_sub_epi32(code, dn), _mm256_and_si256(code, _mm256_set1_epi32(1)));
+    code = _mm256_sub_epi32(code, odd_tie);
+  }
   if (kSigned) code = _mm256_sub_epi32(code, fc.half);
   code = _mm256_sll_epi32(code, sh);
   const __m256i cur = _mm256_loadu_si256((const __m256i*)dst);
@@ -341,22 +360,22 @@ __attribute__((always_inline)) inline void adc_add(__m256i p, const FastConsts& 
 }
 
 // adc_add of the microkernel's 6 x 16 partial sums into t (row stride ldt).
-template <bool kNeg, bool kSigned>
+template <bool kNeg, bool kSigned, bool kHalfEven>
 __attribute__((always_inline)) inline void adc_add_6x16(__m256i c00, __m256i c01, __m256i c10, __m256i c11,
                                                         __m256i c20, __m256i c21, __m256i c30, __m256i c31,
                                                         __m256i c40, __m256i c41, __m256i c50, __m256i c51,
                                                         const FastConsts& fc, __m128i sh, int32_t* t, int64_t ldt) {
-  adc_add<kNeg, kSigned>(c00, fc, sh, t), adc_add<kNeg, kSigned>(c01, fc, sh, t + 8);
-  adc_add<kNeg, kSigned>(c10, fc, sh, t + ldt), adc_add<kNeg, kSigned>(c11, fc, sh, t + ldt + 8);
-  adc_add<kNeg, kSigned>(c20, fc, sh, t + 2 * ldt), adc_add<kNeg, kSigned>(c21, fc, sh, t + 2 * ldt + 8);
-  adc_add<kNeg, kSigned>(c30, fc, sh, t + 3 * ldt), adc_add<kNeg, kSigned>(c31, fc, sh, t + 3 * ldt + 8);
-  adc_add<kNeg, kSigned>(c40, fc, sh, t + 4 * ldt), adc_add<kNeg, kSigned>(c41, fc, sh, t + 4 * ldt + 8);
-  adc_add<kNeg, kSigned>(c50, fc, sh, t + 5 * ldt), adc_add<kNeg, kSigned>(c51, fc, sh, t + 5 * ldt + 8);
+  adc_add<kNeg, kSigned, kHalfEven>(c00, fc, sh, t), adc_add<kNeg, kSigned, kHalfEven>(c01, fc, sh, t + 8);
+  adc_add<kNeg, kSigned, kHalfEven>(c10, fc, sh, t + ldt), adc_add<kNeg, kSigned, kHalfEven>(c11, fc, sh, t + ldt + 8);
+  adc_add<kNeg, kSigned, kHalfEven>(c20, fc, sh, t + 2 * ldt), adc_add<kNeg, kSigned, kHalfEven>(c21, fc, sh, t + 2 * ldt + 8);
+  adc_add<kNeg, kSigned, kHalfEven>(c30, fc, sh, t + 3 * ldt), adc_add<kNeg, kSigned, kHalfEven>(c31, fc, sh, t + 3 * ldt + 8);
+  adc_add<kNeg, kSigned, kHalfEven>(c40, fc, sh, t + 4 * ldt), adc_add<kNeg, kSigned, kHalfEven>(c41, fc, sh, t + 4 * ldt + 8);
+  adc_add<kNeg, kSigned, kHalfEven>(c50, fc, sh, t + 5 * ldt), adc_add<kNeg, kSigned, kHalfEven>(c51, fc, sh, t + 5 * ldt + 8);
 }
 
 // P[6 x 16] = A[6 x 2kp] B[2kp x 16] (int16 pairs, int32 sums), then per element the ADC, the shift
 // and the signed add into t (row stride ldt).
-template <bool kSigned>
+template <bool kSigned, bool kHalfEven>
 void micro_6x16(const int32_t* A, const int32_t* B, int64_t kp, const FastConsts& fc, int shift, bool neg, int32_t* t,
                 int64_t ldt) {
   __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
@@ -386,9 +405,9 @@ void micro_6x16(const int32_t* A, const int32_t* B, int64_t kp, const FastConsts
   }
   const __m128i sh = _mm_cvtsi32_si128(shift);
   if (neg)
-    adc_add_6x16<true, kSigned>(c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, fc, sh, t, ldt);
+    adc_add_6x16<true, kSigned, kHalfEven>(c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, fc, sh, t, ldt);
   else
-    adc_add_6x16<false, kSigned>(c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, fc, sh, t, ldt);
+    adc_add_6x16<false, kSigned, kHalfEven>(c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, fc, sh, t, ldt);
 }
 
 template <typename code_t>
@@ -419,13 +438,12 @@ void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
     return d + ((32 - ((uintptr_t)d & 31)) & 31) / 2;
   };
   const code_t* xp = x.data_ptr<code_t>();
-  const FastConsts fc{_mm256_set1_ps(pl.a),          _mm256_set1_ps(pl.bb),
-                      _mm256_set1_epi32(pl.cap),       _mm256_set1_epi32(-pl.cap),
-                      _mm256_set1_epi32(pl.offset),    _mm256_set1_epi32((int)pl.p.adc_levels),
-                      _mm256_set1_epi32(pl.half)};
+  const FastConsts fcs[2] = {fast_consts(pl.fast[0]), fast_consts(pl.fast[1])};
   const int64_t nmicro_max = (pl.block_rows + kMR - 1) / kMR, ldt = NP * kNR;
   const int db = pl.p.dac_bits, cb = pl.p.cell_bits, chunks = pl.p.chunks();
-  const auto micro = pl.p.adc_signed() ? &micro_6x16<true> : &micro_6x16<false>;
+  const bool sgn = pl.p.adc_signed(), he = pl.p.half_even();
+  const auto micro = sgn ? (he ? &micro_6x16<true, true> : &micro_6x16<true, false>)
+                         : (he ? &micro_6x16<false, true> : &micro_6x16<false, false>);
   parallel_items(M, pl.block_rows, 1, 1, [&](int64_t w, int64_t m0, int64_t nm, int64_t, int64_t) {
     std::vector<int16_t> xa((size_t)(pl.C * nmicro_max * kp_max * kMR * 2));
     std::vector<char> nonzero((size_t)(pl.C * nmicro_max));
@@ -435,6 +453,7 @@ void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
     for (int64_t r = 0; r < Tr; ++r) {
       const int64_t k0 = pl.p.tile_start(r), kr = pl.p.tile_rows(r), kp = (kr + 1) / 2;
       const int64_t pan = kp * kNR * 2, cstride = nmicro * kp * kMR * 2;
+      const FastConsts& fc = fcs[r + 1 < Tr ? 0 : 1];
       bool packed = false;
       for (size_t s = 0; s < gs.size(); ++s) {
         if (!any_active(active[s], r, NP)) continue;
