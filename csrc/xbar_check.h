@@ -176,7 +176,7 @@ inline XbarParams make_cell_params_checked(const at::Tensor& x, const at::Tensor
 // |T_int| <= tile_sum_bound(p, code_max) (xbar_quant.h; code_max = n, or pbound for the ideal ADC).  A
 // config where one could overflow int64 is refused.
 struct CellBounds {
-  int64_t pbound, clip_f, t_bound;
+  int64_t pbound, t_bound;
 };
 
 inline CellBounds cell_bounds_checked(const XbarParams& p, int64_t g_max, int64_t frac_bits) {
@@ -198,7 +198,7 @@ inline CellBounds cell_bounds_checked(const XbarParams& p, int64_t g_max, int64_
   const bool t_ok = code_max == 0 || shifts <= lim / (2 * code_max);
   TORCH_CHECK(t_ok, "xbar_cell: the tile sums (up to 2 * ", (int64_t)code_max, " * ", (int64_t)shifts,
               ") overflow int64: lower rows, frac_bits or the conductances");
-  return {(int64_t)pb, (int64_t)clip_f, (int64_t)tile_sum_bound<i128>(p, code_max)};
+  return {(int64_t)pb, (int64_t)tile_sum_bound<i128>(p, code_max)};
 }
 
 }  // namespace xma2

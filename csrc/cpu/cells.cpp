@@ -219,7 +219,7 @@ void run_generic_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const
   const code_t* xp = x.data_ptr<code_t>();
   const int64_t db = pl.p.dac_bits, cb = pl.p.cell_bits, mask = (1LL << db) - 1;
   const bool sm = pl.p.sign_magnitude(), sgn = pl.p.adc_signed(), half_even = pl.p.half_even();
-  const int x_groups = sm ? 1 : pl.p.x_pols;
+  const int x_groups = pl.C / pl.p.chunks();
   parallel_items(M, pl.block_rows, 1, 1, [&](int64_t w, int64_t m0, int64_t nm, int64_t, int64_t) {
     std::vector<int64_t> t((size_t)(nm * N));
     std::vector<int64_t> chunk((size_t)(nm * R));
@@ -471,8 +471,7 @@ void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
                   if (!nonzero[(size_t)(c * nmicro + mc)]) continue;
                   const int pol = c / chunks, i = c % chunks;
                   const int32_t* A = (const int32_t*)(xa.data() + c * cstride + mc * kp * kMR * 2);
-                  micro(A, B, kp, fc, (int)(i * db + j * cb), pol != q, t32.data() + mc * kMR * ldt + np * kNR,
-                             ldt);
+                  micro(A, B, kp, fc, (int)(i * db + j * cb), pol != q, t32.data() + mc * kMR * ldt + np * kNR, ldt);
                 }
             }
         for (int64_t mi = 0; mi < nm; ++mi)

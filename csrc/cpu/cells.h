@@ -18,7 +18,7 @@ at::Tensor xbar_cell_mvm_cpu(const at::Tensor& x_codes, const at::Tensor& gb, co
                              const at::Tensor& coef_b, const std::optional<at::Tensor>& coef_t, int64_t rows,
                              int64_t cols, int64_t input_bits, bool input_signed, int64_t dac_bits, int64_t weight_bits,
                              int64_t cell_bits, int64_t adc_levels, int64_t adc_clip, int64_t frac_bits,
-                                   int64_t periphery);
+                             int64_t periphery);
 
 // G [Tr, N] float64 = sum_m gy[m, n] T_int[r, m, n].
 at::Tensor xbar_cell_coef_grad_cpu(const at::Tensor& x_codes, const at::Tensor& g, const at::Tensor& gy, int64_t rows,
