@@ -252,3 +252,30 @@ def test_spinning_hint_only_for_a_spinning_policy_on_a_loaded_machine(monkeypatc
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.4, 0.4, 0.4))
     threads.spinning_hint(lines.append, {"GOMP_SPINCOUNT": "INFINITE"})
     assert len(lines) == 1
+
+
+def test_adapters_from_an_earlier_run_are_evaluated_without_training(tmp_path):
+    """--adapters-from: the same adapters (bit for bit), the same accuracies and costs, now also on a chip;
+    a missing file or one of another method is refused by name."""
+    base = ["--quick", "--tasks", "sk_digits", "--methods", "classifier", "xma2", "--also", "--weight-only-also",
+            "--no-progress", "--threads", "1", "--hw-epochs", "0"]
+    first = tmp_path / "first"
+    rows = _example().main(base + ["--out", str(first)])
+    bb = ["--backbone-weights", str(next(first.glob("backbone_*.safetensors")))]
+    again = tmp_path / "again"
+    rows2 = _example().main(base + bb + ["--out", str(again), "--adapters-from", str(first), "--device", "mnsim",
+                                         "--device-chips", "1", "--device-n-test", "20"])
+    keys = ("task", "method", "acc", "cells_written", "energy_uJ", "infer_nJ")
+    assert [[r[k] for k in keys] for r in rows2] == [[r[k] for k in keys] for r in rows] and len(rows) == 2
+    assert all("device_acc_naive" in r for r in rows2)
+    names = sorted(p.name for p in (first / "adapters").glob("*.safetensors"))
+    assert len(names) == 2 and names == sorted(p.name for p in (again / "adapters").glob("*.safetensors"))
+    for n in names:
+        assert (again / "adapters" / n).read_bytes() == (first / "adapters" / n).read_bytes(), n
+    with pytest.raises(SystemExit, match="--adapters-from: .*not found"):
+        _example().main(base[:4] + ["piggyback"] + base[6:] + bb + ["--out", str(again), "--adapters-from", str(first)])
+    (first / "adapters" / names[1]).write_bytes((first / "adapters" / names[0]).read_bytes())  # classifier's file as xma2's
+    with pytest.raises(SystemExit, match="holds method classifier, expected xma2@10%"):
+        _example().main(base + bb + ["--out", str(again), "--adapters-from", str(first)])
+    with pytest.raises(SystemExit, match="--noise-aware trains the adapters"):
+        _example().main(base + ["--device", "mnsim", "--noise-aware", "--adapters-from", str(first)])

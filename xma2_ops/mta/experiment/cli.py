@@ -115,8 +115,9 @@ def build_parser(prog: str = "python -m xma2_ops.mta") -> argparse.ArgumentParse
     p.add_argument("--deploy", nargs="*", choices=DEPLOY_MODES, default=None, metavar="MODE",
                    help="with --device: how each chip is used, one or more of naive (programmed and read as is; the "
                         "default), calibrated (mta.deploy: ADC clips from the cells, column gains, BN, on 256 "
-                        "unlabelled training images of the task), chip-aware (mta.adapt_on_chip: the task trained "
-                        "with the chip's known stuck cells, tier-1 PEs re-scored by them, then calibrated); "
+                        "unlabelled training images of the task), chip-aware (calibrated, then mta.adapt_on_chip: the "
+                        "task trained through the calibrated chip with its known stuck cells, tier-1 PEs re-scored "
+                        "by them, then BN re-estimated); "
                         "--deploy alone: calibrated")
     p.add_argument("--device-workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes evaluating chips side by side, one torch thread each (default: 2, or 1 on one "
@@ -131,6 +132,10 @@ def build_parser(prog: str = "python -m xma2_ops.mta") -> argparse.ArgumentParse
                         "cell is programmed with the levels that make the others compensate it best")
     p.add_argument("--chip-aware-epochs", type=int, default=1,
                    help="epochs of the chip-aware adaption per chip (--deploy chip-aware)")
+    p.add_argument("--adapters-from", default=None, metavar="DIR",
+                   help="load every run's adapter from DIR/adapters/ (the --out folder of an earlier run with the same "
+                        "backbone, tasks, methods and seeds) instead of training it: e.g. to evaluate the same adapters "
+                        "on another --device preset")
     p.add_argument("--noise-aware", action="store_true",
                    help="with --device: adapt every task with noise-aware training (cells re-programmed with the "
                         "device model on every training forward)")
@@ -142,6 +147,8 @@ def parse_args(argv=None, prog: str = "python -m xma2_ops.mta") -> argparse.Name
     args = build_parser(prog).parse_args(argv)
     if args.noise_aware and not args.device:
         raise SystemExit("--noise-aware needs --device PRESET")
+    if args.noise_aware and args.adapters_from:
+        raise SystemExit("--noise-aware trains the adapters; --adapters-from loads them: use one")
     if args.deploy is not None and not args.device:
         raise SystemExit("--deploy needs --device PRESET")
     if (args.verify_tolerance is not None or args.verify_max_pulses is not None or args.remap_stuck) and not args.device:

@@ -1,4 +1,5 @@
-"""The run loop: the backbone, then every (seed, task, run): prepare, fit, evaluate, cost, save; then
+"""The run loop: the backbone, then every (seed, task, run): prepare and fit (or, with --adapters-from,
+load the adapter an earlier run saved), evaluate, cost, save; then
 the task-switching check, the statistics, the targets and the outputs under --out."""
 from __future__ import annotations
 
@@ -97,19 +98,23 @@ def run_experiment(args, full_args=None) -> List[dict]:
         train, test = tasks[task]
         t_run = time.time()
         ncls = int(max(train[1].max(), test[1].max())) + 1
+        tag = run.label.replace("/", "_").replace("%", "pct")
+        rel = Path("adapters") / (f"{task}__{tag}.safetensors" if args.seeds == 1 else
+                                  f"seed{sd}" / Path(f"{task}__{tag}.safetensors"))
         torch.manual_seed(sd)  # head init and the selection's randomness
-        prepare(model, spec, ncls)
-        with noise_aware_training(model, args):
-            fit(model, make_loader(train, args.batch, sd), dataclasses.replace(sched, hw_epochs=sched.hw_epochs
-                                                                              if run.hw else 0),
-                wrap=ddp_wrap, progress=progress, calib_loader=make_loader(train, args.batch, sd, shuffle=False))
+        if args.adapters_from:
+            _load_adapter(model, Path(args.adapters_from) / rel, spec)
+        else:
+            prepare(model, spec, ncls)
+            with noise_aware_training(model, args):
+                fit(model, make_loader(train, args.batch, sd), dataclasses.replace(sched, hw_epochs=sched.hw_epochs
+                                                                                  if run.hw else 0),
+                    wrap=ddp_wrap, progress=progress, calib_loader=make_loader(train, args.batch, sd, shuffle=False))
         train_s = time.time() - t_run
         acc, first = evaluate(model, test, args.eval_batch, progress, f"{task} {run.label}")
         dev = evaluate_device(model, test, args, progress, f"{task} {run.label}", train, acc) if args.device else None
         rep = report(model, example_input=test[0][:1])
-        tag = run.label.replace("/", "_").replace("%", "pct")
-        fname = out / "adapters" / (f"{task}__{tag}.safetensors" if args.seeds == 1 else
-                                    f"seed{sd}" / Path(f"{task}__{tag}.safetensors"))
+        fname = out / rel
         fname.parent.mkdir(parents=True, exist_ok=True)
         if rank == 0:
             save_task(model, fname)
@@ -195,6 +200,19 @@ def run_experiment(args, full_args=None) -> List[dict]:
     if not switch_ok:
         raise SystemExit("task switching did not restore the saved outputs")
     return rows
+
+
+def _load_adapter(model, path: Path, spec) -> None:
+    """--adapters-from: the run's adapter as an earlier run saved it (same backbone, checked by load_task)."""
+    if not path.is_file():
+        raise SystemExit(f"--adapters-from: {path} not found (expected the --out folder of a run with the same "
+                         "tasks, methods and seeds)")
+    try:
+        loaded = load_task(model, path)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"--adapters-from: {e}") from None
+    if loaded != spec:
+        raise SystemExit(f"--adapters-from: {path} holds method {loaded.label}, expected {spec.label}")
 
 
 def _switch_check(model, tasks, checks, seeds, args, n_pe: int, log) -> bool:
