@@ -165,3 +165,59 @@ def test_the_fault_term_scales_with_what_the_faults_cost(monkeypatch, size, swap
     monkeypatch.setattr(chip_aware, "fault_weight_error", one_pe)
     r = mta.adapt_on_chip(m, loader(x, y), mta.Schedule(stage1_epochs=0, stage2_epochs=0, hw_epochs=0))
     assert r.pes_swapped == swapped and float(ads["c2"].pe_sel[2, 0]) == float(swapped)
+
+
+def test_deploy_loader_adapts_on_the_calibrated_chip_and_keeps_its_gains(monkeypatch):
+    """With ``deploy_loader``: mta.deploy(CALIBRATE_BEFORE) first; every training forward runs on the
+    chip with exactly the gains that calibration fitted, the BN statistics held; then each BN shifted by
+    what the training changed and the corrections folded (a second gain fit would pull the adapted
+    weights' outputs back towards their ideal-cell outputs)."""
+    m, x, y = trained_task()
+    on_chip(m, DeviceModel.preset("typical"), seed=3)
+    seen, calls = [], []
+
+    def spy(layer, args, out):
+        if layer.training:
+            seen.append((layer, layer.noise_aware, None if layer.out_gain is None else layer.out_gain.clone()))
+
+    def bn_means(model):
+        return {n: bn.running_mean.clone() for n, bn in mta.bn_layers(model)}
+
+    real_deploy, real_shift = chip_aware.deploy, chip_aware.shift_bn
+
+    def deploy_spy(model, loader, steps, **kw):
+        r = real_deploy(model, loader, steps, **kw)
+        calls.append(("deploy", steps, bn_means(model)))
+        return r
+
+    def shift_spy(model, base, now):
+        calls.append(("shift", None, bn_means(model)))
+        real_shift(model, base, now)
+
+    monkeypatch.setattr(chip_aware, "deploy", deploy_spy)
+    monkeypatch.setattr(chip_aware, "shift_bn", shift_spy)
+    layers = dict(mta.xbar_layers(m))
+    handles = [layer.register_forward_hook(spy) for layer in layers.values()]
+    try:
+        r = mta.adapt_on_chip(m, loader(x, y), mta.Schedule(stage1_epochs=0, stage2_epochs=0, hw_epochs=1),
+                              reselect=False, deploy_loader=loader(x, y))
+    finally:
+        for h in handles:
+            h.remove()
+    assert r.calibrated_before.steps == chip_aware.CALIBRATE_BEFORE == ("adc", "gain", "bn_shift")
+    assert r.calibrated_after.steps == ("fold",)
+    assert [c[:2] for c in calls] == [("deploy", chip_aware.CALIBRATE_BEFORE), ("shift", None), ("deploy", ("fold",))]
+    for n, mean in calls[0][2].items():  # the training held the calibrated BN statistics
+        torch.testing.assert_close(calls[1][2][n], mean, rtol=0, atol=0)
+    assert len(seen) == 4 * len(layers)  # 4 training batches through every layer
+    for layer, noise_aware, gain in seen:
+        name = next(n for n, lay in layers.items() if lay is layer)
+        fitted = r.calibrated_before.layer(name)
+        assert noise_aware and gain is not None, name
+        assert (float(gain.min()), float(gain.max())) == pytest.approx((fitted.gain_min, fitted.gain_max), rel=1e-6)
+    assert [lc.folded_into for lc in r.calibrated_after.layers] == ["b1", "b2"]
+    assert all(layer.out_gain is None for layer in layers.values()) and not m.training
+    assert all(bn.momentum == 0.1 for _, bn in mta.bn_layers(m))
+    plain = mta.adapt_on_chip(m, loader(x, y), mta.Schedule(stage1_epochs=0, stage2_epochs=0, hw_epochs=0),
+                              reselect=False)
+    assert plain.calibrated_before is None and plain.calibrated_after is None

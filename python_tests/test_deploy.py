@@ -167,8 +167,8 @@ def test_typical_chip_deploy_brings_outputs_closer_to_ideal():
         chip = on_chip(copy.deepcopy(m), DeviceModel.preset("typical"), seed=seed)
         with torch.no_grad():
             naive = chip(xte)
-        r = mta.deploy(chip, batches(xtr, 64))  # default: 256 inputs, steps adc, gain, bn, fold
-        assert r.inputs == 256 and r.steps == ("adc", "gain", "bn", "fold") and r.bn_layers == ["b1", "b2"]
+        r = mta.deploy(chip, batches(xtr, 64))  # default: 256 inputs, steps adc, gain, bn_shift, fold
+        assert r.inputs == 256 and r.steps == ("adc", "gain", "bn_shift", "fold") and r.bn_layers == ["b1", "b2"]
         with torch.no_grad():
             deployed = chip(xte)
         err_naive = float((naive - ideal).norm() / ideal.norm())
@@ -244,6 +244,8 @@ def test_bad_arguments_refused():
         mta.deploy(m, [])
     with pytest.raises(TypeError, match="loader"):
         mta.deploy(m, 3)
+    with pytest.raises(TypeError, match="loader: expected a non-empty iterable"):
+        mta.ideal_bn_stats(m, [])
     with pytest.raises(ValueError, match="model: has no crossbar layers"):
         mta.deploy(nn.Sequential(nn.Linear(4, 4)), [torch.zeros(2, 4)])
     with pytest.raises(TypeError, match="model"):
@@ -395,16 +397,16 @@ def test_fold_after_a_typical_chip_deploy_keeps_the_outputs_and_costs_nothing(tm
 
 
 def test_default_deploy_folds_and_matches_the_unfolded_deploy_on_a_noiseless_chip():
-    """Default steps = adc, gain, bn, fold; with read noise off the folded model's outputs equal the
+    """Default steps = adc, gain, bn_shift, fold; with read noise off the folded model's outputs equal the
     unfolded deploy's (same chip, same fit) to float rounding."""
     x = inputs()
     dev = dataclasses.replace(DeviceModel.preset("typical"), sigma_read=0.0)
     a = on_chip(backbone(x), dev)
     b = copy.deepcopy(a)
     r = mta.deploy(a, batches(x))
-    assert r.steps == ("adc", "gain", "bn", "fold") == DEFAULT_STEPS
+    assert r.steps == ("adc", "gain", "bn_shift", "fold") == DEFAULT_STEPS
     assert [lc.folded_into for lc in r.layers] == ["b1", "b2"]
-    mta.deploy(b, batches(x), steps=("adc", "gain", "bn"))
+    mta.deploy(b, batches(x), steps=("adc", "gain", "bn_shift"))
     assert all(layer.out_gain is not None for _, layer in mta.xbar_layers(b))
     with torch.no_grad():
         torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-4)
@@ -430,7 +432,69 @@ def test_fold_keeps_the_correction_where_it_cannot_go():
         mta.deploy(m, batches(x), steps=("fold", "bn"))
 
 
-def test_bn_step_leaves_a_shared_backbone_bn_alone(tmp_path):
+def test_bn_shift_keeps_the_trained_statistics_on_an_ideal_chip():
+    """On ideal cells the chip's forward is the ideal one bit for bit: "bn_shift" leaves the trained
+    statistics as they are (the 64 inputs' sampling error cancels), "bn" replaces them by the 64
+    inputs' estimate."""
+    x = inputs()
+    trained = _xma2_task(x)
+    with torch.no_grad():  # trained statistics that the calibration inputs do not reproduce
+        for _, bn in mta.bn_layers(trained):
+            bn.running_mean.add_(0.3)
+            bn.running_var.mul_(1.7)
+    ideal = DeviceModel.preset("ideal")
+    for step, moved in (("bn_shift", False), ("bn", True)):
+        m = on_chip(copy.deepcopy(trained), ideal)
+        before = {n: (bn.running_mean.clone(), bn.running_var.clone()) for n, bn in mta.bn_layers(m)}
+        r = mta.deploy(m, batches(x), steps=(step,))
+        assert r.bn_layers == ["b1", "b2"]
+        for n, bn in mta.bn_layers(m):
+            change = max(float((bn.running_mean - before[n][0]).abs().max()),
+                         float((bn.running_var / before[n][1] - 1).abs().max()))
+            assert (change > 0.1) if moved else (change < 1e-5), (step, n, change)
+
+
+def _bn_estimate(model: nn.Module, x: torch.Tensor) -> dict:
+    """{BN name: (mean, var)} of mta.refresh_bn_stats over x on ideal cells (config.device None)."""
+    m = copy.deepcopy(model)
+    for _, layer in mta.xbar_layers(m):
+        layer.config = dataclasses.replace(layer.config, device=None)
+    mta.refresh_bn_stats(m, [(xb, None) for xb in batches(x)], batches=len(batches(x)))
+    return {n: (bn.running_mean.double(), bn.running_var.double()) for n, bn in mta.bn_layers(m)}
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_bn_shift_is_the_chip_minus_ideal_shift_of_the_estimates(with_base):
+    """On a typical chip: running mean = base + (chip - ideal-cell) estimate on the same inputs, running
+    var = base x chip / ideal-cell estimate; the chip's estimate is what the "bn" step sets, the ideal-cell
+    ones are the model as deploy found it (before the adc and gain steps); the base is the trained
+    statistics, or with ``bn_base`` the ideal-cell estimate over those inputs."""
+    x = inputs()
+    trained = _xma2_task(x)
+    dev = DeviceModel.preset("typical")  # (read noise too: the ideal-cell pass must not read or re-write the chip)
+    ideal = _bn_estimate(trained, x)
+    base_x = inputs(96, seed=5)
+    base = _bn_estimate(trained, base_x) if with_base else {
+        n: (bn.running_mean.double(), bn.running_var.double()) for n, bn in mta.bn_layers(trained)}
+    chip_est = on_chip(copy.deepcopy(trained), dev)
+    mta.deploy(chip_est, batches(x), steps=("adc", "gain", "bn"))
+    m = on_chip(copy.deepcopy(trained), dev)
+    bn_base = mta.ideal_bn_stats(m, [(xb, None) for xb in batches(base_x)]) if with_base else None
+    r = mta.deploy(m, batches(x), steps=("adc", "gain", "bn_shift"), bn_base=bn_base)
+    assert r.steps == ("adc", "gain", "bn_shift") and r.bn_layers == ["b1", "b2"]
+    chip = dict(mta.bn_layers(chip_est))
+    moved = 0.0
+    for n, bn in mta.bn_layers(m):
+        mean = base[n][0] + chip[n].running_mean.double() - ideal[n][0]
+        var = base[n][1] * chip[n].running_var.double() / ideal[n][1]
+        torch.testing.assert_close(bn.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bn.running_var.double(), var, rtol=1e-5, atol=1e-6)
+        moved = max(moved, float((bn.running_mean.double() - base[n][0]).abs().max()))
+    assert moved > 1e-3  # the chip moves the statistics
+
+
+@pytest.mark.parametrize("step", ["bn", "bn_shift"])
+def test_bn_step_leaves_a_shared_backbone_bn_alone(tmp_path, step):
     # task_bn=False: the BNs are the backbone's, shared by every task and not in the task file; the bn
     # step must not re-estimate them on one task's inputs (every other task would change, and a reloaded
     # task would not get them back)
@@ -439,11 +503,11 @@ def test_bn_step_leaves_a_shared_backbone_bn_alone(tmp_path):
     mta.prepare(m, mta.MethodSpec("xma2", budget=0.5, task_bn=False), 10)
     m.eval()
     before = {n: (bn.running_mean.clone(), bn.running_var.clone()) for n, bn in mta.bn_layers(m)}
-    r = mta.deploy(m, batches(x), steps=("adc", "gain", "bn"))
+    r = mta.deploy(m, batches(x), steps=("adc", "gain", step))
     for n, bn in mta.bn_layers(m):
         torch.testing.assert_close(bn.running_mean, before[n][0], rtol=0, atol=0)
         torch.testing.assert_close(bn.running_var, before[n][1], rtol=0, atol=0)
     assert r.bn_layers == [] and "task_bn=False" in r.bn_skipped
     own = _xma2_task(x)  # the task's own BNs are re-estimated
-    r = mta.deploy(own, batches(x), steps=("adc", "gain", "bn"))
+    r = mta.deploy(own, batches(x), steps=("adc", "gain", step))
     assert r.bn_layers == [n for n, _ in mta.bn_layers(own)] and r.bn_skipped is None

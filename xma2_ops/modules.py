@@ -55,6 +55,9 @@ class _XbarMixin:
         # forward (fresh programming variation per batch, the chip's faults kept); False: train on
         # ideal cells.  Eval mode always uses the device model of the config.
         self.noise_aware: bool = False
+        # The forward on ideal cells (the weight codes through the same periphery, programmed into a
+        # throw-away cache: the chip's cells and counters untouched): mta.deploy's reference passes.
+        self.ideal_cells: bool = False
         self.register_buffer("input_range", torch.zeros((), device=self.weight.device, dtype=torch.float32))
         self.register_buffer("input_signed", torch.zeros((), device=self.weight.device, dtype=torch.bool))
         self.register_parameter("task_weight", None)
@@ -164,8 +167,8 @@ class _XbarMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._padded(x)
         if self.out_gain is None:  # no correction: exactly the plain op
-            return self._crossbar_call(x, self.bias, reuse=not self.training)
-        return self._corrected(self._crossbar_call(x, None, reuse=not self.training))
+            return self._crossbar_call(x, self.bias, reuse=not self.training, ideal_cells=self.ideal_cells)
+        return self._corrected(self._crossbar_call(x, None, reuse=not self.training, ideal_cells=self.ideal_cells))
 
     def set_output_correction(self, gain: Optional[torch.Tensor], offset: Optional[torch.Tensor]) -> None:
         """Set (or, with two Nones, remove) the digital per-column correction y <- gain * y + offset

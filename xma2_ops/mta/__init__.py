@@ -20,7 +20,7 @@ from .calibration import calibrate_inputs, refresh_bn_stats
 from .chip_aware import ChipAdaption, adapt_on_chip, fault_weight_error
 from .cost import (CostReport, EnergyModel, LayerCost, backbone_state, deployed_pulses, deployed_state, endurance,
                    report, task_state)
-from .deploy import Deployment, LayerDeployment, deploy
+from .deploy import Deployment, LayerDeployment, deploy, ideal_bn_stats
 from .layers import bn_layers, use_config, weight_only, xbar_layers
 from .masks import ShiftLevels, binarize, budget_count, topk_masks, topk_masks_by_cost
 from .methods import METHOD_CLASSES, METHODS, TIER1, Method, MethodSpec
@@ -38,7 +38,7 @@ recalibrate_bn = refresh_bn_stats
 __all__ = ["METHODS", "METHOD_CLASSES", "TIER1", "ChipAdaption", "CostReport", "EnergyModel", "LayerAdapter", "LayerCost", "Method",
            "MethodSpec", "Schedule", "ShiftLevels", "TaskInfo", "adapt_on_chip", "adapters", "backbone_hash", "backbone_state",
            "binarize", "bn_layers", "budget_count", "calibrate_inputs", "deploy", "Deployment",
-           "LayerDeployment", "deployed_pulses", "deployed_state", "endurance", "fault_weight_error", "fit", "layer_adapters", "load_task",
+           "LayerDeployment", "deployed_pulses", "deployed_state", "endurance", "fault_weight_error", "fit", "ideal_bn_stats", "layer_adapters", "load_task",
            "prepare", "read_task", "refresh_bn_stats", "report", "save_task", "select_pes",
            "set_train", "task_info", "task_state", "topk_masks", "topk_masks_by_cost", "use_config", "weight_only",
            "xbar_layers"]

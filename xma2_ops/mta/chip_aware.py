@@ -25,9 +25,18 @@ write and read).  ``adapt_on_chip`` uses exactly that knowledge, on the chip the
 3. the chip is programmed again (``xma2_ops.program``): the backbone's cells are the same write as
    before, the task's re-programmed PEs get the adapted weights.
 
+With ``deploy_loader`` (unlabelled inputs) the adaption runs on the calibrated chip: ``mta.deploy``
+with CALIBRATE_BEFORE first (ADC clips from the cells, column gains fitted to the ideal-cell outputs,
+BN shifted by the chip; the corrections stay on the layers), the training then sees the corrected
+chip and learns what calibration leaves, with the BN statistics held; afterwards each BN moves by what
+the training changed on this chip (``deploy.shift_bn``: chip estimate after minus before, on the same
+inputs, so their sampling error cancels) and the corrections are folded.  The gain is not re-fitted
+after the training: it would pull the chip's outputs towards the ideal-cell outputs of the *adapted*
+weights and so undo what the adaption learned about this chip.  Without ``deploy_loader`` the
+adaption trains on the uncalibrated chip (then run ``mta.deploy`` yourself).
+
 The result is **chip-specific**: the adapter is for this chip (its fault map) and is not a
-noise-aware adapter for any chip (``--noise-aware`` trains on a chip that is never evaluated).  Run
-``mta.deploy`` after it to calibrate the ADC ranges, column gains and BN on the chip.
+noise-aware adapter for any chip (``--noise-aware`` trains on a chip that is never evaluated).
 """
 from __future__ import annotations
 
@@ -40,8 +49,9 @@ import torch.nn.functional as F
 
 from ..device import cell_levels, cell_weight_codes
 from ..modules import program
-from .layers import xbar_layers
+from .layers import bn_layers, xbar_layers
 from .calibration import calibrate_inputs
+from .deploy import BNStats, Deployment, bn_stats, calibration_inputs, deploy, shift_bn
 from .masks import from_kn
 from .schedule import Schedule
 from .task import layer_adapters, set_train, task_info
@@ -55,16 +65,23 @@ TRAINING_COUNTER_OFFSET = 1 << 40
 # The default chip-aware schedule: one epoch through the chip (the ADC-aware stage's learning rates).
 CHIP_SCHEDULE = Schedule(stage1_epochs=0, stage2_epochs=0, hw_epochs=1)
 
+# mta.deploy's steps before the adaption (``deploy_loader``), keeping the corrections on the layers for
+# the training to see; afterwards the BN shift and "fold" only (module docstring: why no second gain fit)
+CALIBRATE_BEFORE = ("adc", "gain", "bn_shift")
+
 
 @dataclasses.dataclass
 class ChipAdaption:
     """What ``adapt_on_chip`` did: the chip (device seed), the stuck cells of the backbone's
-    cells it knew, the tier-1 PEs it swapped (dropped = added), the epochs trained."""
+    cells it knew, the tier-1 PEs it swapped (dropped = added), the epochs trained; with
+    ``deploy_loader``, the calibration before the training and the fold after it."""
 
     seed: int
     stuck_cells: int
     pes_swapped: int
     epochs: int
+    calibrated_before: Optional[Deployment] = None
+    calibrated_after: Optional[Deployment] = None
 
 
 def fault_weight_error(layer: nn.Module) -> torch.Tensor:
@@ -111,13 +128,17 @@ def _check(model: nn.Module) -> int:
 def adapt_on_chip(model: nn.Module, loader: Iterable, schedule: Schedule = CHIP_SCHEDULE, *,
                   reselect: bool = True, fault_weight: float = 1.0, score_batches: Optional[int] = None,
                   loss_fn: Callable = F.cross_entropy, calib_loader: Optional[Iterable] = None,
+                  deploy_loader: Optional[Iterable] = None, bn_base: Optional[BNStats] = None,
                   progress: bool = False) -> ChipAdaption:
     """Adapt the current task of ``model`` to the chip its layers hold (module docstring) on the
     labelled batches of ``loader``; ``schedule.hw_epochs`` epochs at the ADC-aware stage's rates
     (``lr_* x hw_lr_factor``).  ``reselect``/``fault_weight``: the fault-aware tier-1 re-selection
     (methods that select PEs), scored on ``score_batches`` batches (default
     ``schedule.sensitivity_batches``).  Input ranges are re-calibrated on ``calib_loader`` (default
-    ``loader``) at the end.  Leaves the model in eval mode, programmed on the chip."""
+    ``loader``) at the end.  ``deploy_loader``: unlabelled inputs (``mta.deploy``'s loader) to
+    calibrate on before the training and after it (module docstring), ``bn_base`` going to its
+    ``mta.deploy``; None: no calibration.  Leaves
+    the model in eval mode, programmed on the chip."""
     seed = _check(model)
     if isinstance(fault_weight, bool) or not isinstance(fault_weight, (int, float)) or not 0 <= fault_weight < 1e9:
         raise ValueError(f"fault_weight: expected a number >= 0, got {fault_weight!r}")
@@ -127,11 +148,20 @@ def adapt_on_chip(model: nn.Module, loader: Iterable, schedule: Schedule = CHIP_
     layers = xbar_layers(model)
     program(model)  # the chip's cells as evaluated (write 0 of every layer), for the fault map
     stuck = _stuck_cells(model)
+    before = chip_bn = None
+    if deploy_loader is not None:
+        before = deploy(model, deploy_loader, CALIBRATE_BEFORE, bn_base=bn_base)
+        xs = calibration_inputs(deploy_loader)  # (the inputs deploy took)
+        chip_bn = bn_stats(model, xs)
     swapped = 0
     if reselect and spec.impl.selects_pes:
         swapped = _reselect(model, loader, score_batches or schedule.sensitivity_batches, fault_weight, loss_fn)
     saved = [(m.crossbar.chip.writes, m.crossbar.chip.reads) for _, m in layers]
+    bns = [m for _, m in bn_layers(model)] if deploy_loader is not None else []
+    momenta = [m.momentum for m in bns]
     try:
+        for m in bns:  # the calibrated statistics are held (shifted by what the training changed, below)
+            m.momentum = 0.0
         for _, m in layers:
             m.noise_aware = True
             m.crossbar.chip.writes += TRAINING_COUNTER_OFFSET
@@ -141,6 +171,8 @@ def adapt_on_chip(model: nn.Module, loader: Iterable, schedule: Schedule = CHIP_
         _epochs(model, model, loader, groups, schedule.hw_epochs, schedule, progress, spec.label + " on chip",
                 loss_fn)
     finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
         for (_, m), (w, r) in zip(layers, saved):
             m.noise_aware = False
             m.crossbar.chip.writes, m.crossbar.chip.reads = w, r
@@ -149,7 +181,12 @@ def adapt_on_chip(model: nn.Module, loader: Iterable, schedule: Schedule = CHIP_
         set_train(model, False)
     calibrate_inputs(model, calib_loader if calib_loader is not None else loader, schedule.calib_batches)
     program(model)  # the backbone's write 0 again, the task's PEs with the adapted weights
-    return ChipAdaption(seed, stuck, swapped, schedule.hw_epochs)
+    after = None
+    if deploy_loader is not None:
+        shift_bn(model, chip_bn, bn_stats(model, xs))
+        after = deploy(model, deploy_loader, ("fold",))
+    model.eval()
+    return ChipAdaption(seed, stuck, swapped, schedule.hw_epochs, before, after)
 
 
 def _reselect(model: nn.Module, loader: Iterable, batches: int, fault_weight: float, loss_fn: Callable) -> int:

@@ -13,6 +13,14 @@ inputs only, on the chip the layers hold (``config.device``, ``xma2_ops.program(
 - ``"bn"``: ``refresh_bn_stats`` through the chip (the quantised forward on the cells, eval mode), for a
   task that owns its BNs; with ``MethodSpec.task_bn=False`` the BNs are the backbone's, shared by every
   task and not in the task file, so the step leaves them alone (``Deployment.bn_skipped``);
+- ``"bn_shift"`` (paired): every BN's running statistics moved by what the chip changes, measured on the
+  same calibration inputs: mean += chip mean - ideal-cell mean, var *= chip var / ideal-cell var (the
+  ideal-cell passes run on the model as ``deploy`` found it, before any step, without reading the
+  chip).  The base is the ideal-cell estimate over every input of ``bn_base`` (e.g. the task's whole
+  training set: a digital computation, no chip read), or without it the task's trained statistics;
+  the calibration inputs' sampling error cancels in the difference.  "bn" instead replaces the
+  statistics with the chip's estimate on the calibration inputs alone, whose sampling error on a
+  nearly ideal chip costs more than the chip does (docs/DEVICE.md).  Same task_bn=False rule as "bn";
 - ``"drift"`` (optional): one scalar per layer, mean |ideal| / mean |chip| (corrected so far), folded
   into the same correction (global drift compensation);
 - ``"fold"`` (last): each layer's correction folded, exactly, into the BatchNorm its output feeds and
@@ -22,7 +30,7 @@ inputs only, on the chip the layers hold (``config.device``, ``xma2_ops.program(
   BN (a residual branch reads the output too, no BN, a BN without affine or running statistics, a
   BN shared with the backbone, i.e. ``MethodSpec.task_bn=False``) keep the digital correction.
 
-Steps run in the order given; the default is ("adc", "gain", "bn", "fold").
+Steps run in the order given; the default is ("adc", "gain", "bn_shift", "fold").
 
 Why BN and not XMA2's tier-2 column scales: those are shift levels {0, +-2^k} per PE row tile, so a
 real gain does not fit them without a multiplier, and a column's re-programmed PEs carry no scale at
@@ -46,9 +54,9 @@ from ..modules import XbarConv2d, XbarLinear
 from .calibration import refresh_bn_stats
 from .layers import bn_layers, xbar_layers
 
-STEPS = ("adc", "bn", "gain", "drift", "fold")
+STEPS = ("adc", "bn", "bn_shift", "gain", "drift", "fold")
 # bn after gain: its statistics must be those of the corrected outputs; fold last (it folds the final ones)
-DEFAULT_STEPS = ("adc", "gain", "bn", "fold")
+DEFAULT_STEPS = ("adc", "gain", "bn_shift", "fold")
 DEFAULT_INPUTS = 256  # inputs (not batches) taken from the loader when ``batches`` is None
 
 
@@ -110,7 +118,7 @@ def _check_args(model, steps, batches, adc_batches) -> Tuple[Tuple[str, ...], Li
     return tuple(steps), layers
 
 
-def _inputs(loader: Iterable, batches: Optional[int]) -> List[torch.Tensor]:
+def calibration_inputs(loader: Iterable, batches: Optional[int] = None) -> List[torch.Tensor]:
     """The calibration batches: ``batches`` batches, or (None) batches until DEFAULT_INPUTS inputs."""
     try:
         items = iter(loader)
@@ -220,6 +228,59 @@ def _shares_backbone_bn(model: nn.Module) -> bool:
     return task is not None and not task.spec.task_bn
 
 
+BNStats = Dict[str, Tuple[torch.Tensor, torch.Tensor]]  # {BN name: (running mean, running var)}, float64
+
+
+def bn_stats(model: nn.Module, xs: List[torch.Tensor]) -> BNStats:
+    """{BN name: (mean, var)} that ``refresh_bn_stats`` estimates on ``xs`` with the layers' config now;
+    every BN's buffers are put back."""
+    bns = bn_layers(model)
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for _, m in bns]
+    try:
+        refresh_bn_stats(model, [(x, None) for x in xs], batches=len(xs))
+        return {n: (m.running_mean.double().clone(), m.running_var.double().clone()) for n, m in bns}
+    finally:
+        for (_, m), st in zip(bns, saved):
+            m.load_state_dict(st)
+
+
+@torch.no_grad()
+def ideal_bn_stats(model: nn.Module, loader: Iterable) -> BNStats:
+    """The BN statistics ``refresh_bn_stats`` estimates over every input of ``loader`` (items ``x`` or
+    ``(x, ...)``) with the crossbar layers on ideal cells (``layer.ideal_cells``: the weight codes
+    through the same periphery, the chip's cells and counters untouched); every BN is put back."""
+    layers = xbar_layers(model)
+    xs = [item[0] if isinstance(item, (tuple, list)) else item for item in loader]
+    if not xs or not all(isinstance(x, torch.Tensor) for x in xs):
+        raise TypeError("loader: expected a non-empty iterable of tensors x or items (x, ...)")
+    was_training = model.training
+    try:
+        model.eval()
+        for _, m in layers:
+            m.ideal_cells = True
+        return bn_stats(model, xs)
+    finally:
+        for _, m in layers:
+            m.ideal_cells = False
+        model.train(was_training)
+
+
+def set_bn(model: nn.Module, stats: BNStats) -> None:
+    """Each BN's running statistics set to ``stats`` (a ``bn_stats`` result)."""
+    for n, m in bn_layers(model):
+        m.running_mean.copy_(stats[n][0])
+        m.running_var.copy_(stats[n][1])
+
+
+def shift_bn(model: nn.Module, base: BNStats, now: BNStats) -> None:
+    """Each BN's running mean += now - base mean, running var *= now / base var (two ``bn_stats`` on the
+    same inputs: the "bn_shift" step, base = ideal cells, now = the chip)."""
+    for n, m in bn_layers(model):
+        (mi, vi), (mc, vc) = base[n], now[n]
+        m.running_mean.copy_(m.running_mean.double() + (mc - mi))
+        m.running_var.copy_(m.running_var.double() * vc / vi.clamp_min(1e-30))
+
+
 def _fold(model: nn.Module, layers: List[Tuple[str, nn.Module]], info: Dict[str, LayerDeployment]) -> None:
     """The "fold" step (module docstring): every correction that can go into the BN after it does."""
     corrected = [(n, m) for n, m in layers if m.out_gain is not None]
@@ -248,23 +309,28 @@ def _fold(model: nn.Module, layers: List[Tuple[str, nn.Module]], info: Dict[str,
 @torch.no_grad()
 def deploy(model: nn.Module, loader: Iterable, steps: Sequence[str] = DEFAULT_STEPS,
            batches: Optional[int] = None, *, adc_method: str = "percentile",
-           percentile: float = 99.99, adc_batches: Optional[int] = 1) -> Deployment:
+           percentile: float = 99.99, adc_batches: Optional[int] = 1,
+           bn_base: Optional[BNStats] = None) -> Deployment:
     """Calibrate the current task of ``model`` on its programmed chip from unlabelled inputs of
     ``loader`` (items ``x`` or ``(x, ...)``): ``batches`` batches, default (None) as many as give
     DEFAULT_INPUTS = 256 inputs.  ``steps`` run in the order given (module docstring: "adc", "bn",
-    "gain", "drift", "fold"); the default ("adc", "gain", "bn", "fold") re-estimates BN after the
-    gain, on the corrected outputs (BN estimated before the gain would normalise outputs the gain then
-    changes: measured worse on a ``typical`` chip), then folds the corrections into the BNs; every crossbar layer needs a ``config.device`` (an ideal device is accepted:
-    every step then changes nothing material).  ``adc_method``/``percentile`` go to ``calibrate_adc``,
+    "bn_shift", "gain", "drift", "fold"); the default ("adc", "gain", "bn_shift", "fold") shifts BN
+    after the gain, on the corrected outputs (BN estimated before the gain would normalise outputs the
+    gain then changes: measured worse on a ``typical`` chip), then folds the corrections into the BNs;
+    every crossbar layer needs a ``config.device`` (an ideal device is accepted: every step then
+    changes nothing material).  ``adc_method``/``percentile`` go to ``calibrate_adc``,
     which reads the first ``adc_batches`` of the batches (default 1: a batch of 64 inputs already gives
     each layer up to 2048 input rows x N columns x every conversion of partial sums; None: all).
+    ``bn_base``: the "bn_shift" step's base, ``ideal_bn_stats(model, inputs)`` of the model before
+    deploy (e.g. over the task's whole training set; it does not depend on the chip, so one serves
+    every chip); None: the task's trained statistics.
     The model is left in its training mode; returns what changed (``Deployment``).
 
     The "gain" correction (and "drift", folded into it) costs N multiplies and N adds per output
     position of a layer (``mta.report``) unless "fold" moved it into the BN that follows the layer
     (``LayerDeployment.folded_into``; ``not_folded`` says why a layer keeps it)."""
     steps, layers = _check_args(model, steps, batches, adc_batches)
-    xs = _inputs(loader, batches)
+    xs = calibration_inputs(loader, batches)
     result = Deployment(steps, sum(int(x.shape[0]) for x in xs), len(xs), [LayerDeployment(n) for n, _ in layers], [])
     info: Dict[str, LayerDeployment] = {lc.name: lc for lc in result.layers}
     was_training = model.training
@@ -272,6 +338,9 @@ def deploy(model: nn.Module, loader: Iterable, steps: Sequence[str] = DEFAULT_ST
         model.eval()
         for _, m in layers:  # the chip the calibration runs on (programmed now if not yet)
             m.program()
+        ideal_bn = None
+        if "bn_shift" in steps and not _shares_backbone_bn(model):  # (the model as found, on ideal cells)
+            ideal_bn = ideal_bn_stats(model, xs)
         for step in steps:
             if step == "adc":
                 old = {n: m.config.adc_clip for n, m in layers}
@@ -279,12 +348,17 @@ def deploy(model: nn.Module, loader: Iterable, steps: Sequence[str] = DEFAULT_ST
                                       percentile=percentile, cells=True)
                 for n, clip in clips.items():
                     info[n].old_clip, info[n].new_clip = old[n], clip
-            elif step == "bn":
+            elif step in ("bn", "bn_shift"):
                 if _shares_backbone_bn(model):
                     result.bn_skipped = ("the BN layers are the backbone's, shared by the tasks (task_bn=False): "
                                          "re-estimating them on this task would change every task")
-                else:
+                elif step == "bn":
                     refresh_bn_stats(model, [(x, None) for x in xs], batches=len(xs))
+                    result.bn_layers = [n for n, _ in bn_layers(model)]
+                else:
+                    if bn_base is not None:
+                        set_bn(model, bn_base)
+                    shift_bn(model, ideal_bn, bn_stats(model, xs))
                     result.bn_layers = [n for n, _ in bn_layers(model)]
             elif step == "fold":
                 _fold(model, layers, info)

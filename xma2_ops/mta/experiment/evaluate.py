@@ -14,6 +14,7 @@ import torch.nn as nn
 from ... import DeviceModel, program
 from .. import Schedule, adapt_on_chip, deploy, layer_adapters, use_config, xbar_layers
 from ..deploy import DEFAULT_INPUTS as DEPLOY_INPUTS
+from ..deploy import BNStats, ideal_bn_stats
 from .runtime import is_dist, make_loader, run_forked
 from .stats import mean_std
 
@@ -110,8 +111,8 @@ def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str, tra
     """The current task on --device-chips chips of ``device_model(args)`` (device seeds --seed + 0,
     1, ...: the same chips for every method and task), on the first --device-n-test test images (0: all),
     in each --deploy mode: ``naive`` (programmed and read as is), ``calibrated`` (mta.deploy on the first
-    DEPLOY_INPUTS unlabelled training images of ``train``), ``chip-aware`` (mta.adapt_on_chip on the
-    labelled ``train``, then mta.deploy).  The task is put back after every chip and mode, and the layers'
+    DEPLOY_INPUTS unlabelled training images of ``train``, the BN base from all of them), ``chip-aware``
+    (mta.adapt_on_chip on the labelled ``train``, calibrated before and after the same way).  The task is put back after every chip and mode, and the layers'
     own config restored at the end (the adapters and the ideal-cell accuracy do not depend on it).
     Every (chip, mode) is its own job: it programs the chip anew and seeds torch's RNG with the chip, so
     it gives the same result whichever process runs it and in whatever order.  The jobs run in
@@ -142,7 +143,9 @@ def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str, tra
         rank, world = dist.get_rank(), dist.get_world_size()
         jobs = [(c, m, batches * rank // world, batches * (rank + 1) // world) for c, m, _, _ in jobs]
     with use_config(model, with_device(dev)):
-        job = _ChipJob(model, _TaskSnapshot(model), data, args, train, calib, progress and workers == 1, desc)
+        bn_base = None if calib is None else ideal_bn_stats(model, [train[0][i:i + args.batch]
+                                                                    for i in range(0, len(train[0]), args.batch)])
+        job = _ChipJob(model, _TaskSnapshot(model), data, args, train, calib, bn_base, progress and workers == 1, desc)
         done = list(run_forked(job, jobs, workers))
     counts = {m: [[0, 0] for _ in range(args.device_chips)] for m in modes}
     secs = {m: [0.0] * args.device_chips for m in modes}
@@ -207,6 +210,7 @@ class _ChipJob:
     args: object
     train: Optional[Tuple[torch.Tensor, torch.Tensor]]
     calib: Optional[List[torch.Tensor]]
+    bn_base: Optional[BNStats]  # the adapter's ideal-cell BN statistics over all of train (mta.deploy's bn_base)
     progress: bool
     desc: str
 
@@ -219,11 +223,12 @@ class _ChipJob:
             torch.manual_seed(args.seed + chip)
             program(model, seed=args.seed + chip)  # numbers the layers on the chip, draws its cells
             try:
-                if mode == "chip-aware":
+                if mode == "chip-aware":  # (calibrated before and after the adaption)
                     swapped = adapt_on_chip(model, make_loader(self.train, args.batch, args.seed + chip),
-                                            chip_schedule(args), progress=self.progress).pes_swapped
-                if mode != "naive":
-                    deploy(model, self.calib)
+                                            chip_schedule(args), deploy_loader=self.calib, bn_base=self.bn_base,
+                                            progress=self.progress).pes_swapped
+                elif mode == "calibrated":
+                    deploy(model, self.calib, bn_base=self.bn_base)
                 correct, images = chip_batches(model, self.data, args.eval_batch, start, stop, self.progress,
                                                f"{self.desc} {args.device} chip {chip} {mode}")
             finally:
