@@ -137,8 +137,7 @@ def adapt_on_chip(model: nn.Module, loader: Iterable, schedule: Schedule = CHIP_
     ``schedule.sensitivity_batches``).  Input ranges are re-calibrated on ``calib_loader`` (default
     ``loader``) at the end.  ``deploy_loader``: unlabelled inputs (``mta.deploy``'s loader) to
     calibrate on before the training and after it (module docstring), ``bn_base`` going to its
-    ``mta.deploy``; None: no calibration.  Leaves
-    the model in eval mode, programmed on the chip."""
+    ``mta.deploy``; None: no calibration.  Leaves the model in eval mode, programmed on the chip."""
     seed = _check(model)
     if isinstance(fault_weight, bool) or not isinstance(fault_weight, (int, float)) or not 0 <= fault_weight < 1e9:
         raise ValueError(f"fault_weight: expected a number >= 0, got {fault_weight!r}")

@@ -112,8 +112,8 @@ def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str, tra
     1, ...: the same chips for every method and task), on the first --device-n-test test images (0: all),
     in each --deploy mode: ``naive`` (programmed and read as is), ``calibrated`` (mta.deploy on the first
     DEPLOY_INPUTS unlabelled training images of ``train``, the BN base from all of them), ``chip-aware``
-    (mta.adapt_on_chip on the labelled ``train``, calibrated before and after the same way).  The task is put back after every chip and mode, and the layers'
-    own config restored at the end (the adapters and the ideal-cell accuracy do not depend on it).
+    (mta.adapt_on_chip on the labelled ``train``, calibrated before and after the same way).  The task
+    is put back after every chip and mode, and the layers' own config restored at the end (the adapters and the ideal-cell accuracy do not depend on it).
     Every (chip, mode) is its own job: it programs the chip anew and seeds torch's RNG with the chip, so
     it gives the same result whichever process runs it and in whatever order.  The jobs run in
     --device-workers forked processes of one torch thread each (runtime.run_forked), longest first; the
