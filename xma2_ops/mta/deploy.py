@@ -16,8 +16,8 @@ inputs only, on the chip the layers hold (``config.device``, ``xma2_ops.program(
 - ``"bn_shift"`` (paired): every BN's running statistics moved by what the chip changes, measured on the
   same calibration inputs: mean += chip mean - ideal-cell mean, var *= chip var / ideal-cell var (the
   ideal-cell passes run on the model as ``deploy`` found it, before any step, without reading the
-  chip).  The base is the ideal-cell estimate over every input of ``bn_base`` (e.g. the task's whole
-  training set: a digital computation, no chip read), or without it the task's trained statistics;
+  chip).  The base is ``bn_base`` (``ideal_bn_stats`` over e.g. the task's whole training set: a
+  digital computation, no chip read), or without it the task's trained statistics;
   the calibration inputs' sampling error cancels in the difference.  "bn" instead replaces the
   statistics with the chip's estimate on the calibration inputs alone, whose sampling error on a
   nearly ideal chip costs more than the chip does (docs/DEVICE.md).  Same task_bn=False rule as "bn";
