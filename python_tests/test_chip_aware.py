@@ -221,3 +221,50 @@ def test_deploy_loader_adapts_on_the_calibrated_chip_and_keeps_its_gains(monkeyp
     plain = mta.adapt_on_chip(m, loader(x, y), mta.Schedule(stage1_epochs=0, stage2_epochs=0, hw_epochs=0),
                               reselect=False)
     assert plain.calibrated_before is None and plain.calibrated_after is None
+
+
+class _CountingLoader:
+    """A loader that counts how often it is iterated."""
+
+    def __init__(self, batches):
+        self.batches, self.iterations = batches, 0
+
+    def __iter__(self):
+        self.iterations += 1
+        return iter(self.batches)
+
+
+def test_deploy_loader_is_read_once_and_the_shift_starts_from_calibrations_chip_estimate(monkeypatch):
+    """The chip estimate the calibration's bn_shift step measured is the base of the shift after the
+    training (``Deployment.bn_chip``), on the same inputs: the loader is read once, the chip's BN
+    statistics measured once before the training."""
+    m, x, y = trained_task()
+    on_chip(m, DeviceModel.preset("typical"), seed=3)
+    bases = []
+    real_shift = chip_aware.shift_bn
+    monkeypatch.setattr(chip_aware, "shift_bn", lambda model, base, now: (bases.append(base),
+                                                                          real_shift(model, base, now)))
+    calib = _CountingLoader(loader(x, y))
+    r = mta.adapt_on_chip(m, loader(x, y), mta.Schedule(stage1_epochs=0, stage2_epochs=0, hw_epochs=1),
+                          reselect=False, deploy_loader=calib)
+    assert calib.iterations == 1
+    assert r.calibrated_before.bn_chip is not None and len(bases) == 1 and bases[0] is r.calibrated_before.bn_chip
+    assert sorted(r.calibrated_before.bn_chip) == sorted(n for n, _ in mta.bn_layers(m))
+
+
+def test_deploy_loader_leaves_a_shared_backbone_bn_alone():
+    """task_bn=False: the BNs are the backbone's, shared by every task on the chip; chip-aware adaption
+    with calibration must not shift them (as mta.deploy's bn steps do not)."""
+    torch.manual_seed(0)
+    x, y = _task(256, 0)
+    m = make_model(0)
+    mta.prepare(m, mta.MethodSpec("xma2", budget=0.25, task_bn=False), 4, head="fc")
+    mta.fit(m, loader(x, y), mta.Schedule(stage1_epochs=1, stage2_epochs=1, hw_epochs=0), progress=False)
+    on_chip(m, DeviceModel.preset("typical"), seed=3)
+    bn = {n: {k: v.clone() for k, v in b.state_dict().items()} for n, b in mta.bn_layers(m)}
+    r = mta.adapt_on_chip(m, loader(x, y), mta.Schedule(stage1_epochs=0, stage2_epochs=0, hw_epochs=1),
+                          reselect=False, deploy_loader=loader(x, y))
+    assert r.calibrated_before.bn_skipped is not None and r.calibrated_before.bn_chip is None
+    for n, b in mta.bn_layers(m):
+        for k, v in b.state_dict().items():
+            torch.testing.assert_close(v, bn[n][k], rtol=0, atol=0, msg=f"{n}.{k}")

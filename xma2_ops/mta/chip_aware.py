@@ -30,7 +30,8 @@ with CALIBRATE_BEFORE first (ADC clips from the cells, column gains fitted to th
 BN shifted by the chip; the corrections stay on the layers), the training then sees the corrected
 chip and learns what calibration leaves, with the BN statistics held; afterwards each BN moves by what
 the training changed on this chip (``deploy.shift_bn``: chip estimate after minus before, on the same
-inputs, so their sampling error cancels) and the corrections are folded.  The gain is not re-fitted
+inputs, so their sampling error cancels; a BN shared by every task, ``task_bn=False``, is left alone
+as ``mta.deploy`` leaves it) and the corrections are folded.  The gain is not re-fitted
 after the training: it would pull the chip's outputs towards the ideal-cell outputs of the *adapted*
 weights and so undo what the adaption learned about this chip.  Without ``deploy_loader`` the
 adaption trains on the uncalibrated chip (then run ``mta.deploy`` yourself).
@@ -149,14 +150,14 @@ def adapt_on_chip(model: nn.Module, loader: Iterable, schedule: Schedule = CHIP_
     stuck = _stuck_cells(model)
     before = chip_bn = None
     if deploy_loader is not None:
-        before = deploy(model, deploy_loader, CALIBRATE_BEFORE, bn_base=bn_base)
-        xs = calibration_inputs(deploy_loader)  # (the inputs deploy took)
-        chip_bn = bn_stats(model, xs)
+        xs = calibration_inputs(deploy_loader)  # read once: the same inputs before and after the training
+        before = deploy(model, xs, CALIBRATE_BEFORE, bn_base=bn_base)
+        chip_bn = before.bn_chip  # None: the BNs are the backbone's (task_bn=False), left alone
     swapped = 0
     if reselect and spec.impl.selects_pes:
         swapped = _reselect(model, loader, score_batches or schedule.sensitivity_batches, fault_weight, loss_fn)
     saved = [(m.crossbar.chip.writes, m.crossbar.chip.reads) for _, m in layers]
-    bns = [m for _, m in bn_layers(model)] if deploy_loader is not None else []
+    bns = [m for _, m in bn_layers(model)] if chip_bn is not None else []
     momenta = [m.momentum for m in bns]
     try:
         for m in bns:  # the calibrated statistics are held (shifted by what the training changed, below)
@@ -182,8 +183,9 @@ def adapt_on_chip(model: nn.Module, loader: Iterable, schedule: Schedule = CHIP_
     program(model)  # the backbone's write 0 again, the task's PEs with the adapted weights
     after = None
     if deploy_loader is not None:
-        shift_bn(model, chip_bn, bn_stats(model, xs))
-        after = deploy(model, deploy_loader, ("fold",))
+        if chip_bn is not None:
+            shift_bn(model, chip_bn, bn_stats(model, xs))
+        after = deploy(model, xs, ("fold",))
     model.eval()
     return ChipAdaption(seed, stuck, swapped, schedule.hw_epochs, before, after)
 

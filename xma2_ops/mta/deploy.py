@@ -60,6 +60,9 @@ DEFAULT_STEPS = ("adc", "gain", "bn_shift", "fold")
 DEFAULT_INPUTS = 256  # inputs (not batches) taken from the loader when ``batches`` is None
 
 
+BNStats = Dict[str, Tuple[torch.Tensor, torch.Tensor]]  # {BN name: (running mean, running var)}, float64
+
+
 @dataclasses.dataclass
 class LayerDeployment:
     """What deploy changed in one crossbar layer (None: the step did not run or does not apply)."""
@@ -80,7 +83,8 @@ class LayerDeployment:
 @dataclasses.dataclass
 class Deployment:
     """``deploy``'s result: the steps run, the inputs used, per layer what changed, the BN layers
-    re-estimated (or why the bn step re-estimated none)."""
+    re-estimated (or why the bn step re-estimated none), and the chip's BN estimate the "bn_shift" step
+    measured (what a later ``shift_bn`` on the same inputs starts from; None without that step)."""
 
     steps: Tuple[str, ...]
     inputs: int
@@ -88,6 +92,7 @@ class Deployment:
     layers: List[LayerDeployment]
     bn_layers: List[str]
     bn_skipped: Optional[str] = None
+    bn_chip: Optional[BNStats] = dataclasses.field(default=None, repr=False)
 
     def layer(self, name: str) -> LayerDeployment:
         return next(lc for lc in self.layers if lc.name == name)
@@ -228,9 +233,6 @@ def _shares_backbone_bn(model: nn.Module) -> bool:
     return task is not None and not task.spec.task_bn
 
 
-BNStats = Dict[str, Tuple[torch.Tensor, torch.Tensor]]  # {BN name: (running mean, running var)}, float64
-
-
 def bn_stats(model: nn.Module, xs: List[torch.Tensor]) -> BNStats:
     """{BN name: (mean, var)} that ``refresh_bn_stats`` estimates on ``xs`` with the layers' config now;
     every BN's buffers are put back."""
@@ -358,7 +360,8 @@ def deploy(model: nn.Module, loader: Iterable, steps: Sequence[str] = DEFAULT_ST
                 else:
                     if bn_base is not None:
                         set_bn(model, bn_base)
-                    shift_bn(model, ideal_bn, bn_stats(model, xs))
+                    result.bn_chip = bn_stats(model, xs)
+                    shift_bn(model, ideal_bn, result.bn_chip)
                     result.bn_layers = [n for n, _ in bn_layers(model)]
             elif step == "fold":
                 _fold(model, layers, info)
