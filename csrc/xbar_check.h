@@ -190,9 +190,12 @@ inline CellBounds cell_bounds_checked(const XbarParams& p, int64_t g_max, int64_
   const i128 u_max = p.adc_signed() ? std::min(pb + clip_f, 2 * clip_f) : pb;
   const i128 span = p.adc_signed() ? 2 * clip_f : clip_f;
   if (p.adc_levels > 0)
-    TORCH_CHECK(pb + clip_f <= lim && 2 * u_max * p.adc_levels + span <= lim, "xbar_cell: the ADC's 2 * P_F * adc_levels + adc_clip * 2^frac_bits "
-                "overflows int64 (largest P_F = ", (int64_t)pb, ", adc_levels = ", p.adc_levels, ", adc_clip = ",
-                p.adc_clip, ", frac_bits = ", frac_bits, "): lower rows, frac_bits or the conductances");
+    TORCH_CHECK(pb + clip_f <= lim && 2 * u_max * p.adc_levels + span <= lim,
+                "xbar_cell: the ADC's 2 * u * adc_levels + span overflows int64 (", p.adc_signed() ?
+                "signed ADC: u = clamp(P_F + adc_clip * 2^frac_bits, 0, span), span = 2 * adc_clip * 2^frac_bits" :
+                "u = P_F, span = adc_clip * 2^frac_bits", "; largest P_F = ", (int64_t)pb, ", adc_levels = ",
+                p.adc_levels, ", adc_clip = ", p.adc_clip, ", frac_bits = ", frac_bits,
+                "): lower rows, frac_bits or the conductances");
   const i128 shifts = shift_sum(p);
   const i128 code_max = p.adc_levels > 0 ? (i128)p.adc_levels : pb;
   const bool t_ok = code_max == 0 || shifts <= lim / (2 * code_max);

@@ -429,11 +429,12 @@ def test_overflowing_configs_refused_in_a_subprocess():
         g = torch.full((2, 2, 70000, 1), 2 ** 31 - 1, dtype=torch.int32)
         for name, p, f in [
             ("adc", GemmParams(65536, 1, 8, False, 8, 16, 8, 2 ** 24 - 1, 2 ** 32), 16),
+            ("signed adc", GemmParams(65536, 1, 8, False, 8, 16, 8, 2 ** 24 - 2, 2 ** 32, 1), 16),
             ("tile", GemmParams(65536, 1, 16, False, 8, 16, 8, 0, 2 ** 32), 16),
         ]:
             xx = x if p.x_bits == 8 else torch.full((2, 70000), 2 ** 16 - 1, dtype=torch.int32)
             try:
-                ops.xbar_cell_tile_sums(xx, g, *p.as_args(), f)
+                ops.xbar_cell_tile_sums(xx, g, *p.as_args(with_periphery=True)[:-1], f, p.periphery)
                 print("NOT REFUSED", name)
             except RuntimeError as e:
                 print("REFUSED:", name, str(e).splitlines()[0])
@@ -441,7 +442,10 @@ def test_overflowing_configs_refused_in_a_subprocess():
     proc = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"child crashed (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
     assert "NOT REFUSED" not in proc.stdout, proc.stdout
-    assert "REFUSED: adc" in proc.stdout and "2 * P_F * adc_levels" in proc.stdout, proc.stdout
+    lines = dict(line.split(" xbar_cell: ", 1) for line in proc.stdout.splitlines() if line.startswith("REFUSED"))
+    assert set(lines) == {"REFUSED: adc", "REFUSED: signed adc", "REFUSED: tile"}, proc.stdout
+    assert "2 * u * adc_levels + span" in lines["REFUSED: adc"] and "u = P_F," in lines["REFUSED: adc"], proc.stdout
+    assert "signed ADC: u = clamp(P_F" in lines["REFUSED: signed adc"], proc.stdout
     assert "REFUSED: tile" in proc.stdout and "tile sums" in proc.stdout, proc.stdout
 
 
