@@ -20,7 +20,7 @@ from xma2_ops.backends import reference as ref
 from xma2_ops.config import GemmParams, row_tile_sizes
 from xma2_ops.device import program_cells
 
-from helpers import ordered_coef_grad, random_conv_case
+from helpers import cpu_isas, ordered_coef_grad, random_conv_case
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.xma2_ops, "xbar_cell_tile_sums")
                                 or not torch._C._dispatch_has_kernel_for_dispatch_key(
@@ -521,6 +521,37 @@ def test_cell_ops_compute_the_periphery(bits, monkeypatch):
             assert torch.equal(OPS.xbar_cell_mvm(c.x, c.g, gt, cb, ct.double(), *args), want_y), where
             assert torch.equal(OPS.xbar_cell_coef_grad(c.x, c.g, gy, *args), want_g), where
     assert fast >= 5, fast  # the AVX2 kernel was among the paths tested
+
+
+def _ran_aten_gemm(fn) -> bool:
+    """Whether ``fn()`` ran an ATen GEMM: the generic path of the cell ops does (one per row block, tile and
+    chunk), the AVX2 kernel does not."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any(e.name == "aten::mm" for e in prof.events())
+
+
+@pytest.mark.skipif("avx2" not in cpu_isas(), reason="needs the AVX2 cell kernel (an AVX2 CPU)")
+@pytest.mark.parametrize("preset", ["typical", "mnsim", "ideal"])
+@pytest.mark.parametrize("rounding", ["half_up", "half_even"])
+def test_device_grids_run_the_avx2_kernel_bit_exact(preset, rounding, monkeypatch):
+    """On the presets' conductance grids (frac_bits 8, 128 rows, 8-bit ADC) the AVX2 kernel runs under both
+    roundings and both sensings, bit for bit as the reference: its ADC in float64 where float32 is not exact
+    for every reachable V_F (half-even's half-down form: until the float64 form these calls took the
+    generic path, twice as slow)."""
+    monkeypatch.delenv("XMA2_CPU_ISA", raising=False)
+    gen = torch.Generator().manual_seed(11)
+    dev = DeviceModel.preset(preset)
+    for sensing, signed in [("per_polarity", False), ("differential", False), ("differential", True)]:
+        cfg = XbarConfig(rows=128, cols=32, adc_rounding=rounding, sensing=sensing, input_signed=signed)
+        p = GemmParams.from_config(cfg, signed)
+        w = torch.randint(-127, 128, (200, 32), generator=gen, dtype=torch.int32)
+        g = program_cells(w, p.weight_bits, p.cell_bits, dev, 0, 0).read(0)
+        x = torch.randint(-127 if signed else 0, 128 if signed else 256, (20, 200), generator=gen, dtype=torch.int32)
+        got = []
+        generic = _ran_aten_gemm(lambda: got.append(OPS.xbar_cell_tile_sums(x, g, *_cell_args(p, dev.frac_bits))))
+        assert not generic, (sensing, signed)
+        assert torch.equal(got[0], ref.cell_tile_sums(x, g, p, dev.frac_bits)), (sensing, signed)
 
 
 def test_cell_ops_periphery_is_tested_where_it_differs(monkeypatch):

@@ -10,8 +10,9 @@
 //  - ideal ADC (adc_levels == 0): T_int is linear in the partial sums, so per tile one GEMM of the
 //    whole input codes with W[k, n] = sum_j 2^(j cb) (g[+, j, k, n] - g[-, j, k, n]), in float64
 //    when every sum is below 2^53, else int64 (as the GEMM route of ops_cpu.cpp).
-//  - fast (x86 with AVX2, max(g) < 2^15, every |V_F| < 2^31, the float32 ADC of each tile size checked
-//    equal to the integer rule for every reachable V_F (plan.h float_adc_exact), |T_int| < 2^31): per
+//  - fast (x86 with AVX2, max(g) < 2^15, every |V_F| < 2^31, the float32 ADC of each tile size -- else its
+//    float64 form, at twice the ADC instructions -- checked equal to the integer rule for every reachable
+//    V_F (plan.h float_adc_exact), |T_int| < 2^31): per
 //    block of 96 input rows and row tile,
 //    the input chunks and the conductances (or their differences) as int16 pairs, a 6 x 16 AVX2 microkernel
 //    (vpmaddwd, exact int32 sums) per (input group, weight group, slice, 16 columns), the ADC and the
@@ -65,26 +66,31 @@ struct CellPlan {
   // The float ADC of the fast path for every tile but the last ([0]) and the last ([1]) (they differ only
   // under adc_range="tile_rows"): code = min(trunc(fma(clamp(V, -cap, cap) + offset, a, b)), n) - half, with
   // offset = clip 2^F and half = n / 2 for the signed ADC (SPEC 8.2), else 0; under half_even also the
-  // half-down form (b_dn), the even one of the two taken at a tie.
+  // half-down form (b_dn), the even one of the two taken at a tie.  `dbl`: in float64 (ad, bd, bd_dn), where
+  // float32 is not exact for some V_F (half-even's half-down form on fine conductance grids, typically).
   struct FastAdc {
     float a = 0.f, b = 0.f, b_dn = 0.f;
+    double ad = 0., bd = 0., bd_dn = 0.;
     int32_t cap = 0, offset = 0, levels = 0, half = 0;
   } fast[2];
+  bool fast_dbl = false;    // both tiles' fast ADC in float64
   int64_t block_rows = 1;   // input rows per work item
 };
 
-// The fast path's ADC of a tile with ADC `ta` (into f), when its float form is exact for every reachable V_F:
-// past clip 2^F every code is n (0 below -clip 2^F), so with cap = min(|V_F| bound, clip 2^F) the check on
-// u = clamp(V, -cap, cap) + offset holds for every V.
-bool fast_adc(const CellPlan& pl, const TileAdc& ta, CellPlan::FastAdc& f) {
+// The fast path's ADC of a tile with ADC `ta` (into f), when its float form (float64 when `dbl`) is exact for
+// every reachable V_F: past clip 2^F every code is n (0 below -clip 2^F), so with cap = min(|V_F| bound,
+// clip 2^F) the check on u = clamp(V, -cap, cap) + offset holds for every V.
+bool fast_adc(const CellPlan& pl, const TileAdc& ta, bool dbl, CellPlan::FastAdc& f) {
   const bool sgn = pl.p.adc_signed();
   const int64_t clip_f = ta.clip << pl.F, cap = std::min(pl.b.pbound, clip_f), offset = sgn ? clip_f : 0;
   const int64_t span = sgn ? 2 * clip_f : clip_f, ulo = sgn ? offset - cap : 0, uhi = offset + cap;
   if (uhi >= (1LL << 31) || uhi - ulo > kMaxAdcCheck ||
-      !float_adc_exact(ta.levels, span, ulo, uhi, pl.p.half_even(), true))
+      !float_adc_exact(ta.levels, span, ulo, uhi, pl.p.half_even(), true, dbl))
     return false;
   const FloatAdc fa = float_adc(ta.levels, span);
-  f = {fa.a, fa.b, fa.b_dn, (int32_t)cap, (int32_t)offset, (int32_t)ta.levels, sgn ? (int32_t)(ta.levels / 2) : 0};
+  const FloatAdcOf<double> fd = float_adc_of<double>(ta.levels, span);
+  f = {fa.a, fa.b, fa.b_dn, fd.a, fd.b, fd.b_dn, (int32_t)cap, (int32_t)offset, (int32_t)ta.levels,
+       sgn ? (int32_t)(ta.levels / 2) : 0};
   return true;
 }
 
@@ -130,9 +136,13 @@ CellPlan make_cell_plan(const at::Tensor& x, const std::vector<std::pair<at::Ten
     pl.path = Path::kLinear;  // T_int is linear in the partial sums under every convention
   } else if (fast_cpu() && g_max < (1 << 15) && pl.b.pbound < (1LL << 31) && pl.b.t_bound < (1LL << 31)) {
     const int64_t last = std::max<int64_t>(pl.p.Tr() - 1, 0);
-    if (fast_adc(pl, pl.p.tile_adc(pl.p.tile_rows(0)), pl.fast[0]) &&
-        fast_adc(pl, pl.p.tile_adc(pl.p.tile_rows(last)), pl.fast[1]))
-      pl.path = Path::kFast;
+    const TileAdc first_adc = pl.p.tile_adc(pl.p.tile_rows(0)), last_adc = pl.p.tile_adc(pl.p.tile_rows(last));
+    for (const bool dbl : {false, true})  // float32 where both tiles are exact in it, else float64
+      if (fast_adc(pl, first_adc, dbl, pl.fast[0]) && fast_adc(pl, last_adc, dbl, pl.fast[1])) {
+        pl.path = Path::kFast;
+        pl.fast_dbl = dbl;
+        break;
+      }
   }
   const int64_t R = std::max<int64_t>(1, std::min<int64_t>(pl.p.rows, pl.p.K)), N = std::max<int64_t>(1, pl.p.N);
   if (pl.path == Path::kLinear) {
@@ -329,27 +339,38 @@ void pack_x_tile(const code_t* x, int64_t K, int64_t m0, int64_t nm, int64_t k0,
 
 struct FastConsts {
   __m256 a, b, b_dn;
+  __m256d ad, bd, bd_dn;
   __m256i cap, neg_cap, offset, levels, half;
 };
 
 FastConsts fast_consts(const CellPlan::FastAdc& f) {
   return {_mm256_set1_ps(f.a),          _mm256_set1_ps(f.b),           _mm256_set1_ps(f.b_dn),
+          _mm256_set1_pd(f.ad),         _mm256_set1_pd(f.bd),          _mm256_set1_pd(f.bd_dn),
           _mm256_set1_epi32(f.cap),     _mm256_set1_epi32(-f.cap),     _mm256_set1_epi32(f.offset),
           _mm256_set1_epi32(f.levels),  _mm256_set1_epi32(f.half)};
 }
 
-// The ADC of 8 partial sums V (clamped to [-cap, cap] and offset, so the float32 formula checked on that range
+// trunc(u a + b) of 8 int32 u, in float32 or (kDouble) in float64 as two halves of 4.
+template <bool kDouble>
+__attribute__((always_inline)) inline __m256i adc_trunc(__m256i u, __m256 a, __m256 b, __m256d ad, __m256d bd) {
+  if (!kDouble) return _mm256_cvttps_epi32(_mm256_fmadd_ps(_mm256_cvtepi32_ps(u), a, b));
+  const __m128i lo = _mm256_cvttpd_epi32(_mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(u)), ad, bd));
+  const __m128i hi = _mm256_cvttpd_epi32(_mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(u, 1)), ad, bd));
+  return _mm256_set_m128i(hi, lo);
+}
+
+// The ADC of 8 partial sums V (clamped to [-cap, cap] and offset, so the float formula checked on that range
 // of u applies; the signed ADC's code less n/2), shifted by `sh` and added to (or subtracted from) 8 int32 tile
 // sums.  kSigned = false (V >= 0, offset and half 0) keeps the per-polarity ADC at its three operations;
-// kHalfEven: the half-up and half-down codes differ (by one) exactly at a tie, where the even one is taken.
-template <bool kNeg, bool kSigned, bool kHalfEven>
+// kHalfEven: the half-up and half-down codes differ (by one) exactly at a tie, where the even one is taken;
+// kDouble: the float64 form.
+template <bool kNeg, bool kSigned, bool kHalfEven, bool kDouble>
 __attribute__((always_inline)) inline void adc_add(__m256i p, const FastConsts& fc, __m128i sh, int32_t* dst) {
   __m256i u = _mm256_min_epi32(p, fc.cap);
   if (kSigned) u = _mm256_add_epi32(_mm256_max_epi32(u, fc.neg_cap), fc.offset);
-  const __m256 uf = _mm256_cvtepi32_ps(u);
-  __m256i code = _mm256_min_epi32(_mm256_cvttps_epi32(_mm256_fmadd_ps(uf, fc.a, fc.b)), fc.levels);
+  __m256i code = _mm256_min_epi32(adc_trunc<kDouble>(u, fc.a, fc.b, fc.ad, fc.bd), fc.levels);
   if (kHalfEven) {
-    const __m256i dn = _mm256_min_epi32(_mm256_cvttps_epi32(_mm256_fmadd_ps(uf, fc.a, fc.b_dn)), fc.levels);
+    const __m256i dn = _mm256_min_epi32(adc_trunc<kDouble>(u, fc.a, fc.b_dn, fc.ad, fc.bd_dn), fc.levels);
     const __m256i odd_tie = _mm256_and_si256(_mm256_sub_epi32(code, dn), _mm256_and_si256(code, _mm256_set1_epi32(1)));
     code = _mm256_sub_epi32(code, odd_tie);
   }
@@ -360,22 +381,22 @@ __attribute__((always_inline)) inline void adc_add(__m256i p, const FastConsts& 
 }
 
 // adc_add of the microkernel's 6 x 16 partial sums into t (row stride ldt).
-template <bool kNeg, bool kSigned, bool kHalfEven>
+template <bool kNeg, bool kSigned, bool kHalfEven, bool kDouble>
 __attribute__((always_inline)) inline void adc_add_6x16(__m256i c00, __m256i c01, __m256i c10, __m256i c11,
                                                         __m256i c20, __m256i c21, __m256i c30, __m256i c31,
                                                         __m256i c40, __m256i c41, __m256i c50, __m256i c51,
                                                         const FastConsts& fc, __m128i sh, int32_t* t, int64_t ldt) {
-  adc_add<kNeg, kSigned, kHalfEven>(c00, fc, sh, t), adc_add<kNeg, kSigned, kHalfEven>(c01, fc, sh, t + 8);
-  adc_add<kNeg, kSigned, kHalfEven>(c10, fc, sh, t + ldt), adc_add<kNeg, kSigned, kHalfEven>(c11, fc, sh, t + ldt + 8);
-  adc_add<kNeg, kSigned, kHalfEven>(c20, fc, sh, t + 2 * ldt), adc_add<kNeg, kSigned, kHalfEven>(c21, fc, sh, t + 2 * ldt + 8);
-  adc_add<kNeg, kSigned, kHalfEven>(c30, fc, sh, t + 3 * ldt), adc_add<kNeg, kSigned, kHalfEven>(c31, fc, sh, t + 3 * ldt + 8);
-  adc_add<kNeg, kSigned, kHalfEven>(c40, fc, sh, t + 4 * ldt), adc_add<kNeg, kSigned, kHalfEven>(c41, fc, sh, t + 4 * ldt + 8);
-  adc_add<kNeg, kSigned, kHalfEven>(c50, fc, sh, t + 5 * ldt), adc_add<kNeg, kSigned, kHalfEven>(c51, fc, sh, t + 5 * ldt + 8);
+  adc_add<kNeg, kSigned, kHalfEven, kDouble>(c00, fc, sh, t), adc_add<kNeg, kSigned, kHalfEven, kDouble>(c01, fc, sh, t + 8);
+  adc_add<kNeg, kSigned, kHalfEven, kDouble>(c10, fc, sh, t + ldt), adc_add<kNeg, kSigned, kHalfEven, kDouble>(c11, fc, sh, t + ldt + 8);
+  adc_add<kNeg, kSigned, kHalfEven, kDouble>(c20, fc, sh, t + 2 * ldt), adc_add<kNeg, kSigned, kHalfEven, kDouble>(c21, fc, sh, t + 2 * ldt + 8);
+  adc_add<kNeg, kSigned, kHalfEven, kDouble>(c30, fc, sh, t + 3 * ldt), adc_add<kNeg, kSigned, kHalfEven, kDouble>(c31, fc, sh, t + 3 * ldt + 8);
+  adc_add<kNeg, kSigned, kHalfEven, kDouble>(c40, fc, sh, t + 4 * ldt), adc_add<kNeg, kSigned, kHalfEven, kDouble>(c41, fc, sh, t + 4 * ldt + 8);
+  adc_add<kNeg, kSigned, kHalfEven, kDouble>(c50, fc, sh, t + 5 * ldt), adc_add<kNeg, kSigned, kHalfEven, kDouble>(c51, fc, sh, t + 5 * ldt + 8);
 }
 
 // P[6 x 16] = A[6 x 2kp] B[2kp x 16] (int16 pairs, int32 sums), then per element the ADC, the shift
 // and the signed add into t (row stride ldt).
-template <bool kSigned, bool kHalfEven>
+template <bool kSigned, bool kHalfEven, bool kDouble>
 void micro_6x16(const int32_t* A, const int32_t* B, int64_t kp, const FastConsts& fc, int shift, bool neg, int32_t* t,
                 int64_t ldt) {
   __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
@@ -405,9 +426,9 @@ void micro_6x16(const int32_t* A, const int32_t* B, int64_t kp, const FastConsts
   }
   const __m128i sh = _mm_cvtsi32_si128(shift);
   if (neg)
-    adc_add_6x16<true, kSigned, kHalfEven>(c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, fc, sh, t, ldt);
+    adc_add_6x16<true, kSigned, kHalfEven, kDouble>(c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, fc, sh, t, ldt);
   else
-    adc_add_6x16<false, kSigned, kHalfEven>(c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, fc, sh, t, ldt);
+    adc_add_6x16<false, kSigned, kHalfEven, kDouble>(c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, fc, sh, t, ldt);
 }
 
 template <typename code_t>
@@ -442,8 +463,12 @@ void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
   const int64_t nmicro_max = (pl.block_rows + kMR - 1) / kMR, ldt = NP * kNR;
   const int db = pl.p.dac_bits, cb = pl.p.cell_bits, chunks = pl.p.chunks();
   const bool sgn = pl.p.adc_signed(), he = pl.p.half_even();
-  const auto micro = sgn ? (he ? &micro_6x16<true, true> : &micro_6x16<true, false>)
-                         : (he ? &micro_6x16<false, true> : &micro_6x16<false, false>);
+  using Micro = void (*)(const int32_t*, const int32_t*, int64_t, const FastConsts&, int, bool, int32_t*, int64_t);
+  const Micro micros[2][2][2] = {{{&micro_6x16<false, false, false>, &micro_6x16<false, false, true>},
+                                  {&micro_6x16<false, true, false>, &micro_6x16<false, true, true>}},
+                                 {{&micro_6x16<true, false, false>, &micro_6x16<true, false, true>},
+                                  {&micro_6x16<true, true, false>, &micro_6x16<true, true, true>}}};
+  const Micro micro = micros[sgn][he][pl.fast_dbl];
   parallel_items(M, pl.block_rows, 1, 1, [&](int64_t w, int64_t m0, int64_t nm, int64_t, int64_t) {
     std::vector<int16_t> xa((size_t)(pl.C * nmicro_max * kp_max * kMR * 2));
     std::vector<char> nonzero((size_t)(pl.C * nmicro_max));
