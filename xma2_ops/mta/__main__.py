@@ -1,4 +1,4 @@
-"""``python -m xma2_ops.mta [device-sweep] ...``: the multi-task experiment (experiment/cli.py).
+"""``python -m xma2_ops.mta [device-sweep | chip-table] ...``: the multi-task experiment (experiment/cli.py).
 
 Re-executes itself once with OMP_WAIT_POLICY=PASSIVE unless a policy is set (experiment/threads.py)."""
 import sys

@@ -42,6 +42,7 @@ hardware that is evaluated; --weight-only-also repeats some methods without that
     python -m xma2_ops.mta --device typical       # also evaluate every adapter on non-ideal cells (5 chips)
     python -m xma2_ops.mta --device typical --deploy naive calibrated chip-aware
     python -m xma2_ops.mta device-sweep --quick   # the backbone on imperfect cells (device_sweep.py)
+    python -m xma2_ops.mta chip-table RUN1 RUN2   # one chip table from several runs' --out folders
     torchrun --nproc_per_node=2 -m xma2_ops.mta --quick   # DistributedDataParallel (gloo)
 
 On a shared machine the command sets OMP_WAIT_POLICY=PASSIVE before torch loads unless you set
@@ -188,13 +189,16 @@ def parse_args(argv=None, prog: str = "python -m xma2_ops.mta") -> argparse.Name
 
 
 def main(argv: Optional[List[str]] = None, prog: str = "python -m xma2_ops.mta") -> list:
-    """Run the experiment (or ``device-sweep ...``) with the command line ``argv`` (default
+    """Run the experiment (or ``device-sweep ...``, ``chip-table ...``) with the command line ``argv`` (default
     sys.argv[1:]); returns its rows."""
     from .loop import run_experiment
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["device-sweep"]:
         from .device_sweep import main as sweep_main
         return sweep_main(argv[1:], prog=f"{prog} device-sweep")
+    if argv[:1] == ["chip-table"]:
+        from .chip_table import main as table_main
+        return table_main(argv[1:], prog=f"{prog} chip-table")
     args = parse_args(argv, prog)
     full = parse_args([a for a in argv if a != "--quick"], prog) if args.quick else None
     return run_experiment(args, full)
