@@ -122,3 +122,13 @@ def test_markdown_lists_every_mode_of_every_method(tmp_path):
     assert md[0].count("drop [95 %]") == 3 and len(md) == 2 + 2
     assert md[3].startswith(f"| xma2@10%/snip | {_ideal('xma2@10%/snip', 'a'):.2f} |")
     assert md[3].count("**") == 6  # three modes' drops in bold
+
+
+def test_averages_over_different_tasks_are_pointed_out(tmp_path, capsys):
+    only_xma2 = [r for r in _rows("b") if r["method"] == "xma2@10%/snip"]
+    cli.main(["chip-table", _run(tmp_path, "a", _rows("a")), _run(tmp_path, "b", only_xma2)])
+    note = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note:"))
+    assert "a (finetune naive, finetune calibrated)" in note
+    assert "a/b (xma2@10%/snip naive, xma2@10%/snip calibrated, xma2@10%/snip chip-aware)" in note
+    cli.main(["chip-table", _run(tmp_path, "a2", _rows("a"))])
+    assert "note:" not in capsys.readouterr().out

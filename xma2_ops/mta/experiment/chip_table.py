@@ -94,9 +94,12 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m xma2_ops.mta c
     task_sets = {}
     for r in rows:
         task_sets.setdefault((r["method"], r["mode"]), set()).add(r["task"])
-    if len({frozenset(t) for t in task_sets.values()}) > 1:
+    groups: dict = {}
+    for (method, mode), tasks in task_sets.items():
+        groups.setdefault("/".join(sorted(tasks)), []).append(f"{method} {mode}")
+    if len(groups) > 1:
         print("note: the AVERAGE rows average different tasks: " + "; ".join(
-            f"{m} {mode}: {'/'.join(sorted(t))}" for (m, mode), t in task_sets.items()))
+            f"{t} ({', '.join(g) if len(g) <= 3 else f'{len(g)} method-modes'})" for t, g in groups.items()))
     run_args = meta.get("args", {})
     device = run_args.get("device") or "the runs'"
     print_device_table(summary, device, run_args.get("device_chips", len({r["chip"] for r in rows})))
