@@ -255,8 +255,9 @@ def test_spinning_hint_only_for_a_spinning_policy_on_a_loaded_machine(monkeypatc
 
 
 def test_adapters_from_an_earlier_run_are_evaluated_without_training(tmp_path):
-    """--adapters-from: the same adapters (bit for bit), the same accuracies and costs, now also on a chip;
-    a missing file or one of another method is refused by name."""
+    """--adapters-from: the same adapters (bit for bit), the same accuracies and costs, now also on a chip,
+    also from two folders that each hold some of them; a missing file or one of another method is refused by
+    name."""
     base = ["--quick", "--tasks", "sk_digits", "--methods", "classifier", "xma2", "--also", "--weight-only-also",
             "--no-progress", "--threads", "1", "--hw-epochs", "0"]
     first = tmp_path / "first"
@@ -272,8 +273,17 @@ def test_adapters_from_an_earlier_run_are_evaluated_without_training(tmp_path):
     assert len(names) == 2 and names == sorted(p.name for p in (again / "adapters").glob("*.safetensors"))
     for n in names:
         assert (again / "adapters" / n).read_bytes() == (first / "adapters" / n).read_bytes(), n
+    # runs split over two folders (say one per task): each adapter from the first folder that has it
+    split = [tmp_path / "split_a", tmp_path / "split_b"]
+    for d, n in zip(split, names):
+        (d / "adapters").mkdir(parents=True)
+        (d / "adapters" / n).write_bytes((first / "adapters" / n).read_bytes())
+    rows3 = _example().main(base + bb + ["--out", str(tmp_path / "third"), "--adapters-from", *map(str, split)])
+    assert [[r[k] for k in keys] for r in rows3] == [[r[k] for k in keys] for r in rows]
     with pytest.raises(SystemExit, match="--adapters-from: .*not found"):
         _example().main(base[:4] + ["piggyback"] + base[6:] + bb + ["--out", str(again), "--adapters-from", str(first)])
+    with pytest.raises(SystemExit, match=f"--adapters-from: {split[0]}.*, {split[1]}.* not found"):
+        _example().main(base[:4] + ["piggyback"] + base[6:] + bb + ["--out", str(again), "--adapters-from", *map(str, split)])
     (first / "adapters" / names[1]).write_bytes((first / "adapters" / names[0]).read_bytes())  # classifier's file as xma2's
     with pytest.raises(SystemExit, match="holds method classifier, expected xma2@10%"):
         _example().main(base + bb + ["--out", str(again), "--adapters-from", str(first)])

@@ -133,10 +133,11 @@ def build_parser(prog: str = "python -m xma2_ops.mta") -> argparse.ArgumentParse
                         "cell is programmed with the levels that make the others compensate it best")
     p.add_argument("--chip-aware-epochs", type=int, default=1,
                    help="epochs of the chip-aware adaption per chip (--deploy chip-aware)")
-    p.add_argument("--adapters-from", default=None, metavar="DIR",
+    p.add_argument("--adapters-from", nargs="+", default=None, metavar="DIR",
                    help="load every run's adapter from DIR/adapters/ (the --out folder of an earlier run with the same "
                         "backbone, tasks, methods and seeds) instead of training it: e.g. to evaluate the same adapters "
-                        "on another --device preset")
+                        "on another --device preset; with several folders (runs split by task) from the first that "
+                        "has it")
     p.add_argument("--noise-aware", action="store_true",
                    help="with --device: adapt every task with noise-aware training (cells re-programmed with the "
                         "device model on every training forward)")

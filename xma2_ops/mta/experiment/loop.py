@@ -103,7 +103,7 @@ def run_experiment(args, full_args=None) -> List[dict]:
                                   f"seed{sd}" / Path(f"{task}__{tag}.safetensors"))
         torch.manual_seed(sd)  # head init and the selection's randomness
         if args.adapters_from:
-            _load_adapter(model, Path(args.adapters_from) / rel, spec)
+            _load_adapter(model, [Path(d) / rel for d in args.adapters_from], spec)
         else:
             prepare(model, spec, ncls)
             with noise_aware_training(model, args):
@@ -202,11 +202,13 @@ def run_experiment(args, full_args=None) -> List[dict]:
     return rows
 
 
-def _load_adapter(model, path: Path, spec) -> None:
-    """--adapters-from: the run's adapter as an earlier run saved it (same backbone, checked by load_task)."""
-    if not path.is_file():
-        raise SystemExit(f"--adapters-from: {path} not found (expected the --out folder of a run with the same "
-                         "tasks, methods and seeds)")
+def _load_adapter(model, candidates: List[Path], spec) -> None:
+    """--adapters-from: the run's adapter as an earlier run saved it, from the first of ``candidates`` (one
+    per folder given) that exists (same backbone, checked by load_task)."""
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        raise SystemExit(f"--adapters-from: {', '.join(map(str, candidates))} not found (expected the --out "
+                         "folder of a run with the same tasks, methods and seeds)")
     try:
         loaded = load_task(model, path)
     except (TypeError, ValueError) as e:
