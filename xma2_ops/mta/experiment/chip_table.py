@@ -100,9 +100,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m xma2_ops.mta c
     if len(groups) > 1:
         print("note: the AVERAGE rows average different tasks: " + "; ".join(
             f"{t} ({', '.join(g) if len(g) <= 3 else f'{len(g)} method-modes'})" for t, g in groups.items()))
-    run_args = meta.get("args", {})
-    device = run_args.get("device") or "the runs'"
-    print_device_table(summary, device, run_args.get("device_chips", len({r["chip"] for r in rows})))
+    device = meta["args"]["device"]  # a run with chip rows was run with --device
+    print_device_table(summary, device, len({r["chip"] for r in rows}))
     for t in check_device_targets(summary, device, args.ref):
         print(f"target {'MET   ' if t['met'] else 'MISSED'} {t['target']}: {t['value']}")
     if args.markdown:
