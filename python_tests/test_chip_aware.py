@@ -18,6 +18,7 @@ from xma2_ops import programmed as programmed_mod
 from xma2_ops.device import cell_weight_codes
 from xma2_ops.mta import chip_aware
 from xma2_ops.mta.masks import from_kn
+from xma2_ops.mta.task import task_info
 
 from mta_net import make_model
 from test_deploy import _task, on_chip
@@ -126,6 +127,28 @@ def test_fault_aware_selection_takes_the_faulty_pe(monkeypatch):
                           fault_weight=1e6)
     assert float(ads["c2"].pe_sel[2, 0]) == 1.0 and r.pes_swapped == 1
     assert sum(int(ad.pe_sel.sum()) for ad in ads.values()) == 1
+
+
+@pytest.mark.parametrize("fault_c2_last, picked", [(0.0, "c1"), (2.0, "c2_last")])
+def test_fault_aware_selection_scores_per_cell_under_snip_per_cell(monkeypatch, fault_c2_last, picked):
+    """criterion="snip_per_cell": the re-selection ranks PEs by (snip + fault_weight * fault) per cell
+    the PE holds, as fit's selection does.  Sums given: snip c1 = 1, c2 = (3, 3, 1) over 72, 512, 512,
+    128 cells (x 2 x slices): per cell c1 leads (1/72), where the layer-mean form picks c2's first tile
+    (1.29 vs 1.0); a fault term of 2 on c2's last tile (8 rows) makes it (3/128) the one."""
+    m, x, y = trained_task(budget=0.25)  # one PE of 4
+    on_chip(m, STUCK, seed=3)
+    task_info(m).spec = dataclasses.replace(task_info(m).spec, criterion="snip_per_cell")
+
+    def given(model, loader, batches, loss_fn, *factors):
+        sens = [torch.tensor([[1.0]]), torch.tensor([[3.0], [3.0], [1.0]])]
+        fault = [torch.zeros(1, 1), torch.tensor([[0.0], [0.0], [fault_c2_last]])]
+        return [sens, fault]
+
+    monkeypatch.setattr(chip_aware, "grad_products", given)
+    mta.adapt_on_chip(m, loader(x, y), mta.Schedule(stage1_epochs=0, stage2_epochs=0, hw_epochs=0))
+    ads = dict(mta.layer_adapters(m))
+    sel = {"c1": ads["c1"].pe_sel[0, 0], "c2_last": ads["c2"].pe_sel[2, 0]}
+    assert sum(int(ad.pe_sel.sum()) for ad in ads.values()) == 1 and float(sel[picked]) == 1.0
 
 
 def test_refusals():

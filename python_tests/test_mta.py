@@ -1,6 +1,8 @@
 """xma2_ops.mta: straight-through masks, budgets, shift levels, adapters on disk, cost report."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 
 import pytest
@@ -522,3 +524,51 @@ def test_cell_budget_counts_the_cells_the_pes_use(data, tmp_path):
     mta.save_task(model, tmp_path / "t.safetensors")
     other = make_model()
     assert mta.load_task(other, tmp_path / "t.safetensors").budget_unit == "cells"
+
+
+def test_snip_per_cell_ranks_pes_by_snip_per_written_cell(data):
+    """criterion="snip_per_cell": a PE's snip score (sum of |dL/dW * W| at the backbone weights over the
+    sensitivity batches) divided by the cells re-programming it writes, compared across layers as they
+    are (no layer-mean normalisation), then the cell budget's greedy.  Expected mask computed here from
+    the gradients, the PE blocks sliced by hand and the cells counted from the shapes."""
+    from xma2_ops.mta.training import probe_dense
+    spec = mta.MethodSpec("xma2", budget=0.5, budget_unit="cells", selection="sensitivity",
+                          criterion="snip_per_cell")
+    assert spec.label == "xma2@50%cells/snip_per_cell"
+    batches = loader(data)[:2]
+    model = make_model()
+    torch.manual_seed(0)
+    mta.prepare(model, spec, 10)
+    probe = copy.deepcopy(model)
+    mta.fit(model, loader(data), mta.Schedule(stage2_epochs=0, hw_epochs=0, sensitivity_batches=2, bn_batches=0),
+            train_config=mta.weight_only, progress=False)
+
+    probe_dense(probe)
+    probe.eval()
+    ads = [m.adapter for _, m in mta.xbar_layers(probe)]
+    snip = [torch.zeros(()) for _ in range(4)]  # c1's PE, c2's three row tiles
+    with mta.use_config(probe, mta.weight_only):
+        for x, y in batches:
+            grads = torch.autograd.grad(nn.functional.cross_entropy(probe(x), y), [ad.task_weight for ad in ads])
+            g1, g2 = [(g * ad.task_weight).abs().detach().reshape(g.shape[0], -1) for g, ad in zip(grads, ads)]
+            snip[0] += g1.sum()
+            for t in range(3):  # c2: K = 72 rows in tiles of 32, 32, 8; N = 16 columns, one column tile
+                snip[1 + t] += g2[:, 32 * t:32 * (t + 1)].sum()
+    slices = CFG.weight_slices
+    cells = [9 * 8 * 2 * slices] + [r * 16 * 2 * slices for r in (32, 32, 8)]
+    left = int(0.5 * sum(cells))
+    expected = [0.0] * 4
+    for i in sorted(range(4), key=lambda i: -float(snip[i]) / cells[i]):
+        if cells[i] <= left:
+            expected[i], left = 1.0, left - cells[i]
+    c1, c2 = [m.adapter.pe_sel for _, m in mta.xbar_layers(model)]
+    assert c1.flatten().tolist() + c2.flatten().tolist() == expected
+    assert expected[0] == 1.0  # c1's small PE has the most snip per cell here; layer-mean "snip" gives it 1.0
+
+    by_mean = make_model()
+    torch.manual_seed(0)
+    mta.prepare(by_mean, dataclasses.replace(spec, criterion="snip"), 10)
+    mta.fit(by_mean, loader(data), mta.Schedule(stage2_epochs=0, hw_epochs=0, sensitivity_batches=2, bn_batches=0),
+            train_config=mta.weight_only, progress=False)
+    c1m, c2m = [m.adapter.pe_sel for _, m in mta.xbar_layers(by_mean)]
+    assert c1m.flatten().tolist() + c2m.flatten().tolist() != expected  # the criterion changes the selection

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from xma2_ops.mta.experiment import cli, quick, threads
-from xma2_ops.mta.experiment.runs import method_list
+from xma2_ops.mta.experiment.runs import method_list, ref_label
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -29,7 +29,8 @@ OLD_DEFAULTS = {
 # ... changed on purpose since (the deployment issue): >= 5 chips, every test image, the --deploy modes
 DEVICE_DEFAULTS = {'device_chips': 5, 'device_n_test': 0, 'deploy': ['naive'], 'chip_aware_epochs': 1,
                    'device_workers': min(2, os.cpu_count() or 1), 'sensing': 'per_polarity',
-                   'verify_tolerance': None, 'verify_max_pulses': None, 'remap_stuck': False, 'adapters_from': None}
+                   'verify_tolerance': None, 'verify_max_pulses': None, 'remap_stuck': False, 'adapters_from': None,
+                   'budget_unit': 'pes', 'criterion': 'snip'}
 OLD_RUNS = ['finetune', 'classifier', 'piggyback', 'xbm', 'xma', 'pe@5%/snip', 'pe@10%/snip', 'pe@20%/snip',
             'xma2@5%/snip', 'xma2@10%/snip', 'xma2@20%/snip']
 # ... and of --quick (the old example's; quick now also restricts the built-in tasks to 2)
@@ -47,6 +48,16 @@ def test_full_default_arguments_are_the_old_examples():
     assert vars(q) == {**quick_now, "tasks": quick.TASKS}  # the only other deliberate change of --quick
     assert vars(cli.parse_args(["--quick", "--tasks", "animals"])) == {**quick_now, "tasks": ["animals"]}
     assert cli.parse_args(["--quick", "--data-root", "d"]).tasks is None  # folder tasks: all of them
+
+
+def test_budget_unit_and_criterion_reach_the_sweep_and_the_targets():
+    args = cli.parse_args(["--methods", "pe", "xma2", "--budgets", "0.1", "--budget-unit", "cells", "--criterion",
+                           "snip_per_cell", "--also", "xma2@10%/snip", "--shared-bn", "xma2@5%"])
+    assert [r.label for r in method_list(args)] == [
+        "pe@10%cells/snip_per_cell", "xma2@10%cells/snip_per_cell", "xma2@10%/snip", "xma2@5%/snip_per_cell/sharedBN"]
+    assert ref_label(args) == "xma2@10%cells/snip_per_cell"
+    assert ref_label(cli.parse_args([])) == "xma2@10%/snip"
+    assert ref_label(cli.parse_args(["--selection", "learned"])) == "xma2@10%/learned"
 
 
 @pytest.mark.parametrize("argv, modes", [

@@ -12,7 +12,8 @@ write and read).  ``adapt_on_chip`` uses exactly that knowledge, on the chip the
    stuck cells hold minus the weight they should hold), both in units of the layer's mean snip
    score (so layers of different gradient scale compete fairly, as in the selection, and a layer
    whose faults barely matter -- few stuck cells, or stuck-aware programming -- gets a fault term
-   near 0 rather than one blown up to mean 1); the budget is then re-spent on the top PEs.  A PE
+   near 0 rather than one blown up to mean 1), or per cell the PE holds under the criterion
+   ``snip_per_cell``; the budget is then re-spent on the top PEs.  A PE
    whose frozen backbone cells are stuck where the task is sensitive is worth re-programming with
    weights trained around its faults; a newly selected PE starts from the backbone's weights, a
    dropped one returns to them;
@@ -57,7 +58,7 @@ from .masks import from_kn
 from .schedule import Schedule
 from .task import layer_adapters, set_train, task_info
 from .training import (_epochs, _only_trainable, _param_groups, backbone_outside_selection, grad_products,
-                       probe_dense, select_pes)
+                       probe_dense, select_pes, sensitivity_scores)
 
 # The write and read counters the chip-aware training uses start here: far above any number the
 # chip's own programming and evaluation reach, so no training draw repeats an evaluation draw.
@@ -205,7 +206,7 @@ def _reselect(model: nn.Module, loader: Iterable, batches: int, fault_weight: fl
         for (_, ad), ph in zip(ads, phases):
             ad.phase = ph
             ad.task_weight.requires_grad_(False)
-    scores = [(s + fault_weight * f) / s.mean().clamp_min(1e-30) for s, f in zip(sens, fault)]
+    scores = sensitivity_scores(model, [s + fault_weight * f for s, f in zip(sens, fault)], sens)
     select_pes(model, scores)
     backbone_outside_selection(model)  # a dropped PE returns to the backbone's weights
     return int(sum(((o > 0) & (ad.pe_sel == 0)).sum() for o, (_, ad) in zip(old, ads)))

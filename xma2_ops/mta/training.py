@@ -108,18 +108,35 @@ def _sensitivity(model, loader, batches: int, loss_fn) -> List[torch.Tensor]:
     return grad_products(model, loader, batches, loss_fn, [ad.task_weight.detach() for _, ad in layer_adapters(model)])[0]
 
 
-def _normalise(scores: List[torch.Tensor]) -> List[torch.Tensor]:
-    return [s / s.mean().clamp_min(1e-30) for s in scores]
+def _normalise(scores: List[torch.Tensor], by: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+    """``scores`` in units of their layer's mean of ``by`` (default: of themselves)."""
+    return [s / b.mean().clamp_min(1e-30) for s, b in zip(scores, scores if by is None else by)]
+
+
+def sensitivity_scores(model: nn.Module, sums: List[torch.Tensor],
+                       snip: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
+    """Per-PE selection scores from per-PE sensitivity ``sums`` by the task's criterion: ``snip_per_cell``
+    divides each by the cells the PE holds (the loss change per cell written, comparable across layers:
+    the greedy order of a knapsack over cells); otherwise each is in units of its layer's mean ``snip``
+    score (default: ``sums`` itself), so layers of different gradient scale compete fairly."""
+    if task_info(model).spec.criterion == "snip_per_cell":
+        return [s / c.to(s) for s, c in zip(sums, pe_cells(model))]
+    return _normalise(sums, snip)
+
+
+def pe_cells(model: nn.Module) -> List[torch.Tensor]:
+    """[Tr, Tc] cells each PE holds, per crossbar layer: used rows x used columns x 2 polarities x slices
+    (what re-programming it writes)."""
+    layers = [m for _, m in xbar_layers(model) if isinstance(m.adapter, LayerAdapter)]
+    return [pe_extent(m.weight[0].numel(), m.weight.shape[0], m.adapter.rows, m.adapter.cols).prod(-1)
+            * 2 * m.config.weight_slices for m in layers]
 
 
 def select_pes(model: nn.Module, scores: List[torch.Tensor]) -> None:
     """Freeze the top-rho PEs of ``scores`` (one [Tr, Tc] per crossbar layer) as the tier-1 mask."""
     spec = task_info(model).spec
-    if spec.budget_unit == "cells":  # each PE costs the cells it holds: used rows x columns x 2 x slices
-        layers = [m for _, m in xbar_layers(model) if isinstance(m.adapter, LayerAdapter)]
-        costs = [pe_extent(m.weight[0].numel(), m.weight.shape[0], m.adapter.rows, m.adapter.cols).prod(-1)
-                 * 2 * m.config.weight_slices for m in layers]
-        masks = topk_masks_by_cost(scores, costs, spec.budget, spec.per_layer)
+    if spec.budget_unit == "cells":
+        masks = topk_masks_by_cost(scores, pe_cells(model), spec.budget, spec.per_layer)
     else:
         masks = topk_masks(scores, spec.budget, spec.per_layer)
     with torch.no_grad():
@@ -187,7 +204,7 @@ def fit(model: nn.Module, loader: Iterable, schedule: Schedule = Schedule(), *,
             else:
                 probe_dense(model)
                 # unwrapped: autograd.grad bypasses DDP's reducer; ranks are combined below
-                scores = _normalise(_sensitivity(model, loader, schedule.sensitivity_batches, loss_fn))
+                scores = sensitivity_scores(model, _sensitivity(model, loader, schedule.sensitivity_batches, loss_fn))
             if dist.is_available() and dist.is_initialized():
                 for s in scores:  # every rank must select the same PEs
                     dist.all_reduce(s)

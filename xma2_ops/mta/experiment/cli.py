@@ -8,6 +8,7 @@ from typing import List, Optional
 
 from ... import DeviceModel
 from .. import METHODS, Schedule
+from ..methods import BUDGET_UNITS, CRITERIA, SELECTIONS
 from .backbone import ARCHS
 from .evaluate import DEPLOY_MODES, device_model
 from .quick import TASKS as QUICK_TASKS
@@ -76,11 +77,16 @@ def build_parser(prog: str = "python -m xma2_ops.mta") -> argparse.ArgumentParse
     p.add_argument("--adc-percentile", type=float, default=99.99, help="--adc-clip percentile: covered partial sums")
     p.add_argument("--adc-batches", type=int, default=4, help="batches of the ADC calibration")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--budgets", type=float, nargs="+", help="tier-1 PE budgets (default 0.05 0.10 0.20; --quick 0.10)")
-    p.add_argument("--selection", default="sensitivity", choices=["learned", "sensitivity"],
-                   help="tier-1 selection of the budget sweep (sensitivity = |dL/dW * W| per PE)")
+    p.add_argument("--budgets", type=float, nargs="+", help="tier-1 budgets, fractions of --budget-unit (default 0.05 0.10 0.20; --quick 0.10)")
+    p.add_argument("--budget-unit", default="pes", choices=list(BUDGET_UNITS),
+                   help="what --budgets are fractions of: the PEs, or the cells the crossbar layers use")
+    p.add_argument("--selection", default="sensitivity", choices=list(SELECTIONS),
+                   help="tier-1 selection of the budget sweep (sensitivity: a score per PE, see --criterion)")
+    p.add_argument("--criterion", default="snip", choices=list(CRITERIA),
+                   help="sensitivity score: snip = sum |dL/dW * W| per PE over its layer's mean; snip_per_cell = "
+                        "per cell the PE holds, across layers; delta = weight change of a dense epoch")
     p.add_argument("--also", nargs="*",
-                   help="extra tier-1 runs METHOD@BUDGET/{learned,snip,delta} (other selections, for comparison; "
+                   help="extra tier-1 runs METHOD@BUDGET/{learned,snip,delta,snip_per_cell} (other selections, for comparison; "
                         "default none, --quick: xma2@10%%/delta)")
     p.add_argument("--shared-bn", nargs="*", default=[],
                    help="methods also run with the backbone's BN shared (task_bn=False), e.g. xma2@10%% finetune")

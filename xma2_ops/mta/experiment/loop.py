@@ -22,7 +22,7 @@ from .evaluate import device_model, evaluate, evaluate_device, noise_aware_train
 from .quick import adc_data, cap_large_model
 from .report import (plot_accuracy, plot_energy, plot_masks, print_device_table, print_paired, print_table,
                      write_results)
-from .runs import how, method_list
+from .runs import method_list, ref_label
 from .runtime import ddp_wrap, is_dist, make_loader, setup_distributed, state_hash
 from .stats import device_summary, paired_differences, summarize
 from .targets import check_device_targets, check_targets
@@ -159,15 +159,15 @@ def run_experiment(args, full_args=None) -> List[dict]:
 
     switch_ok = _switch_check(model, tasks, checks, seeds, args, n_pe, log)
     summary = summarize(rows)
-    ref_label = f"xma2@10%/{how(args)}"
-    paired = paired_differences(rows, ref_label)
-    targets = check_targets(summary, paired, ref_label)
+    ref = ref_label(args)
+    paired = paired_differences(rows, ref)
+    targets = check_targets(summary, paired, ref)
     chip_summary = device_summary(chip_rows)
-    targets += check_device_targets(chip_summary, args.device, ref_label)
+    targets += check_device_targets(chip_summary, args.device, ref)
     wall = time.time() - t0
     if rank == 0:
         print_table(summary, len(seeds))
-        print_paired(paired, ref_label, len(seeds))
+        print_paired(paired, ref, len(seeds))
         if chip_rows:
             print_device_table(chip_summary, args.device, args.device_chips)
         for t in targets:
@@ -233,10 +233,10 @@ def _switch_check(model, tasks, checks, seeds, args, n_pe: int, log) -> bool:
         log(f"task switching: {len(checks)} adapters reloaded into the same backbone, first test batch's logits "
             f"bit-identical to when they were saved: {switch_ok}")
         seq = [fname for (sd, task, label), (fname, _) in checks.items()
-               if sd == seeds[0] and label == f"xma2@10%/{how(args)}"]
+               if sd == seeds[0] and label == ref_label(args)]
         if seq:
             writes = endurance(model, seq, cycles=1)
-            log(f"endurance, xma2@10% over the task sequence {' -> '.join(tasks)}: max writes per PE "
+            log(f"endurance, {ref_label(args)} over the task sequence {' -> '.join(tasks)}: max writes per PE "
                 f"{max(int(w.max()) for w in writes.values())}, PEs written at least once "
                 f"{sum(int((w > 0).sum()) for w in writes.values())}/{n_pe}")
     return switch_ok

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import List, NamedTuple
 
 from .. import METHODS, TIER1, MethodSpec
+from ..methods import CRITERIA
 
 class Run(NamedTuple):
     """One adaption run: a method spec, trained with the ADC-aware final stage or weight-only."""
@@ -31,24 +32,31 @@ def method_list(args) -> List[Run]:
     specs = []
     for m in args.methods:
         if m in TIER1:
-            specs += [MethodSpec(m, budget=b, selection=args.selection) for b in args.budgets]
+            specs += [MethodSpec(m, budget=b, budget_unit=args.budget_unit, **selection_kw(args))
+                      for b in args.budgets]
         else:
             specs.append(MethodSpec(m))
     for label in args.also:
         head, _, how = label.partition("/")
-        if how not in ("learned", "snip", "delta"):
-            raise SystemExit(f"--also: expected METHOD@BUDGET/{{learned,snip,delta}}, got {label!r}")
+        if how not in ("learned",) + CRITERIA:
+            raise SystemExit(f"--also: expected METHOD@BUDGET/{{{','.join(('learned',) + CRITERIA)}}}, got {label!r}")
         extra = (_parse_label(head, "--also", selection="learned") if how == "learned"
                  else _parse_label(head, "--also", selection="sensitivity", criterion=how))
         if extra not in specs:
             specs.append(extra)
     # the same methods with the backbone's BN (task_bn=False)
-    specs += [_parse_label(label, "--shared-bn", selection=args.selection, task_bn=False) for label in args.shared_bn]
+    specs += [_parse_label(label, "--shared-bn", task_bn=False, **selection_kw(args)) for label in args.shared_bn]
     runs = [Run(s) for s in specs]  # with --hw-epochs 0 the ADC-aware stage has no epochs
     if args.hw_epochs > 0:  # the ablation: the same methods without the ADC-aware stage
-        runs += [Run(_parse_label(label, "--weight-only-also", selection=args.selection), hw=False)
+        runs += [Run(_parse_label(label, "--weight-only-also", **selection_kw(args)), hw=False)
                  for label in args.weight_only_also]
     return runs
 
-def how(args) -> str:
-    return "learned" if args.selection == "learned" else "snip"
+def selection_kw(args) -> dict:
+    """The tier-1 selection of the budget sweep (--selection, --criterion)."""
+    return {"selection": args.selection, "criterion": args.criterion}
+
+
+def ref_label(args) -> str:
+    """The run the targets are stated for: xma2 at 10 % of the sweep's budget unit and selection."""
+    return MethodSpec("xma2", budget=0.1, budget_unit=args.budget_unit, **selection_kw(args)).label
