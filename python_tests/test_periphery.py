@@ -813,6 +813,8 @@ def test_programmed_layer_packs_for_the_kernel_periphery():
     assert counts == [1, 0]
     yf = xma2_ops.xbar_linear(x, layer.weight.detach(), config=cfg, backend="cpu")
     assert torch.equal(yf, xma2_ops.xbar_linear(x, layer.weight.detach(), config=cfg, backend="reference"))
+    layer.backend = "reference"  # the module's own scales and bias, computed by the reference
+    assert torch.equal(y, layer(x))
 
 
 @needs_cpu
