@@ -71,7 +71,7 @@ import torch.nn as nn
 from .. import quant
 from ..config import XbarConfig
 from ..quant import column_tiles, expand_tiles
-from .masks import pe_extent, pe_max, pe_sum, to_kn
+from .masks import pe_cell_counts, pe_extent, pe_max, pe_sum, to_kn
 from .layers import use_config, weight_only, xbar_layers
 from .task import task_info
 from .taskfile import load_task
@@ -345,7 +345,7 @@ def _switch_cost(model: nn.Module, prev: State, new: State, energy: EnergyModel,
         slices = cfg.weight_slices
         changed = pe_sum((lv_prev != lv_new).sum((-1, -2)), cfg.row_layout(k), cfg.cols).long()
         lc = LayerCost(name, pes=write.numel(), reprogrammed_pes=int(m_new.sum()))
-        lc.cells_written = int((used * 2 * slices)[write].sum())
+        lc.cells_written = int(pe_cell_counts(layer)[write].sum())
         lc.cells_changed = int(changed[write].sum())
         written = _written_pulses(pulses[name], expand_tiles(write, k, n, cfg.row_layout(k), cfg.cols), (2, slices))
         lc.cell_writes = int(written.sum())

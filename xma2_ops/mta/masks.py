@@ -187,6 +187,13 @@ def pe_max(w_kn: torch.Tensor, rows: RowLayout, cols: int) -> torch.Tensor:
     return _pe_blocks(w_kn, rows, cols).amax((1, 3))
 
 
+def pe_cell_counts(layer) -> torch.Tensor:
+    """[Tr, Tc] cells each PE of a crossbar layer holds: used rows x used columns x 2 polarities x weight
+    slices (what re-programming the PE writes)."""
+    k, n, cfg = layer.weight[0].numel(), layer.weight.shape[0], layer.config
+    return pe_extent(k, n, cfg.row_layout(k), cfg.cols).prod(-1) * 2 * cfg.weight_slices
+
+
 def pe_extent(k: int, n: int, rows: RowLayout, cols: int) -> torch.Tensor:
     """[Tr, Tc, 2] used rows and used columns of each PE (partial last tiles, or an even split)."""
     tc = -(-n // cols)

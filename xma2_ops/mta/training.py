@@ -21,7 +21,7 @@ from ..config import XbarConfig
 from .adapter import LayerAdapter
 from .calibration import calibrate_inputs, refresh_bn_stats
 from .layers import bn_layers, get_module, use_config, weight_only, xbar_layers
-from .masks import pe_extent, pe_sum, to_kn, topk_masks, topk_masks_by_cost
+from .masks import pe_cell_counts, pe_sum, to_kn, topk_masks, topk_masks_by_cost
 from .schedule import Schedule
 from .task import layer_adapters, set_train, task_info
 
@@ -125,11 +125,8 @@ def sensitivity_scores(model: nn.Module, sums: List[torch.Tensor],
 
 
 def pe_cells(model: nn.Module) -> List[torch.Tensor]:
-    """[Tr, Tc] cells each PE holds, per crossbar layer: used rows x used columns x 2 polarities x slices
-    (what re-programming it writes)."""
-    layers = [m for _, m in xbar_layers(model) if isinstance(m.adapter, LayerAdapter)]
-    return [pe_extent(m.weight[0].numel(), m.weight.shape[0], m.adapter.rows, m.adapter.cols).prod(-1)
-            * 2 * m.config.weight_slices for m in layers]
+    """[Tr, Tc] cells each PE holds (masks.pe_cell_counts), per adapted crossbar layer."""
+    return [pe_cell_counts(m) for _, m in xbar_layers(model) if isinstance(m.adapter, LayerAdapter)]
 
 
 def select_pes(model: nn.Module, scores: List[torch.Tensor]) -> None:

@@ -232,11 +232,11 @@ def _switch_check(model, tasks, checks, seeds, args, n_pe: int, log) -> bool:
     if checks:
         log(f"task switching: {len(checks)} adapters reloaded into the same backbone, first test batch's logits "
             f"bit-identical to when they were saved: {switch_ok}")
-        seq = [fname for (sd, task, label), (fname, _) in checks.items()
-               if sd == seeds[0] and label == ref_label(args)]
+        ref = ref_label(args)
+        seq = [fname for (sd, task, label), (fname, _) in checks.items() if sd == seeds[0] and label == ref]
         if seq:
             writes = endurance(model, seq, cycles=1)
-            log(f"endurance, {ref_label(args)} over the task sequence {' -> '.join(tasks)}: max writes per PE "
+            log(f"endurance, {ref} over the task sequence {' -> '.join(tasks)}: max writes per PE "
                 f"{max(int(w.max()) for w in writes.values())}, PEs written at least once "
                 f"{sum(int((w > 0).sum()) for w in writes.values())}/{n_pe}")
     return switch_ok
