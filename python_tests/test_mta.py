@@ -544,23 +544,7 @@ def test_snip_per_cell_ranks_pes_by_snip_per_written_cell(data):
             train_config=mta.weight_only, progress=False)
 
     probe_dense(probe)
-    probe.eval()
-    ads = [m.adapter for _, m in mta.xbar_layers(probe)]
-    snip = [torch.zeros(()) for _ in range(4)]  # c1's PE, c2's three row tiles
-    with mta.use_config(probe, mta.weight_only):
-        for x, y in batches:
-            grads = torch.autograd.grad(nn.functional.cross_entropy(probe(x), y), [ad.task_weight for ad in ads])
-            g1, g2 = [(g * ad.task_weight).abs().detach().reshape(g.shape[0], -1) for g, ad in zip(grads, ads)]
-            snip[0] += g1.sum()
-            for t in range(3):  # c2: K = 72 rows in tiles of 32, 32, 8; N = 16 columns, one column tile
-                snip[1 + t] += g2[:, 32 * t:32 * (t + 1)].sum()
-    slices = CFG.weight_slices
-    cells = [9 * 8 * 2 * slices] + [r * 16 * 2 * slices for r in (32, 32, 8)]
-    left = int(0.5 * sum(cells))
-    expected = [0.0] * 4
-    for i in sorted(range(4), key=lambda i: -float(snip[i]) / cells[i]):
-        if cells[i] <= left:
-            expected[i], left = 1.0, left - cells[i]
+    expected = _snip_per_cell_mask(probe, batches, 0.5)[0]
     c1, c2 = [m.adapter.pe_sel for _, m in mta.xbar_layers(model)]
     assert c1.flatten().tolist() + c2.flatten().tolist() == expected
     assert expected[0] == 1.0  # c1's small PE has the most snip per cell here; layer-mean "snip" gives it 1.0
@@ -572,3 +556,78 @@ def test_snip_per_cell_ranks_pes_by_snip_per_written_cell(data):
             train_config=mta.weight_only, progress=False)
     c1m, c2m = [m.adapter.pe_sel for _, m in mta.xbar_layers(by_mean)]
     assert c1m.flatten().tolist() + c2m.flatten().tolist() != expected  # the criterion changes the selection
+
+
+def _snip_per_cell_mask(probe: nn.Module, batches, budget: float) -> tuple:
+    """(mask, scores) of snip_per_cell on make_model's two layers (c1's PE, then c2's three row tiles),
+    computed from autograd gradients at the dense backbone weights, PE blocks sliced by hand and cells
+    counted from the shapes."""
+    ads = [m.adapter for _, m in mta.xbar_layers(probe)]
+    snip = [torch.zeros(()) for _ in range(4)]  # c1's PE, c2's three row tiles
+    probe.eval()
+    with mta.use_config(probe, mta.weight_only):
+        for x, y in batches:
+            grads = torch.autograd.grad(nn.functional.cross_entropy(probe(x), y), [ad.task_weight for ad in ads])
+            g1, g2 = [(g * ad.task_weight).abs().detach().reshape(g.shape[0], -1) for g, ad in zip(grads, ads)]
+            snip[0] += g1.sum()
+            for t in range(3):  # c2: K = 72 rows in tiles of 32, 32, 8; N = 16 columns, one column tile
+                snip[1 + t] += g2[:, 32 * t:32 * (t + 1)].sum()
+    cells = [9 * 8 * 2 * CFG.weight_slices] + [r * 16 * 2 * CFG.weight_slices for r in (32, 32, 8)]
+    left = int(budget * sum(cells))
+    mask = [0.0] * 4
+    for i in sorted(range(4), key=lambda i: -float(snip[i]) / cells[i]):
+        if cells[i] <= left:
+            mask[i], left = 1.0, left - cells[i]
+    return mask, torch.stack([s / c for s, c in zip(snip, cells)])
+
+
+def test_probe_head_epochs_fit_head_and_bn_on_the_backbone_before_the_snip_probe(data, monkeypatch):
+    """Schedule.probe_head_epochs: Adam on the head and task BN only (lr_head, train mode, the backbone's
+    weights in every PE), then the snip probe through that head.  Replayed here by hand with torch.optim.Adam;
+    with 0 epochs the head stays the fresh one."""
+    from xma2_ops.mta import training
+    from xma2_ops.mta.training import probe_dense
+    spec = mta.MethodSpec("xma2", budget=0.5, budget_unit="cells", selection="sensitivity",
+                          criterion="snip_per_cell")
+    sched = mta.Schedule(stage2_epochs=0, hw_epochs=0, sensitivity_batches=2, bn_batches=0, probe_head_epochs=1)
+    model = make_model()
+    torch.manual_seed(0)
+    mta.prepare(model, spec, 10)
+    fresh_head = copy.deepcopy(model.fc)
+    probe = copy.deepcopy(model)
+    seen = []
+    select = training.select_pes
+    monkeypatch.setattr(training, "select_pes", lambda m, scores: (seen.append(scores), select(m, scores)))
+    mta.fit(model, loader(data), sched, train_config=mta.weight_only, progress=False)
+
+    probe_dense(probe)
+    trained_params = list(probe.fc.parameters()) + [p for _, m in mta.bn_layers(probe) for p in m.parameters()]
+    for p in trained_params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(trained_params, lr=sched.lr_head)
+    probe.train()
+    with mta.use_config(probe, mta.weight_only):
+        for x, y in loader(data):
+            opt.zero_grad()
+            nn.functional.cross_entropy(probe(x), y).backward()
+            opt.step()
+    torch.testing.assert_close(model.fc.weight, probe.fc.weight)  # stage 2 has 0 epochs: the probe's head
+    assert not torch.equal(model.fc.weight, fresh_head.weight)
+    for (_, a), (_, b) in zip(mta.bn_layers(model), mta.bn_layers(probe)):
+        torch.testing.assert_close(a.running_mean, b.running_mean)
+    for (_, m), (_, p) in zip(mta.xbar_layers(model), mta.xbar_layers(probe)):
+        torch.testing.assert_close(m.weight, p.weight)  # the backbone is not trained by the warm-up
+    for p in probe.fc.parameters():
+        p.requires_grad_(False)
+    mask, scores = _snip_per_cell_mask(probe, loader(data)[:2], 0.5)
+    # per-cell scores are ~1e-6: relative only (the default atol would pass any of them)
+    torch.testing.assert_close(torch.cat([s.flatten() for s in seen[0]]), scores, rtol=1e-5, atol=0)
+    c1, c2 = [m.adapter.pe_sel for _, m in mta.xbar_layers(model)]
+    assert c1.flatten().tolist() + c2.flatten().tolist() == mask
+
+    cold = make_model()
+    torch.manual_seed(0)
+    mta.prepare(cold, spec, 10)
+    mta.fit(cold, loader(data), dataclasses.replace(sched, probe_head_epochs=0), train_config=mta.weight_only,
+            progress=False)
+    torch.testing.assert_close(cold.fc.weight, fresh_head.weight)

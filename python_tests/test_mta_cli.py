@@ -30,7 +30,7 @@ OLD_DEFAULTS = {
 DEVICE_DEFAULTS = {'device_chips': 5, 'device_n_test': 0, 'deploy': ['naive'], 'chip_aware_epochs': 1,
                    'device_workers': min(2, os.cpu_count() or 1), 'sensing': 'per_polarity',
                    'verify_tolerance': None, 'verify_max_pulses': None, 'remap_stuck': False, 'adapters_from': None,
-                   'budget_unit': 'pes', 'criterion': 'snip'}
+                   'budget_unit': 'pes', 'criterion': 'snip', 'sensitivity_batches': 4, 'probe_head_epochs': 0}
 OLD_RUNS = ['finetune', 'classifier', 'piggyback', 'xbm', 'xma', 'pe@5%/snip', 'pe@10%/snip', 'pe@20%/snip',
             'xma2@5%/snip', 'xma2@10%/snip', 'xma2@20%/snip']
 # ... and of --quick (the old example's; quick now also restricts the built-in tasks to 2)

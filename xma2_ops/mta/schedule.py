@@ -11,7 +11,9 @@ from .checks import check_choice, check_number
 class Schedule:
     """Training schedule.  Every method trains ``stage2_epochs`` epochs with its final trainable
     set; tier-1 ``learned`` (and ``sensitivity`` with criterion ``delta``) first spends
-    ``stage1_epochs`` on the dense search stage; ``snip`` uses ``sensitivity_batches`` batches.
+    ``stage1_epochs`` on the dense search stage; ``snip``/``snip_per_cell`` use ``sensitivity_batches``
+    batches, taken after ``probe_head_epochs`` epochs that fit only the head (and task BN) on the frozen
+    backbone (0: through the fresh, random head, whose gradients are random projections of the error).
     Optimiser: Adam (default) or SGD with momentum 0.9, one learning rate per parameter kind.
     The defaults were picked on the example's animals/letters tasks (1500 images, batch 64,
     144 steps): higher rates for the few adapted weights than usual fine-tuning, and small rates
@@ -25,6 +27,7 @@ class Schedule:
     hw_epochs: int = 1        # ADC-aware final stage: epochs through the layers' own (quantised) config
     hw_lr_factor: float = 0.3  # its learning rates, relative to stage 2 (a short fine-tune from there)
     sensitivity_batches: int = 4
+    probe_head_epochs: int = 0  # head-only epochs before the snip probe (see above)
     calib_batches: int = 4
     bn_batches: int = 16      # task BN statistics re-estimated with the final masks (0: keep running stats)
     optimizer: str = "adam"
@@ -35,8 +38,8 @@ class Schedule:
 
     def __post_init__(self) -> None:
         check_choice("Schedule", "optimizer", self.optimizer, ("adam", "sgd"))
-        for name in ("stage1_epochs", "stage2_epochs", "hw_epochs", "sensitivity_batches", "calib_batches",
-                     "bn_batches"):
+        for name in ("stage1_epochs", "stage2_epochs", "hw_epochs", "sensitivity_batches", "probe_head_epochs",
+                     "calib_batches", "bn_batches"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"Schedule.{name}: expected an int >= 0, got {type(v).__name__} ({v!r})")

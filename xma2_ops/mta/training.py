@@ -28,7 +28,8 @@ from .task import layer_adapters, set_train, task_info
 
 # ------------------------------------------------------------------ training
 def _param_groups(model: nn.Module, stage: str, sched: Schedule) -> List[dict]:
-    """Trainable parameters of a stage ("search" or "final"), with their learning rates."""
+    """Trainable parameters of a stage ("head": head and task BN only, "search" or "final"), with their
+    learning rates."""
     info = task_info(model)
     impl = info.spec.impl
     groups: Dict[float, List[nn.Parameter]] = {}
@@ -44,6 +45,8 @@ def _param_groups(model: nn.Module, stage: str, sched: Schedule) -> List[dict]:
             for p in m.parameters():
                 add(p, sched.lr_head)
     for _, ad in layer_adapters(model):
+        if stage == "head":
+            break
         if stage == "search":
             add(ad.task_weight, sched.lr_weight)
             if info.spec.selection == "learned":
@@ -200,6 +203,13 @@ def fit(model: nn.Module, loader: Iterable, schedule: Schedule = Schedule(), *,
                                          for (_, ad), (_, m) in zip(ads, xbar_layers(model))])
             else:
                 probe_dense(model)
+                if schedule.probe_head_epochs:
+                    # the probe's gradients through a fitted head; the dense task weights are the backbone's
+                    groups = _param_groups(model, "head", schedule)
+                    _only_trainable(model, groups)
+                    _epochs(model, wrap(model), loader, groups, schedule.probe_head_epochs, schedule, progress,
+                            desc + " probe head", loss_fn)
+                    probe_dense(model)
                 # unwrapped: autograd.grad bypasses DDP's reducer; ranks are combined below
                 scores = sensitivity_scores(model, _sensitivity(model, loader, schedule.sensitivity_batches, loss_fn))
             if dist.is_available() and dist.is_initialized():

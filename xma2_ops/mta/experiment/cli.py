@@ -85,6 +85,11 @@ def build_parser(prog: str = "python -m xma2_ops.mta") -> argparse.ArgumentParse
     p.add_argument("--criterion", default="snip", choices=list(CRITERIA),
                    help="sensitivity score: snip = sum |dL/dW * W| per PE over its layer's mean; snip_per_cell = "
                         "per cell the PE holds, across layers; delta = weight change of a dense epoch")
+    p.add_argument("--sensitivity-batches", type=int, default=Schedule.sensitivity_batches,
+                   help="batches of the snip/snip_per_cell probe")
+    p.add_argument("--probe-head-epochs", type=int, default=Schedule.probe_head_epochs,
+                   help="epochs fitting only the head (and task BN) on the frozen backbone before the snip probe "
+                        "(0: probe through the fresh random head)")
     p.add_argument("--also", nargs="*",
                    help="extra tier-1 runs METHOD@BUDGET/{learned,snip,delta,snip_per_cell} (other selections, for comparison; "
                         "default none, --quick: xma2@10%%/delta)")

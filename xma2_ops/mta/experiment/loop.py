@@ -74,7 +74,8 @@ def run_experiment(args, full_args=None) -> List[dict]:
 
     sched = Schedule(stage1_epochs=args.stage1_epochs, stage2_epochs=args.stage2_epochs,
                      hw_epochs=args.hw_epochs, optimizer=args.optimizer, lr_weight=args.lr_weight,
-                     lr_head=args.lr_head, lr_mask=args.lr_mask, lr_scale=args.lr_scale)
+                     lr_head=args.lr_head, lr_mask=args.lr_mask, lr_scale=args.lr_scale,
+                     sensitivity_batches=args.sensitivity_batches, probe_head_epochs=args.probe_head_epochs)
     runs = method_list(args)
     seeds = list(range(args.seed, args.seed + args.seeds))
     if full_args is not None and rank == 0:
