@@ -39,10 +39,10 @@ def _rows(task: str, chips: int = 3) -> List[dict]:
     return out
 
 
-def _run(tmp_path: Path, name: str, rows: List[dict], device=DEVICE, config=CONFIG) -> str:
+def _run(tmp_path: Path, name: str, rows: List[dict], device=DEVICE, config=CONFIG, **args) -> str:
     d = tmp_path / name
     d.mkdir()
-    meta = {"args": {"device": "typical", "device_chips": 3}, "device": device, "config": config,
+    meta = {"args": {"device": "typical", "device_chips": 3, **args}, "device": device, "config": config,
             "adc_clips": {"stem.0": 18}}
     (d / "results.json").write_text(json.dumps({"meta": meta, "rows": [], "device_rows": rows}))
     return str(d)
@@ -132,3 +132,17 @@ def test_averages_over_different_tasks_are_pointed_out(tmp_path, capsys):
     assert "a/b (xma2@10%/snip naive, xma2@10%/snip calibrated, xma2@10%/snip chip-aware)" in note
     cli.main(["chip-table", _run(tmp_path, "a2", _rows("a"))])
     assert "note:" not in capsys.readouterr().out
+
+
+def test_targets_method_read_from_the_runs_arguments(tmp_path, capsys):
+    """Without --ref the targets are stated for xma2@10 % of the runs' own sweep (--budget-unit,
+    --criterion); runs from before those flags swept PEs with snip; runs made for different ones need --ref."""
+    cells = [dict(r, method=r["method"].replace("xma2@10%/snip", "xma2@10%cells/snip_per_cell")) for r in _rows("a")]
+    new = _run(tmp_path, "cells", cells, budget_unit="cells", selection="sensitivity", criterion="snip_per_cell")
+    cli.main(["chip-table", new])
+    assert "chip-aware xma2@10%cells/snip_per_cell within 2.0 points of ideal" in capsys.readouterr().out
+    old = _run(tmp_path, "old", _rows("b"))
+    with pytest.raises(SystemExit, match=r"different targets' methods .*xma2@10%cells/snip_per_cell.*--ref"):
+        cli.main(["chip-table", new, old])
+    cli.main(["chip-table", new, old, "--ref", "xma2@10%/snip"])
+    assert "chip-aware xma2@10%/snip within 2.0 points of ideal" in capsys.readouterr().out

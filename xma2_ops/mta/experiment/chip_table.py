@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from .report import print_device_table
+from .runs import ref_label
 from .stats import device_summary
 from .targets import check_device_targets
 
@@ -55,6 +56,18 @@ def load_runs(dirs: List[str]) -> Tuple[List[dict], dict]:
     return rows, first[1]
 
 
+def runs_ref(dirs: List[str]) -> str:
+    """The targets' method the runs in ``dirs`` were made for (runs.ref_label of their arguments; runs from
+    before --budget-unit/--criterion swept the PE budget with snip).  Raises SystemExit when they differ."""
+    old = {"budget_unit": "pes", "selection": "sensitivity", "criterion": "snip"}
+    refs = {d: ref_label(argparse.Namespace(**{**old, **json.loads((Path(d) / "results.json").read_text())["meta"]["args"]}))
+            for d in dirs}
+    if len(set(refs.values())) > 1:
+        raise SystemExit("chip-table: the runs were made for different targets' methods ("
+                         + ", ".join(f"{d}: {r}" for d, r in refs.items()) + "): name one with --ref")
+    return next(iter(refs.values()))
+
+
 def markdown_table(chip_summary: List[dict]) -> str:
     """Per method: the ideal-cell task average, per mode the chips' accuracy (mean +- std) and the drop
     with its 95 % interval, then the drop per task."""
@@ -83,13 +96,15 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m xma2_ops.mta c
     """Print the merged chip table of the runs named in ``argv``; returns its rows (device_summary's)."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="--out folders of runs with --device (their results.json)")
-    p.add_argument("--ref", default="xma2@10%/snip", help="the method of the targets (default: xma2@10%%/snip)")
+    p.add_argument("--ref", help="the method of the targets (default: the runs' own, xma2@10%% of their budget "
+                                 "sweep: e.g. xma2@10%%/snip, or xma2@10%%cells/snip_per_cell)")
     p.add_argument("--markdown", action="store_true", help="also print the table in markdown (per method, per mode)")
     args = p.parse_args(argv)
     try:
         rows, meta = load_runs(args.runs)
     except ValueError as e:
         p.error(str(e))
+    ref = args.ref or runs_ref(args.runs)
     summary = device_summary(rows)
     task_sets = {}
     for r in rows:
@@ -102,7 +117,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m xma2_ops.mta c
             f"{t} ({', '.join(g) if len(g) <= 3 else f'{len(g)} method-modes'})" for t, g in groups.items()))
     device = meta["args"]["device"]  # a run with chip rows was run with --device
     print_device_table(summary, device, len({r["chip"] for r in rows}))
-    for t in check_device_targets(summary, device, args.ref):
+    for t in check_device_targets(summary, device, ref):
         print(f"target {'MET   ' if t['met'] else 'MISSED'} {t['target']}: {t['value']}")
     if args.markdown:
         print("\n" + markdown_table(summary))
