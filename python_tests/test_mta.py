@@ -284,11 +284,16 @@ def test_adc_aware_stage_trains_through_the_quantised_forward(data, hw_epochs):
     assert model.c2.config == CFG  # the layers' own config is back
 
 
-def test_schedule_errors():
+def test_schedule_errors(data):
     with pytest.raises(ValueError, match="hw_epochs"):
         mta.Schedule(hw_epochs=-1)
     with pytest.raises(ValueError, match="hw_lr_factor"):
         mta.Schedule(hw_lr_factor=0.0)
+    for criterion in ("snip", "snip_per_cell"):  # a probe of 0 batches scores every PE 0: refused
+        model = make_model()
+        mta.prepare(model, mta.MethodSpec("xma2", selection="sensitivity", criterion=criterion), 10)
+        with pytest.raises(ValueError, match="sensitivity_batches: criterion .* needs >= 1 batch, got 0"):
+            mta.fit(model, loader(data), mta.Schedule(sensitivity_batches=0), progress=False)
 
 
 def test_spec_and_prepare_errors():
@@ -415,7 +420,8 @@ SPEC_BAD = [
     ("levels", mta.ShiftLevels(-127, 0), ValueError), ("levels", mta.ShiftLevels(0, 128), ValueError),
     ("levels", mta.ShiftLevels(-64, 64), ValueError),  # 129 exponents: int8 codes hold 127
 ]
-_INT_FIELDS = ("stage1_epochs", "stage2_epochs", "hw_epochs", "sensitivity_batches", "calib_batches", "bn_batches")
+_INT_FIELDS = ("stage1_epochs", "stage2_epochs", "hw_epochs", "sensitivity_batches", "probe_head_epochs", "calib_batches",
+               "bn_batches")
 _LR_FIELDS = ("hw_lr_factor", "lr_weight", "lr_head", "lr_mask", "lr_scale")
 SCHEDULE_BAD = ([(f, v, e) for f in _INT_FIELDS for v, e in ((1.5, TypeError), ("2", TypeError), (True, TypeError),
                                                              (None, TypeError), (-1, ValueError))]

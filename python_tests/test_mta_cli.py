@@ -78,7 +78,9 @@ def test_deploy_modes(argv, modes):
     (["--device", "typical", "--verify-tolerance", "-1"], "verify_tolerance: expected a value"),
     (["--device", "typical", "--verify-tolerance", "0.5", "--verify-max-pulses", "0"], "verify_max_pulses"),
     (["--sensing", "both"], "invalid choice"),
-    (["--device", "typical", "--chip-aware-epochs", "-1"], "--chip-aware-epochs")])
+    (["--device", "typical", "--chip-aware-epochs", "-1"], "--chip-aware-epochs"),
+    (["--sensitivity-batches", "0"], "--sensitivity-batches: expected >= 1"),
+    (["--probe-head-epochs", "-1"], "--probe-head-epochs >= 0")])
 def test_deploy_refusals(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         cli.parse_args(argv)

@@ -202,6 +202,9 @@ def fit(model: nn.Module, loader: Iterable, schedule: Schedule = Schedule(), *,
                     scores = _normalise([pe_sum(to_kn((ad.task_weight - m.weight).abs().detach()), ad.rows, ad.cols)
                                          for (_, ad), (_, m) in zip(ads, xbar_layers(model))])
             else:
+                if schedule.sensitivity_batches < 1:  # all-zero scores would select arbitrary PEs
+                    raise ValueError(f"Schedule.sensitivity_batches: criterion {spec.criterion!r} needs >= 1 batch, "
+                                     f"got {schedule.sensitivity_batches}")
                 probe_dense(model)
                 if schedule.probe_head_epochs:
                     # the probe's gradients through a fitted head; the dense task weights are the backbone's

@@ -181,6 +181,9 @@ def parse_args(argv=None, prog: str = "python -m xma2_ops.mta") -> argparse.Name
         raise SystemExit(f"--seeds: expected >= 1, got {args.seeds}")
     if args.hw_epochs < 0:
         raise SystemExit(f"--hw-epochs: expected >= 0, got {args.hw_epochs}")
+    if args.sensitivity_batches < 1 or args.probe_head_epochs < 0:
+        raise SystemExit(f"--sensitivity-batches: expected >= 1, --probe-head-epochs >= 0; got "
+                         f"{args.sensitivity_batches}, {args.probe_head_epochs}")
     args.rows = args.rows or args.xbar
     args.cols = args.cols or args.xbar
     if args.quick:
