@@ -564,27 +564,71 @@ def test_snip_per_cell_ranks_pes_by_snip_per_written_cell(data):
     assert c1m.flatten().tolist() + c2m.flatten().tolist() != expected  # the criterion changes the selection
 
 
+CELLS = [9 * 8 * 2 * CFG.weight_slices] + [r * 16 * 2 * CFG.weight_slices for r in (32, 32, 8)]
+
+
+def _pe_blocks(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Per-PE sums of make_model's two layers' [N, K] tensors, sliced by hand: c1's one PE, then c2's
+    three row tiles (K = 72 rows in tiles of 32, 32, 8; N = 16 columns, one column tile)."""
+    g1, g2 = w1.reshape(w1.shape[0], -1), w2.reshape(w2.shape[0], -1)
+    return torch.stack([g1.sum()] + [g2[:, 32 * t:32 * (t + 1)].sum() for t in range(3)])
+
+
+def _per_cell_greedy(sums: torch.Tensor, budget: float) -> tuple:
+    """(mask, scores): the cell budget's greedy over ``sums`` per cell (cells counted from the shapes)."""
+    left = int(budget * sum(CELLS))
+    mask = [0.0] * 4
+    for i in sorted(range(4), key=lambda i: -float(sums[i]) / CELLS[i]):
+        if CELLS[i] <= left:
+            mask[i], left = 1.0, left - CELLS[i]
+    return mask, sums / torch.tensor(CELLS, dtype=sums.dtype)
+
+
 def _snip_per_cell_mask(probe: nn.Module, batches, budget: float) -> tuple:
-    """(mask, scores) of snip_per_cell on make_model's two layers (c1's PE, then c2's three row tiles),
-    computed from autograd gradients at the dense backbone weights, PE blocks sliced by hand and cells
-    counted from the shapes."""
+    """(mask, scores) of snip_per_cell on make_model from autograd gradients at the dense backbone weights."""
     ads = [m.adapter for _, m in mta.xbar_layers(probe)]
-    snip = [torch.zeros(()) for _ in range(4)]  # c1's PE, c2's three row tiles
+    snip = torch.zeros(4)
     probe.eval()
     with mta.use_config(probe, mta.weight_only):
         for x, y in batches:
             grads = torch.autograd.grad(nn.functional.cross_entropy(probe(x), y), [ad.task_weight for ad in ads])
-            g1, g2 = [(g * ad.task_weight).abs().detach().reshape(g.shape[0], -1) for g, ad in zip(grads, ads)]
-            snip[0] += g1.sum()
-            for t in range(3):  # c2: K = 72 rows in tiles of 32, 32, 8; N = 16 columns, one column tile
-                snip[1 + t] += g2[:, 32 * t:32 * (t + 1)].sum()
-    cells = [9 * 8 * 2 * CFG.weight_slices] + [r * 16 * 2 * CFG.weight_slices for r in (32, 32, 8)]
-    left = int(budget * sum(cells))
-    mask = [0.0] * 4
-    for i in sorted(range(4), key=lambda i: -float(snip[i]) / cells[i]):
-        if cells[i] <= left:
-            mask[i], left = 1.0, left - cells[i]
-    return mask, torch.stack([s / c for s, c in zip(snip, cells)])
+            snip += _pe_blocks(*[(g * ad.task_weight).abs().detach() for g, ad in zip(grads, ads)])
+    return _per_cell_greedy(snip, budget)
+
+
+def test_delta_per_cell_ranks_pes_by_stage1_weight_change_per_cell(data, monkeypatch):
+    """criterion="delta_per_cell": after the dense stage-1 epoch, a PE's sum of |W_t - W_b| divided by
+    the cells it holds, then the cell budget's greedy; "delta" divides by the layer's mean instead.  The
+    stage-1 weights are read where the selection is made; the scores and mask recomputed here."""
+    from xma2_ops.mta import training
+    spec = mta.MethodSpec("xma2", budget=0.5, budget_unit="cells", selection="sensitivity",
+                          criterion="delta_per_cell")
+    assert spec.label == "xma2@50%cells/delta_per_cell"
+    seen = []
+    select = training.select_pes
+
+    def spy(m, scores):
+        seen.append((scores, [(ad.task_weight - w.weight).abs().detach().clone()
+                              for (_, ad), (_, w) in zip(training.layer_adapters(m), mta.xbar_layers(m))]))
+        select(m, scores)
+
+    monkeypatch.setattr(training, "select_pes", spy)
+    sched = mta.Schedule(stage1_epochs=1, stage2_epochs=0, hw_epochs=0, bn_batches=0)
+    masks = {}
+    for criterion in ("delta_per_cell", "delta"):
+        model = make_model()
+        torch.manual_seed(0)
+        mta.prepare(model, dataclasses.replace(spec, criterion=criterion), 10)
+        mta.fit(model, loader(data), sched, train_config=mta.weight_only, progress=False)
+        masks[criterion] = sum((m.adapter.pe_sel.flatten().tolist() for _, m in mta.xbar_layers(model)), [])
+    (scores, change), (mean_scores, change_mean) = seen
+    sums = _pe_blocks(*change)
+    mask, expected = _per_cell_greedy(sums, 0.5)
+    torch.testing.assert_close(torch.cat([s.flatten() for s in scores]), expected, rtol=1e-5, atol=0)
+    assert masks["delta_per_cell"] == mask
+    by_mean = _pe_blocks(*change_mean)  # "delta": c2's tiles over their layer's mean, c1's single PE is 1
+    torch.testing.assert_close(torch.cat([s.flatten() for s in mean_scores]),
+                               torch.cat([torch.ones(1), by_mean[1:] / by_mean[1:].mean()]), rtol=1e-5, atol=0)
 
 
 def test_probe_head_epochs_fit_head_and_bn_on_the_backbone_before_the_snip_probe(data, monkeypatch):

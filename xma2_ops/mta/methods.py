@@ -46,7 +46,8 @@ from .masks import ShiftLevels, binarize, pe_extent, pe_sum, to_kn
 METHODS = ("finetune", "classifier", "piggyback", "xbm", "xma", "pe", "xma2")
 TIER1 = ("pe", "xma2")
 SELECTIONS = ("learned", "sensitivity")
-CRITERIA = ("snip", "delta", "snip_per_cell")
+CRITERIA = ("snip", "delta", "snip_per_cell", "delta_per_cell")
+DENSE_CRITERIA = ("delta", "delta_per_cell")  # scored by the weight change of a dense stage-1 fine-tune
 BUDGET_UNITS = ("pes", "cells")
 
 # Piggyback's initialisation and threshold (Mallya et al. 2018: scores 1e-2, threshold 5e-3);

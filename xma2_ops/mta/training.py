@@ -22,6 +22,7 @@ from .adapter import LayerAdapter
 from .calibration import calibrate_inputs, refresh_bn_stats
 from .layers import bn_layers, get_module, use_config, weight_only, xbar_layers
 from .masks import pe_cell_counts, pe_sum, to_kn, topk_masks, topk_masks_by_cost
+from .methods import DENSE_CRITERIA
 from .schedule import Schedule
 from .task import layer_adapters, set_train, task_info
 
@@ -118,11 +119,11 @@ def _normalise(scores: List[torch.Tensor], by: Optional[List[torch.Tensor]] = No
 
 def sensitivity_scores(model: nn.Module, sums: List[torch.Tensor],
                        snip: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
-    """Per-PE selection scores from per-PE sensitivity ``sums`` by the task's criterion: ``snip_per_cell``
-    divides each by the cells the PE holds (the loss change per cell written, comparable across layers:
-    the greedy order of a knapsack over cells); otherwise each is in units of its layer's mean ``snip``
-    score (default: ``sums`` itself), so layers of different gradient scale compete fairly."""
-    if task_info(model).spec.criterion == "snip_per_cell":
+    """Per-PE selection scores from per-PE sums (snip, or the weight change for the delta criteria) by the
+    task's criterion: ``*_per_cell`` divides each by the cells the PE holds (per cell written, comparable
+    across layers: the greedy order of a knapsack over cells); otherwise each is in units of its layer's
+    mean ``snip`` score (default: ``sums`` itself), so layers of different gradient scale compete fairly."""
+    if task_info(model).spec.criterion.endswith("_per_cell"):
         return [s / c.to(s) for s, c in zip(sums, pe_cells(model))]
     return _normalise(sums, snip)
 
@@ -189,7 +190,7 @@ def fit(model: nn.Module, loader: Iterable, schedule: Schedule = Schedule(), *,
     with use_config(model, train_config):
         if spec.impl.selects_pes:
             ads = layer_adapters(model)
-            if spec.selection == "learned" or spec.criterion == "delta":
+            if spec.selection == "learned" or spec.criterion in DENSE_CRITERIA:
                 for _, ad in ads:
                     ad.phase = "search" if spec.selection == "learned" else "dense"
                 groups = _param_groups(model, "search", schedule)
@@ -199,8 +200,9 @@ def fit(model: nn.Module, loader: Iterable, schedule: Schedule = Schedule(), *,
                 if spec.selection == "learned":
                     scores = [ad.pe_scores.detach().clone() for _, ad in ads]
                 else:
-                    scores = _normalise([pe_sum(to_kn((ad.task_weight - m.weight).abs().detach()), ad.rows, ad.cols)
-                                         for (_, ad), (_, m) in zip(ads, xbar_layers(model))])
+                    scores = sensitivity_scores(model, [pe_sum(to_kn((ad.task_weight - m.weight).abs().detach()),
+                                                               ad.rows, ad.cols)
+                                                        for (_, ad), (_, m) in zip(ads, xbar_layers(model))])
             else:
                 if schedule.sensitivity_batches < 1:  # all-zero scores would select arbitrary PEs
                     raise ValueError(f"Schedule.sensitivity_batches: criterion {spec.criterion!r} needs >= 1 batch, "

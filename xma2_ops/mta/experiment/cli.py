@@ -84,14 +84,15 @@ def build_parser(prog: str = "python -m xma2_ops.mta") -> argparse.ArgumentParse
                    help="tier-1 selection of the budget sweep (sensitivity: a score per PE, see --criterion)")
     p.add_argument("--criterion", default="snip", choices=list(CRITERIA),
                    help="sensitivity score: snip = sum |dL/dW * W| per PE over its layer's mean; snip_per_cell = "
-                        "per cell the PE holds, across layers; delta = weight change of a dense epoch")
+                        "per cell the PE holds, across layers; delta = weight change of a dense epoch over its layer's mean; "
+                        "delta_per_cell = that change per cell the PE holds")
     p.add_argument("--sensitivity-batches", type=int, default=Schedule.sensitivity_batches,
                    help="batches of the snip/snip_per_cell probe")
     p.add_argument("--probe-head-epochs", type=int, default=Schedule.probe_head_epochs,
                    help="epochs fitting only the head (and task BN) on the frozen backbone before the snip probe "
                         "(0: probe through the fresh random head)")
     p.add_argument("--also", nargs="*",
-                   help="extra tier-1 runs METHOD@BUDGET/{learned,snip,delta,snip_per_cell} (other selections, for comparison; "
+                   help="extra tier-1 runs METHOD@BUDGET[cells]/{learned,snip,delta,snip_per_cell,delta_per_cell} (other selections, for comparison; "
                         "default none, --quick: xma2@10%%/delta)")
     p.add_argument("--shared-bn", nargs="*", default=[],
                    help="methods also run with the backbone's BN shared (task_bn=False), e.g. xma2@10%% finetune")
