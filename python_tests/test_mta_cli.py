@@ -177,3 +177,14 @@ def test_sensing_and_write_verify_reach_the_layers_and_the_chips():
     # another sensing is another cached backbone (its input ranges see the ADC); the default key is unchanged
     assert backbone.backbone_key(args, src) != backbone.backbone_key(plain, src)
     assert backbone.backbone_key(plain, src) == backbone.backbone_key(cli.parse_args([]), src)
+
+
+def test_chip_aware_schedule_follows_the_training_flags():
+    """The chip-aware adaption trains --chip-aware-epochs at the ADC-aware rates and re-selects with the
+    probe's --sensitivity-batches (it was fixed at the Schedule default)."""
+    from xma2_ops.mta.experiment.evaluate import chip_schedule
+    args = cli.parse_args(["--chip-aware-epochs", "2", "--sensitivity-batches", "9", "--lr-weight", "0.5",
+                           "--optimizer", "sgd"])
+    s = chip_schedule(args)
+    assert (s.stage1_epochs, s.stage2_epochs, s.hw_epochs) == (0, 0, 2)
+    assert (s.sensitivity_batches, s.lr_weight, s.optimizer) == (9, 0.5, "sgd")

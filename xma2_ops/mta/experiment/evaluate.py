@@ -102,9 +102,11 @@ class _TaskSnapshot:
             ad.phase = phase
 
 def chip_schedule(args) -> Schedule:
-    """The chip-aware adaption's schedule: --chip-aware-epochs at the ADC-aware stage's rates."""
+    """The chip-aware adaption's schedule: --chip-aware-epochs at the ADC-aware stage's rates, its fault-aware
+    re-selection probed on --sensitivity-batches batches."""
     return Schedule(stage1_epochs=0, stage2_epochs=0, hw_epochs=args.chip_aware_epochs, optimizer=args.optimizer,
-                    lr_weight=args.lr_weight, lr_head=args.lr_head, lr_mask=args.lr_mask, lr_scale=args.lr_scale)
+                    lr_weight=args.lr_weight, lr_head=args.lr_head, lr_mask=args.lr_mask, lr_scale=args.lr_scale,
+                    sensitivity_batches=args.sensitivity_batches)
 
 def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str, train=None,
                     ideal_all: Optional[float] = None) -> DeviceResult:
