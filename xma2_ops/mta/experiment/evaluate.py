@@ -15,6 +15,7 @@ from ... import DeviceModel, program
 from .. import Schedule, adapt_on_chip, deploy, layer_adapters, use_config, xbar_layers
 from ..deploy import DEFAULT_INPUTS as DEPLOY_INPUTS
 from ..deploy import BNStats, ideal_bn_stats
+from .runs import training_schedule
 from .runtime import is_dist, make_loader, run_forked
 from .stats import mean_std
 
@@ -102,11 +103,10 @@ class _TaskSnapshot:
             ad.phase = phase
 
 def chip_schedule(args) -> Schedule:
-    """The chip-aware adaption's schedule: --chip-aware-epochs at the ADC-aware stage's rates, its fault-aware
-    re-selection probed on --sensitivity-batches batches."""
-    return Schedule(stage1_epochs=0, stage2_epochs=0, hw_epochs=args.chip_aware_epochs, optimizer=args.optimizer,
-                    lr_weight=args.lr_weight, lr_head=args.lr_head, lr_mask=args.lr_mask, lr_scale=args.lr_scale,
-                    sensitivity_batches=args.sensitivity_batches)
+    """The chip-aware adaption's schedule: the training flags' (its fault-aware re-selection probed on
+    --sensitivity-batches batches), with --chip-aware-epochs at the ADC-aware stage's rates only."""
+    return dataclasses.replace(training_schedule(args), stage1_epochs=0, stage2_epochs=0,
+                               hw_epochs=args.chip_aware_epochs)
 
 def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str, train=None,
                     ideal_all: Optional[float] = None) -> DeviceResult:

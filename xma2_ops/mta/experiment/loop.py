@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import EnergyModel, Schedule, endurance, fit, layer_adapters, load_task, prepare, report, save_task, xbar_layers
+from .. import EnergyModel, endurance, fit, layer_adapters, load_task, prepare, report, save_task, xbar_layers
 from .backbone import backbone, backbone_adc_clips, build_model, xbar_config
 from .data import builtin_tasks, folder_tasks, source_task
 from .estimate import print_full_run_estimate
@@ -22,7 +22,7 @@ from .evaluate import device_model, evaluate, evaluate_device, noise_aware_train
 from .quick import adc_data, cap_large_model
 from .report import (plot_accuracy, plot_energy, plot_masks, print_device_table, print_paired, print_table,
                      write_results)
-from .runs import method_list, ref_label
+from .runs import method_list, ref_label, training_schedule
 from .runtime import ddp_wrap, is_dist, make_loader, setup_distributed, state_hash
 from .stats import device_summary, paired_differences, summarize
 from .targets import check_device_targets, check_targets
@@ -72,10 +72,7 @@ def run_experiment(args, full_args=None) -> List[dict]:
         backbone_acc[args.adc_clip] = evaluate(model, src[1], args.eval_batch, progress, "backbone, calibrated")[0]
         log(f"backbone MNIST accuracy with the {args.adc_clip} clips: {backbone_acc[args.adc_clip]:.2f}%")
 
-    sched = Schedule(stage1_epochs=args.stage1_epochs, stage2_epochs=args.stage2_epochs,
-                     hw_epochs=args.hw_epochs, optimizer=args.optimizer, lr_weight=args.lr_weight,
-                     lr_head=args.lr_head, lr_mask=args.lr_mask, lr_scale=args.lr_scale,
-                     sensitivity_batches=args.sensitivity_batches, probe_head_epochs=args.probe_head_epochs)
+    sched = training_schedule(args)
     runs = method_list(args)
     seeds = list(range(args.seed, args.seed + args.seeds))
     if full_args is not None and rank == 0:

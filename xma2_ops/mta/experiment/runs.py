@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import List, NamedTuple
 
-from .. import METHODS, TIER1, MethodSpec
+from .. import METHODS, TIER1, MethodSpec, Schedule
 from ..methods import CRITERIA
 
 class Run(NamedTuple):
@@ -51,6 +51,14 @@ def method_list(args) -> List[Run]:
         runs += [Run(_parse_label(label, "--weight-only-also", **selection_kw(args)), hw=False)
                  for label in args.weight_only_also]
     return runs
+
+def training_schedule(args) -> Schedule:
+    """The Schedule of the training flags (epochs, optimiser, learning rates, the sensitivity probe)."""
+    return Schedule(stage1_epochs=args.stage1_epochs, stage2_epochs=args.stage2_epochs,
+                    hw_epochs=args.hw_epochs, optimizer=args.optimizer, lr_weight=args.lr_weight,
+                    lr_head=args.lr_head, lr_mask=args.lr_mask, lr_scale=args.lr_scale,
+                    sensitivity_batches=args.sensitivity_batches, probe_head_epochs=args.probe_head_epochs)
+
 
 def selection_kw(args) -> dict:
     """The tier-1 selection of the budget sweep (--selection, --criterion)."""
