@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from .report import print_device_table
 from .runs import ref_label
@@ -23,10 +23,12 @@ SAME_CHIPS = ("device", "config", "adc_clips")
 ROW_KEY = ("seed", "task", "method", "mode", "chip")
 
 
-def load_runs(dirs: List[str]) -> Tuple[List[dict], dict]:
+def load_runs(dirs: List[str]) -> Tuple[List[dict], Dict[str, dict]]:
     """The per-chip rows of the runs in ``dirs`` (each an ``--out`` folder of a run with ``--device``),
-    duplicates kept once, and the first run's meta.  Raises ValueError naming the run and what differs."""
+    duplicates kept once, and each run's meta (in ``dirs`` order).  Raises ValueError naming the run and
+    what differs."""
     rows: List[dict] = []
+    metas: Dict[str, dict] = {}
     seen: dict = {}
     first: Optional[Tuple[str, dict]] = None
     for d in dirs:
@@ -37,6 +39,7 @@ def load_runs(dirs: List[str]) -> Tuple[List[dict], dict]:
         meta = res.get("meta", {})
         if not res.get("device_rows") or not meta.get("device"):
             raise ValueError(f"chip-table: {path} has no chip rows (a run without --device)")
+        metas[d] = meta
         if first is None:
             first = (d, meta)
         for field in SAME_CHIPS:
@@ -53,15 +56,15 @@ def load_runs(dirs: List[str]) -> Tuple[List[dict], dict]:
             rows.append(r)
     if first is None:
         raise ValueError("chip-table: no run given")
-    return rows, first[1]
+    return rows, metas
 
 
-def runs_ref(dirs: List[str]) -> str:
-    """The targets' method the runs in ``dirs`` were made for (runs.ref_label of their arguments; runs from
-    before --budget-unit/--criterion swept the PE budget with snip).  Raises SystemExit when they differ."""
+def runs_ref(metas: Dict[str, dict]) -> str:
+    """The targets' method the runs (load_runs' metas) were made for (runs.ref_label of their arguments;
+    runs from before --budget-unit/--criterion swept the PE budget with snip).  Raises SystemExit when
+    they differ."""
     old = {"budget_unit": "pes", "selection": "sensitivity", "criterion": "snip"}
-    refs = {d: ref_label(argparse.Namespace(**{**old, **json.loads((Path(d) / "results.json").read_text())["meta"]["args"]}))
-            for d in dirs}
+    refs = {d: ref_label(argparse.Namespace(**{**old, **meta["args"]})) for d, meta in metas.items()}
     if len(set(refs.values())) > 1:
         raise SystemExit("chip-table: the runs were made for different targets' methods ("
                          + ", ".join(f"{d}: {r}" for d, r in refs.items()) + "): name one with --ref")
@@ -101,10 +104,10 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m xma2_ops.mta c
     p.add_argument("--markdown", action="store_true", help="also print the table in markdown (per method, per mode)")
     args = p.parse_args(argv)
     try:
-        rows, meta = load_runs(args.runs)
+        rows, metas = load_runs(args.runs)
     except ValueError as e:
         p.error(str(e))
-    ref = args.ref or runs_ref(args.runs)
+    ref = args.ref or runs_ref(metas)
     summary = device_summary(rows)
     task_sets = {}
     for r in rows:
@@ -115,7 +118,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m xma2_ops.mta c
     if len(groups) > 1:
         print("note: the AVERAGE rows average different tasks: " + "; ".join(
             f"{t} ({', '.join(g) if len(g) <= 3 else f'{len(g)} method-modes'})" for t, g in groups.items()))
-    device = meta["args"]["device"]  # a run with chip rows was run with --device
+    device = next(iter(metas.values()))["args"]["device"]  # a run with chip rows was run with --device
     print_device_table(summary, device, len({r["chip"] for r in rows}))
     for t in check_device_targets(summary, device, ref):
         print(f"target {'MET   ' if t['met'] else 'MISSED'} {t['target']}: {t['value']}")
