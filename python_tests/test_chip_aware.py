@@ -160,6 +160,11 @@ def test_refusals():
         mta.adapt_on_chip(m, loader(x, y), fault_weight=-1.0)
     with pytest.raises(TypeError, match="schedule"):
         mta.adapt_on_chip(m, loader(x, y), schedule=3)
+    # a re-selection probed on 0 batches would score every PE 0 (as fit refuses for its probe)
+    for kw in ({"score_batches": 0}, {"score_batches": -2}, {"score_batches": 1.5},
+               {"schedule": mta.Schedule(sensitivity_batches=0)}):
+        with pytest.raises(ValueError, match=r"score_batches: expected an int >= 1 \(default schedule\.sensitivity_batches\)"):
+            mta.adapt_on_chip(m, loader(x, y), **kw)
     m.c1.config = dataclasses.replace(m.c1.config, device=dataclasses.replace(STUCK, seed=4))
     with pytest.raises(ValueError, match="device seeds differ"):
         mta.adapt_on_chip(m, loader(x, y))

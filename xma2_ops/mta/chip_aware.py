@@ -146,6 +146,10 @@ def adapt_on_chip(model: nn.Module, loader: Iterable, schedule: Schedule = CHIP_
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule: expected a Schedule, got {type(schedule).__name__}")
     spec = task_info(model).spec
+    batches = schedule.sensitivity_batches if score_batches is None else score_batches
+    if ((score_batches is not None or (reselect and spec.impl.selects_pes))
+            and (isinstance(batches, bool) or not isinstance(batches, int) or batches < 1)):
+        raise ValueError(f"score_batches: expected an int >= 1 (default schedule.sensitivity_batches), got {batches!r}")
     layers = xbar_layers(model)
     program(model)  # the chip's cells as evaluated (write 0 of every layer), for the fault map
     stuck = _stuck_cells(model)
@@ -156,7 +160,7 @@ def adapt_on_chip(model: nn.Module, loader: Iterable, schedule: Schedule = CHIP_
         chip_bn = before.bn_chip  # None: the BNs are the backbone's (task_bn=False), left alone
     swapped = 0
     if reselect and spec.impl.selects_pes:
-        swapped = _reselect(model, loader, score_batches or schedule.sensitivity_batches, fault_weight, loss_fn)
+        swapped = _reselect(model, loader, batches, fault_weight, loss_fn)
     saved = [(m.crossbar.chip.writes, m.crossbar.chip.reads) for _, m in layers]
     bns = [m for _, m in bn_layers(model)] if chip_bn is not None else []
     momenta = [m.momentum for m in bns]
