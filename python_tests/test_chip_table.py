@@ -146,3 +146,6 @@ def test_targets_method_read_from_the_runs_arguments(tmp_path, capsys):
         cli.main(["chip-table", new, old])
     cli.main(["chip-table", new, old, "--ref", "xma2@10%/snip"])
     assert "chip-aware xma2@10%/snip within 2.0 points of ideal" in capsys.readouterr().out
+    shifted = [dict(r, method=r["method"].replace("xma2@10%/snip", "xma2@10%/snip/shift-4..2")) for r in _rows("a")]
+    cli.main(["chip-table", _run(tmp_path, "shift", shifted, shift_levels=[-4, 2])])  # --shift-levels' runs
+    assert "chip-aware xma2@10%/snip/shift-4..2 within 2.0 points of ideal" in capsys.readouterr().out

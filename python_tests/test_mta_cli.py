@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from xma2_ops.mta import ShiftLevels
 from xma2_ops.mta.experiment import cli, quick, threads
 from xma2_ops.mta.experiment.runs import method_list, ref_label
 
@@ -30,7 +31,8 @@ OLD_DEFAULTS = {
 DEVICE_DEFAULTS = {'device_chips': 5, 'device_n_test': 0, 'deploy': ['naive'], 'chip_aware_epochs': 1,
                    'device_workers': min(2, os.cpu_count() or 1), 'sensing': 'per_polarity',
                    'verify_tolerance': None, 'verify_max_pulses': None, 'remap_stuck': False, 'adapters_from': None,
-                   'budget_unit': 'pes', 'criterion': 'snip', 'sensitivity_batches': 4, 'probe_head_epochs': 0}
+                   'budget_unit': 'pes', 'criterion': 'snip', 'sensitivity_batches': 4, 'probe_head_epochs': 0,
+                   'shift_levels': [-2, 1]}
 OLD_RUNS = ['finetune', 'classifier', 'piggyback', 'xbm', 'xma', 'pe@5%/snip', 'pe@10%/snip', 'pe@20%/snip',
             'xma2@5%/snip', 'xma2@10%/snip', 'xma2@20%/snip']
 # ... and of --quick (the old example's; quick now also restricts the built-in tasks to 2)
@@ -60,6 +62,23 @@ def test_budget_unit_and_criterion_reach_the_sweep_and_the_targets():
     assert ref_label(cli.parse_args(["--selection", "learned"])) == "xma2@10%/learned"
 
 
+def test_shift_levels_reach_every_run_and_the_targets():
+    """--shift-levels sets MethodSpec.levels of every run (the sweep, --also, --shared-bn, the ablation);
+    the labels of the methods that use them (xma, xma2) and the targets' method name them."""
+    args = cli.parse_args(["--methods", "finetune", "xma", "xma2", "--budgets", "0.1", "--budget-unit", "cells",
+                           "--criterion", "snip_per_cell", "--shift-levels", "-4", "2", "--also", "xma2@10%/snip",
+                           "--shared-bn", "xma", "--weight-only-also", "xma2@10%"])
+    runs = method_list(args)
+    assert {r.spec.levels for r in runs} == {ShiftLevels(-4, 2)}
+    assert [r.label for r in runs] == [
+        "finetune", "xma/shift-4..2", "xma2@10%cells/snip_per_cell/shift-4..2", "xma2@10%/snip/shift-4..2",
+        "xma/shift-4..2/sharedBN", "xma2@10%/snip_per_cell/shift-4..2/weight-only"]
+    assert ref_label(args) == "xma2@10%cells/snip_per_cell/shift-4..2"
+    # the default levels are the default labels (and the runs from before the flag)
+    assert {r.spec.levels for r in method_list(cli.parse_args([]))} == {ShiftLevels()}
+    assert cli.parse_args(["--shift-levels", "-2", "1"]).shift_levels == [ShiftLevels.k_min, ShiftLevels.k_max]
+
+
 @pytest.mark.parametrize("argv, modes", [
     ([], ["naive"]), (["--deploy"], ["calibrated"]), (["--deploy", "naive", "calibrated", "chip-aware"],
                                                      ["naive", "calibrated", "chip-aware"]),
@@ -80,7 +99,10 @@ def test_deploy_modes(argv, modes):
     (["--sensing", "both"], "invalid choice"),
     (["--device", "typical", "--chip-aware-epochs", "-1"], "--chip-aware-epochs"),
     (["--sensitivity-batches", "0"], "--sensitivity-batches: expected >= 1"),
-    (["--probe-head-epochs", "-1"], "--probe-head-epochs >= 0")])
+    (["--probe-head-epochs", "-1"], "--probe-head-epochs >= 0"),
+    (["--shift-levels", "1", "-2"], "--shift-levels: ShiftLevels: k_min (1) must be <= k_max (-2)"),
+    (["--shift-levels", "-200", "1"], "--shift-levels: MethodSpec.levels: expected exponents in [-126, 127]"),
+    (["--shift-levels", "-2"], "--shift-levels: expected 2 arguments")])
 def test_deploy_refusals(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         cli.parse_args(argv)

@@ -355,6 +355,12 @@ class _ShiftColumns:
     """Tier-2 shift column scales {0} U {+-2^k} (xma, xma2): the parts both methods share."""
 
     @staticmethod
+    def label(spec) -> str:
+        """The levels in the run's label when they are not the default, e.g. "/shift-4..2"."""
+        lv = spec.levels
+        return "" if lv == ShiftLevels() else f"/shift{lv.k_min}..{lv.k_max}"
+
+    @staticmethod
     def init(ad, w, tiles) -> None:
         ad.col_param = nn.Parameter(torch.ones(tiles[0], w.shape[0], dtype=w.dtype, device=w.device))
 
@@ -382,6 +388,9 @@ class XMA(Method):
 
     name = "xma"
 
+    def label(self, spec):
+        return self.name + _ShiftColumns.label(spec)
+
     def init_params(self, ad, w, tiles):
         _ShiftColumns.init(ad, w, tiles)
 
@@ -408,6 +417,9 @@ class XMA2(PE):
     """Tier 1 (selected PEs re-programmed), then tier 2 (shift column scales) on the frozen PEs."""
 
     name = "xma2"
+
+    def label(self, spec):
+        return super().label(spec) + _ShiftColumns.label(spec)
 
     def init_params(self, ad, w, tiles):
         super().init_params(ad, w, tiles)

@@ -7,7 +7,7 @@ import sys
 from typing import List, Optional
 
 from ... import DeviceModel
-from .. import METHODS, Schedule
+from .. import METHODS, MethodSpec, Schedule, ShiftLevels
 from ..methods import BUDGET_UNITS, CRITERIA, SELECTIONS
 from .backbone import ARCHS
 from .evaluate import DEPLOY_MODES, device_model
@@ -91,6 +91,9 @@ def build_parser(prog: str = "python -m xma2_ops.mta") -> argparse.ArgumentParse
     p.add_argument("--probe-head-epochs", type=int, default=Schedule.probe_head_epochs,
                    help="epochs fitting only the head (and task BN) on the frozen backbone before the snip probe "
                         "(0: probe through the fresh random head)")
+    p.add_argument("--shift-levels", type=int, nargs=2, default=[ShiftLevels.k_min, ShiftLevels.k_max],
+                   metavar=("K_MIN", "K_MAX"), help="exponents of the tier-2 shift column scales of xma and xma2: "
+                   "levels {0} U {+-2^k, K_MIN <= k <= K_MAX}, ceil(log2(levels)) bits per column")
     p.add_argument("--also", nargs="*",
                    help="extra tier-1 runs METHOD@BUDGET[cells]/{learned,snip,delta,snip_per_cell,delta_per_cell} (other selections, for comparison; "
                         "default none, --quick: xma2@10%%/delta)")
@@ -185,6 +188,10 @@ def parse_args(argv=None, prog: str = "python -m xma2_ops.mta") -> argparse.Name
     if args.sensitivity_batches < 1 or args.probe_head_epochs < 0:
         raise SystemExit(f"--sensitivity-batches: expected >= 1, --probe-head-epochs >= 0; got "
                          f"{args.sensitivity_batches}, {args.probe_head_epochs}")
+    try:  # the checks of ShiftLevels and of MethodSpec.levels
+        MethodSpec("xma", levels=ShiftLevels(*args.shift_levels))
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"--shift-levels: {e}") from None
     args.rows = args.rows or args.xbar
     args.cols = args.cols or args.xbar
     if args.quick:

@@ -1,9 +1,11 @@
 """The runs of an experiment: which method specs, with or without the ADC-aware stage."""
 from __future__ import annotations
 
+import dataclasses
 from typing import List, NamedTuple
 
 from .. import METHODS, TIER1, MethodSpec, Schedule
+from ..masks import ShiftLevels
 from ..methods import CRITERIA
 
 class Run(NamedTuple):
@@ -50,7 +52,7 @@ def method_list(args) -> List[Run]:
     if args.hw_epochs > 0:  # the ablation: the same methods without the ADC-aware stage
         runs += [Run(_parse_label(label, "--weight-only-also", **selection_kw(args)), hw=False)
                  for label in args.weight_only_also]
-    return runs
+    return [Run(dataclasses.replace(r.spec, levels=shift_levels(args)), r.hw) for r in runs]
 
 def training_schedule(args) -> Schedule:
     """The Schedule of the training flags (epochs, optimiser, learning rates, the sensitivity probe)."""
@@ -60,6 +62,12 @@ def training_schedule(args) -> Schedule:
                     sensitivity_batches=args.sensitivity_batches, probe_head_epochs=args.probe_head_epochs)
 
 
+def shift_levels(args) -> ShiftLevels:
+    """The tier-2 shift levels of every run (--shift-levels; runs from before that flag: the default)."""
+    k = getattr(args, "shift_levels", None)
+    return ShiftLevels(*k) if k else ShiftLevels()
+
+
 def selection_kw(args) -> dict:
     """The tier-1 selection of the budget sweep (--selection, --criterion)."""
     return {"selection": args.selection, "criterion": args.criterion}
@@ -67,4 +75,5 @@ def selection_kw(args) -> dict:
 
 def ref_label(args) -> str:
     """The run the targets are stated for: xma2 at 10 % of the sweep's budget unit and selection."""
-    return MethodSpec("xma2", budget=0.1, budget_unit=args.budget_unit, **selection_kw(args)).label
+    return MethodSpec("xma2", budget=0.1, budget_unit=args.budget_unit, levels=shift_levels(args),
+                      **selection_kw(args)).label
