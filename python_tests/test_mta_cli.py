@@ -46,8 +46,10 @@ def test_full_default_arguments_are_the_old_examples():
     assert vars(args) == {**OLD_DEFAULTS, **DEVICE_DEFAULTS}
     assert [r.label for r in method_list(args)] == OLD_RUNS and all(r.hw for r in method_list(args))
     q = cli.parse_args(["--quick"])
-    quick_now = {**OLD_QUICK, **DEVICE_DEFAULTS, "device_n_test": 50}
-    assert vars(q) == {**quick_now, "tasks": quick.TASKS}  # the only other deliberate change of --quick
+    # the other deliberate changes of --quick: 2 tasks, and the cell budget's per-cell score runs too
+    quick_now = {**OLD_QUICK, **DEVICE_DEFAULTS, "device_n_test": 50,
+                 "also": ["xma2@10%/delta", "xma2@10%cells/snip_per_cell"]}
+    assert vars(q) == {**quick_now, "tasks": quick.TASKS}
     assert vars(cli.parse_args(["--quick", "--tasks", "animals"])) == {**quick_now, "tasks": ["animals"]}
     assert cli.parse_args(["--quick", "--data-root", "d"]).tasks is None  # folder tasks: all of them
 

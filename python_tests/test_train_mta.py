@@ -43,7 +43,7 @@ def test_quick_run(tmp_path):
     assert {row["task"] for row in rows} == tasks | {"AVERAGE"}
     methods = {row["method"] for row in rows}
     expected = {"finetune", "classifier", "piggyback", "xbm", "xma", "pe@10%/snip", "xma2@10%/snip",
-                "xma2@10%/delta", "xma2@10%/snip/weight-only"}
+                "xma2@10%/delta", "xma2@10%cells/snip_per_cell", "xma2@10%/snip/weight-only"}
     assert methods == expected
     by_method = {}
     for row in rows:
@@ -52,13 +52,16 @@ def test_quick_run(tmp_path):
     for row in rows:  # one seed: the average row is the mean over the tasks (the table's own arithmetic)
         if row["task"] == "AVERAGE":
             assert abs(float(row["acc"]) - sum(by_method[row["method"]]) / len(tasks)) < 0.01, row
+    cells = {row["task"]: float(row["cells_written"]) for row in rows if row["method"] == "finetune"}
     for row in rows:
         if row["method"] == "finetune":
             assert float(row["pe_pct"]) == 100.0
+        if "cells/" in row["method"]:  # a budget of 10 % of the cells (finetune writes every cell)
+            assert 0 < float(row["cells_written"]) <= 0.10 * cells[row["task"]], row
+        elif row["method"].startswith(("pe@10%", "xma2@10%")):
+            assert 0 < float(row["pe_pct"]) <= 10.0
         if row["method"] in ("classifier", "xbm", "xma"):
             assert float(row["pe_pct"]) == 0.0 and int(float(row["cells_written"])) == 0
-        if row["method"].startswith(("pe@10%", "xma2@10%")):
-            assert 0 < float(row["pe_pct"]) <= 10.0
         assert float(row["infer_nJ"]) > 0 and float(row["adc_per_img"]) > 0
     res = json.loads((out / "results.json").read_text())
     meta = res["meta"]

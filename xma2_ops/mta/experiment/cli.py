@@ -204,7 +204,7 @@ def parse_args(argv=None, prog: str = "python -m xma2_ops.mta") -> argparse.Name
         args.budgets = [0.10] if args.quick else [0.05, 0.10, 0.20]
     # the smoke run exercises every kind of run; the full default keeps to the method sweep (time)
     if args.also is None:
-        args.also = ["xma2@10%/delta"] if args.quick else []
+        args.also = ["xma2@10%/delta", "xma2@10%cells/snip_per_cell"] if args.quick else []
     if args.weight_only_also is None:
         args.weight_only_also = ["xma2@10%"] if args.quick else []
     args.cifar = args.arch != "small" and not args.data_root  # refined by build_model from a checkpoint's stem
