@@ -4,8 +4,7 @@ The experiment lives in the package (xma2_ops/mta/experiment/, docs/MTA.md); thi
 command line, the same as ``python -m xma2_ops.mta`` and the ``xma2-mta`` console script:
 
     python examples/train_mta.py                  # full default run, one seed
-    python examples/train_mta.py --seeds 3 --budgets 0.1 --also xma2@10%/delta \\
-        --weight-only-also xma2@10% finetune      # the README table
+    python examples/train_mta.py --seeds 5 --methods finetune xma2 --budgets 0.1   # 5 seeds (README)
     python examples/train_mta.py --quick          # smoke run (CI): 2 tasks, tiny subsets, 1 epoch
     python examples/train_mta.py --data-root DIR  # one ImageFolder-style folder per task
     python examples/train_mta.py --arch resnet18 --backbone-weights resnet18.pth --data-root DIR

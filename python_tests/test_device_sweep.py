@@ -87,7 +87,7 @@ def test_train_mta_device_option(tmp_path):
                         "--threads", "1"], env=ENV, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [row for row in csv.DictReader(open(out / "results.csv")) if row["seed"] != "mean"]
-    assert [row["method"] for row in rows] == ["classifier", "xma2@10%/snip"]
+    assert [row["method"] for row in rows] == ["classifier", "xma2@10%cells/snip_per_cell"]
     for row in rows:
         assert int(row["device_n_test"]) == 50
         assert float(row["device_acc_naive"]) < float(row["ideal_acc_subset"]) - 10.0, row
@@ -99,7 +99,7 @@ def test_train_mta_device_option(tmp_path):
         if c["mode"] == "chip-aware":
             assert int(c["pes_swapped"]) >= 0
     assert sorted((c["method"], c["mode"], c["chip"]) for c in per_chip) == sorted(
-        (m, mode, str(c)) for m in ("classifier", "xma2@10%/snip") for mode in ("naive", "chip-aware") for c in (0, 1))
+        (m, mode, str(c)) for m in ("classifier", "xma2@10%cells/snip_per_cell") for mode in ("naive", "chip-aware") for c in (0, 1))
     for row in rows:  # the row's mean is the mean of its chips
         for mode in ("naive", "chip-aware"):
             accs = [float(c["acc"]) for c in per_chip if c["method"] == row["method"] and c["mode"] == mode]

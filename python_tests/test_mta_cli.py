@@ -31,10 +31,12 @@ OLD_DEFAULTS = {
 DEVICE_DEFAULTS = {'device_chips': 5, 'device_n_test': 0, 'deploy': ['naive'], 'chip_aware_epochs': 1,
                    'device_workers': min(2, os.cpu_count() or 1), 'sensing': 'per_polarity',
                    'verify_tolerance': None, 'verify_max_pulses': None, 'remap_stuck': False, 'adapters_from': None,
-                   'budget_unit': 'pes', 'criterion': 'snip', 'sensitivity_batches': 4, 'probe_head_epochs': 0,
-                   'shift_levels': [-2, 1]}
+                   'sensitivity_batches': 4, 'probe_head_epochs': 0, 'shift_levels': [-2, 1],
+                   # since issue 18's eleventh round: the tier-1 budget in cells, the per-cell snip score
+                   'budget_unit': 'cells', 'criterion': 'snip_per_cell'}
 OLD_RUNS = ['finetune', 'classifier', 'piggyback', 'xbm', 'xma', 'pe@5%/snip', 'pe@10%/snip', 'pe@20%/snip',
             'xma2@5%/snip', 'xma2@10%/snip', 'xma2@20%/snip']
+CELL_RUNS = [r if "@" not in r else r.replace("%/snip", "%cells/snip_per_cell") for r in OLD_RUNS]
 # ... and of --quick (the old example's; quick now also restricts the built-in tasks to 2)
 OLD_QUICK = {**OLD_DEFAULTS, 'quick': True, 'width': 8, 'budgets': [0.1], 'also': ['xma2@10%/delta'],
              'weight_only_also': ['xma2@10%'], 'n_source': 1024, 'n_train': 256, 'n_test': 100, 'backbone_epochs': 3,
@@ -44,11 +46,14 @@ OLD_QUICK = {**OLD_DEFAULTS, 'quick': True, 'width': 8, 'budgets': [0.1], 'also'
 def test_full_default_arguments_are_the_old_examples():
     args = cli.parse_args([])
     assert vars(args) == {**OLD_DEFAULTS, **DEVICE_DEFAULTS}
-    assert [r.label for r in method_list(args)] == OLD_RUNS and all(r.hw for r in method_list(args))
+    assert [r.label for r in method_list(args)] == CELL_RUNS and all(r.hw for r in method_list(args))
+    old = cli.parse_args(["--budget-unit", "pes", "--criterion", "snip"])  # the earlier default, two flags away
+    assert [r.label for r in method_list(old)] == OLD_RUNS
     q = cli.parse_args(["--quick"])
-    # the other deliberate changes of --quick: 2 tasks, and the cell budget's per-cell score runs too
-    quick_now = {**OLD_QUICK, **DEVICE_DEFAULTS, "device_n_test": 50,
-                 "also": ["xma2@10%/delta", "xma2@10%cells/snip_per_cell"]}
+    # the other deliberate changes of --quick: 2 tasks; the PE budget's snip still runs (--also), and
+    # the ablation is of the default (cell) budget
+    quick_now = {**OLD_QUICK, **DEVICE_DEFAULTS, "device_n_test": 50, "also": ["xma2@10%/delta", "xma2@10%/snip"],
+                 "weight_only_also": ["xma2@10%cells"]}
     assert vars(q) == {**quick_now, "tasks": quick.TASKS}
     assert vars(cli.parse_args(["--quick", "--tasks", "animals"])) == {**quick_now, "tasks": ["animals"]}
     assert cli.parse_args(["--quick", "--data-root", "d"]).tasks is None  # folder tasks: all of them
@@ -60,8 +65,9 @@ def test_budget_unit_and_criterion_reach_the_sweep_and_the_targets():
     assert [r.label for r in method_list(args)] == [
         "pe@10%cells/snip_per_cell", "xma2@10%cells/snip_per_cell", "xma2@10%/snip", "xma2@5%/snip_per_cell/sharedBN"]
     assert ref_label(args) == "xma2@10%cells/snip_per_cell"
-    assert ref_label(cli.parse_args([])) == "xma2@10%/snip"
-    assert ref_label(cli.parse_args(["--selection", "learned"])) == "xma2@10%/learned"
+    assert ref_label(cli.parse_args([])) == "xma2@10%cells/snip_per_cell"
+    assert ref_label(cli.parse_args(["--selection", "learned"])) == "xma2@10%cells/learned"
+    assert ref_label(cli.parse_args(["--budget-unit", "pes", "--criterion", "snip"])) == "xma2@10%/snip"
 
 
 def test_shift_levels_reach_every_run_and_the_targets():
@@ -212,3 +218,20 @@ def test_chip_aware_schedule_follows_the_training_flags():
     s = chip_schedule(args)
     assert (s.stage1_epochs, s.stage2_epochs, s.hw_epochs) == (0, 0, 2)
     assert (s.sensitivity_batches, s.lr_weight, s.optimizer) == (9, 0.5, "sgd")
+
+
+def test_targets_compare_with_the_runs_of_the_same_shift_levels():
+    """With --shift-levels the targets compare xma2 with xma of the same levels and with pe (no levels)."""
+    from xma2_ops.mta.experiment.targets import check_targets
+    ref = "xma2@10%cells/snip_per_cell/shift-4..2"
+    acc = {"finetune": 90.0, ref: 88.0, "xma/shift-4..2": 89.0, "xma": 80.0, "piggyback": 85.0, "xbm": 84.0}
+    summary = [{"task": t, "method": m, "acc": a, "energy_uJ": 50.0 if m == "finetune" else 5.0}
+               for m, a in acc.items() for t in ("a", "AVERAGE")]
+    paired = [{"method": "pe@10%cells/snip_per_cell", "task": "AVERAGE", "diff": 0.5, "ci95_lo": 0.1, "ci95_hi": 0.9,
+               "n": 5}]
+    met = {t["target"]: t["met"] for t in check_targets(summary, paired, ref)}
+    assert met == {f"{ref} average within 1 point of finetune": False,
+                   f"{ref} >= 10x less re-programming energy than finetune": True,
+                   f"{ref} above piggyback on every task": True, f"{ref} above xbm on every task": True,
+                   f"{ref} above xma/shift-4..2 on every task": False,
+                   f"{ref} above pe@10%cells/snip_per_cell by more than the paired 95 % interval": True}

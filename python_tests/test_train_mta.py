@@ -42,8 +42,9 @@ def test_quick_run(tmp_path):
     tasks = {"sk_digits", "letters"}
     assert {row["task"] for row in rows} == tasks | {"AVERAGE"}
     methods = {row["method"] for row in rows}
-    expected = {"finetune", "classifier", "piggyback", "xbm", "xma", "pe@10%/snip", "xma2@10%/snip",
-                "xma2@10%/delta", "xma2@10%cells/snip_per_cell", "xma2@10%/snip/weight-only"}
+    expected = {"finetune", "classifier", "piggyback", "xbm", "xma", "pe@10%cells/snip_per_cell",
+                "xma2@10%cells/snip_per_cell", "xma2@10%/delta", "xma2@10%/snip",
+                "xma2@10%cells/snip_per_cell/weight-only"}
     assert methods == expected
     by_method = {}
     for row in rows:
@@ -128,7 +129,7 @@ def test_two_seeds_vary_the_run_but_not_the_backbone(tmp_path):
     out = tmp_path / "seeds"
     rows = _example().main(["--quick", "--tasks", "sk_digits", "--methods", "xma2", "--also", "--weight-only-also",
                             "--seeds", "2", "--out", str(out), "--no-progress", "--threads", "1", "--hw-epochs", "0"])
-    assert [(r["seed"], r["method"]) for r in rows] == [(0, "xma2@10%/snip"), (1, "xma2@10%/snip")]
+    assert [(r["seed"], r["method"]) for r in rows] == [(0, "xma2@10%cells/snip_per_cell"), (1, "xma2@10%cells/snip_per_cell")]
     a0, a1 = (sorted((out / "adapters" / f"seed{s}").glob("*.safetensors")) for s in (0, 1))
     assert len(a0) == len(a1) == 1 and a0[0].read_bytes() != a1[0].read_bytes()  # other head init, data order
     assert len(list(out.glob("backbone_*.safetensors"))) == 1

@@ -33,6 +33,7 @@ costs (``mask_bits``, ``adapter_bits``) and which tensors it writes to / reads f
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
@@ -361,6 +362,12 @@ class _ShiftColumns:
         return "" if lv == ShiftLevels() else f"/shift{lv.k_min}..{lv.k_max}"
 
     @staticmethod
+    def label_part(label: str) -> str:
+        """That part of a label ("" when it has none)."""
+        m = re.search(r"/shift-?\d+\.\.-?\d+", label)
+        return m.group(0) if m else ""
+
+    @staticmethod
     def init(ad, w, tiles) -> None:
         ad.col_param = nn.Parameter(torch.ones(tiles[0], w.shape[0], dtype=w.dtype, device=w.device))
 
@@ -444,6 +451,8 @@ class XMA2(PE):
         super().load_tensors(layer, ad, spec, t)
         _ShiftColumns.load(ad, spec, t)
 
+
+shift_label_part = _ShiftColumns.label_part
 
 METHOD_CLASSES: Dict[str, type] = {c.name: c for c in (Finetune, Classifier, Piggyback, XBM, XMA, PE, XMA2)}
 assert tuple(METHOD_CLASSES) == METHODS and tuple(m for m in METHODS if METHOD_CLASSES[m].selects_pes) == TIER1

@@ -28,15 +28,16 @@ Hardware: 128x128 PEs (--xbar 64 / 32 as options) with the default XbarConfig: 8
 2-bit cells, 8-bit bit-serial inputs, an 8-bit ADC (lossy at 128 rows: Pmax = 384) whose range
 is calibrated per layer on the backbone (--adc-clip; the backbone accuracy is printed with the
 default Pmax clip and with the calibrated clips).  The backbone (widths 24-48-96-192) has 68 PEs
-at 128x128, so that 5/10/20 % budgets are 3/6/13 PEs.
+at 128x128 holding 5.5 M cells; the tier-1 budgets (5/10/20 %) are fractions of those cells, and a
+PE's snip score is counted per cell it holds (--budget-unit cells --criterion snip_per_cell, the
+default since issue 18; --budget-unit pes --criterion snip is the earlier default).
 
 Training: weight-only fake quantisation (cheap), then --hw-epochs (default 1) ADC-aware epochs
 through the layers' own quantised forward (straight-through gradients), so training ends on the
 hardware that is evaluated; --weight-only-also repeats some methods without that stage.
 
     python -m xma2_ops.mta                        # full default run, one seed
-    python -m xma2_ops.mta --seeds 3 --budgets 0.1 --also xma2@10%/delta \
-        --weight-only-also xma2@10% finetune      # the README table
+    python -m xma2_ops.mta --seeds 5 --methods finetune xma2 --budgets 0.1   # the README's 5-seed table
     python -m xma2_ops.mta --quick                # smoke run (CI): 2 tasks, tiny subsets, 1 epoch
     python -m xma2_ops.mta --data-root DIR        # one ImageFolder-style folder per task
     python -m xma2_ops.mta --arch resnet18 --backbone-weights resnet18.pth --data-root DIR
@@ -78,11 +79,12 @@ def build_parser(prog: str = "python -m xma2_ops.mta") -> argparse.ArgumentParse
     p.add_argument("--adc-batches", type=int, default=4, help="batches of the ADC calibration")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--budgets", type=float, nargs="+", help="tier-1 budgets, fractions of --budget-unit (default 0.05 0.10 0.20; --quick 0.10)")
-    p.add_argument("--budget-unit", default="pes", choices=list(BUDGET_UNITS),
-                   help="what --budgets are fractions of: the PEs, or the cells the crossbar layers use")
+    p.add_argument("--budget-unit", default="cells", choices=list(BUDGET_UNITS),
+                   help="what --budgets are fractions of: the cells the crossbar layers use (default), or the PEs (the default "
+                        "before issue 18's eleventh round, with --criterion snip)")
     p.add_argument("--selection", default="sensitivity", choices=list(SELECTIONS),
                    help="tier-1 selection of the budget sweep (sensitivity: a score per PE, see --criterion)")
-    p.add_argument("--criterion", default="snip", choices=list(CRITERIA),
+    p.add_argument("--criterion", default="snip_per_cell", choices=list(CRITERIA),
                    help="sensitivity score: snip = sum |dL/dW * W| per PE over its layer's mean; snip_per_cell = "
                         "per cell the PE holds, across layers; delta = weight change of a dense epoch over its layer's mean; "
                         "delta_per_cell = that change per cell the PE holds")
@@ -96,12 +98,12 @@ def build_parser(prog: str = "python -m xma2_ops.mta") -> argparse.ArgumentParse
                    "levels {0} U {+-2^k, K_MIN <= k <= K_MAX}, ceil(log2(levels)) bits per column")
     p.add_argument("--also", nargs="*",
                    help="extra tier-1 runs METHOD@BUDGET[cells]/{learned,snip,delta,snip_per_cell,delta_per_cell} (other selections, for comparison; "
-                        "default none, --quick: xma2@10%%/delta)")
+                        "default none, --quick: xma2@10%%/delta xma2@10%%/snip)")
     p.add_argument("--shared-bn", nargs="*", default=[],
                    help="methods also run with the backbone's BN shared (task_bn=False), e.g. xma2@10%% finetune")
     p.add_argument("--weight-only-also", nargs="*",
-                   help="methods also run without the ADC-aware stage (the ablation, e.g. xma2@10%% finetune; "
-                        "default none, --quick: xma2@10%%)")
+                   help="methods also run without the ADC-aware stage (the ablation, e.g. xma2@10%%cells finetune; "
+                        "default none, --quick: xma2@10%%cells)")
     p.add_argument("--n-source", type=int, default=4000, help="MNIST training images for the backbone")
     p.add_argument("--n-train", type=int, default=1500, help="training images per task")
     p.add_argument("--n-test", type=int, default=1000, help="test images per task (quantised evaluation)")
@@ -204,9 +206,9 @@ def parse_args(argv=None, prog: str = "python -m xma2_ops.mta") -> argparse.Name
         args.budgets = [0.10] if args.quick else [0.05, 0.10, 0.20]
     # the smoke run exercises every kind of run; the full default keeps to the method sweep (time)
     if args.also is None:
-        args.also = ["xma2@10%/delta", "xma2@10%cells/snip_per_cell"] if args.quick else []
+        args.also = ["xma2@10%/delta", "xma2@10%/snip"] if args.quick else []  # the PE budget's selections
     if args.weight_only_also is None:
-        args.weight_only_also = ["xma2@10%"] if args.quick else []
+        args.weight_only_also = ["xma2@10%cells"] if args.quick else []
     args.cifar = args.arch != "small" and not args.data_root  # refined by build_model from a checkpoint's stem
     return args
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import List
 
+from ..methods import shift_label_part
+
 def check_targets(summary: List[dict], paired: List[dict], ref: str) -> List[dict]:
     """The issue's targets for xma2 at 10 % (docs/MTA.md), evaluated on this run."""
     by = {(r["task"], r["method"]): r for r in summary}
@@ -18,12 +20,13 @@ def check_targets(summary: List[dict], paired: List[dict], ref: str) -> List[dic
         out.append({"target": f"{ref} >= 10x less re-programming energy than finetune", "met": ratio >= 10,
                     "value": f"{ratio:.1f}x ({x['energy_uJ']:.3f} vs {ft['energy_uJ']:.3f} uJ)"})
     tasks = [t for (t, m) in by if m == ref and t != "AVERAGE"]
-    for other in ("piggyback", "xbm", "xma"):
+    shift = shift_label_part(ref)  # --shift-levels: xma's label has them, pe's not
+    for other in ("piggyback", "xbm", "xma" + shift):
         if all((t, other) in by for t in tasks):
             worse = [t for t in tasks if by[(t, ref)]["acc"] <= by[(t, other)]["acc"]]
             out.append({"target": f"{ref} above {other} on every task", "met": not worse,
                         "value": "all tasks" if not worse else f"not on {', '.join(worse)}"})
-    pe = ref.replace("xma2", "pe", 1)
+    pe = ref.replace("xma2", "pe", 1).replace(shift, "")
     p = [d for d in paired if d["method"] == pe and d["task"] == "AVERAGE"]
     if p:
         d = p[0]
