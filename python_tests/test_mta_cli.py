@@ -235,3 +235,22 @@ def test_targets_compare_with_the_runs_of_the_same_shift_levels():
                    f"{ref} above piggyback on every task": True, f"{ref} above xbm on every task": True,
                    f"{ref} above xma/shift-4..2 on every task": False,
                    f"{ref} above pe@10%cells/snip_per_cell by more than the paired 95 % interval": True}
+
+
+def test_full_run_estimate_counts_each_runs_own_epochs(monkeypatch):
+    """The --quick run's estimate of the full run: stage 1 only for the runs whose selection trains one
+    (here the weight-change criterion), the head-only probe epochs for the snip probes, no ADC-aware
+    epoch for the weight-only ablation."""
+    from xma2_ops.mta.experiment import estimate
+    t = {"step_weight_only_s": 1e-3, "step_quantised_s": 1e-2, "eval_per_image_s": 1e-4}
+    monkeypatch.setattr(estimate, "measure", lambda *a: t)
+    full = cli.parse_args(["--methods", "finetune", "xma2", "--budgets", "0.1", "--also", "xma2@10%/delta",
+                           "--weight-only-also", "finetune", "--probe-head-epochs", "2", "--stage1-epochs", "3",
+                           "--tasks", "animals", "letters", "--seeds", "3", "--n-train", "100", "--batch", "64"])
+    e = estimate.full_run_estimate(None, {"a": ((None, None), (None, None))}, full, full, 2)
+    images = 128  # two batches of 64 per epoch
+    # (weight-only epochs, ADC-aware epochs): finetune 6 + 1; xma2 cells/snip_per_cell 6 + 2 probe + 1;
+    # xma2/delta 6 + 3 stage 1 + 1; finetune weight-only 6 + 0
+    per_task = sum(wo * images * 1e-3 + hw * images * 1e-2 + 1000 * 1e-4 for wo, hw in [(6, 1), (8, 1), (9, 1), (6, 0)])
+    assert e["runs"] == 4 * 2 * 3
+    assert e["total_s"] == pytest.approx(per_task * 2 * 3) and e["per_run_s"] == pytest.approx(per_task / 4)

@@ -94,6 +94,12 @@ class MethodSpec:
     def impl(self) -> "Method":
         return METHOD_CLASSES[self.method]()
 
+    @property
+    def stage1(self) -> bool:
+        """Whether fit trains ``Schedule.stage1_epochs`` before the tier-1 selection (learned PE scores,
+        or a weight-change criterion); the snip criteria probe gradients instead."""
+        return self.impl.selects_pes and (self.selection == "learned" or self.criterion in DENSE_CRITERIA)
+
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["levels"] = [self.levels.k_min, self.levels.k_max]

@@ -22,7 +22,6 @@ from .adapter import LayerAdapter
 from .calibration import calibrate_inputs, refresh_bn_stats
 from .layers import bn_layers, get_module, use_config, weight_only, xbar_layers
 from .masks import pe_cell_counts, pe_sum, to_kn, topk_masks, topk_masks_by_cost
-from .methods import DENSE_CRITERIA
 from .schedule import Schedule
 from .task import layer_adapters, set_train, task_info
 
@@ -190,7 +189,7 @@ def fit(model: nn.Module, loader: Iterable, schedule: Schedule = Schedule(), *,
     with use_config(model, train_config):
         if spec.impl.selects_pes:
             ads = layer_adapters(model)
-            if spec.selection == "learned" or spec.criterion in DENSE_CRITERIA:
+            if spec.stage1:
                 for _, ad in ads:
                     ad.phase = "search" if spec.selection == "learned" else "dense"
                 groups = _param_groups(model, "search", schedule)

@@ -3,9 +3,14 @@
 A training step and an evaluation of PROBE_IMAGES images are timed on a copy of the full run's backbone
 (torch's RNG state is restored afterwards, the experiment's model is not touched), then
 
-    per run  ~ (stage-1 + stage-2 epochs) x training images x weight-only step per image
+    per run  ~ weight-only epochs x training images x weight-only step per image
                + ADC-aware epochs x training images x quantised step per image + test images x evaluation per image
-    full run ~ runs x per run (+ the backbone's training when it is not cached)
+
+with the run's own epochs: stage 2, plus stage 1 where its selection trains one (MethodSpec.stage1),
+plus the head-only probe epochs where it probes snip (timed as full steps: an upper bound), plus
+the ADC-aware epochs unless it is a weight-only run;
+
+    full run ~ the sum over its runs (+ the backbone's training when it is not cached)
 
 an order of magnitude (selection and calibration batches, the cost report and the device
 evaluation are left out), measured on this machine with the current threads."""
@@ -69,15 +74,21 @@ def full_run_estimate(model: nn.Module, tasks: dict, args, full, n_tasks: int) -
     t = measure(model, x, y, x_test)
     n_tasks = n_tasks if full.data_root else (len(full.tasks) if full.tasks else 4)
     runs = len(method_list(full)) * n_tasks * full.seeds
-    steps = math.ceil(full.n_train / full.batch)  # (at most: a smaller data set has fewer)
-    per_step = full.batch
-    per_run = ((full.stage1_epochs + full.stage2_epochs) * steps * per_step * t["step_weight_only_s"]
-               + full.hw_epochs * steps * per_step * t["step_quantised_s"] + full.n_test * t["eval_per_image_s"])
+    images = math.ceil(full.n_train / full.batch) * full.batch  # per epoch (at most: a smaller data set has fewer)
+
+    def seconds(run) -> float:
+        spec = run.spec
+        weight_only = (full.stage2_epochs + (full.stage1_epochs if spec.stage1 else 0)
+                       + (full.probe_head_epochs if spec.impl.selects_pes and not spec.stage1 else 0))
+        return (weight_only * images * t["step_weight_only_s"] + (full.hw_epochs if run.hw else 0) * images
+                * t["step_quantised_s"] + full.n_test * t["eval_per_image_s"])
+
+    total = sum(seconds(r) for r in method_list(full)) * n_tasks * full.seeds
     backbone = 0.0
     if full.arch == "small" or not full.data_root:
         backbone = full.backbone_epochs * full.n_source * t["step_weight_only_s"]
     return {"runs": runs, "methods": len(method_list(full)), "tasks": n_tasks, "seeds": full.seeds,
-            "per_run_s": per_run, "total_s": runs * per_run, "backbone_s": backbone, **t}
+            "per_run_s": total / runs, "total_s": total, "backbone_s": backbone, **t}
 
 
 def print_full_run_estimate(model: nn.Module, tasks: dict, args, full, log, n_tasks: int) -> dict:
