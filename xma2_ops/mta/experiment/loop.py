@@ -206,7 +206,8 @@ def _load_adapter(model, candidates: List[Path], spec) -> None:
     path = next((c for c in candidates if c.is_file()), None)
     if path is None:
         raise SystemExit(f"--adapters-from: {', '.join(map(str, candidates))} not found (expected the --out "
-                         "folder of a run with the same tasks, methods and seeds)")
+                         "folder of a run with the same tasks, methods, seeds and --budget-unit/--criterion/--shift-levels; "
+                         "runs from before issue 18's eleventh round used --budget-unit pes --criterion snip)")
     try:
         loaded = load_task(model, path)
     except (TypeError, ValueError) as e:
