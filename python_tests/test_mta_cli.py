@@ -254,3 +254,28 @@ def test_full_run_estimate_counts_each_runs_own_epochs(monkeypatch):
     per_task = sum(wo * images * 1e-3 + hw * images * 1e-2 + 1000 * 1e-4 for wo, hw in [(6, 1), (8, 1), (9, 1), (6, 0)])
     assert e["runs"] == 4 * 2 * 3
     assert e["total_s"] == pytest.approx(per_task * 2 * 3) and e["per_run_s"] == pytest.approx(per_task / 4)
+
+
+def test_energy_plot_draws_every_method_of_the_default_run_differently(tmp_path, monkeypatch):
+    """The default run has 11 methods; each gets its own (marker, colour) pair (finetune and
+    xma2@20% were both blue circles)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from xma2_ops.mta.experiment import report
+    drawn = []
+    plain = Axes.errorbar
+
+    def record(self, x, y, *a, **kw):
+        drawn.append((kw["label"], kw["fmt"], kw["color"]))
+        return plain(self, x, y, *a, **kw)
+    monkeypatch.setattr(Axes, "errorbar", record)
+    labels = [r.label for r in method_list(cli.parse_args([]))]
+    summary = [{"task": "AVERAGE", "method": m, "acc": 80.0 + i, "acc_std": 0.0, "energy_uJ": float(i),
+                "infer_nJ": 9000.0 + i} for i, m in enumerate(labels)]
+    report.plot_energy(summary, tmp_path / "e.png", 1)
+    assert (tmp_path / "e.png").stat().st_size > 1000
+    per_axis = drawn[:len(labels)]
+    assert [d[0] for d in per_axis] == labels and drawn[len(labels):] == per_axis  # the same in both panels
+    assert len({d[1:] for d in per_axis}) == len(labels)

@@ -82,6 +82,9 @@ def plot_accuracy(summary: List[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
+MARKERS = "os^vD<>p*hX"
+
+
 def plot_energy(summary: List[dict], path: Path, n_seeds: int) -> None:
     """Average accuracy (mean +- std over seeds) against re-programming energy per task switch
     and against inference energy per image, one point per method."""
@@ -91,7 +94,9 @@ def plot_energy(summary: List[dict], path: Path, n_seeds: int) -> None:
     for ax, key, label in ((axes[0], "energy_uJ", "re-programming energy per task switch (uJ)"),
                            (axes[1], "infer_nJ", "inference energy per image (nJ)")):
         for i, r in enumerate(avg):
-            ax.errorbar(r[key], r["acc"], yerr=r["acc_std"], fmt="os^vD<>p*h"[i % 10], capsize=2,
+            # 11 markers against 10 colours: no two of the first 110 methods look alike (the default
+            # run has 11, and its first and last were both blue circles)
+            ax.errorbar(r[key], r["acc"], yerr=r["acc_std"], fmt=MARKERS[i % len(MARKERS)], capsize=2,
                         color=f"C{i % 10}", label=r["method"])
         if key == "energy_uJ":
             ax.set_xscale("symlog", linthresh=max(1e-3, min([r[key] for r in avg if r[key] > 0] or [1.0])))
