@@ -151,3 +151,22 @@ def test_ranks_share_every_chip_and_give_the_single_process_result(tmp_path):
     tmp.spawn(_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert one.n_test == 50 and ranks[0] == ranks[1] == {"accs": one.accs, "ideal": one.ideal, "n_test": 50}
+
+
+def test_naive_evaluation_skips_the_calibration_bn_pass(monkeypatch):
+    """The ideal-cell BN statistics over the training images (mta.deploy's bn_base) serve the calibrated
+    and chip-aware modes only: a naive-only evaluation does not compute them (it was ~3 s of serial work
+    per adapter of the example, before the workers fork), and gives the same accuracies as with them."""
+    from xma2_ops.mta.experiment import evaluate
+    calls = []
+    real = evaluate.ideal_bn_stats
+    monkeypatch.setattr(evaluate, "ideal_bn_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = inputs(80)
+    y = torch.randint(0, 10, (80,), generator=torch.Generator().manual_seed(1))
+    args = _device_args()
+    args.deploy = ["naive"]
+    naive = evaluate.evaluate_device(backbone(x), (x, y), args, False, "", (x, y))
+    assert calls == []
+    args.deploy = ["naive", "calibrated"]
+    both = evaluate.evaluate_device(backbone(x), (x, y), args, False, "", (x, y))
+    assert calls == [1] and both.accs["naive"] == naive.accs["naive"]

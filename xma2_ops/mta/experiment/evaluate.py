@@ -131,13 +131,14 @@ def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str, tra
     modes = list(args.deploy)
     if "chip-aware" in modes and is_dist():  # each rank would train its own chip-aware adapter on its shard
         raise SystemExit("--deploy chip-aware: not supported under torchrun (one process per chip-aware adaption)")
-    if any(m != "naive" for m in modes) and train is None:
+    deploys = any(m != "naive" for m in modes)  # (naive reads the chip as programmed: no calibration inputs)
+    if deploys and train is None:
         raise ValueError(f"train: --deploy {' '.join(modes)} needs the task's training images")
     t0 = time.perf_counter()
     ideal = (ideal_all if ideal_all is not None and whole else
              evaluate(model, data, args.eval_batch, False, "")[0])  # the same images on ideal cells (paired drop)
-    calib = None if train is None else [train[0][i:i + args.batch] for i in range(0, min(len(train[0]), DEPLOY_INPUTS),
-                                                                                   args.batch)]
+    calib = None if train is None or not deploys else [train[0][i:i + args.batch]
+                                                       for i in range(0, min(len(train[0]), DEPLOY_INPUTS), args.batch)]
     workers = 1 if is_dist() else min(args.device_workers, args.device_chips)  # (ranks already share the chips' work)
     batches = -(-len(data[1]) // args.eval_batch)
     jobs = chip_jobs(modes, args.device_chips, batches, workers)
