@@ -110,6 +110,9 @@ def test_random_cases_cover_every_path():
     fast = sum(_fast_eligible(c) for c in cases)
     ideal = sum(c.p.adc_levels == 0 for c in cases)
     assert fast >= 40 and ideal >= 10 and len(cases) - fast - ideal >= 10, (fast, ideal)
+    # the fast path's last panel of 16 columns runs the 8-column kernel when N mod 16 is 1 ... 8
+    tails = [c.g.shape[-1] % 16 for c in cases if _fast_eligible(c)]
+    assert sum(1 <= t <= 8 for t in tails) >= 10 and sum(t == 0 or t > 8 for t in tails) >= 10, tails
 
 
 @pytest.mark.parametrize("seed", CASE_SEEDS)

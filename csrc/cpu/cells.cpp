@@ -394,6 +394,39 @@ __attribute__((always_inline)) inline void adc_add_6x16(__m256i c00, __m256i c01
   adc_add<kNeg, kSigned, kHalfEven, kDouble>(c50, fc, sh, t + 5 * ldt), adc_add<kNeg, kSigned, kHalfEven, kDouble>(c51, fc, sh, t + 5 * ldt + 8);
 }
 
+// The accumulation of micro_6x16: c_i0, c_i1 += A[6 x 2kp] B[2kp x 16] (int16 pairs, exact int32 sums).  In
+// assembly because the register budget is exact (12 accumulators, the two B registers, one broadcast A and one
+// product: all 16 ymm registers) and gcc 12, given the same loop in intrinsics, hoists the six broadcasts and
+// spills 9 accumulators to the stack on every step (~1.4x slower).
+#define XMA2_ROW(off, c0, c1)                    \
+  "vpbroadcastd " #off "(%[a]), %%ymm14\n\t"     \
+  "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n\t"       \
+  "vpaddd %%ymm15, %[" #c0 "], %[" #c0 "]\n\t"   \
+  "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n\t"       \
+  "vpaddd %%ymm15, %[" #c1 "], %[" #c1 "]\n\t"
+__attribute__((always_inline)) inline void accumulate_6x16(const int32_t* a, const int32_t* b, int64_t kp,
+                                                           __m256i& c00, __m256i& c01, __m256i& c10, __m256i& c11,
+                                                           __m256i& c20, __m256i& c21, __m256i& c30, __m256i& c31,
+                                                           __m256i& c40, __m256i& c41, __m256i& c50, __m256i& c51) {
+  if (kp <= 0) return;
+  __asm__ volatile(
+      "1:\n\t"
+      "vmovdqa (%[b]), %%ymm12\n\t"
+      "vmovdqa 32(%[b]), %%ymm13\n\t"
+      XMA2_ROW(0, c00, c01) XMA2_ROW(4, c10, c11) XMA2_ROW(8, c20, c21)
+      XMA2_ROW(12, c30, c31) XMA2_ROW(16, c40, c41) XMA2_ROW(20, c50, c51)
+      "add $64, %[b]\n\t"
+      "add $24, %[a]\n\t"
+      "dec %[n]\n\t"
+      "jnz 1b\n\t"
+      : [c00] "+x"(c00), [c01] "+x"(c01), [c10] "+x"(c10), [c11] "+x"(c11), [c20] "+x"(c20), [c21] "+x"(c21),
+        [c30] "+x"(c30), [c31] "+x"(c31), [c40] "+x"(c40), [c41] "+x"(c41), [c50] "+x"(c50), [c51] "+x"(c51),
+        [a] "+r"(a), [b] "+r"(b), [n] "+r"(kp)
+      :
+      : "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory");
+}
+#undef XMA2_ROW
+
 // P[6 x 16] = A[6 x 2kp] B[2kp x 16] (int16 pairs, int32 sums), then per element the ADC, the shift
 // and the signed add into t (row stride ldt).
 template <bool kSigned, bool kHalfEven, bool kDouble>
@@ -401,34 +434,38 @@ void micro_6x16(const int32_t* A, const int32_t* B, int64_t kp, const FastConsts
                 int64_t ldt) {
   __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
           c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  for (int64_t k = 0; k < kp; ++k) {
-    const __m256i b0 = _mm256_load_si256((const __m256i*)(B + k * kNR));
-    const __m256i b1 = _mm256_load_si256((const __m256i*)(B + k * kNR + 8));
-    const int32_t* a = A + k * kMR;
-    __m256i av = _mm256_set1_epi32(a[0]);
-    c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(av, b0));
-    c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(av, b1));
-    av = _mm256_set1_epi32(a[1]);
-    c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(av, b0));
-    c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(av, b1));
-    av = _mm256_set1_epi32(a[2]);
-    c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(av, b0));
-    c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(av, b1));
-    av = _mm256_set1_epi32(a[3]);
-    c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(av, b0));
-    c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(av, b1));
-    av = _mm256_set1_epi32(a[4]);
-    c40 = _mm256_add_epi32(c40, _mm256_madd_epi16(av, b0));
-    c41 = _mm256_add_epi32(c41, _mm256_madd_epi16(av, b1));
-    av = _mm256_set1_epi32(a[5]);
-    c50 = _mm256_add_epi32(c50, _mm256_madd_epi16(av, b0));
-    c51 = _mm256_add_epi32(c51, _mm256_madd_epi16(av, b1));
-  }
+  accumulate_6x16(A, B, kp, c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51);
   const __m128i sh = _mm_cvtsi32_si128(shift);
   if (neg)
     adc_add_6x16<true, kSigned, kHalfEven, kDouble>(c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, fc, sh, t, ldt);
   else
     adc_add_6x16<false, kSigned, kHalfEven, kDouble>(c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, fc, sh, t, ldt);
+}
+
+// micro_6x16 of a panel's first 8 columns only: the last panel of a layer whose columns end there (N mod 16 in
+// 1 ... 8; the 24-column layers would otherwise spend a third of their multiply-adds on zero padding).
+template <bool kSigned, bool kHalfEven, bool kDouble>
+void micro_6x8(const int32_t* A, const int32_t* B, int64_t kp, const FastConsts& fc, int shift, bool neg, int32_t* t,
+               int64_t ldt) {
+  __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0;
+  for (int64_t k = 0; k < kp; ++k) {
+    const __m256i b0 = _mm256_load_si256((const __m256i*)(B + k * kNR));
+    const int32_t* a = A + k * kMR;
+    c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(_mm256_set1_epi32(a[0]), b0));
+    c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(_mm256_set1_epi32(a[1]), b0));
+    c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(_mm256_set1_epi32(a[2]), b0));
+    c3 = _mm256_add_epi32(c3, _mm256_madd_epi16(_mm256_set1_epi32(a[3]), b0));
+    c4 = _mm256_add_epi32(c4, _mm256_madd_epi16(_mm256_set1_epi32(a[4]), b0));
+    c5 = _mm256_add_epi32(c5, _mm256_madd_epi16(_mm256_set1_epi32(a[5]), b0));
+  }
+  const __m128i sh = _mm_cvtsi32_si128(shift);
+  const __m256i c[kMR] = {c0, c1, c2, c3, c4, c5};
+  for (int i = 0; i < kMR; ++i) {
+    if (neg)
+      adc_add<true, kSigned, kHalfEven, kDouble>(c[i], fc, sh, t + i * ldt);
+    else
+      adc_add<false, kSigned, kHalfEven, kDouble>(c[i], fc, sh, t + i * ldt);
+  }
 }
 
 template <typename code_t>
@@ -468,7 +505,13 @@ void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
                                   {&micro_6x16<false, true, false>, &micro_6x16<false, true, true>}},
                                  {{&micro_6x16<true, false, false>, &micro_6x16<true, false, true>},
                                   {&micro_6x16<true, true, false>, &micro_6x16<true, true, true>}}};
-  const Micro micro = micros[sgn][he][pl.fast_dbl];
+  const Micro halves[2][2][2] = {{{&micro_6x8<false, false, false>, &micro_6x8<false, false, true>},
+                                  {&micro_6x8<false, true, false>, &micro_6x8<false, true, true>}},
+                                 {{&micro_6x8<true, false, false>, &micro_6x8<true, false, true>},
+                                  {&micro_6x8<true, true, false>, &micro_6x8<true, true, true>}}};
+  // (the last panel through the 8-column kernel when its columns end in its first half)
+  const Micro micro_full = micros[sgn][he][pl.fast_dbl];
+  const Micro micro_last = N - (NP - 1) * kNR <= kNR / 2 ? halves[sgn][he][pl.fast_dbl] : micro_full;
   parallel_items(M, pl.block_rows, 1, 1, [&](int64_t w, int64_t m0, int64_t nm, int64_t, int64_t) {
     std::vector<int16_t> xa((size_t)(pl.C * nmicro_max * kp_max * kMR * 2));
     std::vector<char> nonzero((size_t)(pl.C * nmicro_max));
@@ -491,6 +534,7 @@ void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
             for (int64_t np = 0; np < NP; ++np) {
               if (!active[s][(size_t)(r * NP + np)]) continue;
               const int32_t* B = (const int32_t*)(gt + ((q * S + j) * NP + np) * pan);
+              const Micro micro = np + 1 < NP ? micro_full : micro_last;
               for (int64_t mc = 0; mc < nmicro; ++mc)
                 for (int c = 0; c < pl.C; ++c) {
                   if (!nonzero[(size_t)(c * nmicro + mc)]) continue;
