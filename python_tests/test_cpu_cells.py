@@ -113,6 +113,9 @@ def test_random_cases_cover_every_path():
     # the fast path's last panel of 16 columns runs the 8-column kernel when N mod 16 is 1 ... 8
     tails = [c.g.shape[-1] % 16 for c in cases if _fast_eligible(c)]
     assert sum(1 <= t <= 8 for t in tails) >= 10 and sum(t == 0 or t > 8 for t in tails) >= 10, tails
+    # its input packing has a vector form for unsigned inputs of at most 8 bits, a scalar one for the rest
+    unsigned = [not c.p.input_signed and c.p.input_bits <= 8 for c in cases if _fast_eligible(c)]
+    assert sum(unsigned) >= 10 and len(unsigned) - sum(unsigned) >= 10, unsigned
 
 
 @pytest.mark.parametrize("seed", CASE_SEEDS)

@@ -310,13 +310,48 @@ void pack_g_tile(const int32_t* g, int64_t Q, int64_t S, int64_t K, int64_t N, i
 // (c = polarity * chunks + chunk; under sign-magnitude c = chunk, carrying the input's sign), rows past nm
 // and the odd k zero; nonzero[c * nmicro + micro] says whether that panel holds a non-zero value (an all-zero
 // one gives V = 0, the code of 0: skipped, as that code is 0 under either ADC).
+// Unsigned inputs of at most 8 bits (the post-ReLU layers) take a vector form: the codes are laid out once as
+// bytes in the panels' order (`stage`, at least nmicro kp kMR 2 + 32 bytes), then every chunk is one shift and
+// mask of the whole run (dst needs 16 int16 of slack past the last chunk); a panel is non-zero where the OR of
+// its codes has a bit in the chunk.
 template <typename code_t>
 void pack_x_tile(const code_t* x, int64_t K, int64_t m0, int64_t nm, int64_t k0, int64_t kr, const CellPlan& pl,
-                 int64_t nmicro, int16_t* dst, char* nonzero) {
+                 int64_t nmicro, int16_t* dst, char* nonzero, uint8_t* stage) {
   const int64_t kp = (kr + 1) / 2, cstride = nmicro * kp * kMR * 2;
   const int db = pl.p.dac_bits, chunks = pl.p.chunks();
   const int mask = (1 << db) - 1;
   const bool sm = pl.p.sign_magnitude();
+  if (pl.p.x_pols == 1 && pl.p.x_bits <= 8) {
+    const int64_t panel = kp * kMR * 2;
+    std::memset(stage, 0, (size_t)(cstride + 32));
+    for (int64_t mi = 0; mi < nm; ++mi) {
+      const code_t* row = x + (m0 + mi) * K + k0;
+      uint8_t* base = stage + (mi / kMR) * panel + (mi % kMR) * 2;
+      for (int64_t k = 0; k < kr; ++k) base[(k >> 1) * kMR * 2 + (k & 1)] = (uint8_t)row[k];
+    }
+    for (int64_t mc = 0; mc < nmicro; ++mc) {
+      __m256i any = _mm256_setzero_si256();
+      for (int64_t j = 0; j < panel; j += 32)  // (bytes past the panel are the next panel's or zero: a superset)
+        any = _mm256_or_si256(any, _mm256_loadu_si256((const __m256i*)(stage + mc * panel + j)));
+      __m128i o = _mm_or_si128(_mm256_castsi256_si128(any), _mm256_extracti128_si256(any, 1));
+      o = _mm_or_si128(o, _mm_srli_si128(o, 8));
+      o = _mm_or_si128(o, _mm_srli_si128(o, 4));
+      o = _mm_or_si128(o, _mm_srli_si128(o, 2));
+      o = _mm_or_si128(o, _mm_srli_si128(o, 1));
+      const int bits = _mm_cvtsi128_si32(o) & 0xff;
+      for (int i = 0; i < chunks; ++i) nonzero[i * nmicro + mc] = ((bits >> (i * db)) & mask) != 0;
+    }
+    const __m256i vmask = _mm256_set1_epi16((int16_t)mask);
+    for (int i = 0; i < chunks; ++i) {
+      const __m128i sh = _mm_cvtsi32_si128(i * db);
+      int16_t* d = dst + i * cstride;
+      for (int64_t j = 0; j < cstride; j += 16) {
+        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(stage + j)));
+        _mm256_storeu_si256((__m256i*)(d + j), _mm256_and_si256(_mm256_srl_epi16(v, sh), vmask));
+      }
+    }
+    return;
+  }
   std::memset(dst, 0, sizeof(int16_t) * (size_t)(pl.C * cstride));
   std::memset(nonzero, 0, (size_t)(pl.C * nmicro));
   for (int64_t mi = 0; mi < nm; ++mi) {
@@ -513,7 +548,8 @@ void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
   const Micro micro_full = micros[sgn][he][pl.fast_dbl];
   const Micro micro_last = N - (NP - 1) * kNR <= kNR / 2 ? halves[sgn][he][pl.fast_dbl] : micro_full;
   parallel_items(M, pl.block_rows, 1, 1, [&](int64_t w, int64_t m0, int64_t nm, int64_t, int64_t) {
-    std::vector<int16_t> xa((size_t)(pl.C * nmicro_max * kp_max * kMR * 2));
+    std::vector<int16_t> xa((size_t)(pl.C * nmicro_max * kp_max * kMR * 2 + 16));
+    std::vector<uint8_t> stage((size_t)(nmicro_max * kp_max * kMR * 2 + 32));
     std::vector<char> nonzero((size_t)(pl.C * nmicro_max));
     std::vector<int32_t> t32((size_t)(nmicro_max * kMR * ldt));
     std::vector<int64_t> t64((size_t)(nm * N));
@@ -525,7 +561,7 @@ void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
       bool packed = false;
       for (size_t s = 0; s < gs.size(); ++s) {
         if (!any_active(active[s], r, NP)) continue;
-        if (!packed) pack_x_tile<code_t>(xp, K, m0, nm, k0, kr, pl, nmicro, xa.data(), nonzero.data());
+        if (!packed) pack_x_tile<code_t>(xp, K, m0, nm, k0, kr, pl, nmicro, xa.data(), nonzero.data(), stage.data());
         packed = true;
         std::fill(t32.begin(), t32.end(), 0);
         const int16_t* gt = g_tile(s, r);
