@@ -94,3 +94,18 @@ def test_old_names_still_work():
     assert mta.adapters is mta.layer_adapters
     import xma2_ops.mta.taskfile as taskfile
     assert taskfile.save_task is mta.save_task
+
+
+def test_each_tier1_selection_trains_a_stage1_or_probes_never_both():
+    """MethodSpec.stage1 / .probes: the two branches of fit's tier-1 selection (and of the run-time estimate)."""
+    from xma2_ops.mta.methods import CRITERIA, DENSE_CRITERIA, METHODS, SELECTIONS, TIER1
+    for method in METHODS:
+        for selection in SELECTIONS:
+            for criterion in CRITERIA:
+                spec = mta.MethodSpec(method, budget=0.1, selection=selection,
+                                      criterion=criterion)
+                if method not in TIER1:
+                    assert not spec.stage1 and not spec.probes, spec
+                    continue
+                want_stage1 = selection == "learned" or criterion in DENSE_CRITERIA
+                assert (spec.stage1, spec.probes) == (want_stage1, not want_stage1), spec

@@ -100,6 +100,12 @@ class MethodSpec:
         or a weight-change criterion); the snip criteria probe gradients instead."""
         return self.impl.selects_pes and (self.selection == "learned" or self.criterion in DENSE_CRITERIA)
 
+    @property
+    def probes(self) -> bool:
+        """Whether fit's tier-1 selection probes gradients (the snip criteria: ``Schedule.sensitivity_batches``,
+        after ``Schedule.probe_head_epochs`` of the head) instead of training a stage 1."""
+        return self.impl.selects_pes and not self.stage1
+
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["levels"] = [self.levels.k_min, self.levels.k_max]

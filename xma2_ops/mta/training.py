@@ -202,7 +202,7 @@ def fit(model: nn.Module, loader: Iterable, schedule: Schedule = Schedule(), *,
                     scores = sensitivity_scores(model, [pe_sum(to_kn((ad.task_weight - m.weight).abs().detach()),
                                                                ad.rows, ad.cols)
                                                         for (_, ad), (_, m) in zip(ads, xbar_layers(model))])
-            else:
+            else:  # spec.probes
                 if schedule.sensitivity_batches < 1:  # all-zero scores would select arbitrary PEs
                     raise ValueError(f"Schedule.sensitivity_batches: criterion {spec.criterion!r} needs >= 1 batch, "
                                      f"got {schedule.sensitivity_batches}")

@@ -79,7 +79,7 @@ def full_run_estimate(model: nn.Module, tasks: dict, args, full, n_tasks: int) -
     def seconds(run) -> float:
         spec = run.spec
         weight_only = (full.stage2_epochs + (full.stage1_epochs if spec.stage1 else 0)
-                       + (full.probe_head_epochs if spec.impl.selects_pes and not spec.stage1 else 0))
+                       + (full.probe_head_epochs if spec.probes else 0))
         return (weight_only * images * t["step_weight_only_s"] + (full.hw_epochs if run.hw else 0) * images
                 * t["step_quantised_s"] + full.n_test * t["eval_per_image_s"])
 
