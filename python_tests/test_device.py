@@ -287,3 +287,32 @@ def test_sums_too_large_for_exact_arithmetic_are_refused():
                      device=DeviceModel(sigma_abs=0.01, frac_bits=16))
     with pytest.raises(ValueError, match="too large for exact arithmetic"):
         xma2_ops.xbar_linear(torch.rand(2, 4096), torch.randn(3, 4096), config=cfg)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_read_is_spec_7_1_and_7_2_and_leaves_the_noise_and_cells_alone(seed):
+    """CellState.read: Gq = round_half_even(max(G + (2^cb - 1) sigma_read eps3, 0) 2^F) as int32 (SPEC 7.1, 7.2),
+    written here out of place; the read works in place on its own temporary, so the shared eps3 and the
+    programmed G must come out unchanged."""
+    rng = random.Random(seed)
+    dev = DeviceModel(sigma_abs=0.1, sigma_rel=0.1, sigma_read=rng.choice([0.02, 0.3, 1.5]), seed=seed,
+                      frac_bits=rng.randint(0, 12))
+    cb = rng.choice([1, 2, 4])
+    w = torch.randint(-127, 128, (rng.randint(1, 40), rng.randint(1, 40)), dtype=torch.int32,
+                      generator=torch.Generator().manual_seed(seed))
+    cells = program_cells(w, 8, cb, dev, 0, 0)
+    g0, eps = cells.g.clone(), cells.read_noise(3)
+    eps0 = eps.clone()
+    want = torch.round((cells.g + (2 ** cb - 1) * dev.sigma_read * eps).clamp_min(0.0) * 2.0 ** dev.frac_bits)
+    assert bool((want == 0).any()) or dev.sigma_read < 1  # (large noise: the clamp is exercised)
+    got = cells.read(3, eps)
+    assert got.dtype == torch.int32 and torch.equal(got, want.to(torch.int32))
+    assert torch.equal(cells.read(3), got)  # drawn inside: the same stream
+    assert torch.equal(eps, eps0) and torch.equal(cells.g, g0)
+
+
+def test_read_beyond_int32_is_refused_with_the_conductance():
+    cells = program_cells(torch.ones(2, 2, dtype=torch.int32), 8, 2, DeviceModel(sigma_read=0.01, frac_bits=12), 0, 0)
+    big = dataclasses.replace(cells, g=torch.full_like(cells.g, 2.0 ** 20))
+    with pytest.raises(ValueError, match=r"a conductance of 1\.0\d*e\+06 level steps does not fit int32 at frac_bits=12"):
+        big.read(0)
