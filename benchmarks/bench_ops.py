@@ -7,6 +7,7 @@
     python benchmarks/bench_ops.py --threads 2 --modes default device --no-reference   # device model vs ideal cells
     python benchmarks/bench_ops.py --periphery     # each SPEC 8 convention's forward vs the default
     python benchmarks/bench_ops.py --periphery --cells   # the same on the typical device (eval-mode layers)
+    python benchmarks/bench_ops.py --kernels --threads 1   # xbar_mvm vs xbar_cell_mvm on the example's layers
 
 Shapes: the 3x3 (stride 1, padding 1) convolutions of ResNet-18 on CIFAR (batch 32) and one
 ImageNet-style layer (batch 8, 64 channels, 56x56).  Modes: ideal (no quantisation), the default
@@ -38,7 +39,6 @@ from timing import cpu_name, row, time_in_turns
 import xma2_ops
 from xma2_ops import quant
 from xma2_ops import DeviceModel, XbarConfig
-from xma2_ops.backends import reference as ref
 from xma2_ops.config import GemmParams
 from xma2_ops.device import program_cells
 
@@ -49,6 +49,8 @@ SHAPES = [  # (batch, channels, height = width)
     (8, 64, 56),
 ]
 QUICK_SHAPES = [(8, 64, 16), (8, 128, 8)]
+# the example's 3x3 layers of 24, 48, 96 and 192 channels at one test batch of 100 images (--kernels)
+EXAMPLE_SHAPES = [(100, 24, 14), (100, 48, 7), (100, 96, 4), (100, 192, 2)]
 MODES = {
     "ideal": XbarConfig(weight_bits=None, input_bits=None, adc_bits=None),
     "default": XbarConfig(),
@@ -278,6 +280,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--periphery", action="store_true",
                     help="only the SPEC 8 table: each periphery convention's forward vs the default")
     ap.add_argument("--cells", action="store_true", help="with --periphery: on the typical device's cells")
+    ap.add_argument("--kernels", action="store_true",
+                    help="only the kernels-alone table, on the example's layer shapes (its device evaluation's kernel)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -288,6 +292,9 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"XMA2_CPU_ISA={os.environ.get('XMA2_CPU_ISA', 'auto')}, load average {os.getloadavg()[0]:.1f}")
     if args.periphery:
         bench_periphery(shapes, repeats, args.device, args.cells)
+        return
+    if args.kernels:
+        bench_kernels(EXAMPLE_SHAPES, repeats)
         return
     if args.device == "cuda":
         if not torch.cuda.is_available():
