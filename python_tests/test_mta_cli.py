@@ -33,7 +33,8 @@ DEVICE_DEFAULTS = {'device_chips': 5, 'device_n_test': 0, 'deploy': ['naive'], '
                    'verify_tolerance': None, 'verify_max_pulses': None, 'remap_stuck': False, 'adapters_from': None,
                    'sensitivity_batches': 4, 'probe_head_epochs': 0, 'shift_levels': [-2, 1],
                    # since issue 18's eleventh round: the tier-1 budget in cells, the per-cell snip score
-                   'budget_unit': 'cells', 'criterion': 'snip_per_cell'}
+                   'budget_unit': 'cells', 'criterion': 'snip_per_cell',
+                   'validate': 0}  # since the twelfth round: evaluation on the test images unless --validate N
 OLD_RUNS = ['finetune', 'classifier', 'piggyback', 'xbm', 'xma', 'pe@5%/snip', 'pe@10%/snip', 'pe@20%/snip',
             'xma2@5%/snip', 'xma2@10%/snip', 'xma2@20%/snip']
 CELL_RUNS = [r if "@" not in r else r.replace("%/snip", "%cells/snip_per_cell") for r in OLD_RUNS]
@@ -110,7 +111,9 @@ def test_deploy_modes(argv, modes):
     (["--probe-head-epochs", "-1"], "--probe-head-epochs >= 0"),
     (["--shift-levels", "1", "-2"], "--shift-levels: ShiftLevels: k_min (1) must be <= k_max (-2)"),
     (["--shift-levels", "-200", "1"], "--shift-levels: MethodSpec.levels: expected exponents in [-126, 127]"),
-    (["--shift-levels", "-2"], "--shift-levels: expected 2 arguments")])
+    (["--shift-levels", "-2"], "--shift-levels: expected 2 arguments"),
+    (["--validate", "-1"], "--validate: expected >= 0 images, got -1"),
+    (["--validate", "10", "--adapters-from", "d"], "--validate trains new adapters")])
 def test_deploy_refusals(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         cli.parse_args(argv)

@@ -1,5 +1,5 @@
-"""The experiment's built-in tasks (data.py): the default set, and the textures task's split (train
-and test crops from disjoint bands of each picture), its size, balance and seed."""
+"""The experiment's built-in tasks (data.py): the default set, the textures task's split (train
+and test crops from disjoint bands of each picture), its size, balance and seed, and --validate."""
 from __future__ import annotations
 
 import numpy as np
@@ -44,3 +44,24 @@ def test_textures_task_size_balance_and_seed():
     again = data.make_textures(300, 100, seed=3)
     assert torch.equal(again[0][0], xtr) and torch.equal(again[1][1], yte)
     assert not torch.equal(data.make_textures(300, 100, seed=4)[0][0], xtr)
+
+
+def test_validate_holds_images_out_of_a_larger_training_set_and_never_shows_the_test_images():
+    argv = ["--tasks", "animals", "textures", "--n-train", "300", "--n-test", "100"]
+    plain = data.task_data(cli.parse_args(argv))
+    held = data.task_data(cli.parse_args(argv + ["--validate", "80"]))
+    larger = data.builtin_tasks(cli.parse_args(argv[:-4] + ["--n-train", "380", "--n-test", "100"]))
+    for name in ("animals", "textures"):
+        (xtr, ytr), (xva, yva) = held[name]
+        assert xtr.shape[0] == 300 and xva.shape[0] == 80 and ytr.shape[0] == 300 and yva.shape[0] == 80
+        # the two parts are the larger draw's training images, disjoint, in a seeded order
+        pool = larger[name][0][0].flatten(1)
+        rows = lambda x: {tuple(r) for r in x.flatten(1).tolist()}  # noqa: E731
+        assert rows(xtr) | rows(xva) == rows(pool) and not rows(xtr) & rows(xva)
+        assert not rows(xva) & rows(plain[name][1][0]) and not rows(xtr) & rows(plain[name][1][0])
+        assert len(set(yva.tolist())) > 3
+    again = data.task_data(cli.parse_args(argv + ["--validate", "80"]))
+    assert torch.equal(again["textures"][1][0], held["textures"][1][0])
+    assert not torch.equal(data.task_data(cli.parse_args(argv + ["--validate", "80", "--seed", "1"]))["animals"][1][0],
+                           held["animals"][1][0])
+

@@ -137,6 +137,19 @@ def test_two_seeds_vary_the_run_but_not_the_backbone(tmp_path):
     avg = [r for r in res["average"] if r["task"] == "AVERAGE"]
     assert len(avg) == 1 and avg[0]["n_seeds"] == 2
     assert avg[0]["acc"] == pytest.approx((rows[0]["acc"] + rows[1]["acc"]) / 2, abs=0.006)
+    assert {r["eval"] for r in rows} == {"test"}
+
+
+def test_validate_evaluates_on_held_out_training_images(tmp_path, capsys):
+    argv = ["--quick", "--tasks", "sk_digits", "--methods", "classifier", "--also", "--weight-only-also",
+            "--backbone-weights", str(_small_backbone(tmp_path)), "--no-progress", "--threads", "1"]
+    mod = _example()
+    test = mod.main(argv + ["--out", str(tmp_path / "test")])
+    val = mod.main(argv + ["--out", str(tmp_path / "val"), "--validate", "60"])
+    assert [r["eval"] for r in test] == ["test"] and [r["eval"] for r in val] == ["validation"]
+    assert "every accuracy below is on 60 held-out training images" in capsys.readouterr().out
+    # 60 images: every accuracy is a multiple of 1/60 (the test set has 100)
+    assert abs(val[0]["acc"] * 60 / 100 - round(val[0]["acc"] * 60 / 100)) < 0.02
 
 
 def _free_port() -> int:

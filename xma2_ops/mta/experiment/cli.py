@@ -107,6 +107,9 @@ def build_parser(prog: str = "python -m xma2_ops.mta") -> argparse.ArgumentParse
     p.add_argument("--n-source", type=int, default=4000, help="MNIST training images for the backbone")
     p.add_argument("--n-train", type=int, default=1500, help="training images per task")
     p.add_argument("--n-test", type=int, default=1000, help="test images per task (quantised evaluation)")
+    p.add_argument("--validate", type=int, default=0, metavar="N",
+                   help="choose hyper-parameters without the test images: evaluate on N images per task held out of a "
+                        "training set drawn N larger (training still sees --n-train); the rows say eval=validation")
     p.add_argument("--backbone-epochs", type=int, default=6)
     p.add_argument("--stage1-epochs", type=int, default=1)
     p.add_argument("--stage2-epochs", type=int, default=Schedule.stage2_epochs)
@@ -183,6 +186,10 @@ def parse_args(argv=None, prog: str = "python -m xma2_ops.mta") -> argparse.Name
     if args.device_chips < 1 or args.device_workers < 1 or args.device_n_test < 0 or args.chip_aware_epochs < 0:
         raise SystemExit("--device-chips and --device-workers must be >= 1, --device-n-test and --chip-aware-epochs "
                          ">= 0")
+    if args.validate < 0:
+        raise SystemExit(f"--validate: expected >= 0 images, got {args.validate}")
+    if args.validate and args.adapters_from:
+        raise SystemExit("--validate trains new adapters; it cannot be combined with --adapters-from")
     if args.seeds < 1:
         raise SystemExit(f"--seeds: expected >= 1, got {args.seeds}")
     if args.hw_epochs < 0:

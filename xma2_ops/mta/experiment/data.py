@@ -1,9 +1,10 @@
 """The experiment's tasks: the source task (MNIST) and the built-in tasks, shipped inside PyPI wheels or
 generated (animal silhouettes, scikit-image texture patches, rendered letters, generated shapes;
 scikit-learn digits on request), and
-ImageFolder-style task folders (--data-root).  Every task is ((x_train, y_train), (x_test, y_test))."""
+ImageFolder-style task folders (--data-root).  Every task is ((x_train, y_train), (x_test, y_test)); ``task_data`` gives a run's tasks."""
 from __future__ import annotations
 
+import argparse
 import gzip
 import io
 import math
@@ -262,3 +263,23 @@ def folder_tasks(args) -> Dict[str, tuple]:
     if not tasks:
         raise SystemExit(f"--data-root {root}: no task folders found")
     return tasks
+
+
+# ------------------------------------------------------------------ the tasks of a run
+def task_data(args) -> Dict[str, tuple]:
+    """Every task's ((x, y) train, (x, y) evaluation): the test images, or with ``--validate N`` N images
+    held out of a training set drawn N larger (a seeded draw; training still sees --n-train images), so
+    that hyper-parameters can be chosen without looking at the test images."""
+    n = args.validate
+    load = folder_tasks if args.data_root else builtin_tasks
+    if not n:
+        return load(args)
+    tasks = load(argparse.Namespace(**{**vars(args), "n_train": args.n_train + n}))
+    out = {}
+    for name, ((x, y), _) in tasks.items():
+        if len(y) < n + 1:
+            raise SystemExit(f"--validate {n}: task {name!r} has only {len(y)} training images")
+        idx = torch.from_numpy(np.random.default_rng(args.seed).permutation(len(y)))
+        va, tr = idx[:n], idx[n:]
+        out[name] = ((x[tr], y[tr]), (x[va], y[va]))
+    return out

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .. import EnergyModel, endurance, fit, layer_adapters, load_task, prepare, report, save_task, xbar_layers
 from .backbone import backbone, backbone_adc_clips, build_model, xbar_config
-from .data import builtin_tasks, folder_tasks, source_task
+from .data import source_task, task_data
 from .estimate import print_full_run_estimate
 from .evaluate import device_model, evaluate, evaluate_device, noise_aware_training
 from .quick import adc_data, cap_large_model
@@ -50,7 +50,10 @@ def run_experiment(args, full_args=None) -> List[dict]:
                              f"checkpoint): the built-in MNIST backbone is 28x28 grey")
         if args.backbone_weights:
             build_model(args, 10)  # reads the checkpoint's stem: the image geometry of the tasks
-    tasks = folder_tasks(args) if args.data_root else builtin_tasks(args)
+    tasks = task_data(args)
+    if args.validate:
+        log(f"--validate {args.validate}: every accuracy below is on {args.validate} held-out training images per task, "
+            f"not on the test images")
     src = None  # the source task (MNIST): trains the small backbone, or the resnets on the built-in tasks
     if args.arch == "small" or not args.data_root:
         src = source_task(args)
@@ -126,7 +129,8 @@ def run_experiment(args, full_args=None) -> List[dict]:
                      "pes": t.pes, "cells_written": t.cells_written, "cells_changed": t.cells_changed,
                      "energy_uJ": t.energy_j * 1e6, "mask_bits": t.mask_bits, "adapter_bits": t.adapter_bits,
                      "infer_nJ": t.inference_energy_j * 1e9, "latency_us": t.latency_s * 1e6,
-                     "adc_per_img": t.adc_conversions, "train_s": round(train_s, 1)})
+                     "adc_per_img": t.adc_conversions, "train_s": round(train_s, 1),
+                     "eval": "validation" if args.validate else "test"})
         if dev is not None:
             device_wall += dev.wall_s
             rows[-1].update(device_n_test=dev.n_test, ideal_acc_subset=round(dev.ideal, 2), device_wall_s=round(dev.wall_s, 1))
