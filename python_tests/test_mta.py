@@ -422,7 +422,7 @@ SPEC_BAD = [
 ]
 _INT_FIELDS = ("stage1_epochs", "stage2_epochs", "hw_epochs", "sensitivity_batches", "probe_head_epochs", "calib_batches",
                "bn_batches")
-_LR_FIELDS = ("hw_lr_factor", "lr_weight", "lr_head", "lr_mask", "lr_scale")
+_LR_FIELDS = ("hw_lr_factor", "lr_weight", "lr_reprogrammed", "lr_head", "lr_mask", "lr_scale")
 SCHEDULE_BAD = ([(f, v, e) for f in _INT_FIELDS for v, e in ((1.5, TypeError), ("2", TypeError), (True, TypeError),
                                                              (None, TypeError), (-1, ValueError))]
                 + [(f, v, e) for f in _LR_FIELDS for v, e in (("0.1", TypeError), (True, TypeError), (None, TypeError),

@@ -34,7 +34,9 @@ DEVICE_DEFAULTS = {'device_chips': 5, 'device_n_test': 0, 'deploy': ['naive'], '
                    'sensitivity_batches': 4, 'probe_head_epochs': 0, 'shift_levels': [-2, 1],
                    # since issue 18's eleventh round: the tier-1 budget in cells, the per-cell snip score
                    'budget_unit': 'cells', 'criterion': 'snip_per_cell',
-                   'validate': 0}  # since the twelfth round: evaluation on the test images unless --validate N
+                   'validate': 0,  # since the twelfth round: evaluation on the test images unless --validate N
+                   # ... and a learning rate of its own for the re-programmed PEs' weights (docs/MTA.md)
+                   'lr_reprogrammed': 0.01}
 OLD_RUNS = ['finetune', 'classifier', 'piggyback', 'xbm', 'xma', 'pe@5%/snip', 'pe@10%/snip', 'pe@20%/snip',
             'xma2@5%/snip', 'xma2@10%/snip', 'xma2@20%/snip']
 CELL_RUNS = [r if "@" not in r else r.replace("%/snip", "%cells/snip_per_cell") for r in OLD_RUNS]
@@ -217,10 +219,10 @@ def test_chip_aware_schedule_follows_the_training_flags():
     probe's --sensitivity-batches (it was fixed at the Schedule default)."""
     from xma2_ops.mta.experiment.evaluate import chip_schedule
     args = cli.parse_args(["--chip-aware-epochs", "2", "--sensitivity-batches", "9", "--lr-weight", "0.5",
-                           "--optimizer", "sgd"])
+                           "--lr-reprogrammed", "0.25", "--optimizer", "sgd"])
     s = chip_schedule(args)
     assert (s.stage1_epochs, s.stage2_epochs, s.hw_epochs) == (0, 0, 2)
-    assert (s.sensitivity_batches, s.lr_weight, s.optimizer) == (9, 0.5, "sgd")
+    assert (s.sensitivity_batches, s.lr_weight, s.lr_reprogrammed, s.optimizer) == (9, 0.5, 0.25, "sgd")
 
 
 def test_targets_compare_with_the_runs_of_the_same_shift_levels():

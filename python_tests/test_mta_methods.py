@@ -14,7 +14,7 @@ from xma2_ops.mta.methods import METHOD_CLASSES, SCORE_INIT, Method
 PARAMS = {"finetune": ["task_weight"], "classifier": [], "piggyback": ["scores"], "xbm": ["col_param"],
           "xma": ["col_param"], "pe": ["task_weight", "pe_scores"], "xma2": ["task_weight", "pe_scores", "col_param"]}
 FINAL_LR = {"finetune": ["lr_weight"], "classifier": [], "piggyback": ["lr_mask"], "xbm": ["lr_mask"],
-            "xma": ["lr_scale"], "pe": ["lr_weight"], "xma2": ["lr_weight", "lr_scale"]}
+            "xma": ["lr_scale"], "pe": ["lr_reprogrammed"], "xma2": ["lr_reprogrammed", "lr_scale"]}
 FILE_KEYS = {"finetune": ["pe_mask", "task_weight"], "classifier": [], "piggyback": ["weight_mask"], "xbm": ["col_code"],
              "xma": ["col_code"], "pe": ["pe_mask", "task_weight"], "xma2": ["pe_mask", "task_weight", "col_code"]}
 
@@ -51,7 +51,7 @@ def test_forward_final_params_mask_bits_and_file_keys(method):
     model = make_model()
     spec = mta.MethodSpec(method)
     mta.prepare(model, spec, 5)
-    sched = mta.Schedule(lr_weight=1.0, lr_head=2.0, lr_mask=3.0, lr_scale=4.0)
+    sched = mta.Schedule(lr_weight=1.0, lr_head=2.0, lr_mask=3.0, lr_scale=4.0, lr_reprogrammed=5.0)
     impl = spec.impl
     for _, layer in mta.xbar_layers(model):
         ad = layer.adapter

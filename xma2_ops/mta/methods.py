@@ -292,6 +292,9 @@ class PE(_TaskWeights):
         super().init_params(ad, w, tiles)
         ad.pe_scores = nn.Parameter(torch.full(tiles, SCORE_INIT, dtype=w.dtype, device=w.device))
 
+    def final_params(self, ad, sched):
+        return [(ad.task_weight, sched.lr_reprogrammed)]  # (only the selected PEs' weights reach the forward)
+
     def mask_bits(self, pes, frozen_cols, weights, weight_bits, spec):
         return pes
 
