@@ -503,6 +503,15 @@ void micro_6x8(const int32_t* A, const int32_t* B, int64_t kp, const FastConsts&
   }
 }
 
+using Micro = void (*)(const int32_t*, const int32_t*, int64_t, const FastConsts&, int, bool, int32_t*, int64_t);
+struct MicroPair {
+  Micro full, half;  // micro_6x16, micro_6x8
+};
+template <bool kSigned, bool kHalfEven, bool kDouble>
+constexpr MicroPair micro_pair() {
+  return {&micro_6x16<kSigned, kHalfEven, kDouble>, &micro_6x8<kSigned, kHalfEven, kDouble>};
+}
+
 template <typename code_t>
 void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const CellPlan& pl, const Active& active,
                 int64_t NP, Sink& sink) {
@@ -535,18 +544,14 @@ void run_fast_t(const at::Tensor& x, const std::vector<at::Tensor>& gs, const Ce
   const int64_t nmicro_max = (pl.block_rows + kMR - 1) / kMR, ldt = NP * kNR;
   const int db = pl.p.dac_bits, cb = pl.p.cell_bits, chunks = pl.p.chunks();
   const bool sgn = pl.p.adc_signed(), he = pl.p.half_even();
-  using Micro = void (*)(const int32_t*, const int32_t*, int64_t, const FastConsts&, int, bool, int32_t*, int64_t);
-  const Micro micros[2][2][2] = {{{&micro_6x16<false, false, false>, &micro_6x16<false, false, true>},
-                                  {&micro_6x16<false, true, false>, &micro_6x16<false, true, true>}},
-                                 {{&micro_6x16<true, false, false>, &micro_6x16<true, false, true>},
-                                  {&micro_6x16<true, true, false>, &micro_6x16<true, true, true>}}};
-  const Micro halves[2][2][2] = {{{&micro_6x8<false, false, false>, &micro_6x8<false, false, true>},
-                                  {&micro_6x8<false, true, false>, &micro_6x8<false, true, true>}},
-                                 {{&micro_6x8<true, false, false>, &micro_6x8<true, false, true>},
-                                  {&micro_6x8<true, true, false>, &micro_6x8<true, true, true>}}};
+  const MicroPair pairs[2][2][2] = {{{micro_pair<false, false, false>(), micro_pair<false, false, true>()},
+                                     {micro_pair<false, true, false>(), micro_pair<false, true, true>()}},
+                                    {{micro_pair<true, false, false>(), micro_pair<true, false, true>()},
+                                     {micro_pair<true, true, false>(), micro_pair<true, true, true>()}}};
+  const MicroPair& pair = pairs[sgn][he][pl.fast_dbl];
   // (the last panel through the 8-column kernel when its columns end in its first half)
-  const Micro micro_full = micros[sgn][he][pl.fast_dbl];
-  const Micro micro_last = N - (NP - 1) * kNR <= kNR / 2 ? halves[sgn][he][pl.fast_dbl] : micro_full;
+  const Micro micro_full = pair.full;
+  const Micro micro_last = N - (NP - 1) * kNR <= kNR / 2 ? pair.half : micro_full;
   parallel_items(M, pl.block_rows, 1, 1, [&](int64_t w, int64_t m0, int64_t nm, int64_t, int64_t) {
     std::vector<int16_t> xa((size_t)(pl.C * nmicro_max * kp_max * kMR * 2 + 16));
     std::vector<uint8_t> stage((size_t)(nmicro_max * kp_max * kMR * 2 + 32));
