@@ -64,11 +64,8 @@ from .training import (_epochs, _only_trainable, _param_groups, backbone_outside
 # chip's own programming and evaluation reach, so no training draw repeats an evaluation draw.
 TRAINING_COUNTER_OFFSET = 1 << 40
 
-# The default chip-aware schedule: one epoch through the chip at the ADC-aware stage's learning rates,
-# every task weight at fine-tuning's rate: the epoch refines trained weights through noisy cells, where
-# the re-programmed PEs' training rate (1e-2) lost 3.5 / 5.8 / 1.3 points on animals / textures /
-# letters of a typical chip against 1.8 / 3.9 / -0.2 at 3e-3 (docs/DEVICE.md).
-CHIP_SCHEDULE = Schedule(stage1_epochs=0, stage2_epochs=0, hw_epochs=1, lr_reprogrammed=Schedule.lr_weight)
+# The default chip-aware schedule: one epoch through the chip (the ADC-aware stage's learning rates).
+CHIP_SCHEDULE = Schedule(stage1_epochs=0, stage2_epochs=0, hw_epochs=1)
 
 # mta.deploy's steps before the adaption (``deploy_loader``), keeping the corrections on the layers for
 # the training to see; afterwards the BN shift and "fold" only (module docstring: why no second gain fit)

@@ -118,8 +118,7 @@ def build_parser(prog: str = "python -m xma2_ops.mta") -> argparse.ArgumentParse
     p.add_argument("--lr-weight", type=float, default=Schedule.lr_weight,
                    help="task weights of every PE: finetune, and the dense stage 1 of the learned/delta selections")
     p.add_argument("--lr-reprogrammed", type=float, default=Schedule.lr_reprogrammed,
-                   help="task weights of the PEs that tier 1 re-programs (pe, xma2) in training; the chip-aware "
-                        "adaption trains them at --lr-weight")
+                   help="task weights of the PEs that tier 1 re-programs (pe, xma2)")
     p.add_argument("--lr-head", type=float, default=Schedule.lr_head)
     p.add_argument("--lr-mask", type=float, default=Schedule.lr_mask)
     p.add_argument("--lr-scale", type=float, default=Schedule.lr_scale)

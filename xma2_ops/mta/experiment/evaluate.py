@@ -104,10 +104,9 @@ class _TaskSnapshot:
 
 def chip_schedule(args) -> Schedule:
     """The chip-aware adaption's schedule: the training flags' (its fault-aware re-selection probed on
-    --sensitivity-batches batches), with --chip-aware-epochs at the ADC-aware stage's rates only, every
-    task weight at --lr-weight (as chip_aware.CHIP_SCHEDULE)."""
+    --sensitivity-batches batches), with --chip-aware-epochs at the ADC-aware stage's rates only."""
     return dataclasses.replace(training_schedule(args), stage1_epochs=0, stage2_epochs=0,
-                               hw_epochs=args.chip_aware_epochs, lr_reprogrammed=args.lr_weight)
+                               hw_epochs=args.chip_aware_epochs)
 
 def evaluate_device(model: nn.Module, data, args, progress: bool, desc: str, train=None,
                     ideal_all: Optional[float] = None) -> DeviceResult:
