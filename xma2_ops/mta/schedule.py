@@ -20,10 +20,9 @@ class Schedule:
     for the discrete masks and shift scales, whose straight-through updates otherwise flip levels
     too often (piggyback/xbm at 1e-3 and xma at 3e-2 fell below the classifier baseline; xma2 at
     lr_scale 3e-3 never left the level 1).  The re-programmed PEs of pe/xma2 get a rate of their own,
-    ``lr_reprogrammed``, chosen on held-out training images (``--validate 300``, 5 seeds, 4 tasks): xma2's
-    gap to fine-tuning is -1.57 points at 3e-3, -1.25 at 5e-3, -0.55 at 1e-2, -2.03 at 2e-2, while
-    fine-tuning itself is best at 3e-3 (-0.37 at 1e-2).  The per-cell selection re-programs small PEs
-    of the first layers, which have to move further than when every weight moves (docs/MTA.md).
+    ``lr_reprogrammed``, chosen on held-out training images (``--validate``; fine-tuning stays best at
+    ``lr_weight``): the per-cell selection re-programs small PEs of the first layers, which have to move
+    further than when every weight moves (README, "The re-programmed PEs' learning rate").
     ``hw_epochs`` more epochs follow stage 2 with the same trainable set through the layers' own config
     (see training.py); 0 trains weight-only."""
 

