@@ -34,7 +34,7 @@ DEVICE_DEFAULTS = {'device_chips': 5, 'device_n_test': 0, 'deploy': ['naive'], '
                    'sensitivity_batches': 4, 'probe_head_epochs': 0, 'shift_levels': [-2, 1],
                    # since issue 18's eleventh round: the tier-1 budget in cells, the per-cell snip score
                    'budget_unit': 'cells', 'criterion': 'snip_per_cell',
-                   'validate': 0,  # since the twelfth round: evaluation on the test images unless --validate N
+                   'validate': 0,  # since the thirteenth round: evaluation on the test images unless --validate N
                    # ... and a learning rate of its own for the re-programmed PEs' weights (docs/MTA.md)
                    'lr_reprogrammed': 0.01}
 OLD_RUNS = ['finetune', 'classifier', 'piggyback', 'xbm', 'xma', 'pe@5%/snip', 'pe@10%/snip', 'pe@20%/snip',

@@ -64,4 +64,3 @@ def test_validate_holds_images_out_of_a_larger_training_set_and_never_shows_the_
     assert torch.equal(again["textures"][1][0], held["textures"][1][0])
     assert not torch.equal(data.task_data(cli.parse_args(argv + ["--validate", "80", "--seed", "1"]))["animals"][1][0],
                            held["animals"][1][0])
-

@@ -253,9 +253,7 @@ def folder_tasks(args) -> Dict[str, tuple]:
             xte, yte, _ = _read_folder(tdir / ("test" if (tdir / "test").is_dir() else "val"), size, rgb, classes)
         else:
             x, y, _ = _read_folder(tdir, size, rgb)
-            idx = torch.from_numpy(np.random.default_rng(args.seed).permutation(len(y)))
-            n_te = max(1, len(y) // 5)
-            xte, yte, xtr, ytr = x[idx[:n_te]], y[idx[:n_te]], x[idx[n_te:]], y[idx[n_te:]]
+            (xtr, ytr), (xte, yte) = hold_out(x, y, max(1, len(y) // 5), args.seed)
         if args.arch != "small":  # torchvision's ImageNet normalisation
             mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
             std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -267,6 +265,11 @@ def folder_tasks(args) -> Dict[str, tuple]:
 
 
 # ------------------------------------------------------------------ the tasks of a run
+def hold_out(x: torch.Tensor, y: torch.Tensor, n: int, seed: int):
+    """A seeded shuffle of (x, y), then ((the rest), (the first n))."""
+    idx = torch.from_numpy(np.random.default_rng(seed).permutation(len(y)))
+    return (x[idx[n:]], y[idx[n:]]), (x[idx[:n]], y[idx[:n]])
+
 def task_data(args) -> Dict[str, tuple]:
     """Every task's ((x, y) train, (x, y) evaluation): the test images, or with ``--validate N`` N images
     held out of a training set drawn N larger (a seeded draw; training still sees --n-train images), so
@@ -276,11 +279,7 @@ def task_data(args) -> Dict[str, tuple]:
     if not n:
         return load(args)
     tasks = load(argparse.Namespace(**{**vars(args), "n_train": args.n_train + n}))
-    out = {}
     for name, ((x, y), _) in tasks.items():
         if len(y) < n + 1:
             raise SystemExit(f"--validate {n}: task {name!r} has only {len(y)} training images")
-        idx = torch.from_numpy(np.random.default_rng(args.seed).permutation(len(y)))
-        va, tr = idx[:n], idx[n:]
-        out[name] = ((x[tr], y[tr]), (x[va], y[va]))
-    return out
+    return {name: hold_out(x, y, n, args.seed) for name, ((x, y), _) in tasks.items()}
